@@ -1,0 +1,47 @@
+# One virtualenv (.venv) holds everything; every target installs what it needs first.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+PORT   ?= 13000
+DEMO_KEY ?= db-DEMO0000000000000000000000000
+
+.PHONY: install run test test-uvloop test-asyncio lint types fmt bench bench-quick soak clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test,dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## make run: start the gateway on the embedded synthetic demo feed
+run: $(STAMP)
+	$(PY) -m gateway serve --host 127.0.0.1 --port $(PORT) --api-key $(DEMO_KEY) \
+		--feed DEMO.SYNTH=synthetic: --print-connect-help
+
+## make test: install and run the whole suite, once on uvloop and once on the stdlib loop
+test: $(STAMP)
+	GATEWAY_TEST_LOOP=uvloop $(PY) -m pytest -q -p no:cacheprovider
+	GATEWAY_TEST_LOOP=asyncio $(PY) -m pytest -q -p no:cacheprovider
+
+test-uvloop: $(STAMP)
+	GATEWAY_TEST_LOOP=uvloop $(PY) -m pytest -q
+
+test-asyncio: $(STAMP)
+	GATEWAY_TEST_LOOP=asyncio $(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check gateway tests bench
+	$(VENV)/bin/ruff format --check gateway tests bench
+
+fmt: $(STAMP)
+	$(VENV)/bin/ruff check --fix gateway tests bench
+	$(VENV)/bin/ruff format gateway tests bench
+
+types: $(STAMP)
+	$(VENV)/bin/mypy
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

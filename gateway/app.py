@@ -1,0 +1,249 @@
+"""The composition root: config -> feeds, fan-out, listeners, metrics; start and stop."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import sys
+import time
+from typing import Any
+
+from gateway import __version__
+from gateway.auth import Authenticator, KeyEntry
+from gateway.config import Config
+from gateway.errors import FeedError, GatewayError
+from gateway.fanout import FanOut
+from gateway.feeds import Feed, Source, build_source, parse_feed_uri
+from gateway.metrics import Metrics
+from gateway.server import ClientConnection, ConnectionLimits, ServerState
+from gateway.session import Limits, SlowReaderLimits
+
+__all__ = ["Gateway", "run"]
+
+log = logging.getLogger("gateway")
+
+TICK_S = 0.5
+
+
+class Gateway:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.metrics = Metrics()
+        self.feeds: dict[str, Feed] = {}
+        self.sources: dict[str, Source] = {}
+        entries = [
+            KeyEntry(key=k.key, key_id=k.name or f"…{k.key[-5:]}",
+                     datasets=None if "*" in k.datasets else frozenset(k.datasets),
+                     max_sessions=k.max_sessions)
+            for k in cfg.api_keys
+        ]
+        lim, sr = cfg.limits, cfg.slow_reader
+        self.state = ServerState(
+            version=__version__,
+            authenticator=Authenticator(entries),
+            feeds=self.feeds,
+            metrics=self.metrics,
+            limits=Limits(
+                max_line_bytes=lim.max_line_bytes,
+                handshake_timeout_s=lim.handshake_timeout_s,
+                max_subscriptions=lim.max_subscriptions,
+                max_symbols=lim.max_symbols,
+                control_rate_per_s=lim.control_rate_per_s,
+                control_burst=lim.control_burst,
+            ),
+            slow=SlowReaderLimits(
+                behind_bytes=sr.behind_bytes,
+                behind_age_s=sr.behind_age_s,
+                resume_bytes=sr.resume_bytes,
+                warning_interval_s=sr.warning_interval_s,
+                hard_cap_bytes=sr.hard_cap_bytes,
+            ),
+            conn_limits=ConnectionLimits(
+                max_connections=lim.max_connections,
+                max_unauthenticated=lim.max_unauthenticated,
+                per_ip_rate=lim.per_ip_rate,
+                per_ip_burst=lim.per_ip_burst,
+                exempt_loopback=lim.exempt_loopback,
+                default_heartbeat_s=cfg.default_heartbeat_s,
+                write_high_water=sr.write_high_water,
+                write_low_water=sr.write_low_water,
+                stall_timeout_s=sr.stall_timeout_s,
+            ),
+        )
+        self.server: asyncio.Server | None = None
+        self.port = 0
+        self.metrics_port = 0
+        self._ticker: asyncio.Task[None] | None = None
+        self._http: Any = None
+        self._stopped = asyncio.Event()
+        self._published: dict[str, tuple[int, int, int, int]] = {}
+        self._paused_seen: dict[str, float] = {}
+        self._pauses_seen: dict[str, int] = {}
+        self.started_at = time.time()
+
+    async def start(self) -> None:
+        cfg = self.cfg
+        for dataset, uri in cfg.feeds.items():
+            spec = parse_feed_uri(dataset, uri)
+            feed = Feed(dataset, fanout=FanOut(zstd_level=cfg.zstd_level),
+                        backpressure=spec.backpressure)
+            self.feeds[dataset] = feed
+            source = build_source(spec, feed)
+            try:
+                await source.start()
+            except (OSError, GatewayError) as exc:
+                raise FeedError(f"feed {dataset} ({uri}) could not start: {exc}") from exc
+            self.sources[dataset] = source
+            port = getattr(source, "port", None)
+            if spec.kind == "ingest":
+                print(f"ingest dataset={dataset} port={port}", flush=True)
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(
+            lambda: ClientConnection(self.state), cfg.host, cfg.port, backlog=4096)
+        self.port = self.server.sockets[0].getsockname()[1]
+        if cfg.metrics_port is not None:
+            from gateway.status import StatusServer
+
+            self._http = StatusServer(self)
+            self.metrics_port = await self._http.start(cfg.metrics_host, cfg.metrics_port)
+        self._ticker = loop.create_task(self._tick())
+        log.info("gateway %s listening on %s:%d (loop=%s, datasets=%s)", __version__, cfg.host,
+                 self.port, _loop_name(), ",".join(self.feeds) or "none")
+        print(f"listening host={cfg.host} port={self.port} metrics_port={self.metrics_port}",
+              flush=True)
+
+    def ready(self) -> tuple[bool, dict[str, str]]:
+        detail = {ds: ("up" if f.connected else "down") + ": " + f.state_detail
+                  for ds, f in self.feeds.items()}
+        ok = self.server is not None and self.state.accepting and all(
+            f.connected or time.time() - self.started_at < 10 for f in self.feeds.values())
+        return ok, detail
+
+    async def _tick(self) -> None:
+        loop = asyncio.get_running_loop()
+        metrics = self.metrics
+        expected = loop.time() + TICK_S
+        while True:
+            await asyncio.sleep(TICK_S)
+            now = loop.time()
+            metrics.loop_lag.observe(max(0.0, now - expected))
+            expected = now + TICK_S
+            for conn in list(self.state.connections):
+                conn.tick(now)
+            self._export_feed_metrics()
+
+    def _export_feed_metrics(self) -> None:
+        m = self.metrics
+        now_ns = time.time_ns()
+        for ds, feed in self.feeds.items():
+            fo = feed.fanout
+            rec_in, bytes_in, rec_out, bytes_out = self._published.get(ds, (0, 0, 0, 0))
+            m.records_in.labels(ds).inc(feed.stats.records_in - rec_in)
+            m.bytes_in.labels(ds).inc(feed.stats.bytes_in - bytes_in)
+            m.records_out.labels(ds).inc(fo.records_out - rec_out)
+            self._published[ds] = (feed.stats.records_in, feed.stats.bytes_in, fo.records_out,
+                                   fo.bytes_out)
+            m.fanout_groups.labels(ds).set(len(fo.groups))
+            m.feed_up.labels(ds).set(1 if feed.connected else 0)
+            if feed.stats.last_ts_event:
+                m.feed_lag.labels(ds).set(max(0.0, (now_ns - feed.stats.last_ts_event) / 1e9))
+            paused = feed.paused_total_s + (
+                time.monotonic() - feed.paused_since if feed.paused_since else 0.0)
+            m.feed_paused_seconds.labels(ds).inc(max(0.0, paused - self._paused_seen.get(ds, 0)))
+            self._paused_seen[ds] = paused
+            m.feed_pauses.labels(ds, "session_high_water").inc(
+                feed.pauses - self._pauses_seen.get(ds, 0))
+            self._pauses_seen[ds] = feed.pauses
+
+    async def shutdown(self) -> None:
+        """Stop accepting, flush what is queued, close every session, stop feeds."""
+        state = self.state
+        state.accepting = False
+        if self.server is not None:
+            self.server.close()
+        for source in self.sources.values():
+            try:
+                await source.stop()
+            except Exception:  # pragma: no cover - best effort on the way out
+                log.exception("stopping a feed failed")
+        for conn in list(state.connections):
+            conn.end_reason = "gateway shutting down"
+            conn.close()
+        deadline = time.monotonic() + self.cfg.shutdown_grace_s
+        while state.connections and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for conn in list(state.connections):
+            if conn.transport is not None:
+                conn.transport.abort()
+        await asyncio.sleep(0)
+        if self._ticker is not None:
+            self._ticker.cancel()
+        if self._http is not None:
+            await self._http.stop()
+        if self.server is not None:
+            await self.server.wait_closed()
+        log.info("gateway stopped")
+        self._stopped.set()
+
+    async def serve(self) -> None:
+        await self.start()
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log.info("signal received: shutting down")
+        await self.shutdown()
+
+
+def _loop_name() -> str:
+    loop = asyncio.get_running_loop()
+    return "uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio"
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return json.dumps({
+            "ts": round(record.created, 6),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        })
+
+
+def setup_logging(fmt: str, level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+def run(cfg: Config) -> int:
+    setup_logging(cfg.log_format, cfg.log_level)
+    gateway = Gateway(cfg)
+    use_uvloop = cfg.loop in ("auto", "uvloop")
+    try:
+        if use_uvloop:
+            try:
+                import uvloop
+            except ImportError:
+                if cfg.loop == "uvloop":
+                    raise
+                use_uvloop = False
+        if use_uvloop:
+            uvloop.run(gateway.serve())
+        else:
+            asyncio.run(gateway.serve())
+    except GatewayError as exc:
+        print(f"gateway: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"gateway: error: cannot listen: {exc}", file=sys.stderr)
+        return 2
+    return 0

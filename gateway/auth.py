@@ -1,0 +1,80 @@
+"""API keys, the CRAM check and entitlements (datasets, concurrent sessions).
+
+CRAM: the client answers ``sha256_hex(challenge + "|" + key) + "-" + key[-5:]``; the
+server finds candidate keys by that 5-character bucket id and recomputes the hash with
+its own challenge. Keys are compared in constant time and never logged: logs and
+metrics use ``KeyEntry.key_id``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import string
+from dataclasses import dataclass, field
+
+from gateway.errors import AuthError
+
+__all__ = ["Authenticator", "KeyEntry", "cram_response", "new_challenge"]
+
+_ALPHABET = string.ascii_letters + string.digits
+
+
+def new_challenge() -> str:
+    return "".join(secrets.choice(_ALPHABET) for _ in range(32))
+
+
+def cram_response(challenge: str, key: str) -> str:
+    digest = hashlib.sha256(f"{challenge}|{key}".encode()).hexdigest()
+    return f"{digest}-{key[-5:]}"
+
+
+@dataclass(eq=False)
+class KeyEntry:
+    key: str = field(repr=False)
+    key_id: str
+    datasets: frozenset[str] | None  # None: every dataset
+    max_sessions: int
+    active: int = 0
+
+    def allows(self, dataset: str) -> bool:
+        return self.datasets is None or dataset in self.datasets
+
+
+class Authenticator:
+    """Holds the configured keys and the count of sessions open under each."""
+
+    def __init__(self, entries: list[KeyEntry]) -> None:
+        self._by_bucket: dict[str, list[KeyEntry]] = {}
+        for entry in entries:
+            self._by_bucket.setdefault(entry.key[-5:], []).append(entry)
+
+    def check(self, challenge: str, response: str) -> KeyEntry:
+        """The key that produced ``response``; AuthError("Authentication failed.") if none."""
+        digest, sep, bucket = response.rpartition("-")
+        if not sep or len(digest) != 64:
+            raise AuthError("Authentication failed.")
+        for entry in self._by_bucket.get(bucket, ()):
+            expected = cram_response(challenge, entry.key)
+            if hmac.compare_digest(expected.encode(), response.encode()):
+                return entry
+        raise AuthError("Authentication failed.")
+
+    def acquire(self, entry: KeyEntry, dataset: str, known_datasets: set[str]) -> None:
+        """Admit one session of ``entry`` on ``dataset`` or raise AuthError with the reason."""
+        if dataset not in known_datasets:
+            raise AuthError(f"Unknown dataset {dataset[:40]}: this gateway serves "
+                            f"{', '.join(sorted(known_datasets)) or 'no datasets'}")
+        if not entry.allows(dataset):
+            raise AuthError(f"API key {entry.key_id} is not entitled to dataset {dataset}")
+        if entry.active >= entry.max_sessions:
+            raise AuthError(
+                f"Connection limit exceeded: API key {entry.key_id} already has "
+                f"{entry.active} of {entry.max_sessions} sessions"
+            )
+        entry.active += 1
+
+    @staticmethod
+    def release(entry: KeyEntry) -> None:
+        entry.active = max(0, entry.active - 1)

@@ -1,0 +1,140 @@
+"""One typed configuration: a TOML file validated with msgspec, then CLI overrides.
+
+Every error names the bad field (``limits.max_line_bytes: Expected int ...``).
+Nothing else in the gateway reads files or ``os.environ`` for settings.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import msgspec
+
+from gateway.errors import ConfigError
+
+__all__ = ["ApiKeyConfig", "Config", "LimitsConfig", "SlowReaderConfig", "load_config",
+           "validate"]
+
+
+class _Base(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class ApiKeyConfig(_Base):
+    key: str
+    #: datasets this key may use; ["*"] for every dataset
+    datasets: list[str] = msgspec.field(default_factory=lambda: ["*"])
+    max_sessions: int = 10
+    #: shown in logs instead of the key (default: the key's last 5 characters)
+    name: str | None = None
+
+
+class LimitsConfig(_Base):
+    max_connections: int = 20_000
+    max_unauthenticated: int = 2_000
+    handshake_timeout_s: float = 30.0
+    max_line_bytes: int = 128 * 1024
+    max_subscriptions: int = 1_000
+    max_symbols: int = 100_000
+    control_rate_per_s: float = 100.0
+    control_burst: int = 2_000
+    per_ip_rate: float = 20.0
+    per_ip_burst: int = 200
+    exempt_loopback: bool = True
+
+
+class SlowReaderConfig(_Base):
+    behind_bytes: int = 4 * 1024 * 1024
+    behind_age_s: float = 2.0
+    resume_bytes: int = 512 * 1024
+    warning_interval_s: float = 1.0
+    hard_cap_bytes: int = 32 * 1024 * 1024
+    write_high_water: int = 1024 * 1024
+    write_low_water: int = 256 * 1024
+    stall_timeout_s: float = 10.0
+
+
+class Config(_Base):
+    host: str = "127.0.0.1"
+    port: int = 13000
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int | None = None
+    loop: Literal["auto", "uvloop", "asyncio"] = "auto"
+    log_format: Literal["text", "json"] = "text"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    zstd_level: int = 3
+    default_heartbeat_s: int = 30
+    shutdown_grace_s: float = 5.0
+    api_keys: list[ApiKeyConfig] = msgspec.field(default_factory=list)
+    #: dataset -> feed URI
+    feeds: dict[str, str] = msgspec.field(default_factory=dict)
+    limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
+    slow_reader: SlowReaderConfig = msgspec.field(default_factory=SlowReaderConfig)
+
+
+def _where(exc: msgspec.ValidationError) -> str:
+    text = str(exc)
+    msg, _, path = text.rpartition(" - at `$")
+    if not path:
+        return text
+    field = path.rstrip("`").lstrip(".")
+    return f"{field or 'config'}: {msg}"
+
+
+def load_config(path: Path) -> Config:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    try:
+        cfg = msgspec.toml.decode(data, type=Config)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{path}: {_where(exc)}") from None
+    except msgspec.DecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    return cfg
+
+
+def validate(cfg: Config) -> Config:
+    """Checks types cannot express; raises ConfigError naming the field."""
+    for name in ("port",):
+        if not 0 <= getattr(cfg, name) <= 65535:
+            raise ConfigError(f"{name}: must be 0-65535")
+    if cfg.metrics_port is not None and not 0 <= cfg.metrics_port <= 65535:
+        raise ConfigError("metrics_port: must be 0-65535")
+    if not 1 <= cfg.zstd_level <= 22:
+        raise ConfigError("zstd_level: must be 1-22")
+    if not 5 <= cfg.default_heartbeat_s <= 30:
+        raise ConfigError("default_heartbeat_s: must be 5-30 (clients assume 30)")
+    seen: set[str] = set()
+    for i, k in enumerate(cfg.api_keys):
+        if len(k.key) != 32 or not k.key.isascii() or not k.key.isprintable() or "|" in k.key:
+            raise ConfigError(f"api_keys[{i}].key: must be 32 printable ASCII characters "
+                              "(the official clients reject other lengths)")
+        if k.key in seen:
+            raise ConfigError(f"api_keys[{i}].key: duplicate key")
+        seen.add(k.key)
+        if k.max_sessions < 1:
+            raise ConfigError(f"api_keys[{i}].max_sessions: must be >= 1")
+    lim = cfg.limits
+    if lim.max_line_bytes < 64 * 1024:
+        raise ConfigError("limits.max_line_bytes: must be at least 65536 (clients send "
+                          "500-symbol lines)")
+    for name in ("max_connections", "max_unauthenticated", "max_subscriptions", "max_symbols",
+                 "control_burst"):
+        if getattr(lim, name) < 1:
+            raise ConfigError(f"limits.{name}: must be >= 1")
+    if lim.handshake_timeout_s <= 0 or lim.control_rate_per_s <= 0:
+        raise ConfigError("limits: handshake_timeout_s and control_rate_per_s must be > 0")
+    sr = cfg.slow_reader
+    if not 0 < sr.write_low_water <= sr.write_high_water <= sr.hard_cap_bytes:
+        raise ConfigError("slow_reader: need 0 < write_low_water <= write_high_water <= "
+                          "hard_cap_bytes")
+    if not sr.resume_bytes <= sr.behind_bytes <= sr.hard_cap_bytes:
+        raise ConfigError("slow_reader: need resume_bytes <= behind_bytes <= hard_cap_bytes")
+    from gateway.feeds import parse_feed_uri
+
+    for dataset, uri in cfg.feeds.items():
+        parse_feed_uri(dataset, uri)
+    return cfg

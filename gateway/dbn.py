@@ -1,0 +1,483 @@
+"""DBN v3 on the wire: record headers, chunk indexes, Metadata and gateway records.
+
+Hot-path rule: market records are never turned into Python objects. A chunk of whole
+records is indexed with numpy (one vectorised pass when every record has the same
+length, which is what real feeds send in bursts; a header walk otherwise) and variants
+are cut from it with numpy gathers. ``databento_dbn`` is used only for the Metadata
+header and the gateway's own per-session records (SystemMsg, ErrorMsg, SymbolMappingMsg).
+
+Record header (16 bytes, little-endian): u8 length in 4-byte words (ts_out included),
+u8 rtype, u16 publisher_id, u32 instrument_id, u64 ts_event.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Final
+
+import databento_dbn as dbn
+import numpy as np
+import numpy.typing as npt
+
+from gateway.errors import DbnError
+
+__all__ = [
+    "DBN_VERSION",
+    "GATEWAY_RTYPES",
+    "HEADER_LEN",
+    "RTYPE_DEF",
+    "RTYPE_ERROR",
+    "RTYPE_SYMBOL_MAPPING",
+    "RTYPE_SYSTEM",
+    "SCHEMAS",
+    "SCHEMA_RTYPE",
+    "STYPE_INSTRUMENT_ID",
+    "STYPE_RAW_SYMBOL",
+    "ChunkIndex",
+    "DbnStreamDecoder",
+    "ErrorCode",
+    "SystemCode",
+    "encode_error",
+    "encode_metadata",
+    "encode_symbol_mapping",
+    "encode_system",
+    "index_records",
+    "stamp_ts_out",
+]
+
+DBN_VERSION: Final = 3
+HEADER_LEN: Final = 16
+PRELUDE_LEN: Final = 8
+UNDEF_TIMESTAMP: Final = 2**64 - 1
+SYMBOL_CSTR_LEN: Final = 71
+
+RTYPE_STATUS: Final = 0x12
+RTYPE_DEF: Final = 0x13
+RTYPE_ERROR: Final = 0x15
+RTYPE_SYMBOL_MAPPING: Final = 0x16
+RTYPE_SYSTEM: Final = 0x17
+#: Records only a gateway may generate: never forwarded from a feed to sessions.
+GATEWAY_RTYPES: Final = frozenset({RTYPE_ERROR, RTYPE_SYMBOL_MAPPING, RTYPE_SYSTEM})
+
+STYPE_INSTRUMENT_ID: Final = 0
+STYPE_RAW_SYMBOL: Final = 1
+
+#: Schema name -> (Schema enum number, rtype carried in a DBN v3 stream).
+#: tbbo shares rtype 0x01 with mbp-1 in v3 (0xC5 exists only from v4 on).
+SCHEMAS: Final[dict[str, tuple[int, int]]] = {
+    "mbo": (0, 0xA0),
+    "mbp-1": (1, 0x01),
+    "mbp-10": (2, 0x0A),
+    "tbbo": (3, 0x01),
+    "trades": (4, 0x00),
+    "ohlcv-1s": (5, 0x20),
+    "ohlcv-1m": (6, 0x21),
+    "ohlcv-1h": (7, 0x22),
+    "ohlcv-1d": (8, 0x23),
+    "definition": (9, RTYPE_DEF),
+    "statistics": (10, 0x18),
+    "status": (11, RTYPE_STATUS),
+    "imbalance": (12, 0x14),
+    "ohlcv-eod": (13, 0x24),
+    "cmbp-1": (14, 0xB1),
+    "cbbo-1s": (15, 0xC0),
+    "cbbo-1m": (16, 0xC1),
+    "tcbbo": (17, 0xC2),
+    "bbo-1s": (18, 0xC3),
+    "bbo-1m": (19, 0xC4),
+}
+SCHEMA_RTYPE: Final = {name: rtype for name, (_, rtype) in SCHEMAS.items()}
+SCHEMA_BY_NUMBER: Final = {num: name for name, (num, _) in SCHEMAS.items()}
+#: Every rtype a v3 client decodes (a feed record with another rtype is refused).
+KNOWN_RTYPES: Final = frozenset(SCHEMA_RTYPE.values()) | GATEWAY_RTYPES | {0x11}
+
+
+class SystemCode:
+    HEARTBEAT: Final = 0
+    SUBSCRIPTION_ACK: Final = 1
+    SLOW_READER_WARNING: Final = 2
+    REPLAY_COMPLETED: Final = 3
+    END_OF_INTERVAL: Final = 4
+    UNSET: Final = 255
+
+
+class ErrorCode:
+    AUTH_FAILED: Final = 1
+    API_KEY_DEACTIVATED: Final = 2
+    CONNECTION_LIMIT_EXCEEDED: Final = 3
+    SYMBOL_RESOLUTION_FAILED: Final = 4
+    INVALID_SUBSCRIPTION: Final = 5
+    INTERNAL_ERROR: Final = 6
+    SKIPPED_RECORDS_AFTER_SLOW_READING: Final = 7
+
+
+# --- Metadata ------------------------------------------------------------------------
+
+
+def encode_metadata(dataset: str, start_ns: int, ts_out: bool) -> bytes:
+    """The live Metadata header: schema and stype_in unset, stype_out instrument_id,
+    every list empty, so a reconnecting Python client finds it identical but for start."""
+    meta = dbn.Metadata(
+        dataset=dataset,
+        start=start_ns,
+        stype_in=None,
+        stype_out=dbn.SType.INSTRUMENT_ID,
+        schema=None,
+        ts_out=ts_out,
+    )
+    return bytes(meta.encode())
+
+
+# --- gateway records -----------------------------------------------------------------
+
+
+def encode_system(ts_event: int, msg: str, code: int) -> bytes:
+    rec = dbn.SystemMsg(ts_event=ts_event, msg=msg[:302], code=dbn.SystemCode.from_int(code))
+    return bytes(rec)
+
+
+def encode_error(ts_event: int, err: str, code: int, is_last: bool = True) -> bytes:
+    rec = dbn.ErrorMsg(ts_event=ts_event, err=err[:301], code=dbn.ErrorCode.from_int(code), is_last=is_last)
+    return bytes(rec)
+
+
+def encode_symbol_mapping(
+    ts_event: int,
+    instrument_id: int,
+    stype_in: int,
+    stype_in_symbol: str,
+    raw_symbol: str,
+    start_ts: int,
+) -> bytes:
+    rec = dbn.SymbolMappingMsg(
+        publisher_id=0,
+        instrument_id=instrument_id,
+        ts_event=ts_event,
+        stype_in=dbn.SType.from_int(stype_in),
+        stype_in_symbol=stype_in_symbol[:70],
+        stype_out=dbn.SType.RAW_SYMBOL,
+        stype_out_symbol=raw_symbol[:70],
+        start_ts=start_ts,
+        end_ts=UNDEF_TIMESTAMP,
+    )
+    return bytes(rec)
+
+
+def _cstr(buf: bytes | memoryview, start: int, size: int) -> str:
+    raw = bytes(buf[start : start + size])
+    return raw.split(b"\0", 1)[0].decode("ascii", "replace").strip()
+
+
+def symbol_from_definition(record: bytes | memoryview) -> str:
+    """raw_symbol of an InstrumentDefMsg (v3 layout: char[71] at offset 238)."""
+    if len(record) < 238 + SYMBOL_CSTR_LEN:
+        return ""
+    return _cstr(record, 238, SYMBOL_CSTR_LEN)
+
+
+def symbols_from_mapping(record: bytes | memoryview) -> tuple[str, str]:
+    """(stype_in_symbol, stype_out_symbol) of a SymbolMappingMsg v2/v3."""
+    return _cstr(record, 17, SYMBOL_CSTR_LEN), _cstr(record, 89, SYMBOL_CSTR_LEN)
+
+
+# --- chunk index ---------------------------------------------------------------------
+
+_U8: Final = np.dtype(np.uint8)
+_HEADER_DTYPE: Final = np.dtype(
+    [("length", "u1"), ("rtype", "u1"), ("publisher_id", "<u2"), ("instrument_id", "<u4"),
+     ("ts_event", "<u8")]
+)
+_HEADER = struct.Struct("<BBHIQ")
+
+
+@dataclass(eq=False)
+class ChunkIndex:
+    """Where each record of a chunk of whole records starts, and its header fields.
+
+    ``rows`` is set when every record has the same length (``record_len``): then the
+    chunk is viewed as a 2-D uint8 array and every variant is a numpy gather.
+    """
+
+    data: memoryview
+    count: int
+    record_len: int
+    rtypes: npt.NDArray[np.uint8]
+    instrument_ids: npt.NDArray[np.uint32]
+    ts_events: npt.NDArray[np.uint64]
+    offsets: npt.NDArray[np.int64]
+    lengths: npt.NDArray[np.int64]
+    rows: npt.NDArray[np.uint8] | None = None
+    _rtype_set: frozenset[int] | None = field(default=None, repr=False)
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.data)
+
+    @property
+    def rtype_set(self) -> frozenset[int]:
+        if self._rtype_set is None:
+            if self.count and bool((self.rtypes == self.rtypes[0]).all()):
+                self._rtype_set = frozenset((int(self.rtypes[0]),))
+            else:
+                self._rtype_set = frozenset(int(r) for r in np.unique(self.rtypes))
+        return self._rtype_set
+
+    def select(self, mask: npt.NDArray[np.bool_]) -> bytes:
+        """The bytes of the records where ``mask`` is true, in order (one gather)."""
+        if self.rows is not None:
+            return self.rows[mask].tobytes()
+        # Variable lengths: copy runs of consecutive selected records, not records.
+        picked = np.flatnonzero(mask)
+        if picked.size == 0:
+            return b""
+        breaks = np.flatnonzero(np.diff(picked) != 1)
+        run_starts = np.concatenate(([picked[0]], picked[breaks + 1]))
+        run_ends = np.concatenate((picked[breaks], [picked[-1]]))
+        starts = self.offsets[run_starts]
+        ends = self.offsets[run_ends] + self.lengths[run_ends]
+        data = self.data
+        return b"".join(data[int(s) : int(e)] for s, e in zip(starts, ends, strict=True))
+
+
+def index_records(buf: bytes | memoryview) -> tuple[ChunkIndex, int]:
+    """Index every whole record at the start of ``buf``.
+
+    Returns the index and the number of bytes it covers; a trailing partial record is
+    left for the caller to complete. Raises DbnError on a header shorter than 16 bytes.
+    """
+    view = memoryview(buf).cast("B") if not isinstance(buf, memoryview) else buf
+    total = len(view)
+    if total == 0:
+        return _empty_index(view), 0
+    first_len = view[0] * 4
+    if first_len < HEADER_LEN:
+        raise DbnError(f"record length {first_len} bytes is shorter than its 16-byte header")
+    count = total // first_len
+    if count:
+        arr = np.frombuffer(view, dtype=_U8, count=count * first_len).reshape(count, first_len)
+        if bool((arr[:, 0] == view[0]).all()):
+            rest = total - count * first_len
+            if rest and rest >= 1 and view[count * first_len] * 4 != first_len:
+                # A record of another size follows: take the slow path for the whole buffer.
+                return _walk(view)
+            headers = arr[:, :HEADER_LEN].copy().view(_HEADER_DTYPE).reshape(count)
+            offsets = np.arange(count, dtype=np.int64) * first_len
+            return (
+                ChunkIndex(
+                    data=view[: count * first_len],
+                    count=count,
+                    record_len=first_len,
+                    rtypes=headers["rtype"],
+                    instrument_ids=headers["instrument_id"],
+                    ts_events=headers["ts_event"],
+                    offsets=offsets,
+                    lengths=np.full(count, first_len, dtype=np.int64),
+                    rows=arr,
+                ),
+                count * first_len,
+            )
+    return _walk(view)
+
+
+def _empty_index(view: memoryview) -> ChunkIndex:
+    return ChunkIndex(
+        data=view[:0],
+        count=0,
+        record_len=0,
+        rtypes=np.zeros(0, np.uint8),
+        instrument_ids=np.zeros(0, np.uint32),
+        ts_events=np.zeros(0, np.uint64),
+        offsets=np.zeros(0, np.int64),
+        lengths=np.zeros(0, np.int64),
+    )
+
+
+def _walk(view: memoryview) -> tuple[ChunkIndex, int]:
+    offsets: list[int] = []
+    total = len(view)
+    off = 0
+    while off < total:
+        length = view[off] * 4
+        if length < HEADER_LEN:
+            raise DbnError(
+                f"record at byte {off} has length {length} bytes, shorter than its header"
+            )
+        if off + length > total:
+            break
+        offsets.append(off)
+        off += length
+    if not offsets:
+        return _empty_index(view), 0
+    offs = np.asarray(offsets, dtype=np.int64)
+    raw = np.frombuffer(view, dtype=_U8, count=off)
+    idx = offs[:, None] + np.arange(HEADER_LEN, dtype=np.int64)
+    headers = raw[idx].copy().view(_HEADER_DTYPE).reshape(len(offsets))
+    lengths = headers["length"].astype(np.int64) * 4
+    record_len = int(lengths[0]) if bool((lengths == lengths[0]).all()) else 0
+    rows = raw.reshape(len(offsets), record_len) if record_len else None
+    return (
+        ChunkIndex(
+            data=view[:off],
+            count=len(offsets),
+            record_len=record_len,
+            rtypes=headers["rtype"],
+            instrument_ids=headers["instrument_id"],
+            ts_events=headers["ts_event"],
+            offsets=offs,
+            lengths=lengths,
+            rows=rows,
+        ),
+        off,
+    )
+
+
+def stamp_ts_out(index: ChunkIndex, mask: npt.NDArray[np.bool_] | None, ts_out: int) -> bytes:
+    """Copy the selected records with an 8-byte send timestamp appended to each and the
+    header length raised by 2 words (DBN ``WithTsOut``). One stamp for the whole chunk."""
+    stamp = np.frombuffer(struct.pack("<Q", ts_out), dtype=_U8)
+    if index.rows is not None:
+        rows = index.rows if mask is None else index.rows[mask]
+        out = np.empty((rows.shape[0], rows.shape[1] + 8), dtype=_U8)
+        out[:, : rows.shape[1]] = rows
+        out[:, 0] += 2
+        out[:, rows.shape[1] :] = stamp
+        return out.tobytes()
+    picked = range(index.count) if mask is None else np.flatnonzero(mask).tolist()
+    parts = bytearray()
+    tail = stamp.tobytes()
+    data = index.data
+    for i in picked:
+        off = int(index.offsets[i])
+        length = int(index.lengths[i])
+        start = len(parts)
+        parts += data[off : off + length]
+        parts[start] += 2
+        parts += tail
+    return bytes(parts)
+
+
+def stamp_records(records: Iterable[bytes], ts_out: int) -> bytes:
+    """ts_out for the gateway's own records (small, per session)."""
+    tail = struct.pack("<Q", ts_out)
+    out = bytearray()
+    for rec in records:
+        start = len(out)
+        out += rec
+        out[start] += 2
+        out += tail
+    return bytes(out)
+
+
+# --- DBN stream decoding (files and ingest publishers) -------------------------------
+
+
+class DbnStreamDecoder:
+    """Sans-I/O splitter of a DBN byte stream: prelude, Metadata, then whole-record chunks.
+
+    ``feed(data)`` returns the Metadata once (``metadata``) and chunks of whole v3
+    records. DBN v1/v2 streams are upgraded to v3 through databento_dbn (slow path,
+    per record; fine for files, documented for ingest).
+    """
+
+    def __init__(self) -> None:
+        self.metadata: dbn.Metadata | None = None
+        self.version = 0
+        self._buffer = bytearray()
+        self._upgrader: dbn.DBNDecoder | None = None
+        self.records_in = 0
+
+    def feed(self, data: bytes | memoryview) -> list[ChunkIndex]:
+        if self._upgrader is not None:
+            return self._feed_upgrade(data)
+        if self.metadata is None:
+            self._buffer += data
+            if not self._parse_metadata():
+                return []
+            if self._upgrader is not None:
+                rest = bytes(self._buffer)
+                self._buffer.clear()
+                return self._feed_upgrade(rest)
+            data = bytes(self._buffer)
+            self._buffer.clear()
+        elif self._buffer:
+            self._buffer += data
+            data = bytes(self._buffer)
+            self._buffer.clear()
+        if not data:
+            return []
+        index, used = index_records(data)
+        if used < len(data):
+            self._buffer += memoryview(data)[used:]
+        if index.count == 0:
+            return []
+        self._check_rtypes(index)
+        self.records_in += index.count
+        return [index]
+
+    @property
+    def pending(self) -> int:
+        return len(self._buffer)
+
+    def _parse_metadata(self) -> bool:
+        buf = self._buffer
+        if len(buf) < PRELUDE_LEN:
+            if not b"DBN".startswith(bytes(buf[:3])):
+                raise DbnError("stream does not start with the DBN magic bytes")
+            return False
+        if bytes(buf[:3]) != b"DBN":
+            raise DbnError("stream does not start with the DBN magic bytes")
+        version = buf[3]
+        if not 1 <= version <= DBN_VERSION:
+            raise DbnError(f"unsupported DBN version {version} (this gateway reads 1 to 3)")
+        (length,) = struct.unpack_from("<I", buf, 4)
+        if length > 64 * 1024 * 1024:
+            raise DbnError(f"Metadata length {length} is implausibly large")
+        if len(buf) < PRELUDE_LEN + length:
+            return False
+        header = bytes(buf[: PRELUDE_LEN + length])
+        try:
+            if version == DBN_VERSION:
+                self.metadata = dbn.Metadata.decode(header)
+            else:
+                self._upgrader = dbn.DBNDecoder(
+                    upgrade_policy=dbn.VersionUpgradePolicy.UPGRADE_TO_V3
+                )
+                self._upgrader.write(header)
+                decoded = self._upgrader.decode()
+                self.metadata = decoded[0]
+        except (ValueError, RuntimeError) as exc:
+            raise DbnError(f"invalid DBN Metadata: {exc}") from exc
+        if self.metadata is not None and self.metadata.ts_out:
+            raise DbnError("feeds with ts_out records are not supported yet")
+        self.version = version
+        del buf[: PRELUDE_LEN + length]
+        return True
+
+    def _feed_upgrade(self, data: bytes | memoryview) -> list[ChunkIndex]:
+        assert self._upgrader is not None
+        try:
+            self._upgrader.write(bytes(data))
+            records = self._upgrader.decode()
+        except (ValueError, RuntimeError) as exc:
+            raise DbnError(f"invalid DBN record: {exc}") from exc
+        blob = b"".join(bytes(r) for r in records if not isinstance(r, dbn.Metadata))
+        if not blob:
+            return []
+        index, used = index_records(blob)
+        self._check_rtypes(index)
+        self.records_in += index.count
+        return [index]
+
+    @staticmethod
+    def _check_rtypes(index: ChunkIndex) -> None:
+        unknown = index.rtype_set - KNOWN_RTYPES
+        if unknown:
+            raise DbnError(f"unknown rtype 0x{min(unknown):02X} in feed")
+
+
+def header_at(buf: bytes | memoryview, offset: int = 0) -> tuple[int, int, int, int, int]:
+    """(length in bytes, rtype, publisher_id, instrument_id, ts_event) of one record."""
+    length, rtype, publisher_id, instrument_id, ts_event = _HEADER.unpack_from(buf, offset)
+    return length * 4, rtype, publisher_id, instrument_id, ts_event

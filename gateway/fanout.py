@@ -1,0 +1,238 @@
+"""Fan-out: sessions grouped by output spec, each chunk's bytes built once per group.
+
+An output spec is (selection, ts_out, zstd). The selection says which records a group
+wants: for each rtype, either every instrument (``None``) or a set of instrument ids.
+For every chunk, ``FanOut.publish`` builds each distinct variant once and lazily:
+
+* the chunk itself (no copy) when a group wants every record in it,
+* one numpy gather per distinct selection (shared by the ts_out and zstd groups of
+  that selection),
+* one re-stamped copy per selection for ts_out groups (one send stamp per chunk, taken
+  just before that variant's first write),
+* one independent zstd frame per (selection, ts_out) for compressed groups,
+
+and hands the *same object* to every member of the group. Cost grows with the number of
+distinct specs, never with the number of sessions. Nothing here awaits or does I/O.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import numpy.typing as npt
+import zstandard
+
+from gateway.dbn import ChunkIndex, stamp_ts_out
+
+__all__ = ["FanOut", "Group", "OutputSpec", "Selection", "Subscriber", "make_selection"]
+
+#: frozenset of (rtype, None for every instrument | frozenset of instrument ids)
+Selection = frozenset[tuple[int, frozenset[int] | None]]
+
+Payload = bytes | memoryview
+
+
+class Subscriber(Protocol):
+    def deliver(self, data: Payload, records: int) -> None: ...
+
+
+def make_selection(wanted: dict[int, set[int] | None]) -> Selection:
+    return frozenset(
+        (rtype, None if ids is None else frozenset(ids))
+        for rtype, ids in wanted.items()
+        if ids is None or ids
+    )
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    selection: Selection
+    ts_out: bool = False
+    zstd: bool = False
+
+
+@dataclass(eq=False)
+class Group:
+    spec: OutputSpec
+    members: dict[Subscriber, None] = field(default_factory=dict)
+    _all_rtypes: frozenset[int] = frozenset()
+    _filters: list[tuple[int, npt.NDArray[np.uint32]]] = field(default_factory=list)
+    #: variants written to members (each write of the shared object counts once)
+    writes: int = 0
+    builds: int = 0
+
+    def __post_init__(self) -> None:
+        self._all_rtypes = frozenset(r for r, ids in self.spec.selection if ids is None)
+        self._filters = [
+            (r, np.fromiter(sorted(ids), dtype=np.uint32, count=len(ids)))
+            for r, ids in self.spec.selection
+            if ids is not None
+        ]
+
+    def mask(self, index: ChunkIndex) -> npt.NDArray[np.bool_] | None | bool:
+        """True: every record; False: none; else a boolean mask over the chunk."""
+        present = index.rtype_set
+        if not self._filters:
+            if present <= self._all_rtypes:
+                return True
+            if not (present & self._all_rtypes):
+                return False
+            return np.isin(index.rtypes, np.fromiter(self._all_rtypes, np.uint8))
+        mask = np.zeros(index.count, dtype=np.bool_)
+        if self._all_rtypes & present:
+            mask |= np.isin(index.rtypes, np.fromiter(self._all_rtypes, np.uint8))
+        for rtype, ids in self._filters:
+            if rtype in present:
+                mask |= (index.rtypes == rtype) & np.isin(index.instrument_ids, ids)
+        return mask
+
+
+@dataclass
+class _ChunkCache:
+    """Variants of one chunk, keyed by selection (and ts_out for frames)."""
+
+    selected: dict[Selection, tuple[Payload, int, npt.NDArray[np.bool_] | None] | None] = field(
+        default_factory=dict
+    )
+    stamped: dict[Selection, bytes] = field(default_factory=dict)
+    frames: dict[tuple[Selection, bool], bytes] = field(default_factory=dict)
+
+
+class FanOut:
+    def __init__(
+        self,
+        *,
+        zstd_level: int = 3,
+        clock_ns: Callable[[], int] = time.time_ns,
+    ) -> None:
+        self.groups: dict[OutputSpec, Group] = {}
+        self._member_spec: dict[Subscriber, OutputSpec] = {}
+        self._compressor = zstandard.ZstdCompressor(level=zstd_level)
+        self._clock_ns = clock_ns
+        self.bytes_compressed_in = 0
+        self.bytes_compressed_out = 0
+        self.compress_seconds = 0.0
+        self.frames_built = 0
+        self.frames_written = 0
+        self.records_out = 0
+        self.bytes_out = 0
+
+    # --- membership -------------------------------------------------------------------
+
+    def place(self, member: Subscriber, spec: OutputSpec) -> None:
+        """Put ``member`` in the group of ``spec`` (moving it if it was elsewhere)."""
+        old = self._member_spec.get(member)
+        if old == spec:
+            return
+        if old is not None:
+            self._drop(member, old)
+        if not spec.selection:
+            self._member_spec.pop(member, None)
+            return
+        group = self.groups.get(spec)
+        if group is None:
+            group = self.groups[spec] = Group(spec)
+        group.members[member] = None
+        self._member_spec[member] = spec
+
+    def remove(self, member: Subscriber) -> None:
+        spec = self._member_spec.pop(member, None)
+        if spec is not None:
+            self._drop(member, spec)
+
+    def spec_of(self, member: Subscriber) -> OutputSpec | None:
+        return self._member_spec.get(member)
+
+    def _drop(self, member: Subscriber, spec: OutputSpec) -> None:
+        group = self.groups.get(spec)
+        if group is None:
+            return
+        group.members.pop(member, None)
+        if not group.members:
+            del self.groups[spec]
+
+    @property
+    def member_count(self) -> int:
+        return len(self._member_spec)
+
+    # --- the hot path -------------------------------------------------------------------
+
+    def publish(self, index: ChunkIndex) -> None:
+        if not self.groups or index.count == 0:
+            return
+        cache = _ChunkCache()
+        # Snapshot: a member's deliver() may regroup or close sessions.
+        for group in list(self.groups.values()):
+            payload = self._variant(group, index, cache)
+            if payload is None:
+                continue
+            data, records = payload
+            members: Iterable[Subscriber] = list(group.members)
+            for member in members:
+                member.deliver(data, records)
+            group.writes += len(group.members)
+            self.records_out += records * len(group.members)
+            self.bytes_out += len(data) * len(group.members)
+            if group.spec.zstd:
+                self.frames_written += len(group.members)
+
+    def _variant(
+        self, group: Group, index: ChunkIndex, cache: _ChunkCache
+    ) -> tuple[Payload, int] | None:
+        spec = group.spec
+        sel = spec.selection
+        if sel not in cache.selected:
+            cache.selected[sel] = self._select(group, index)
+        selected = cache.selected[sel]
+        if selected is None:
+            return None
+        data, records, mask = selected
+        if spec.ts_out:
+            stamped = cache.stamped.get(sel)
+            if stamped is None:
+                stamped = cache.stamped[sel] = stamp_ts_out(index, mask, self._clock_ns())
+                group.builds += 1
+            data = stamped
+        if spec.zstd:
+            key = (sel, spec.ts_out)
+            frame = cache.frames.get(key)
+            if frame is None:
+                started = time.perf_counter()
+                frame = cache.frames[key] = self._compressor.compress(data)
+                self.compress_seconds += time.perf_counter() - started
+                self.bytes_compressed_in += len(data)
+                self.bytes_compressed_out += len(frame)
+                self.frames_built += 1
+                group.builds += 1
+            data = frame
+        return data, records
+
+    def _select(
+        self, group: Group, index: ChunkIndex
+    ) -> tuple[Payload, int, npt.NDArray[np.bool_] | None] | None:
+        mask = group.mask(index)
+        if mask is True:
+            return index.data, index.count, None
+        if mask is False or mask is None:
+            return None
+        assert not isinstance(mask, bool)
+        count = int(np.count_nonzero(mask))
+        if count == 0:
+            return None
+        if count == index.count:
+            return index.data, count, None
+        group.builds += 1
+        return index.select(mask), count, mask
+
+    def compress(self, data: bytes) -> bytes:
+        """A single independent frame, for per-session pieces (Metadata, acks, ...)."""
+        started = time.perf_counter()
+        frame: bytes = self._compressor.compress(data)
+        self.compress_seconds += time.perf_counter() - started
+        self.bytes_compressed_in += len(data)
+        self.bytes_compressed_out += len(frame)
+        return frame

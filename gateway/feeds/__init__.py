@@ -1,0 +1,132 @@
+"""Feed sources, one module per kind, and the URI syntax that selects them.
+
+    synthetic:[?rate=2000&instruments=50&seed=7]
+    file:PATH[?pace=realtime|max|<factor>&loop=1&backpressure=0|1]
+    ingest://HOST:PORT[?backpressure=0|1]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+from urllib.parse import parse_qsl, urlsplit
+
+from gateway.errors import ConfigError
+from gateway.feeds.base import Feed
+from gateway.feeds.file import FileSource
+from gateway.feeds.ingest import IngestSource
+from gateway.feeds.synthetic import SyntheticOptions, SyntheticSource
+
+__all__ = ["Feed", "FeedSpec", "Source", "build_source", "parse_feed_uri"]
+
+
+class Source(Protocol):
+    kind: str
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class FeedSpec:
+    dataset: str
+    kind: str
+    uri: str
+    path: Path | None = None
+    host: str = ""
+    port: int = 0
+    pace: float | None = 1.0
+    loop: bool = False
+    backpressure: bool = False
+    synthetic: SyntheticOptions | None = None
+
+
+def _flag(value: str, name: str) -> bool:
+    if value in ("1", "true", "yes"):
+        return True
+    if value in ("0", "false", "no"):
+        return False
+    raise ConfigError(f"feed option {name}={value!r} must be 0 or 1")
+
+
+def parse_feed_uri(dataset: str, uri: str) -> FeedSpec:
+    """Validate a feed URI; ConfigError names the bad part."""
+    if not dataset or len(dataset) > 16 or not dataset.isascii():
+        raise ConfigError(f"feeds: dataset {dataset!r} must be 1-16 ASCII characters")
+    parts = urlsplit(uri)
+    try:
+        query = dict(parse_qsl(parts.query, keep_blank_values=True, strict_parsing=False))
+    except ValueError as exc:
+        raise ConfigError(f"feeds.{dataset}: bad query in {uri!r}: {exc}") from None
+    scheme = parts.scheme
+    known: set[str]
+    if scheme == "synthetic":
+        known = {"rate", "instruments", "seed", "schemas"}
+        try:
+            opts = SyntheticOptions(
+                rate=float(query.get("rate", 2000)),
+                instruments=int(query.get("instruments", 50)),
+                seed=int(query.get("seed", 7)),
+            )
+        except ValueError as exc:
+            raise ConfigError(f"feeds.{dataset}: bad synthetic option: {exc}") from None
+        if opts.rate < 0 or not 1 <= opts.instruments <= 100_000:
+            raise ConfigError(f"feeds.{dataset}: rate must be >= 0, instruments 1..100000")
+        if "schemas" in query:
+            schemas = tuple(s for s in query["schemas"].split(",") if s)
+            bad = [s for s in schemas if s not in ("trades", "mbp-1", "ohlcv-1s")]
+            if bad or not schemas:
+                raise ConfigError(f"feeds.{dataset}: synthetic schemas are trades, mbp-1, "
+                                  f"ohlcv-1s (got {query['schemas']!r})")
+            opts = SyntheticOptions(opts.rate, opts.instruments, opts.seed, opts.tick_s, schemas)
+        spec = FeedSpec(dataset, "synthetic", uri, synthetic=opts)
+    elif scheme == "file":
+        known = {"pace", "loop", "backpressure"}
+        path = Path((parts.netloc or "") + parts.path)
+        if not str(path) or str(path) == ".":
+            raise ConfigError(f"feeds.{dataset}: file: needs a path")
+        pace_text = query.get("pace", "realtime")
+        pace: float | None
+        if pace_text == "realtime":
+            pace = 1.0
+        elif pace_text == "max":
+            pace = None
+        else:
+            try:
+                pace = float(pace_text)
+            except ValueError:
+                raise ConfigError(f"feeds.{dataset}: pace={pace_text!r} must be realtime, max "
+                                  "or a speed factor") from None
+            if pace <= 0:
+                raise ConfigError(f"feeds.{dataset}: pace factor must be > 0")
+        loop = _flag(query.get("loop", "0"), "loop")
+        # A file can always wait: at max speed it is lossless unless told otherwise.
+        default_bp = "1" if pace is None else "0"
+        bp = _flag(query.get("backpressure", default_bp), "backpressure")
+        spec = FeedSpec(dataset, "file", uri, path=path, pace=pace, loop=loop, backpressure=bp)
+    elif scheme == "ingest":
+        known = {"backpressure"}
+        if not parts.hostname or parts.port is None:
+            raise ConfigError(f"feeds.{dataset}: ingest URI needs HOST:PORT, got {uri!r}")
+        bp = _flag(query.get("backpressure", "0"), "backpressure")
+        spec = FeedSpec(dataset, "ingest", uri, host=parts.hostname, port=parts.port,
+                        backpressure=bp)
+    else:
+        raise ConfigError(f"feeds.{dataset}: unknown feed URI {uri!r} "
+                          "(synthetic:, file:PATH or ingest://HOST:PORT)")
+    unknown = set(query) - known
+    if unknown:
+        raise ConfigError(f"feeds.{dataset}: unknown option {sorted(unknown)[0]!r} in {uri!r}")
+    return spec
+
+
+def build_source(spec: FeedSpec, feed: Feed) -> Source:
+    if spec.kind == "synthetic":
+        assert spec.synthetic is not None
+        return SyntheticSource(feed, spec.synthetic)
+    if spec.kind == "file":
+        assert spec.path is not None
+        return FileSource(feed, spec.path, spec.pace, spec.loop)
+    return IngestSource(feed, spec.host, spec.port)

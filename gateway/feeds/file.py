@@ -1,0 +1,141 @@
+"""``file:PATH`` — replay a .dbn or .dbn.zst file (DBN v1-v3, served as v3).
+
+Pacing follows the records' own ``ts_event``: ``pace=realtime`` (default), a speed
+factor (``pace=10``), or ``pace=max``. ``loop=1`` starts again at the end. A file
+replayed at ``pace=max`` waits for its sessions (lossless back-pressure) by default:
+a file can always wait; with real-time pacing it follows the feed's ``backpressure``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+import zstandard
+
+from gateway.dbn import ChunkIndex, DbnStreamDecoder, index_records
+from gateway.errors import DbnError
+from gateway.feeds.base import Feed
+
+__all__ = ["FileSource"]
+
+log = logging.getLogger("gateway.feed")
+
+_BLOCK = 256 * 1024
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+
+def open_dbn(path: Path) -> BinaryIO:
+    raw = path.open("rb")
+    magic = raw.read(4)
+    raw.seek(0)
+    if magic == _ZSTD_MAGIC:
+        reader: BinaryIO = zstandard.ZstdDecompressor().stream_reader(raw, closefd=True)
+        return reader
+    return raw
+
+
+class FileSource:
+    kind = "file"
+
+    def __init__(self, feed: Feed, path: Path, pace: float | None, loop: bool) -> None:
+        """``pace``: None for max speed, else a speed factor (1.0 = real time)."""
+        self.feed = feed
+        self.path = path
+        self.pace = pace
+        self.loop = loop
+        self._task: asyncio.Task[None] | None = None
+        self._resume = asyncio.Event()
+        self._resume.set()
+        feed.flow_listeners.append(self._on_flow)
+        self.passes = 0
+
+    def _on_flow(self, paused: bool) -> None:
+        if paused:
+            self._resume.clear()
+        else:
+            self._resume.set()
+
+    async def start(self) -> None:
+        if not self.path.is_file():
+            raise DbnError(f"feed file {self.path} does not exist")
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+
+    async def _run(self) -> None:
+        feed = self.feed
+        try:
+            while True:
+                await self._replay_once()
+                self.passes += 1
+                if not self.loop:
+                    feed.set_state(True, f"replay of {self.path.name} finished")
+                    return
+        except (DbnError, OSError, zstandard.ZstdError) as exc:
+            feed.set_state(False, f"file feed failed: {exc}")
+            log.error("feed %s: file %s failed: %s", feed.dataset, self.path, exc)
+
+    async def _replay_once(self) -> None:
+        feed = self.feed
+        decoder = DbnStreamDecoder()
+        loop = asyncio.get_running_loop()
+        wall0: float | None = None
+        ts0 = 0
+        with open_dbn(self.path) as stream:
+            while True:
+                block = stream.read(_BLOCK)
+                if not block:
+                    break
+                for index in decoder.feed(block):
+                    if decoder.metadata is not None and not feed.connected:
+                        pass
+                    if wall0 is None:
+                        feed.on_metadata(decoder.metadata)
+                        feed.set_state(True, f"replaying {self.path.name}")
+                        wall0 = loop.time()
+                        ts0 = int(index.ts_events[0]) if index.count else 0
+                    for piece, due in self._paced(index, ts0):
+                        if due is not None:
+                            delay = wall0 + due - loop.time()
+                            if delay > 0:
+                                await asyncio.sleep(delay)
+                        await self._resume.wait()
+                        feed.publish(piece)
+                    await asyncio.sleep(0)
+                if decoder.metadata is not None and wall0 is None:
+                    feed.on_metadata(decoder.metadata)
+            if decoder.pending:
+                raise DbnError(f"{self.path.name} ends with a truncated record "
+                               f"({decoder.pending} bytes)")
+
+    def _paced(self, index: ChunkIndex, ts0: int) -> list[tuple[ChunkIndex, float | None]]:
+        if self.pace is None or index.count == 0:
+            return [(index, None)]
+        due = (index.ts_events.astype(np.int64) - ts0) / 1e9 / self.pace
+        due = np.maximum.accumulate(np.maximum(due, 0.0))
+        bucket = (due * 1000).astype(np.int64)  # 1 ms granularity
+        cuts = np.flatnonzero(np.diff(bucket)) + 1
+        starts = np.concatenate(([0], cuts))
+        ends = np.concatenate((cuts, [index.count]))
+        out: list[tuple[ChunkIndex, float | None]] = []
+        for s, e in zip(starts.tolist(), ends.tolist(), strict=True):
+            lo = int(index.offsets[s])
+            hi = int(index.offsets[e - 1] + index.lengths[e - 1])
+            piece, _ = index_records(index.data[lo:hi])
+            out.append((piece, float(due[s])))
+        return out
+
+
+def wall_ns() -> int:
+    return time.time_ns()

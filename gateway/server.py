@@ -1,0 +1,477 @@
+"""asyncio adapters: one ``ClientConnection`` per subscriber socket.
+
+The adapter feeds bytes to the sans-I/O ``Session``, writes what it returns, applies the
+slow-reader verdicts, frames per-session records (ts_out stamp, own zstd frame) and
+reports to metrics. Protocol decisions live in ``session.py``; fan-out in ``fanout.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import itertools
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from gateway import dbn
+from gateway.auth import Authenticator, KeyEntry, new_challenge
+from gateway.dbn import ErrorCode, SystemCode
+from gateway.errors import AuthError
+from gateway.fanout import Payload
+from gateway.metrics import Metrics
+from gateway.session import (
+    AuthRequested,
+    Event,
+    Failed,
+    Limits,
+    Session,
+    SlowReader,
+    SlowReaderLimits,
+    StartRequested,
+    State,
+    Subscription,
+    SubscriptionReady,
+    Verdict,
+    effective_behavior,
+)
+
+if TYPE_CHECKING:
+    from gateway.feeds.base import Feed
+
+__all__ = ["ClientConnection", "ConnectionLimits", "ServerState"]
+
+log = logging.getLogger("gateway.session")
+
+
+@dataclass(frozen=True)
+class ConnectionLimits:
+    max_connections: int = 20_000
+    max_unauthenticated: int = 2_000
+    #: new connections per second per source IP (0: no limit); Databento documents 5/s
+    per_ip_rate: float = 20.0
+    per_ip_burst: int = 200
+    exempt_loopback: bool = True
+    default_heartbeat_s: int = 30
+    write_high_water: int = 1024 * 1024
+    write_low_water: int = 256 * 1024
+    #: a lossless feed's session over the hard cap for this long is cut
+    stall_timeout_s: float = 10.0
+
+
+@dataclass
+class ServerState:
+    version: str
+    authenticator: Authenticator
+    feeds: dict[str, Feed]
+    metrics: Metrics
+    limits: Limits = field(default_factory=Limits)
+    slow: SlowReaderLimits = field(default_factory=SlowReaderLimits)
+    conn_limits: ConnectionLimits = field(default_factory=ConnectionLimits)
+    clock: Callable[[], float] = time.monotonic
+    connections: set[ClientConnection] = field(default_factory=set)
+    unauthenticated: int = 0
+    accepting: bool = True
+    _ids: itertools.count[int] = field(
+        default_factory=lambda: itertools.count(int(time.time()) * 1000)
+    )
+    _ip_tokens: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+    def next_session_id(self) -> int:
+        return next(self._ids)
+
+    def admit_ip(self, ip: str, now: float) -> bool:
+        lim = self.conn_limits
+        if lim.per_ip_rate <= 0:
+            return True
+        if lim.exempt_loopback:
+            try:
+                if ipaddress.ip_address(ip).is_loopback:
+                    return True
+            except ValueError:
+                pass
+        tokens, at = self._ip_tokens.get(ip, (float(lim.per_ip_burst), now))
+        tokens = min(float(lim.per_ip_burst), tokens + (now - at) * lim.per_ip_rate)
+        if tokens < 1.0:
+            self._ip_tokens[ip] = (tokens, now)
+            return False
+        self._ip_tokens[ip] = (tokens - 1.0, now)
+        if len(self._ip_tokens) > 100_000:
+            self._ip_tokens.clear()
+        return True
+
+
+class ClientConnection(asyncio.Protocol):
+    """One subscriber socket."""
+
+    ts_out = False
+    zstd = False
+
+    def __init__(self, state: ServerState) -> None:
+        self.state = state
+        self.transport: asyncio.Transport | None = None
+        self.session: Session | None = None
+        self.feed: Feed | None = None
+        self.key: KeyEntry | None = None
+        self.peer = "?"
+        self.session_id = 0
+        self.started_at = 0.0
+        self.metadata_sent = False
+        self.closing = False
+        self.end_reason = "client closed"
+        self.slow = SlowReader(state.slow)
+        self.records_sent = 0
+        self.bytes_sent = 0
+        self.last_write = 0.0
+        self.heartbeat_s = float(state.conn_limits.default_heartbeat_s)
+        self.over_cap_since: float | None = None
+        self.paused = False
+        self._queued: list[Subscription] = []
+        self._counted_unauth = False
+        self._gauge_labels: tuple[str, str, str, str] | None = None
+
+    # --- asyncio callbacks -------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        state = self.state
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        ip = peer[0] if isinstance(peer, tuple) else ""
+        now = state.clock()
+        reason = None
+        if not state.accepting:
+            reason = ("shutting_down", "gateway is shutting down")
+        elif len(state.connections) >= state.conn_limits.max_connections:
+            reason = ("max_connections", "too many connections to this gateway")
+        elif state.unauthenticated >= state.conn_limits.max_unauthenticated:
+            reason = ("max_unauthenticated", "too many unauthenticated connections")
+        elif not state.admit_ip(ip, now):
+            reason = ("ip_rate", f"too many new connections per second from {ip}; wait 1 s")
+        if reason is not None:
+            state.metrics.connections.labels("rejected", reason[0]).inc()
+            if reason[0] != "shutting_down":
+                state.metrics.limit_hits.labels(reason[0]).inc()
+            transport.write(b"success=0|error=" + reason[1].encode() + b"\n")
+            self.closing = True
+            transport.close()
+            return
+        state.connections.add(self)
+        state.unauthenticated += 1
+        self._counted_unauth = True
+        state.metrics.connections.labels("accepted", "").inc()
+        lim = state.conn_limits
+        transport.set_write_buffer_limits(high=lim.write_high_water, low=lim.write_low_water)
+        self.session = Session(challenge=new_challenge(), version=state.version,
+                               limits=state.limits, now=now)
+        self._flush_text()
+
+    def data_received(self, data: bytes) -> None:
+        if self.session is None or self.closing:
+            return
+        events = self.session.receive_data(data, self.state.clock())
+        self._handle(events)
+
+    def eof_received(self) -> bool | None:
+        self.end_reason = "client closed"
+        return None  # close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        state = self.state
+        if self not in state.connections:
+            return
+        state.connections.discard(self)
+        if self._counted_unauth:
+            state.unauthenticated -= 1
+            self._counted_unauth = False
+        if exc is not None and not self.closing:
+            self.end_reason = f"connection error: {type(exc).__name__}"
+        if self.feed is not None:
+            self.feed.leave(self)
+            self._set_paused(False)
+        if self.key is not None:
+            state.authenticator.release(self.key)
+            self._log_end()
+            state.metrics.disconnects.labels(self._reason_label()).inc()
+        self._set_gauge(None)
+        if self.session is not None:
+            self.session.receive_eof()
+
+    def pause_writing(self) -> None:
+        self._set_paused(True)
+
+    def resume_writing(self) -> None:
+        self._set_paused(False)
+
+    # --- events from the session ---------------------------------------------------------------
+
+    def _handle(self, events: list[Event]) -> None:
+        session = self.session
+        assert session is not None
+        for event in events:
+            if isinstance(event, AuthRequested):
+                self._authenticate(event)
+                self._flush_text()
+                if session.state is State.AUTHENTICATED:
+                    self._handle(session.resume(self.state.clock()))
+                return
+            if isinstance(event, SubscriptionReady):
+                if self.metadata_sent:
+                    self._subscribe([event.subscription])
+                else:
+                    self._queued.append(event.subscription)
+            elif isinstance(event, StartRequested):
+                self._start()
+            elif isinstance(event, Failed):
+                self._fail(event)
+                return
+        self._flush_text()
+
+    def _authenticate(self, event: AuthRequested) -> None:
+        session = self.session
+        assert session is not None
+        state = self.state
+        req = event.request
+        try:
+            key = state.authenticator.check(session.challenge, req.auth)
+            state.authenticator.acquire(key, req.dataset, set(state.feeds))
+        except AuthError as exc:
+            text = str(exc)
+            reason = ("bad_key" if text.startswith("Authentication failed") else
+                      "unknown_dataset" if text.startswith("Unknown dataset") else
+                      "not_entitled" if "not entitled" in text else "session_limit")
+            state.metrics.auth_failures.labels(reason).inc()
+            if reason == "session_limit":
+                state.metrics.limit_hits.labels("sessions_per_key").inc()
+            log.info("auth refused peer=%s reason=%s", self.peer, reason)
+            self._fail(session.reject(text, kind=reason))
+            return
+        self.key = key
+        self.feed = state.feeds[req.dataset]
+        self.ts_out = req.ts_out
+        self.zstd = req.compression == "zstd"
+        self.heartbeat_s = float(req.heartbeat_interval_s or state.conn_limits.default_heartbeat_s)
+        self.session_id = state.next_session_id()
+        self.started_at = time.time()
+        self.slow.lossless = self.feed.backpressure
+        state.unauthenticated -= 1
+        self._counted_unauth = False
+        session.accept(self.session_id)
+        self._set_gauge("authenticated")
+        log.info(
+            "session start id=%d peer=%s dataset=%s key_id=%s compression=%s ts_out=%d client=%r",
+            self.session_id, self.peer, req.dataset, key.key_id, req.compression,
+            int(req.ts_out), req.client[:80])
+
+    def _start(self) -> None:
+        assert self.feed is not None and self.session is not None
+        pieces = [self._metadata()]
+        self.metadata_sent = True
+        self.feed.join(self)
+        self._set_gauge("streaming")
+        records: list[bytes] = []
+        for sub in self._queued:
+            records += self.feed.subscribe(self, sub)
+        self._queued.clear()
+        self._update_behavior()
+        self._write_control(pieces[0], records)
+
+    def _subscribe(self, subs: list[Subscription]) -> None:
+        assert self.feed is not None
+        records: list[bytes] = []
+        for sub in subs:
+            records += self.feed.subscribe(self, sub)
+        self._update_behavior()
+        self.send_gateway_records(records)
+
+    def _update_behavior(self) -> None:
+        assert self.session is not None
+        auth = self.session.auth
+        schemas = [s.schema for s in self.session.subscriptions]
+        self.slow.behavior = effective_behavior(auth.slow_reader_behavior if auth else None,
+                                                schemas)
+
+    def _metadata(self) -> bytes:
+        assert self.feed is not None
+        start_ns = time.time_ns()
+        return dbn.encode_metadata(self.feed.dataset, start_ns, self.ts_out)
+
+    def _fail(self, event: Failed) -> None:
+        state = self.state
+        if event.kind in ("line_too_long", "limit", "control_rate", "handshake_timeout"):
+            state.metrics.limit_hits.labels(event.kind).inc()
+        if event.after_auth:
+            head = b"" if self.metadata_sent else self._metadata()
+            self.metadata_sent = True
+            err = dbn.encode_error(time.time_ns(), event.reason, event.code)
+            self._write_control(head, [err])
+        else:
+            self._flush_text()
+        self.end_reason = f"{event.kind}: {event.reason}"
+        self.close()
+
+    # --- writing ----------------------------------------------------------------------
+
+    def _flush_text(self) -> None:
+        if self.session is None or self.transport is None:
+            return
+        out = self.session.data_to_send()
+        if out:
+            self.transport.write(out)
+
+    def _write_control(self, head: bytes, records: list[bytes]) -> None:
+        """Metadata (if any) plus gateway records, as one piece (one zstd frame)."""
+        if self.transport is None or self.transport.is_closing():
+            return
+        body = dbn.stamp_records(records, time.time_ns()) if self.ts_out else b"".join(records)
+        data = head + body
+        if not data:
+            return
+        if self.zstd:
+            assert self.feed is not None
+            data = self.feed.fanout.compress(data)
+        self.transport.write(data)
+        self.bytes_sent += len(data)
+        self.last_write = self.state.clock()
+
+    def send_gateway_records(self, records: list[bytes]) -> None:
+        if records and self.metadata_sent and not self.closing:
+            self._write_control(b"", records)
+
+    def deliver(self, data: Payload, records: int) -> None:
+        transport = self.transport
+        if self.closing or transport is None:
+            return
+        now = self.state.clock()
+        slow = self.slow
+        verdict = slow.on_chunk(transport.get_write_buffer_size(), len(data), records, now)
+        if slow.notices:
+            self._send_notices()
+        if verdict is Verdict.SEND:
+            transport.write(data)
+            self.records_sent += records
+            self.bytes_sent += len(data)
+            self.last_write = now
+        elif verdict is Verdict.SKIP:
+            self.state.metrics.records_skipped.inc(records)
+        else:
+            self.cut("slow_reader_cap", f"slow reader: more than {self.state.slow.hard_cap_bytes}"
+                     " bytes buffered; disconnecting")
+
+    def _send_notices(self) -> None:
+        now = time.time_ns()
+        metrics = self.state.metrics
+        records = []
+        for kind, count in self.slow.notices:
+            if kind == "warning":
+                metrics.slow_reader_events.labels("warn", "warning").inc()
+                records.append(dbn.encode_system(
+                    now, "Warning: slow reading, falling behind real time",
+                    SystemCode.SLOW_READER_WARNING))
+            else:
+                metrics.slow_reader_events.labels("skip", "skipped").inc()
+                records.append(dbn.encode_error(
+                    now, f"Skipped {count} records after slow reading",
+                    ErrorCode.SKIPPED_RECORDS_AFTER_SLOW_READING))
+        self.slow.notices.clear()
+        self.send_gateway_records(records)
+
+    def cut(self, label: str, message: str) -> None:
+        """Tell the session why with a final ErrorMsg (if it can still be written); close."""
+        if self.closing:
+            return
+        policy = "lossless" if self.slow.lossless else self.slow.behavior
+        self.state.metrics.slow_reader_events.labels(policy, "disconnect").inc()
+        if self.metadata_sent:
+            self._write_control(b"", [dbn.encode_error(time.time_ns(), message,
+                                                       ErrorCode.INTERNAL_ERROR)])
+        self.end_reason = f"{label}: {message}"
+        log.warning("session cut id=%d peer=%s reason=%s", self.session_id, self.peer, label)
+        if self.transport is not None:
+            # Over the cap the socket is not draining: drop what is queued.
+            self.closing = True
+            self.transport.abort()
+
+    def close(self) -> None:
+        if self.closing:
+            return
+        self.closing = True
+        if self.transport is not None:
+            self.transport.close()
+
+    # --- timers ------------------------------------------------------------------------
+
+    def tick(self, now: float) -> None:
+        """Called about once a second: handshake deadline, heartbeat, lossless stalls."""
+        session = self.session
+        if session is None or self.closing:
+            return
+        if session.state is State.AWAIT_AUTH:
+            events = session.handle_timer(now)
+            if events:
+                self._handle(events)
+            return
+        transport = self.transport
+        if transport is None or not self.metadata_sent:
+            return
+        buffered = transport.get_write_buffer_size()
+        self.state.metrics.session_buffered.observe(buffered)
+        if self.slow.lossless:
+            if buffered > self.state.slow.hard_cap_bytes:
+                if self.over_cap_since is None:
+                    self.over_cap_since = now
+                elif now - self.over_cap_since > self.state.conn_limits.stall_timeout_s:
+                    self.cut("lossless_stall", "stalled a lossless feed for more than "
+                             f"{self.state.conn_limits.stall_timeout_s:g} s; disconnecting")
+                    return
+            else:
+                self.over_cap_since = None
+        elif self.slow.skipped and buffered <= self.state.slow.resume_bytes:
+            self.slow.notices.append(("skipped", self.slow.skipped))
+            self.slow.skipped = 0
+            self._send_notices()
+        if now - self.last_write >= self.heartbeat_s:
+            self.state.metrics.heartbeats.inc()
+            self.send_gateway_records([dbn.encode_system(time.time_ns(), "Heartbeat",
+                                                         SystemCode.HEARTBEAT)])
+
+    # --- bookkeeping ----------------------------------------------------------------------
+
+    def _set_paused(self, paused: bool) -> None:
+        if paused == self.paused:
+            return
+        self.paused = paused
+        if self.feed is not None:
+            self.feed.member_blocked(self, paused)
+
+    def _set_gauge(self, phase: str | None) -> None:
+        gauge = self.state.metrics.sessions
+        if self._gauge_labels is not None:
+            gauge.labels(*self._gauge_labels).dec()
+            self._gauge_labels = None
+        if phase is not None and self.feed is not None:
+            labels = (self.feed.dataset, "zstd" if self.zstd else "none",
+                      "1" if self.ts_out else "0", phase)
+            gauge.labels(*labels).inc()
+            self._gauge_labels = labels
+
+    def _reason_label(self) -> str:
+        return self.end_reason.split(":", 1)[0].replace(" ", "_")[:40]
+
+    def _log_end(self) -> None:
+        assert self.key is not None
+        session = self.session
+        log.info(
+            "session end id=%d peer=%s dataset=%s key_id=%s compression=%s ts_out=%d "
+            "subscriptions=%d records=%d bytes=%d skipped=%d duration_s=%.3f reason=%s",
+            self.session_id, self.peer, self.feed.dataset if self.feed else "",
+            self.key.key_id, "zstd" if self.zstd else "none", int(self.ts_out),
+            len(session.subscriptions) if session else 0, self.records_sent, self.bytes_sent,
+            self.slow.skipped_total, time.time() - self.started_at, self.end_reason)
+
+
+def peer_of(transport: Any) -> str:
+    peer = transport.get_extra_info("peername")
+    return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
