@@ -34,7 +34,7 @@ class Gateway:
         self.feeds: dict[str, Feed] = {}
         self.sources: dict[str, Source] = {}
         entries = [
-            KeyEntry(key=k.key, key_id=k.name or f"…{k.key[-5:]}",
+            KeyEntry(key=k.key, key_id=k.name or f"key-{k.key[-5:]}",
                      datasets=None if "*" in k.datasets else frozenset(k.datasets),
                      max_sessions=k.max_sessions)
             for k in cfg.api_keys

@@ -41,6 +41,7 @@ __all__ = [
     "SystemCode",
     "encode_error",
     "encode_metadata",
+    "encode_publisher_metadata",
     "encode_symbol_mapping",
     "encode_system",
     "index_records",
@@ -126,6 +127,32 @@ def encode_metadata(dataset: str, start_ns: int, ts_out: bool) -> bytes:
         stype_out=dbn.SType.INSTRUMENT_ID,
         schema=None,
         ts_out=ts_out,
+    )
+    return bytes(meta.encode())
+
+
+def encode_publisher_metadata(
+    dataset: str, start_ns: int, symbols: dict[str, int], schema: str | None = None
+) -> bytes:
+    """A Metadata header for an ingest publisher: raw symbol -> instrument_id mappings
+    (valid for today) from which the gateway resolves raw-symbol subscriptions."""
+    import datetime as dt
+    from types import SimpleNamespace
+
+    day = dt.datetime.fromtimestamp(start_ns / 1e9, tz=dt.UTC).date()
+    mappings = [
+        SimpleNamespace(raw_symbol=sym, intervals=[SimpleNamespace(
+            start_date=day, end_date=day + dt.timedelta(days=1), symbol=str(iid))])
+        for sym, iid in symbols.items()
+    ]
+    meta = dbn.Metadata(
+        dataset=dataset,
+        start=start_ns,
+        stype_in=dbn.SType.RAW_SYMBOL if symbols else None,
+        stype_out=dbn.SType.INSTRUMENT_ID,
+        schema=dbn.Schema.from_str(schema) if schema else None,
+        symbols=list(symbols),
+        mappings=mappings,
     )
     return bytes(meta.encode())
 

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
 import zstandard
 
-from gateway.dbn import ChunkIndex, DbnStreamDecoder, index_records
+from gateway.dbn import UNDEF_TIMESTAMP, ChunkIndex, DbnStreamDecoder, index_records
 from gateway.errors import DbnError
 from gateway.feeds.base import Feed
 
@@ -26,6 +25,7 @@ __all__ = ["FileSource"]
 log = logging.getLogger("gateway.feed")
 
 _BLOCK = 256 * 1024
+LOOP_RATE = 20
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 
@@ -82,9 +82,14 @@ class FileSource:
                 if not self.loop:
                     feed.set_state(True, f"replay of {self.path.name} finished")
                     return
+                # Never spin on a tiny file: at most LOOP_RATE passes a second.
+                await asyncio.sleep(1.0 / LOOP_RATE)
         except (DbnError, OSError, zstandard.ZstdError) as exc:
             feed.set_state(False, f"file feed failed: {exc}")
             log.error("feed %s: file %s failed: %s", feed.dataset, self.path, exc)
+        except Exception as exc:
+            feed.set_state(False, f"file feed failed: internal error {type(exc).__name__}")
+            log.exception("feed %s: file %s failed", feed.dataset, self.path)
 
     async def _replay_once(self) -> None:
         feed = self.feed
@@ -98,13 +103,11 @@ class FileSource:
                 if not block:
                     break
                 for index in decoder.feed(block):
-                    if decoder.metadata is not None and not feed.connected:
-                        pass
                     if wall0 is None:
                         feed.on_metadata(decoder.metadata)
                         feed.set_state(True, f"replaying {self.path.name}")
                         wall0 = loop.time()
-                        ts0 = int(index.ts_events[0]) if index.count else 0
+                        ts0 = _first_defined(index.ts_events)
                     for piece, due in self._paced(index, ts0):
                         if due is not None:
                             delay = wall0 + due - loop.time()
@@ -122,7 +125,10 @@ class FileSource:
     def _paced(self, index: ChunkIndex, ts0: int) -> list[tuple[ChunkIndex, float | None]]:
         if self.pace is None or index.count == 0:
             return [(index, None)]
-        due = (index.ts_events.astype(np.int64) - ts0) / 1e9 / self.pace
+        ts = index.ts_events
+        # UNDEF_TIMESTAMP (u64::MAX) records go out with the record before them.
+        due = np.where(ts == np.uint64(UNDEF_TIMESTAMP), 0.0,
+                       (ts.astype(np.float64) - float(ts0)) / 1e9 / self.pace)
         due = np.maximum.accumulate(np.maximum(due, 0.0))
         bucket = (due * 1000).astype(np.int64)  # 1 ms granularity
         cuts = np.flatnonzero(np.diff(bucket)) + 1
@@ -137,5 +143,7 @@ class FileSource:
         return out
 
 
-def wall_ns() -> int:
-    return time.time_ns()
+
+def _first_defined(ts: np.ndarray) -> int:  # type: ignore[type-arg]
+    defined = ts[ts != np.uint64(UNDEF_TIMESTAMP)]
+    return int(defined[0]) if defined.size else 0

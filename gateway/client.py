@@ -1,0 +1,257 @@
+"""The project's lean asyncio client for the Live Raw API.
+
+    async with await LiveClient.connect("127.0.0.1", 13000, key, "DEMO.SYNTH") as client:
+        await client.subscribe("trades", ["AAPL", "MSFT"])
+        metadata = await client.start()
+        async for batch in client.batches():       # whole records, one memoryview per read
+            for rtype, instrument_id, record in batch.records():
+                ...
+
+No per-record Python objects unless asked: ``batches()`` yields ``RecordBatch`` objects
+that wrap one memoryview of whole records plus a numpy header index;
+``RecordBatch.decode()`` turns them into databento_dbn objects for convenience.
+Handles CRAM authentication, 500-symbol subscription chunks, zstd streams made of many
+independent frames, and a heartbeat timeout (interval + 10 s of silence).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import databento_dbn as dbn
+import zstandard
+
+from gateway.dbn import (
+    PRELUDE_LEN,
+    RTYPE_ERROR,
+    ChunkIndex,
+    index_records,
+)
+from gateway.errors import GatewayError
+
+__all__ = ["ClientError", "FrameDecompressor", "LiveClient", "RecordBatch"]
+
+SYMBOL_CHUNK = 500
+CLIENT_TIMEOUT_MARGIN_S = 10.0
+_READ_SIZE = 256 * 1024
+
+
+class ClientError(GatewayError):
+    """Raised by LiveClient: refused authentication, timeouts, a closed stream."""
+
+
+class FrameDecompressor:
+    """Decompresses a stream of concatenated independent zstd frames."""
+
+    def __init__(self) -> None:
+        self._dctx = zstandard.ZstdDecompressor()
+        self._obj = self._dctx.decompressobj()
+
+    def decompress(self, data: bytes) -> bytes:
+        out: list[bytes] = []
+        while data:
+            out.append(self._obj.decompress(data))
+            if not self._obj.eof:
+                break
+            data = self._obj.unused_data
+            self._obj = self._dctx.decompressobj()
+        return b"".join(out)
+
+
+@dataclass
+class RecordBatch:
+    index: ChunkIndex
+
+    @property
+    def data(self) -> memoryview:
+        return self.index.data
+
+    def __len__(self) -> int:
+        return self.index.count
+
+    def records(self) -> Iterator[tuple[int, int, memoryview]]:
+        """(rtype, instrument_id, record view) per record."""
+        idx = self.index
+        data = idx.data
+        for i in range(idx.count):
+            off = int(idx.offsets[i])
+            yield int(idx.rtypes[i]), int(idx.instrument_ids[i]), data[
+                off : off + int(idx.lengths[i])]
+
+    def errors(self) -> list[str]:
+        """Texts of the gateway ErrorMsg records in this batch."""
+        out = []
+        for rtype, _, rec in self.records():
+            if rtype == RTYPE_ERROR:
+                out.append(bytes(rec[16:318]).split(b"\0", 1)[0].decode("utf-8", "replace"))
+        return out
+
+    def decode(self, ts_out: bool = False) -> list[Any]:
+        """databento_dbn record objects (convenient, slow: one object per record)."""
+        decoder = dbn.DBNDecoder(has_metadata=False, ts_out=ts_out, input_version=3)
+        decoder.write(bytes(self.index.data))
+        return list(decoder.decode())
+
+
+def _auth_reply(challenge: str, key: str) -> str:
+    digest = hashlib.sha256(f"{challenge}|{key}".encode()).hexdigest()
+    return f"{digest}-{key[-5:]}"
+
+
+class LiveClient:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 *, compression: str, ts_out: bool, heartbeat_interval_s: int | None) -> None:
+        self._reader = reader
+        self._writer = writer
+        self.compression = compression
+        self.ts_out = ts_out
+        self.heartbeat_interval_s = heartbeat_interval_s
+        self.session_id = ""
+        self.metadata: Any = None
+        self.started = False
+        self._sub_id = 0
+        self._buffer = bytearray()
+        self._decompressor = FrameDecompressor() if compression == "zstd" else None
+        self.bytes_received = 0
+
+    @classmethod
+    async def connect(
+        cls, host: str, port: int, key: str, dataset: str, *,
+        ts_out: bool = False, compression: str = "none",
+        heartbeat_interval_s: int | None = None, slow_reader_behavior: str | None = None,
+        timeout: float = 10.0, client_name: str = "gateway-client",
+    ) -> LiveClient:
+        if compression not in ("none", "zstd"):
+            raise ClientError(f"compression must be none or zstd, not {compression!r}")
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(host, port, limit=256 * 1024), timeout)
+        client = cls(reader, writer, compression=compression, ts_out=ts_out,
+                     heartbeat_interval_s=heartbeat_interval_s)
+        try:
+            await asyncio.wait_for(client._authenticate(key, dataset, slow_reader_behavior,
+                                                        client_name), timeout)
+        except BaseException:
+            await client.close()
+            raise
+        return client
+
+    async def _line(self) -> dict[str, str]:
+        raw = await self._reader.readline()
+        if not raw.endswith(b"\n"):
+            raise ClientError("gateway closed the connection during the handshake")
+        return dict(t.partition("=")[::2] for t in raw.decode().rstrip("\n").split("|"))
+
+    async def _authenticate(self, key: str, dataset: str, slow: str | None, name: str) -> None:
+        greeting = await self._line()
+        if "lsg_version" not in greeting:
+            raise ClientError(f"unexpected greeting {greeting}")
+        challenge = await self._line()
+        if "cram" not in challenge:
+            reason = challenge.get("error", str(challenge))
+            raise ClientError(f"no challenge from the gateway: {reason}")
+        fields = [
+            f"auth={_auth_reply(challenge['cram'], key)}", f"dataset={dataset}",
+            "encoding=dbn", f"ts_out={int(self.ts_out)}", f"compression={self.compression}",
+        ]
+        if self.heartbeat_interval_s is not None:
+            fields.append(f"heartbeat_interval_s={self.heartbeat_interval_s}")
+        if slow is not None:
+            fields.append(f"slow_reader_behavior={slow}")
+        fields.append(f"client={name}")
+        self._writer.write(("|".join(fields) + "\n").encode())
+        reply = await self._line()
+        if reply.get("success") != "1":
+            raise ClientError(f"authentication failed: {reply.get('error', reply)}")
+        self.session_id = reply.get("session_id", "")
+
+    async def subscribe(self, schema: str, symbols: Sequence[str] | str,
+                        stype_in: str = "raw_symbol", sub_id: int | None = None) -> int:
+        items = [symbols] if isinstance(symbols, str) else list(symbols)
+        if sub_id is None:
+            self._sub_id += 1
+            sub_id = self._sub_id
+        chunks = [items[i : i + SYMBOL_CHUNK] for i in range(0, len(items), SYMBOL_CHUNK)] or [[]]
+        lines = []
+        for n, chunk in enumerate(chunks):
+            last = int(n == len(chunks) - 1)
+            lines.append(f"schema={schema}|stype_in={stype_in}|symbols={','.join(chunk)}"
+                         f"|snapshot=0|id={sub_id}|is_last={last}\n")
+        self._writer.write("".join(lines).encode())
+        await self._writer.drain()
+        return sub_id
+
+    async def start(self, timeout: float = 10.0) -> Any:
+        """Send start_session and return the decoded Metadata header."""
+        if self.started:
+            raise ClientError("start() was already called")
+        self.started = True
+        self._writer.write(b"start_session\n")
+        await self._writer.drain()
+
+        async def read_metadata() -> Any:
+            while True:
+                if len(self._buffer) >= PRELUDE_LEN:
+                    if bytes(self._buffer[:3]) != b"DBN":
+                        raise ClientError("stream does not start with a DBN Metadata header")
+                    length = int.from_bytes(self._buffer[4:8], "little")
+                    if len(self._buffer) >= PRELUDE_LEN + length:
+                        head = bytes(self._buffer[: PRELUDE_LEN + length])
+                        del self._buffer[: PRELUDE_LEN + length]
+                        return dbn.Metadata.decode(head)
+                if not await self._fill():
+                    raise ClientError("gateway closed the connection before the Metadata")
+
+        self.metadata = await asyncio.wait_for(read_metadata(), timeout)
+        return self.metadata
+
+    async def _fill(self) -> bool:
+        data = await self._reader.read(_READ_SIZE)
+        if not data:
+            return False
+        self.bytes_received += len(data)
+        if self._decompressor is not None:
+            data = self._decompressor.decompress(data)
+        self._buffer += data
+        return True
+
+    async def batches(self) -> AsyncIterator[RecordBatch]:
+        """Batches of whole records until the gateway closes the stream."""
+        if self.metadata is None:
+            raise ClientError("call start() first")
+        silence = float(self.heartbeat_interval_s or 30) + CLIENT_TIMEOUT_MARGIN_S
+        while True:
+            if self._buffer:
+                data = bytes(self._buffer)
+                index, used = index_records(data)
+                if used:
+                    del self._buffer[:used]
+                    yield RecordBatch(index)
+                    continue
+            try:
+                more = await asyncio.wait_for(self._fill(), silence)
+            except TimeoutError:
+                raise ClientError(f"gateway timeout: {silence:g} s without data") from None
+            if not more:
+                if self._buffer:
+                    raise ClientError(f"stream ended inside a record ({len(self._buffer)} "
+                                      "bytes left)")
+                return
+
+    async def close(self) -> None:
+        self._writer.close()
+        try:
+            await self._writer.wait_closed()
+        except (ConnectionError, OSError):
+            pass
+
+    async def __aenter__(self) -> LiveClient:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        await self.close()

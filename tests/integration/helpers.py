@@ -1,0 +1,251 @@
+"""Start the gateway as a real process; drive the official client in threads."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tests.conftest import TEST_LOOP
+
+KEY = "db-TESTKEY0000000000000000000000"
+OTHER_KEY = "db-OTHERKEY000000000000000000000"
+ROOT = Path(__file__).resolve().parents[2]
+DATA = Path(os.environ.get("GATEWAY_TEST_DATA", ROOT.parent / "shared" / "data" / "dbn"))
+
+
+@dataclass
+class GatewayProcess:
+    proc: subprocess.Popen[str]
+    port: int
+    metrics_port: int
+    ingest_ports: dict[str, int]
+    log_path: Path
+    lines: list[str] = field(default_factory=list)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, timeout: float = 15.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        return self.proc.returncode
+
+
+def start_gateway(*args: str, feeds: dict[str, str] | None = None, keys: list[str] | None = None,
+                  timeout: float = 20.0, env: dict[str, str] | None = None,
+                  python: str = sys.executable, max_sessions: int = 1000,
+                  config: str = "") -> GatewayProcess:
+    cfg = Path(tempfile.mkstemp(prefix="gateway-", suffix=".toml")[1])
+    cfg.write_text("".join(
+        f'[[api_keys]]\nkey = "{key}"\nmax_sessions = {max_sessions}\n'
+        for key in (keys if keys is not None else [KEY])) + config)
+    cmd = [python, "-m", "gateway", "serve", "--host", "127.0.0.1", "--port", "0",
+           "--loop", TEST_LOOP, "--config", str(cfg)]
+    for dataset, uri in (feeds or {}).items():
+        cmd += ["--feed", f"{dataset}={uri}"]
+    cmd += list(args)
+    log = Path(tempfile.mkstemp(prefix="gateway-", suffix=".log")[1])
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    with log.open("w") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True,
+                                cwd=ROOT, env=full_env)
+    assert proc.stdout is not None
+    ingest: dict[str, int] = {}
+    lines: list[str] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        m = re.match(r"ingest dataset=(\S+) port=(\d+)", line)
+        if m:
+            ingest[m.group(1)] = int(m.group(2))
+        m = re.match(r"listening host=\S+ port=(\d+) metrics_port=(\d+)", line)
+        if m:
+            # Keep draining stdout so the child never blocks on a full pipe.
+            threading.Thread(target=_drain, args=(proc.stdout, lines), daemon=True).start()
+            return GatewayProcess(proc, int(m.group(1)), int(m.group(2)), ingest, log, lines)
+    proc.kill()
+    proc.wait(5)
+    proc.stdout.close()
+    raise RuntimeError(f"gateway did not start: rc={proc.returncode}\n{log.read_text()}")
+
+
+def _drain(stream: Any, lines: list[str]) -> None:
+    for line in stream:
+        lines.append(line)
+
+
+@contextlib.contextmanager
+def gateway(*args: str, **kwargs: Any) -> Iterator[GatewayProcess]:
+    gw = start_gateway(*args, **kwargs)
+    try:
+        yield gw
+    finally:
+        rc = gw.stop()
+        assert rc == 0, f"gateway exited with {rc}\n{gw.log()[-4000:]}"
+
+
+# --- raw protocol helpers (for hostile and precise tests) -------------------------------
+
+
+class RawClient:
+    def __init__(self, port: int, timeout: float = 10.0) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.buf = b""
+
+    def line(self) -> str:
+        while b"\n" not in self.buf:
+            data = self.sock.recv(65536)
+            if not data:
+                raise EOFError(f"closed; have {self.buf!r}")
+            self.buf += data
+        line, _, self.buf = self.buf.partition(b"\n")
+        return line.decode()
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def read_all(self, limit: float = 10.0) -> bytes:
+        """Everything until the gateway closes the connection."""
+        self.sock.settimeout(limit)
+        out = self.buf
+        self.buf = b""
+        while True:
+            try:
+                data = self.sock.recv(65536)
+            except (ConnectionResetError, TimeoutError):
+                break
+            if not data:
+                break
+            out += data
+        return out
+
+    def recv_some(self, limit: float = 5.0) -> bytes:
+        self.sock.settimeout(limit)
+        if self.buf:
+            out, self.buf = self.buf, b""
+            return out
+        return self.sock.recv(1 << 20)
+
+    def handshake(self, key: str = KEY, dataset: str = "DEMO.SYNTH", extra: str = "") -> str:
+        assert self.line().startswith("lsg_version=")
+        cram = self.line()
+        assert cram.startswith("cram=")
+        challenge = cram[5:]
+        digest = hashlib.sha256(f"{challenge}|{key}".encode()).hexdigest()
+        self.send(f"auth={digest}-{key[-5:]}|dataset={dataset}|encoding=dbn|ts_out=0|"
+                  f"compression=none{extra}|client=test\n".encode())
+        return self.line()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def split_records(data: bytes) -> tuple[bytes, list[bytes]]:
+    """(Metadata header, records) of an uncompressed DBN stream."""
+    assert data[:3] == b"DBN", data[:40]
+    length = int.from_bytes(data[4:8], "little")
+    head, rest = data[: 8 + length], data[8 + length :]
+    records = []
+    off = 0
+    while off < len(rest):
+        size = rest[off] * 4
+        records.append(rest[off : off + size])
+        off += size
+    assert off == len(rest)
+    return head, records
+
+
+def error_texts(records: list[bytes]) -> list[tuple[int, str]]:
+    """(code, text) of every ErrorMsg record."""
+    out = []
+    for rec in records:
+        if rec[1] == 0x15:
+            out.append((rec[318], rec[16:318].split(b"\0", 1)[0].decode()))
+    return out
+
+
+# --- the official client ------------------------------------------------------------------
+
+
+class OfficialSession:
+    """One databento.Live session in a background thread with our own timeouts."""
+
+    def __init__(self, port: int, dataset: str, subscriptions: list[dict[str, Any]],
+                 key: str = KEY, **live_kwargs: Any) -> None:
+        import databento as db
+
+        self.records: list[Any] = []
+        self.error: BaseException | None = None
+        self.metadata: Any = None
+        self.subscribed = threading.Event()
+        self.client = db.Live(key=key, gateway="127.0.0.1", port=port, **live_kwargs)
+        self.client.add_callback(self.records.append)
+        self._dataset = dataset
+        self._subs = subscriptions
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            for sub in self._subs:
+                self.client.subscribe(dataset=self._dataset, **sub)
+            self.subscribed.set()
+        except BaseException as exc:  # noqa: BLE001 - reported to the test
+            self.error = exc
+            self.subscribed.set()
+
+    def start(self, timeout: float = 15.0) -> None:
+        assert self.subscribed.wait(timeout), "subscribe() did not return"
+        if self.error is not None:
+            raise self.error
+        self.client.start()
+        deadline = time.monotonic() + timeout
+        while self.client.metadata is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self.metadata = self.client.metadata
+
+    def wait_for(self, predicate: Any, timeout: float = 15.0) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate(list(self.records)):
+                return True
+            time.sleep(0.02)
+        return False
+
+    def stop(self, timeout: float = 10.0) -> BaseException | None:
+        """Close the session; returns the exception the client raised on close, if any."""
+        try:
+            self.client.stop()
+            self.client.block_for_close(timeout)
+        except BaseException as exc:  # noqa: BLE001
+            return exc
+        return None
+
+
+def data_records(records: list[Any]) -> list[Any]:
+    """Records that are not gateway-generated (System/Error/SymbolMapping)."""
+    return [r for r in records if int(r.rtype) not in (0x15, 0x16, 0x17)]
