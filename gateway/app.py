@@ -34,9 +34,12 @@ class Gateway:
         self.feeds: dict[str, Feed] = {}
         self.sources: dict[str, Source] = {}
         entries = [
-            KeyEntry(key=k.key, key_id=k.name or f"key-{k.key[-5:]}",
-                     datasets=None if "*" in k.datasets else frozenset(k.datasets),
-                     max_sessions=k.max_sessions)
+            KeyEntry(
+                key=k.key,
+                key_id=k.name or f"key-{k.key[-5:]}",
+                datasets=None if "*" in k.datasets else frozenset(k.datasets),
+                max_sessions=k.max_sessions,
+            )
             for k in cfg.api_keys
         ]
         lim, sr = cfg.limits, cfg.slow_reader
@@ -87,8 +90,9 @@ class Gateway:
         cfg = self.cfg
         for dataset, uri in cfg.feeds.items():
             spec = parse_feed_uri(dataset, uri)
-            feed = Feed(dataset, fanout=FanOut(zstd_level=cfg.zstd_level),
-                        backpressure=spec.backpressure)
+            feed = Feed(
+                dataset, fanout=FanOut(zstd_level=cfg.zstd_level), backpressure=spec.backpressure
+            )
             self.feeds[dataset] = feed
             source = build_source(spec, feed)
             try:
@@ -101,7 +105,8 @@ class Gateway:
                 print(f"ingest dataset={dataset} port={port}", flush=True)
         loop = asyncio.get_running_loop()
         self.server = await loop.create_server(
-            lambda: ClientConnection(self.state), cfg.host, cfg.port, backlog=4096)
+            lambda: ClientConnection(self.state), cfg.host, cfg.port, backlog=4096
+        )
         self.port = self.server.sockets[0].getsockname()[1]
         if cfg.metrics_port is not None:
             from gateway.status import StatusServer
@@ -109,16 +114,29 @@ class Gateway:
             self._http = StatusServer(self)
             self.metrics_port = await self._http.start(cfg.metrics_host, cfg.metrics_port)
         self._ticker = loop.create_task(self._tick())
-        log.info("gateway %s listening on %s:%d (loop=%s, datasets=%s)", __version__, cfg.host,
-                 self.port, _loop_name(), ",".join(self.feeds) or "none")
-        print(f"listening host={cfg.host} port={self.port} metrics_port={self.metrics_port}",
-              flush=True)
+        log.info(
+            "gateway %s listening on %s:%d (loop=%s, datasets=%s)",
+            __version__,
+            cfg.host,
+            self.port,
+            _loop_name(),
+            ",".join(self.feeds) or "none",
+        )
+        print(
+            f"listening host={cfg.host} port={self.port} metrics_port={self.metrics_port}",
+            flush=True,
+        )
 
     def ready(self) -> tuple[bool, dict[str, str]]:
-        detail = {ds: ("up" if f.connected else "down") + ": " + f.state_detail
-                  for ds, f in self.feeds.items()}
-        ok = self.server is not None and self.state.accepting and all(
-            f.connected or time.time() - self.started_at < 10 for f in self.feeds.values())
+        detail = {
+            ds: ("up" if f.connected else "down") + ": " + f.state_detail
+            for ds, f in self.feeds.items()
+        }
+        ok = (
+            self.server is not None
+            and self.state.accepting
+            and all(f.connected or time.time() - self.started_at < 10 for f in self.feeds.values())
+        )
         return ok, detail
 
     async def _tick(self) -> None:
@@ -143,18 +161,24 @@ class Gateway:
             m.records_in.labels(ds).inc(feed.stats.records_in - rec_in)
             m.bytes_in.labels(ds).inc(feed.stats.bytes_in - bytes_in)
             m.records_out.labels(ds).inc(fo.records_out - rec_out)
-            self._published[ds] = (feed.stats.records_in, feed.stats.bytes_in, fo.records_out,
-                                   fo.bytes_out)
+            self._published[ds] = (
+                feed.stats.records_in,
+                feed.stats.bytes_in,
+                fo.records_out,
+                fo.bytes_out,
+            )
             m.fanout_groups.labels(ds).set(len(fo.groups))
             m.feed_up.labels(ds).set(1 if feed.connected else 0)
             if feed.stats.last_ts_event:
                 m.feed_lag.labels(ds).set(max(0.0, (now_ns - feed.stats.last_ts_event) / 1e9))
             paused = feed.paused_total_s + (
-                time.monotonic() - feed.paused_since if feed.paused_since else 0.0)
+                time.monotonic() - feed.paused_since if feed.paused_since else 0.0
+            )
             m.feed_paused_seconds.labels(ds).inc(max(0.0, paused - self._paused_seen.get(ds, 0)))
             self._paused_seen[ds] = paused
             m.feed_pauses.labels(ds, "session_high_water").inc(
-                feed.pauses - self._pauses_seen.get(ds, 0))
+                feed.pauses - self._pauses_seen.get(ds, 0)
+            )
             self._pauses_seen[ds] = feed.pauses
 
     async def shutdown(self) -> None:
@@ -205,12 +229,14 @@ def _loop_name() -> str:
 
 class _JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        return json.dumps({
-            "ts": round(record.created, 6),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "msg": record.getMessage(),
-        })
+        return json.dumps(
+            {
+                "ts": round(record.created, 6),
+                "level": record.levelname.lower(),
+                "logger": record.name,
+                "msg": record.getMessage(),
+            }
+        )
 
 
 def setup_logging(fmt: str, level: str) -> None:

@@ -64,8 +64,10 @@ class Authenticator:
     def acquire(self, entry: KeyEntry, dataset: str, known_datasets: set[str]) -> None:
         """Admit one session of ``entry`` on ``dataset`` or raise AuthError with the reason."""
         if dataset not in known_datasets:
-            raise AuthError(f"Unknown dataset {dataset[:40]}: this gateway serves "
-                            f"{', '.join(sorted(known_datasets)) or 'no datasets'}")
+            raise AuthError(
+                f"Unknown dataset {dataset[:40]}: this gateway serves "
+                f"{', '.join(sorted(known_datasets)) or 'no datasets'}"
+            )
         if not entry.allows(dataset):
             raise AuthError(f"API key {entry.key_id} is not entitled to dataset {dataset}")
         if entry.active >= entry.max_sessions:

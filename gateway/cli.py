@@ -37,40 +37,65 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"gateway {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     serve = sub.add_parser(
-        "serve", help="run the gateway",
+        "serve",
+        help="run the gateway",
         description="Run the gateway. Options override the config file.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="feed URIs:\n"
-               "  synthetic:[?rate=2000&instruments=50&seed=7]   embedded demo feed\n"
-               "  file:PATH[?pace=realtime|max|FACTOR&loop=1]    replay a .dbn/.dbn.zst file\n"
-               "  ingest://HOST:PORT[?backpressure=1]            listen for a DBN publisher\n")
-    serve.add_argument("--config", type=Path, metavar="FILE",
-                       help="TOML config file (see README: Configuration)")
+        "  synthetic:[?rate=2000&instruments=50&seed=7]   embedded demo feed\n"
+        "  file:PATH[?pace=realtime|max|FACTOR&loop=1]    replay a .dbn/.dbn.zst file\n"
+        "  ingest://HOST:PORT[?backpressure=1]            listen for a DBN publisher\n",
+    )
+    serve.add_argument(
+        "--config", type=Path, metavar="FILE", help="TOML config file (see README: Configuration)"
+    )
     serve.add_argument("--host", help="address to listen on for clients (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="client port (default 13000; 0 picks one)")
-    serve.add_argument("--metrics-port", type=int, metavar="P",
-                       help="serve /metrics, /healthz, /readyz on this port (default: off)")
+    serve.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="P",
+        help="serve /metrics, /healthz, /readyz on this port (default: off)",
+    )
     serve.add_argument("--metrics-host", help="address for the metrics port (default 127.0.0.1)")
-    serve.add_argument("--api-key", action="append", default=[], metavar="KEY",
-                       help="accept this 32-character API key for every dataset "
-                            "(repeatable; never logged)")
-    serve.add_argument("--feed", action="append", default=[], metavar="DATASET=URI",
-                       help="serve DATASET from URI (repeatable)")
-    serve.add_argument("--loop", choices=("auto", "uvloop", "asyncio"),
-                       help="event loop (default auto: uvloop when installed)")
+    serve.add_argument(
+        "--api-key",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="accept this 32-character API key for every dataset (repeatable; never logged)",
+    )
+    serve.add_argument(
+        "--feed",
+        action="append",
+        default=[],
+        metavar="DATASET=URI",
+        help="serve DATASET from URI (repeatable)",
+    )
+    serve.add_argument(
+        "--loop",
+        choices=("auto", "uvloop", "asyncio"),
+        help="event loop (default auto: uvloop when installed)",
+    )
     serve.add_argument("--log-format", choices=("text", "json"), help="log line format")
     serve.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
-    serve.add_argument("--heartbeat-interval", type=int, metavar="S",
-                       help="default heartbeat interval in seconds (5-30, default 30)")
-    serve.add_argument("--print-connect-help", action="store_true",
-                       help="print how to connect once listening (used by make run)")
+    serve.add_argument(
+        "--heartbeat-interval",
+        type=int,
+        metavar="S",
+        help="default heartbeat interval in seconds (5-30, default 30)",
+    )
+    serve.add_argument(
+        "--print-connect-help",
+        action="store_true",
+        help="print how to connect once listening (used by make run)",
+    )
     return parser
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
     cfg = load_config(args.config) if args.config else Config()
-    for name in ("host", "port", "metrics_port", "metrics_host", "loop", "log_format",
-                 "log_level"):
+    for name in ("host", "port", "metrics_port", "metrics_host", "loop", "log_format", "log_level"):
         value = getattr(args, name)
         if value is not None:
             setattr(cfg, name, value)
@@ -86,8 +111,9 @@ def config_from_args(args: argparse.Namespace) -> Config:
     if not cfg.feeds:
         cfg.feeds["DEMO.SYNTH"] = "synthetic:"
     if not cfg.api_keys:
-        raise ConfigError("api_keys: no API key configured; pass --api-key KEY or list keys "
-                          "in the config file")
+        raise ConfigError(
+            "api_keys: no API key configured; pass --api-key KEY or list keys in the config file"
+        )
     return validate(cfg)
 
 
@@ -105,9 +131,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.print_connect_help:
         host = "127.0.0.1" if cfg.host in ("0.0.0.0", "") else cfg.host
         dataset = next(iter(cfg.feeds))
-        print(CONNECT_HELP.format(version=__version__, datasets=", ".join(cfg.feeds), host=host,
-                                  port=cfg.port, key=cfg.api_keys[0].key, dataset=dataset),
-              flush=True)
+        print(
+            CONNECT_HELP.format(
+                version=__version__,
+                datasets=", ".join(cfg.feeds),
+                host=host,
+                port=cfg.port,
+                key=cfg.api_keys[0].key,
+                dataset=dataset,
+            ),
+            flush=True,
+        )
     from gateway.app import run
 
     return run(cfg)

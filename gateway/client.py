@@ -80,8 +80,11 @@ class RecordBatch:
         data = idx.data
         for i in range(idx.count):
             off = int(idx.offsets[i])
-            yield int(idx.rtypes[i]), int(idx.instrument_ids[i]), data[
-                off : off + int(idx.lengths[i])]
+            yield (
+                int(idx.rtypes[i]),
+                int(idx.instrument_ids[i]),
+                data[off : off + int(idx.lengths[i])],
+            )
 
     def errors(self) -> list[str]:
         """Texts of the gateway ErrorMsg records in this batch."""
@@ -104,8 +107,15 @@ def _auth_reply(challenge: str, key: str) -> str:
 
 
 class LiveClient:
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                 *, compression: str, ts_out: bool, heartbeat_interval_s: int | None) -> None:
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        *,
+        compression: str,
+        ts_out: bool,
+        heartbeat_interval_s: int | None,
+    ) -> None:
         self._reader = reader
         self._writer = writer
         self.compression = compression
@@ -121,20 +131,35 @@ class LiveClient:
 
     @classmethod
     async def connect(
-        cls, host: str, port: int, key: str, dataset: str, *,
-        ts_out: bool = False, compression: str = "none",
-        heartbeat_interval_s: int | None = None, slow_reader_behavior: str | None = None,
-        timeout: float = 10.0, client_name: str = "gateway-client",
+        cls,
+        host: str,
+        port: int,
+        key: str,
+        dataset: str,
+        *,
+        ts_out: bool = False,
+        compression: str = "none",
+        heartbeat_interval_s: int | None = None,
+        slow_reader_behavior: str | None = None,
+        timeout: float = 10.0,
+        client_name: str = "gateway-client",
     ) -> LiveClient:
         if compression not in ("none", "zstd"):
             raise ClientError(f"compression must be none or zstd, not {compression!r}")
         reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(host, port, limit=256 * 1024), timeout)
-        client = cls(reader, writer, compression=compression, ts_out=ts_out,
-                     heartbeat_interval_s=heartbeat_interval_s)
+            asyncio.open_connection(host, port, limit=256 * 1024), timeout
+        )
+        client = cls(
+            reader,
+            writer,
+            compression=compression,
+            ts_out=ts_out,
+            heartbeat_interval_s=heartbeat_interval_s,
+        )
         try:
-            await asyncio.wait_for(client._authenticate(key, dataset, slow_reader_behavior,
-                                                        client_name), timeout)
+            await asyncio.wait_for(
+                client._authenticate(key, dataset, slow_reader_behavior, client_name), timeout
+            )
         except BaseException:
             await client.close()
             raise
@@ -155,8 +180,11 @@ class LiveClient:
             reason = challenge.get("error", str(challenge))
             raise ClientError(f"no challenge from the gateway: {reason}")
         fields = [
-            f"auth={_auth_reply(challenge['cram'], key)}", f"dataset={dataset}",
-            "encoding=dbn", f"ts_out={int(self.ts_out)}", f"compression={self.compression}",
+            f"auth={_auth_reply(challenge['cram'], key)}",
+            f"dataset={dataset}",
+            "encoding=dbn",
+            f"ts_out={int(self.ts_out)}",
+            f"compression={self.compression}",
         ]
         if self.heartbeat_interval_s is not None:
             fields.append(f"heartbeat_interval_s={self.heartbeat_interval_s}")
@@ -169,8 +197,13 @@ class LiveClient:
             raise ClientError(f"authentication failed: {reply.get('error', reply)}")
         self.session_id = reply.get("session_id", "")
 
-    async def subscribe(self, schema: str, symbols: Sequence[str] | str,
-                        stype_in: str = "raw_symbol", sub_id: int | None = None) -> int:
+    async def subscribe(
+        self,
+        schema: str,
+        symbols: Sequence[str] | str,
+        stype_in: str = "raw_symbol",
+        sub_id: int | None = None,
+    ) -> int:
         items = [symbols] if isinstance(symbols, str) else list(symbols)
         if sub_id is None:
             self._sub_id += 1
@@ -179,8 +212,10 @@ class LiveClient:
         lines = []
         for n, chunk in enumerate(chunks):
             last = int(n == len(chunks) - 1)
-            lines.append(f"schema={schema}|stype_in={stype_in}|symbols={','.join(chunk)}"
-                         f"|snapshot=0|id={sub_id}|is_last={last}\n")
+            lines.append(
+                f"schema={schema}|stype_in={stype_in}|symbols={','.join(chunk)}"
+                f"|snapshot=0|id={sub_id}|is_last={last}\n"
+            )
         self._writer.write("".join(lines).encode())
         await self._writer.drain()
         return sub_id
@@ -238,8 +273,9 @@ class LiveClient:
                 raise ClientError(f"gateway timeout: {silence:g} s without data") from None
             if not more:
                 if self._buffer:
-                    raise ClientError(f"stream ended inside a record ({len(self._buffer)} "
-                                      "bytes left)")
+                    raise ClientError(
+                        f"stream ended inside a record ({len(self._buffer)} bytes left)"
+                    )
                 return
 
     async def close(self) -> None:
@@ -252,6 +288,10 @@ class LiveClient:
     async def __aenter__(self) -> LiveClient:
         return self
 
-    async def __aexit__(self, exc_type: type[BaseException] | None,
-                        exc: BaseException | None, tb: TracebackType | None) -> None:
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         await self.close()

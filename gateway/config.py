@@ -13,8 +13,7 @@ import msgspec
 
 from gateway.errors import ConfigError
 
-__all__ = ["ApiKeyConfig", "Config", "LimitsConfig", "SlowReaderConfig", "load_config",
-           "validate"]
+__all__ = ["ApiKeyConfig", "Config", "LimitsConfig", "SlowReaderConfig", "load_config", "validate"]
 
 
 class _Base(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -110,8 +109,10 @@ def validate(cfg: Config) -> Config:
     seen: set[str] = set()
     for i, k in enumerate(cfg.api_keys):
         if len(k.key) != 32 or not k.key.isascii() or not k.key.isprintable() or "|" in k.key:
-            raise ConfigError(f"api_keys[{i}].key: must be 32 printable ASCII characters "
-                              "(the official clients reject other lengths)")
+            raise ConfigError(
+                f"api_keys[{i}].key: must be 32 printable ASCII characters "
+                "(the official clients reject other lengths)"
+            )
         if k.key in seen:
             raise ConfigError(f"api_keys[{i}].key: duplicate key")
         seen.add(k.key)
@@ -119,18 +120,25 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"api_keys[{i}].max_sessions: must be >= 1")
     lim = cfg.limits
     if lim.max_line_bytes < 64 * 1024:
-        raise ConfigError("limits.max_line_bytes: must be at least 65536 (clients send "
-                          "500-symbol lines)")
-    for name in ("max_connections", "max_unauthenticated", "max_subscriptions", "max_symbols",
-                 "control_burst"):
+        raise ConfigError(
+            "limits.max_line_bytes: must be at least 65536 (clients send 500-symbol lines)"
+        )
+    for name in (
+        "max_connections",
+        "max_unauthenticated",
+        "max_subscriptions",
+        "max_symbols",
+        "control_burst",
+    ):
         if getattr(lim, name) < 1:
             raise ConfigError(f"limits.{name}: must be >= 1")
     if lim.handshake_timeout_s <= 0 or lim.control_rate_per_s <= 0:
         raise ConfigError("limits: handshake_timeout_s and control_rate_per_s must be > 0")
     sr = cfg.slow_reader
     if not 0 < sr.write_low_water <= sr.write_high_water <= sr.hard_cap_bytes:
-        raise ConfigError("slow_reader: need 0 < write_low_water <= write_high_water <= "
-                          "hard_cap_bytes")
+        raise ConfigError(
+            "slow_reader: need 0 < write_low_water <= write_high_water <= hard_cap_bytes"
+        )
     if not sr.resume_bytes <= sr.behind_bytes <= sr.hard_cap_bytes:
         raise ConfigError("slow_reader: need resume_bytes <= behind_bytes <= hard_cap_bytes")
     from gateway.feeds import parse_feed_uri

@@ -15,7 +15,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Any, Final, cast
 
 import databento_dbn as dbn
 import numpy as np
@@ -114,6 +114,12 @@ class ErrorCode:
     SKIPPED_RECORDS_AFTER_SLOW_READING: Final = 7
 
 
+# databento_dbn's stubs type its enum members as plain values; name them once here.
+_STYPE_INSTRUMENT_ID: Any = dbn.SType.INSTRUMENT_ID
+_STYPE_RAW_SYMBOL: Any = dbn.SType.RAW_SYMBOL
+_UPGRADE_TO_V3: Any = dbn.VersionUpgradePolicy.UPGRADE_TO_V3
+
+
 # --- Metadata ------------------------------------------------------------------------
 
 
@@ -124,7 +130,7 @@ def encode_metadata(dataset: str, start_ns: int, ts_out: bool) -> bytes:
         dataset=dataset,
         start=start_ns,
         stype_in=None,
-        stype_out=dbn.SType.INSTRUMENT_ID,
+        stype_out=_STYPE_INSTRUMENT_ID,
         schema=None,
         ts_out=ts_out,
     )
@@ -141,15 +147,21 @@ def encode_publisher_metadata(
 
     day = dt.datetime.fromtimestamp(start_ns / 1e9, tz=dt.UTC).date()
     mappings = [
-        SimpleNamespace(raw_symbol=sym, intervals=[SimpleNamespace(
-            start_date=day, end_date=day + dt.timedelta(days=1), symbol=str(iid))])
+        SimpleNamespace(
+            raw_symbol=sym,
+            intervals=[
+                SimpleNamespace(
+                    start_date=day, end_date=day + dt.timedelta(days=1), symbol=str(iid)
+                )
+            ],
+        )
         for sym, iid in symbols.items()
     ]
     meta = dbn.Metadata(
         dataset=dataset,
         start=start_ns,
-        stype_in=dbn.SType.RAW_SYMBOL if symbols else None,
-        stype_out=dbn.SType.INSTRUMENT_ID,
+        stype_in=_STYPE_RAW_SYMBOL if symbols else None,
+        stype_out=_STYPE_INSTRUMENT_ID,
         schema=dbn.Schema.from_str(schema) if schema else None,
         symbols=list(symbols),
         mappings=mappings,
@@ -166,7 +178,9 @@ def encode_system(ts_event: int, msg: str, code: int) -> bytes:
 
 
 def encode_error(ts_event: int, err: str, code: int, is_last: bool = True) -> bytes:
-    rec = dbn.ErrorMsg(ts_event=ts_event, err=err[:301], code=dbn.ErrorCode.from_int(code), is_last=is_last)
+    rec = dbn.ErrorMsg(
+        ts_event=ts_event, err=err[:301], code=dbn.ErrorCode.from_int(code), is_last=is_last
+    )
     return bytes(rec)
 
 
@@ -184,7 +198,7 @@ def encode_symbol_mapping(
         ts_event=ts_event,
         stype_in=dbn.SType.from_int(stype_in),
         stype_in_symbol=stype_in_symbol[:70],
-        stype_out=dbn.SType.RAW_SYMBOL,
+        stype_out=_STYPE_RAW_SYMBOL,
         stype_out_symbol=raw_symbol[:70],
         start_ts=start_ts,
         end_ts=UNDEF_TIMESTAMP,
@@ -213,8 +227,13 @@ def symbols_from_mapping(record: bytes | memoryview) -> tuple[str, str]:
 
 _U8: Final = np.dtype(np.uint8)
 _HEADER_DTYPE: Final = np.dtype(
-    [("length", "u1"), ("rtype", "u1"), ("publisher_id", "<u2"), ("instrument_id", "<u4"),
-     ("ts_event", "<u8")]
+    [
+        ("length", "u1"),
+        ("rtype", "u1"),
+        ("publisher_id", "<u2"),
+        ("instrument_id", "<u4"),
+        ("ts_event", "<u8"),
+    ]
 )
 _HEADER = struct.Struct("<BBHIQ")
 
@@ -468,12 +487,10 @@ class DbnStreamDecoder:
             if version == DBN_VERSION:
                 self.metadata = dbn.Metadata.decode(header)
             else:
-                self._upgrader = dbn.DBNDecoder(
-                    upgrade_policy=dbn.VersionUpgradePolicy.UPGRADE_TO_V3
-                )
+                self._upgrader = dbn.DBNDecoder(upgrade_policy=_UPGRADE_TO_V3)
                 self._upgrader.write(header)
                 decoded = self._upgrader.decode()
-                self.metadata = decoded[0]
+                self.metadata = cast(dbn.Metadata, decoded[0])
         except (ValueError, RuntimeError) as exc:
             raise DbnError(f"invalid DBN Metadata: {exc}") from exc
         if self.metadata is not None and self.metadata.ts_out:

@@ -11,73 +11,120 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         r = self.registry = registry or CollectorRegistry()
         self.sessions = Gauge(
-            "gateway_sessions", "Open client sessions",
-            ["dataset", "compression", "ts_out", "state"], registry=r)
+            "gateway_sessions",
+            "Open client sessions",
+            ["dataset", "compression", "ts_out", "state"],
+            registry=r,
+        )
         self.connections = Counter(
-            "gateway_connections", "Client connections accepted or rejected",
-            ["result", "reason"], registry=r)
+            "gateway_connections",
+            "Client connections accepted or rejected",
+            ["result", "reason"],
+            registry=r,
+        )
         self.auth_failures = Counter(
-            "gateway_auth_failures", "Authentication failures", ["reason"], registry=r)
+            "gateway_auth_failures", "Authentication failures", ["reason"], registry=r
+        )
         self.disconnects = Counter(
-            "gateway_disconnects", "Sessions ended, by reason", ["reason"], registry=r)
+            "gateway_disconnects", "Sessions ended, by reason", ["reason"], registry=r
+        )
         self.records_in = Counter(
-            "gateway_feed_records_in", "Records received from feeds", ["dataset"], registry=r)
+            "gateway_feed_records_in", "Records received from feeds", ["dataset"], registry=r
+        )
         self.bytes_in = Counter(
-            "gateway_feed_bytes_in", "Bytes received from feeds", ["dataset"], registry=r)
+            "gateway_feed_bytes_in", "Bytes received from feeds", ["dataset"], registry=r
+        )
         self.feed_up = Gauge(
-            "gateway_feed_up", "1 while the feed is connected and delivering", ["dataset"],
-            registry=r)
+            "gateway_feed_up",
+            "1 while the feed is connected and delivering",
+            ["dataset"],
+            registry=r,
+        )
         self.feed_events = Counter(
-            "gateway_feed_events", "Feed disconnects, errors and recoveries",
-            ["dataset", "event"], registry=r)
+            "gateway_feed_events",
+            "Feed disconnects, errors and recoveries",
+            ["dataset", "event"],
+            registry=r,
+        )
         self.feed_lag = Gauge(
-            "gateway_feed_lag_seconds", "Now minus the ts_event of the last record",
-            ["dataset"], registry=r)
+            "gateway_feed_lag_seconds",
+            "Now minus the ts_event of the last record",
+            ["dataset"],
+            registry=r,
+        )
         self.feed_paused_seconds = Counter(
-            "gateway_feed_paused_seconds", "Time a lossless feed spent paused for its sessions",
-            ["dataset"], registry=r)
+            "gateway_feed_paused_seconds",
+            "Time a lossless feed spent paused for its sessions",
+            ["dataset"],
+            registry=r,
+        )
         self.feed_pauses = Counter(
-            "gateway_feed_pauses", "Lossless feed pauses, by cause", ["dataset", "cause"],
-            registry=r)
+            "gateway_feed_pauses",
+            "Lossless feed pauses, by cause",
+            ["dataset", "cause"],
+            registry=r,
+        )
         self.records_out = Counter(
-            "gateway_records_out", "Records written to sessions", ["dataset"], registry=r)
+            "gateway_records_out", "Records written to sessions", ["dataset"], registry=r
+        )
         self.bytes_out = Counter(
-            "gateway_bytes_out", "Bytes written to sessions (after compression)",
-            ["dataset", "compression"], registry=r)
+            "gateway_bytes_out",
+            "Bytes written to sessions (after compression)",
+            ["dataset", "compression"],
+            registry=r,
+        )
         self.bytes_before_compression = Counter(
-            "gateway_zstd_bytes_before", "Bytes given to the zstd compressor", registry=r)
+            "gateway_zstd_bytes_before", "Bytes given to the zstd compressor", registry=r
+        )
         self.bytes_after_compression = Counter(
-            "gateway_zstd_bytes_after", "Bytes produced by the zstd compressor", registry=r)
+            "gateway_zstd_bytes_after", "Bytes produced by the zstd compressor", registry=r
+        )
         self.frames_built = Counter(
-            "gateway_zstd_frames_built", "Shared zstd frames built", registry=r)
+            "gateway_zstd_frames_built", "Shared zstd frames built", registry=r
+        )
         self.frames_written = Counter(
-            "gateway_zstd_frames_written", "Shared zstd frames written to sessions", registry=r)
+            "gateway_zstd_frames_written", "Shared zstd frames written to sessions", registry=r
+        )
         self.variant_builds = Counter(
-            "gateway_fanout_variant_builds", "Per-group variants built (gathers, stamps, frames)",
-            registry=r)
+            "gateway_fanout_variant_builds",
+            "Per-group variants built (gathers, stamps, frames)",
+            registry=r,
+        )
         self.variant_writes = Counter(
-            "gateway_fanout_variant_writes", "Shared variants written to sessions", registry=r)
+            "gateway_fanout_variant_writes", "Shared variants written to sessions", registry=r
+        )
         self.fanout_groups = Gauge(
-            "gateway_fanout_groups", "Distinct output specs", ["dataset"], registry=r)
+            "gateway_fanout_groups", "Distinct output specs", ["dataset"], registry=r
+        )
         self.slow_reader_events = Counter(
-            "gateway_slow_reader_events", "Slow-reader warnings, skips and cuts",
-            ["policy", "event"], registry=r)
+            "gateway_slow_reader_events",
+            "Slow-reader warnings, skips and cuts",
+            ["policy", "event"],
+            registry=r,
+        )
         self.records_skipped = Counter(
-            "gateway_records_skipped", "Records skipped for slow readers", registry=r)
-        self.heartbeats = Counter(
-            "gateway_heartbeats", "Heartbeat SystemMsgs sent", registry=r)
+            "gateway_records_skipped", "Records skipped for slow readers", registry=r
+        )
+        self.heartbeats = Counter("gateway_heartbeats", "Heartbeat SystemMsgs sent", registry=r)
         self.limit_hits = Counter(
-            "gateway_limit_hits", "Configured limits hit, by limit", ["limit"], registry=r)
+            "gateway_limit_hits", "Configured limits hit, by limit", ["limit"], registry=r
+        )
         self.session_buffered = Histogram(
-            "gateway_session_buffered_bytes", "Per-session unsent bytes, sampled every second",
+            "gateway_session_buffered_bytes",
+            "Per-session unsent bytes, sampled every second",
             buckets=(0, 1024, 16384, 65536, 262144, 1048576, 4194304, 16777216, 67108864),
-            registry=r)
+            registry=r,
+        )
         self.loop_lag = Histogram(
-            "gateway_event_loop_lag_seconds", "Event-loop scheduling lag",
+            "gateway_event_loop_lag_seconds",
+            "Event-loop scheduling lag",
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
-            registry=r)
-        self.transport = Info("gateway_transport", "Transport and kernel-bypass state",
-                              registry=r)
+            registry=r,
+        )
+        self.transport = Info("gateway_transport", "Transport and kernel-bypass state", registry=r)
         self.bypass_active = Gauge(
-            "gateway_bypass_active", "1 when the requested preload library is loaded",
-            ["vendor"], registry=r)
+            "gateway_bypass_active",
+            "1 when the requested preload library is loaded",
+            ["vendor"],
+            registry=r,
+        )

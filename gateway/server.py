@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from gateway import dbn
 from gateway.auth import Authenticator, KeyEntry, new_challenge
@@ -134,8 +134,9 @@ class ClientConnection(asyncio.Protocol):
 
     # --- asyncio callbacks -------------------------------------------------------------------
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+    def connection_made(self, base: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, base)
+        self.transport = transport
         state = self.state
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
@@ -164,8 +165,9 @@ class ClientConnection(asyncio.Protocol):
         state.metrics.connections.labels("accepted", "").inc()
         lim = state.conn_limits
         transport.set_write_buffer_limits(high=lim.write_high_water, low=lim.write_low_water)
-        self.session = Session(challenge=new_challenge(), version=state.version,
-                               limits=state.limits, now=now)
+        self.session = Session(
+            challenge=new_challenge(), version=state.version, limits=state.limits, now=now
+        )
         self._flush_text()
 
     def data_received(self, data: bytes) -> None:
@@ -239,9 +241,15 @@ class ClientConnection(asyncio.Protocol):
             state.authenticator.acquire(key, req.dataset, set(state.feeds))
         except AuthError as exc:
             text = str(exc)
-            reason = ("bad_key" if text.startswith("Authentication failed") else
-                      "unknown_dataset" if text.startswith("Unknown dataset") else
-                      "not_entitled" if "not entitled" in text else "session_limit")
+            reason = (
+                "bad_key"
+                if text.startswith("Authentication failed")
+                else "unknown_dataset"
+                if text.startswith("Unknown dataset")
+                else "not_entitled"
+                if "not entitled" in text
+                else "session_limit"
+            )
             state.metrics.auth_failures.labels(reason).inc()
             if reason == "session_limit":
                 state.metrics.limit_hits.labels("sessions_per_key").inc()
@@ -262,8 +270,14 @@ class ClientConnection(asyncio.Protocol):
         self._set_gauge("authenticated")
         log.info(
             "session start id=%d peer=%s dataset=%s key_id=%s compression=%s ts_out=%d client=%r",
-            self.session_id, self.peer, req.dataset, key.key_id, req.compression,
-            int(req.ts_out), req.client[:80])
+            self.session_id,
+            self.peer,
+            req.dataset,
+            key.key_id,
+            req.compression,
+            int(req.ts_out),
+            req.client[:80],
+        )
 
     def _start(self) -> None:
         assert self.feed is not None and self.session is not None
@@ -290,8 +304,9 @@ class ClientConnection(asyncio.Protocol):
         assert self.session is not None
         auth = self.session.auth
         schemas = [s.schema for s in self.session.subscriptions]
-        self.slow.behavior = effective_behavior(auth.slow_reader_behavior if auth else None,
-                                                schemas)
+        self.slow.behavior = effective_behavior(
+            auth.slow_reader_behavior if auth else None, schemas
+        )
 
     def _metadata(self) -> bytes:
         assert self.feed is not None
@@ -357,8 +372,11 @@ class ClientConnection(asyncio.Protocol):
         elif verdict is Verdict.SKIP:
             self.state.metrics.records_skipped.inc(records)
         else:
-            self.cut("slow_reader_cap", f"slow reader: more than {self.state.slow.hard_cap_bytes}"
-                     " bytes buffered; disconnecting")
+            self.cut(
+                "slow_reader_cap",
+                f"slow reader: more than {self.state.slow.hard_cap_bytes}"
+                " bytes buffered; disconnecting",
+            )
 
     def _send_notices(self) -> None:
         now = time.time_ns()
@@ -367,14 +385,22 @@ class ClientConnection(asyncio.Protocol):
         for kind, count in self.slow.notices:
             if kind == "warning":
                 metrics.slow_reader_events.labels("warn", "warning").inc()
-                records.append(dbn.encode_system(
-                    now, "Warning: slow reading, falling behind real time",
-                    SystemCode.SLOW_READER_WARNING))
+                records.append(
+                    dbn.encode_system(
+                        now,
+                        "Warning: slow reading, falling behind real time",
+                        SystemCode.SLOW_READER_WARNING,
+                    )
+                )
             else:
                 metrics.slow_reader_events.labels("skip", "skipped").inc()
-                records.append(dbn.encode_error(
-                    now, f"Skipped {count} records after slow reading",
-                    ErrorCode.SKIPPED_RECORDS_AFTER_SLOW_READING))
+                records.append(
+                    dbn.encode_error(
+                        now,
+                        f"Skipped {count} records after slow reading",
+                        ErrorCode.SKIPPED_RECORDS_AFTER_SLOW_READING,
+                    )
+                )
         self.slow.notices.clear()
         self.send_gateway_records(records)
 
@@ -385,8 +411,9 @@ class ClientConnection(asyncio.Protocol):
         policy = "lossless" if self.slow.lossless else self.slow.behavior
         self.state.metrics.slow_reader_events.labels(policy, "disconnect").inc()
         if self.metadata_sent:
-            self._write_control(b"", [dbn.encode_error(time.time_ns(), message,
-                                                       ErrorCode.INTERNAL_ERROR)])
+            self._write_control(
+                b"", [dbn.encode_error(time.time_ns(), message, ErrorCode.INTERNAL_ERROR)]
+            )
         self.end_reason = f"{label}: {message}"
         log.warning("session cut id=%d peer=%s reason=%s", self.session_id, self.peer, label)
         if self.transport is not None:
@@ -423,8 +450,11 @@ class ClientConnection(asyncio.Protocol):
                 if self.over_cap_since is None:
                     self.over_cap_since = now
                 elif now - self.over_cap_since > self.state.conn_limits.stall_timeout_s:
-                    self.cut("lossless_stall", "stalled a lossless feed for more than "
-                             f"{self.state.conn_limits.stall_timeout_s:g} s; disconnecting")
+                    self.cut(
+                        "lossless_stall",
+                        "stalled a lossless feed for more than "
+                        f"{self.state.conn_limits.stall_timeout_s:g} s; disconnecting",
+                    )
                     return
             else:
                 self.over_cap_since = None
@@ -434,8 +464,9 @@ class ClientConnection(asyncio.Protocol):
             self._send_notices()
         if now - self.last_write >= self.heartbeat_s:
             self.state.metrics.heartbeats.inc()
-            self.send_gateway_records([dbn.encode_system(time.time_ns(), "Heartbeat",
-                                                         SystemCode.HEARTBEAT)])
+            self.send_gateway_records(
+                [dbn.encode_system(time.time_ns(), "Heartbeat", SystemCode.HEARTBEAT)]
+            )
 
     # --- bookkeeping ----------------------------------------------------------------------
 
@@ -452,8 +483,12 @@ class ClientConnection(asyncio.Protocol):
             gauge.labels(*self._gauge_labels).dec()
             self._gauge_labels = None
         if phase is not None and self.feed is not None:
-            labels = (self.feed.dataset, "zstd" if self.zstd else "none",
-                      "1" if self.ts_out else "0", phase)
+            labels = (
+                self.feed.dataset,
+                "zstd" if self.zstd else "none",
+                "1" if self.ts_out else "0",
+                phase,
+            )
             gauge.labels(*labels).inc()
             self._gauge_labels = labels
 
@@ -466,10 +501,19 @@ class ClientConnection(asyncio.Protocol):
         log.info(
             "session end id=%d peer=%s dataset=%s key_id=%s compression=%s ts_out=%d "
             "subscriptions=%d records=%d bytes=%d skipped=%d duration_s=%.3f reason=%s",
-            self.session_id, self.peer, self.feed.dataset if self.feed else "",
-            self.key.key_id, "zstd" if self.zstd else "none", int(self.ts_out),
-            len(session.subscriptions) if session else 0, self.records_sent, self.bytes_sent,
-            self.slow.skipped_total, time.time() - self.started_at, self.end_reason)
+            self.session_id,
+            self.peer,
+            self.feed.dataset if self.feed else "",
+            self.key.key_id,
+            "zstd" if self.zstd else "none",
+            int(self.ts_out),
+            len(session.subscriptions) if session else 0,
+            self.records_sent,
+            self.bytes_sent,
+            self.slow.skipped_total,
+            time.time() - self.started_at,
+            self.end_reason,
+        )
 
 
 def peer_of(transport: Any) -> str:

@@ -131,23 +131,32 @@ class Session:
             return []
         self._buffer += data
         events: list[Event] = []
-        while self.state is not State.CLOSED and not self._waiting_auth:
+        while self._parsing():
             nl = self._buffer.find(b"\n")
             if nl < 0:
                 if len(self._buffer) > self.limits.max_line_bytes:
-                    events.append(self._fail(
-                        f"control line longer than {self.limits.max_line_bytes} bytes",
-                        kind="line_too_long"))
+                    events.append(
+                        self._fail(
+                            f"control line longer than {self.limits.max_line_bytes} bytes",
+                            kind="line_too_long",
+                        )
+                    )
                 break
             if nl > self.limits.max_line_bytes:
-                events.append(self._fail(
-                    f"control line longer than {self.limits.max_line_bytes} bytes",
-                    kind="line_too_long"))
+                events.append(
+                    self._fail(
+                        f"control line longer than {self.limits.max_line_bytes} bytes",
+                        kind="line_too_long",
+                    )
+                )
                 break
             line = bytes(self._buffer[:nl])
             del self._buffer[: nl + 1]
             events.extend(self._handle_line(line, now))
         return events
+
+    def _parsing(self) -> bool:
+        return self.state is not State.CLOSED and not self._waiting_auth
 
     def receive_eof(self) -> None:
         self.state = State.CLOSED
@@ -191,7 +200,11 @@ class Session:
     # --- internals ----------------------------------------------------------------
 
     def _fail(
-        self, reason: str, *, kind: str = "protocol", after_auth: bool | None = None,
+        self,
+        reason: str,
+        *,
+        kind: str = "protocol",
+        after_auth: bool | None = None,
         code: int = ErrorCode.INVALID_SUBSCRIPTION,
     ) -> Failed:
         if after_auth is None:
@@ -204,8 +217,10 @@ class Session:
 
     def _rate_ok(self, now: float) -> bool:
         lim = self.limits
-        self._tokens = min(float(lim.control_burst),
-                           self._tokens + (now - self._tokens_at) * lim.control_rate_per_s)
+        self._tokens = min(
+            float(lim.control_burst),
+            self._tokens + (now - self._tokens_at) * lim.control_rate_per_s,
+        )
         self._tokens_at = now
         if self._tokens < 1.0:
             return False
@@ -214,9 +229,12 @@ class Session:
 
     def _handle_line(self, line: bytes, now: float) -> list[Event]:
         if not self._rate_ok(now):
-            return [self._fail(
-                f"more than {self.limits.control_rate_per_s:g} control messages per second",
-                kind="control_rate")]
+            return [
+                self._fail(
+                    f"more than {self.limits.control_rate_per_s:g} control messages per second",
+                    kind="control_rate",
+                )
+            ]
         try:
             fields = control.parse_fields(line)
             if self.state is State.AWAIT_AUTH:
@@ -227,8 +245,9 @@ class Session:
                 if self.state is State.STREAMING:
                     raise ProtocolError("start_session was already received")
                 if self._pending:
-                    raise ProtocolError("start_session before the last chunk (is_last=1) "
-                                        "of a subscription")
+                    raise ProtocolError(
+                        "start_session before the last chunk (is_last=1) of a subscription"
+                    )
                 self.state = State.STREAMING
                 return [StartRequested()]
             if "schema" not in fields:
@@ -254,18 +273,20 @@ class Session:
         self._symbol_count += len(norm)
         if self._symbol_count > self.limits.max_symbols:
             raise LimitExceeded(
-                f"too many symbols: a session may subscribe to at most "
-                f"{self.limits.max_symbols}")
+                f"too many symbols: a session may subscribe to at most {self.limits.max_symbols}"
+            )
         pending = self._pending.get(req.id)
         if pending is None:
             if len(self.subscriptions) + len(self._pending) >= self.limits.max_subscriptions:
                 raise LimitExceeded(
                     f"too many subscriptions: a session may make at most "
-                    f"{self.limits.max_subscriptions}")
+                    f"{self.limits.max_subscriptions}"
+                )
             pending = self._pending[req.id] = _Pending(req.schema, stype)
         elif (pending.schema, pending.stype_in) != (req.schema, stype):
             raise ProtocolError(
-                f"subscription {req.id}: every chunk must have the same schema and stype_in")
+                f"subscription {req.id}: every chunk must have the same schema and stype_in"
+            )
         pending.symbols.extend(norm)
         if not req.is_last:
             return None

@@ -33,8 +33,12 @@ class StatusServer:
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=5)
-        except (asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
-                ConnectionError):
+        except (
+            TimeoutError,
+            asyncio.IncompleteReadError,
+            asyncio.LimitOverrunError,
+            ConnectionError,
+        ):
             writer.close()
             return
         line = head.split(b"\r\n", 1)[0].decode("latin-1")
@@ -44,7 +48,9 @@ class StatusServer:
         status, ctype, body = self.route(method, path)
         writer.write(
             f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
-            "Cache-Control: no-store\r\nConnection: close\r\n\r\n".encode() + body)
+            "Cache-Control: no-store\r\nConnection: close\r\n\r\n".encode()
+            + body
+        )
         try:
             await writer.drain()
         except ConnectionError:

@@ -1,8 +1,8 @@
 """Feed sources, one module per kind, and the URI syntax that selects them.
 
-    synthetic:[?rate=2000&instruments=50&seed=7]
-    file:PATH[?pace=realtime|max|<factor>&loop=1&backpressure=0|1]
-    ingest://HOST:PORT[?backpressure=0|1]
+synthetic:[?rate=2000&instruments=50&seed=7]
+file:PATH[?pace=realtime|max|<factor>&loop=1&backpressure=0|1]
+ingest://HOST:PORT[?backpressure=0|1]
 """
 
 from __future__ import annotations
@@ -78,8 +78,10 @@ def parse_feed_uri(dataset: str, uri: str) -> FeedSpec:
             schemas = tuple(s for s in query["schemas"].split(",") if s)
             bad = [s for s in schemas if s not in ("trades", "mbp-1", "ohlcv-1s")]
             if bad or not schemas:
-                raise ConfigError(f"feeds.{dataset}: synthetic schemas are trades, mbp-1, "
-                                  f"ohlcv-1s (got {query['schemas']!r})")
+                raise ConfigError(
+                    f"feeds.{dataset}: synthetic schemas are trades, mbp-1, "
+                    f"ohlcv-1s (got {query['schemas']!r})"
+                )
             opts = SyntheticOptions(opts.rate, opts.instruments, opts.seed, opts.tick_s, schemas)
         spec = FeedSpec(dataset, "synthetic", uri, synthetic=opts)
     elif scheme == "file":
@@ -97,8 +99,9 @@ def parse_feed_uri(dataset: str, uri: str) -> FeedSpec:
             try:
                 pace = float(pace_text)
             except ValueError:
-                raise ConfigError(f"feeds.{dataset}: pace={pace_text!r} must be realtime, max "
-                                  "or a speed factor") from None
+                raise ConfigError(
+                    f"feeds.{dataset}: pace={pace_text!r} must be realtime, max or a speed factor"
+                ) from None
             if pace <= 0:
                 raise ConfigError(f"feeds.{dataset}: pace factor must be > 0")
         loop = _flag(query.get("loop", "0"), "loop")
@@ -111,11 +114,14 @@ def parse_feed_uri(dataset: str, uri: str) -> FeedSpec:
         if not parts.hostname or parts.port is None:
             raise ConfigError(f"feeds.{dataset}: ingest URI needs HOST:PORT, got {uri!r}")
         bp = _flag(query.get("backpressure", "0"), "backpressure")
-        spec = FeedSpec(dataset, "ingest", uri, host=parts.hostname, port=parts.port,
-                        backpressure=bp)
+        spec = FeedSpec(
+            dataset, "ingest", uri, host=parts.hostname, port=parts.port, backpressure=bp
+        )
     else:
-        raise ConfigError(f"feeds.{dataset}: unknown feed URI {uri!r} "
-                          "(synthetic:, file:PATH or ingest://HOST:PORT)")
+        raise ConfigError(
+            f"feeds.{dataset}: unknown feed URI {uri!r} "
+            "(synthetic:, file:PATH or ingest://HOST:PORT)"
+        )
     unknown = set(query) - known
     if unknown:
         raise ConfigError(f"feeds.{dataset}: unknown option {sorted(unknown)[0]!r} in {uri!r}")

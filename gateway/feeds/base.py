@@ -167,9 +167,13 @@ class Feed:
         interest.subscriptions.append(sub)
         now = self._clock_ns()
         ident = f" {sub.sub_id}" if sub.sub_id is not None else ""
-        records = [dbn.encode_system(
-            now, f"Subscription request{ident} for {sub.schema} data succeeded",
-            SystemCode.SUBSCRIPTION_ACK)]
+        records = [
+            dbn.encode_system(
+                now,
+                f"Subscription request{ident} for {sub.schema} data succeeded",
+                SystemCode.SUBSCRIPTION_ACK,
+            )
+        ]
         unresolved: list[str] = []
         stype = STYPE_RAW_SYMBOL if sub.stype_in == "raw_symbol" else STYPE_INSTRUMENT_ID
         if sub.all_symbols:
@@ -179,20 +183,25 @@ class Feed:
             if symbol == ALL_SYMBOLS:
                 continue
             if stype == STYPE_RAW_SYMBOL:
-                iid = self.directory.by_symbol.get(symbol)
-                if iid is None:
+                found = self.directory.by_symbol.get(symbol)
+                if found is None:
                     unresolved.append(symbol)
                 else:
-                    records += self._announce(interest, stype, iid, symbol, now)
+                    records += self._announce(interest, stype, found, symbol, now)
             else:
                 iid = int(symbol)
                 raw = self.directory.by_id.get(iid)
                 if raw is not None:
                     records += self._announce(interest, stype, iid, raw, now)
         for i, symbol in enumerate(unresolved):
-            records.append(dbn.encode_error(
-                now, f"Failed to resolve symbol: {symbol}", ErrorCode.SYMBOL_RESOLUTION_FAILED,
-                is_last=i == len(unresolved) - 1))
+            records.append(
+                dbn.encode_error(
+                    now,
+                    f"Failed to resolve symbol: {symbol}",
+                    ErrorCode.SYMBOL_RESOLUTION_FAILED,
+                    is_last=i == len(unresolved) - 1,
+                )
+            )
         self._regroup(member, interest)
         return records
 
@@ -263,10 +272,12 @@ class Feed:
             records: list[bytes] = []
             for symbol, iid in changed:
                 for sub in interest.subscriptions:
-                    stype = STYPE_RAW_SYMBOL if sub.stype_in == "raw_symbol" else \
-                        STYPE_INSTRUMENT_ID
+                    stype = (
+                        STYPE_RAW_SYMBOL if sub.stype_in == "raw_symbol" else STYPE_INSTRUMENT_ID
+                    )
                     if sub.all_symbols or (
-                        symbol in sub.symbols if stype == STYPE_RAW_SYMBOL
+                        symbol in sub.symbols
+                        if stype == STYPE_RAW_SYMBOL
                         else str(iid) in sub.symbols
                     ):
                         records += self._announce(interest, stype, iid, symbol, now)
@@ -327,10 +338,11 @@ class Feed:
         self.state_detail = detail
         if changed:
             (log.info if connected else log.warning)(
-                "feed %s %s: %s", self.dataset, "up" if connected else "down", detail)
+                "feed %s %s: %s", self.dataset, "up" if connected else "down", detail
+            )
         if changed and notify and self._interests:
-            msg = dbn.encode_system(self._clock_ns(), f"Feed {self.dataset}: {detail}"[:300],
-                                    SystemCode.UNSET)
+            msg = dbn.encode_system(
+                self._clock_ns(), f"Feed {self.dataset}: {detail}"[:300], SystemCode.UNSET
+            )
             for member in list(self._interests):
                 member.send_gateway_records([msg])
-

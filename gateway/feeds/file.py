@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
+import numpy.typing as npt
 import zstandard
 
 from gateway.dbn import UNDEF_TIMESTAMP, ChunkIndex, DbnStreamDecoder, index_records
@@ -119,16 +120,20 @@ class FileSource:
                 if decoder.metadata is not None and wall0 is None:
                     feed.on_metadata(decoder.metadata)
             if decoder.pending:
-                raise DbnError(f"{self.path.name} ends with a truncated record "
-                               f"({decoder.pending} bytes)")
+                raise DbnError(
+                    f"{self.path.name} ends with a truncated record ({decoder.pending} bytes)"
+                )
 
     def _paced(self, index: ChunkIndex, ts0: int) -> list[tuple[ChunkIndex, float | None]]:
         if self.pace is None or index.count == 0:
             return [(index, None)]
         ts = index.ts_events
         # UNDEF_TIMESTAMP (u64::MAX) records go out with the record before them.
-        due = np.where(ts == np.uint64(UNDEF_TIMESTAMP), 0.0,
-                       (ts.astype(np.float64) - float(ts0)) / 1e9 / self.pace)
+        due = np.where(
+            ts == np.uint64(UNDEF_TIMESTAMP),
+            0.0,
+            (ts.astype(np.float64) - float(ts0)) / 1e9 / self.pace,
+        )
         due = np.maximum.accumulate(np.maximum(due, 0.0))
         bucket = (due * 1000).astype(np.int64)  # 1 ms granularity
         cuts = np.flatnonzero(np.diff(bucket)) + 1
@@ -143,7 +148,6 @@ class FileSource:
         return out
 
 
-
-def _first_defined(ts: np.ndarray) -> int:  # type: ignore[type-arg]
+def _first_defined(ts: npt.NDArray[np.uint64]) -> int:
     defined = ts[ts != np.uint64(UNDEF_TIMESTAMP)]
     return int(defined[0]) if defined.size else 0

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import cast
 
 from gateway.dbn import DbnStreamDecoder
 from gateway.errors import DbnError
@@ -50,8 +51,9 @@ class IngestSource:
         self.server = await loop.create_server(lambda: _Publisher(self), self.host, self.port)
         sock = self.server.sockets[0].getsockname()
         self.port = sock[1]
-        self.feed.set_state(False, f"waiting for a publisher on {self.host}:{self.port}",
-                            notify=False)
+        self.feed.set_state(
+            False, f"waiting for a publisher on {self.host}:{self.port}", notify=False
+        )
         log.info("feed %s: ingest listening on %s:%d", self.feed.dataset, self.host, self.port)
 
     async def stop(self) -> None:
@@ -70,14 +72,18 @@ class _Publisher(asyncio.Protocol):
         self.peer = "?"
         self.live = False
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+    def connection_made(self, base: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, base)
+        self.transport = transport
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         src = self.source
         if src.active is not None:
-            log.warning("feed %s: refusing second publisher %s (one is connected)",
-                        src.feed.dataset, self.peer)
+            log.warning(
+                "feed %s: refusing second publisher %s (one is connected)",
+                src.feed.dataset,
+                self.peer,
+            )
             transport.close()
             return
         src.active = self
@@ -96,8 +102,10 @@ class _Publisher(asyncio.Protocol):
             if not had_metadata and self.decoder.metadata is not None:
                 meta_dataset = str(self.decoder.metadata.dataset)
                 if meta_dataset and meta_dataset != feed.dataset:
-                    raise DbnError(f"publisher Metadata is for dataset {meta_dataset}, "
-                                   f"this feed serves {feed.dataset}")
+                    raise DbnError(
+                        f"publisher Metadata is for dataset {meta_dataset}, "
+                        f"this feed serves {feed.dataset}"
+                    )
                 feed.on_metadata(self.decoder.metadata)
                 feed.set_state(True, f"publisher {self.peer} connected")
             for index in chunks:

@@ -21,21 +21,47 @@ from gateway.feeds.base import Feed
 
 __all__ = ["MBP1_DTYPE", "OHLCV_DTYPE", "TRADE_DTYPE", "SyntheticOptions", "SyntheticSource"]
 
-_HEADER = [("length", "u1"), ("rtype", "u1"), ("publisher_id", "<u2"),
-           ("instrument_id", "<u4"), ("ts_event", "<u8")]
-_TRADE_BODY = [("price", "<i8"), ("size", "<u4"), ("action", "S1"), ("side", "S1"),
-               ("flags", "u1"), ("depth", "u1"), ("ts_recv", "<u8"), ("ts_in_delta", "<i4"),
-               ("sequence", "<u4")]
+_HEADER = [
+    ("length", "u1"),
+    ("rtype", "u1"),
+    ("publisher_id", "<u2"),
+    ("instrument_id", "<u4"),
+    ("ts_event", "<u8"),
+]
+_TRADE_BODY = [
+    ("price", "<i8"),
+    ("size", "<u4"),
+    ("action", "S1"),
+    ("side", "S1"),
+    ("flags", "u1"),
+    ("depth", "u1"),
+    ("ts_recv", "<u8"),
+    ("ts_in_delta", "<i4"),
+    ("sequence", "<u4"),
+]
 TRADE_DTYPE: Final = np.dtype(_HEADER + _TRADE_BODY)
-MBP1_DTYPE: Final = np.dtype(_HEADER + _TRADE_BODY + [
-    ("bid_px_00", "<i8"), ("ask_px_00", "<i8"), ("bid_sz_00", "<u4"), ("ask_sz_00", "<u4"),
-    ("bid_ct_00", "<u4"), ("ask_ct_00", "<u4")])
-OHLCV_DTYPE: Final = np.dtype(_HEADER + [("open", "<i8"), ("high", "<i8"), ("low", "<i8"),
-                                         ("close", "<i8"), ("volume", "<u8")])
+MBP1_DTYPE: Final = np.dtype(
+    _HEADER
+    + _TRADE_BODY
+    + [
+        ("bid_px_00", "<i8"),
+        ("ask_px_00", "<i8"),
+        ("bid_sz_00", "<u4"),
+        ("ask_sz_00", "<u4"),
+        ("bid_ct_00", "<u4"),
+        ("ask_ct_00", "<u4"),
+    ]
+)
+OHLCV_DTYPE: Final = np.dtype(
+    _HEADER
+    + [("open", "<i8"), ("high", "<i8"), ("low", "<i8"), ("close", "<i8"), ("volume", "<u8")]
+)
 assert TRADE_DTYPE.itemsize == 48 and MBP1_DTYPE.itemsize == 80 and OHLCV_DTYPE.itemsize == 56
 
-_ROOTS: Final = ("AAPL MSFT NVDA AMZN GOOGL META TSLA JPM V XOM UNH JNJ WMT PG MA HD CVX MRK "
-                 "ABBV KO PEP COST AVGO ADBE CSCO CRM TMO ACN MCD NFLX").split()
+_ROOTS: Final = (
+    "AAPL MSFT NVDA AMZN GOOGL META TSLA JPM V XOM UNH JNJ WMT PG MA HD CVX MRK "
+    "ABBV KO PEP COST AVGO ADBE CSCO CRM TMO ACN MCD NFLX"
+).split()
 _TICK: Final = 10_000_000  # $0.01 in DBN fixed-point (1e-9)
 _FLAG_LAST: Final = 0x80
 _PUBLISHER: Final = 1
@@ -83,7 +109,8 @@ class SyntheticGenerator:
 
     def _seq(self, n: int) -> npt.NDArray[np.uint32]:
         seq = (np.arange(self.sequence, self.sequence + n, dtype=np.uint64) % 2**32).astype(
-            np.uint32)
+            np.uint32
+        )
         self.sequence += n
         return seq
 
@@ -101,8 +128,11 @@ class SyntheticGenerator:
         steps = self.rng.integers(-2, 3, size=n) * _TICK
         np.add.at(self.mid, pick, steps)
         np.maximum(self.mid, _TICK * 100, out=self.mid)
-        ts = now_ns - span_ns + np.sort(self.rng.integers(0, max(span_ns, 1), size=n)).astype(
-            np.int64)
+        ts = (
+            now_ns
+            - span_ns
+            + np.sort(self.rng.integers(0, max(span_ns, 1), size=n)).astype(np.int64)
+        )
         mid = self.mid[pick]
         sizes = self.rng.integers(1, 500, size=n).astype(np.uint32)
         want_trades = "trades" in opts.schemas
@@ -130,9 +160,16 @@ class SyntheticGenerator:
             chunks.append(rec.tobytes())
         return chunks
 
-    def _fill(self, rec: npt.NDArray[np.void], rtype: int, pick: npt.NDArray[np.intp],
-              ts: npt.NDArray[np.int64], price: npt.NDArray[np.int64],
-              sizes: npt.NDArray[np.uint32], action: bytes) -> None:
+    def _fill(
+        self,
+        rec: npt.NDArray[np.void],
+        rtype: int,
+        pick: npt.NDArray[np.intp],
+        ts: npt.NDArray[np.int64],
+        price: npt.NDArray[np.int64],
+        sizes: npt.NDArray[np.uint32],
+        action: bytes,
+    ) -> None:
         n = len(rec)
         rec["length"] = rec.dtype.itemsize // 4
         rec["rtype"] = rtype

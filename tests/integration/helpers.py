@@ -51,16 +51,38 @@ class GatewayProcess:
         return self.proc.returncode
 
 
-def start_gateway(*args: str, feeds: dict[str, str] | None = None, keys: list[str] | None = None,
-                  timeout: float = 20.0, env: dict[str, str] | None = None,
-                  python: str = sys.executable, max_sessions: int = 1000,
-                  config: str = "") -> GatewayProcess:
+def start_gateway(
+    *args: str,
+    feeds: dict[str, str] | None = None,
+    keys: list[str] | None = None,
+    timeout: float = 20.0,
+    env: dict[str, str] | None = None,
+    python: str = sys.executable,
+    max_sessions: int = 1000,
+    config: str = "",
+) -> GatewayProcess:
     cfg = Path(tempfile.mkstemp(prefix="gateway-", suffix=".toml")[1])
-    cfg.write_text("".join(
-        f'[[api_keys]]\nkey = "{key}"\nmax_sessions = {max_sessions}\n'
-        for key in (keys if keys is not None else [KEY])) + config)
-    cmd = [python, "-m", "gateway", "serve", "--host", "127.0.0.1", "--port", "0",
-           "--loop", TEST_LOOP, "--config", str(cfg)]
+    cfg.write_text(
+        "".join(
+            f'[[api_keys]]\nkey = "{key}"\nmax_sessions = {max_sessions}\n'
+            for key in (keys if keys is not None else [KEY])
+        )
+        + config
+    )
+    cmd = [
+        python,
+        "-m",
+        "gateway",
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--loop",
+        TEST_LOOP,
+        "--config",
+        str(cfg),
+    ]
     for dataset, uri in (feeds or {}).items():
         cmd += ["--feed", f"{dataset}={uri}"]
     cmd += list(args)
@@ -68,8 +90,9 @@ def start_gateway(*args: str, feeds: dict[str, str] | None = None, keys: list[st
     full_env = dict(os.environ)
     full_env.update(env or {})
     with log.open("w") as err:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True,
-                                cwd=ROOT, env=full_env)
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=err, text=True, cwd=ROOT, env=full_env
+        )
     assert proc.stdout is not None
     ingest: dict[str, int] = {}
     lines: list[str] = []
@@ -156,8 +179,10 @@ class RawClient:
         assert cram.startswith("cram=")
         challenge = cram[5:]
         digest = hashlib.sha256(f"{challenge}|{key}".encode()).hexdigest()
-        self.send(f"auth={digest}-{key[-5:]}|dataset={dataset}|encoding=dbn|ts_out=0|"
-                  f"compression=none{extra}|client=test\n".encode())
+        self.send(
+            f"auth={digest}-{key[-5:]}|dataset={dataset}|encoding=dbn|ts_out=0|"
+            f"compression=none{extra}|client=test\n".encode()
+        )
         return self.line()
 
     def close(self) -> None:
@@ -194,8 +219,14 @@ def error_texts(records: list[bytes]) -> list[tuple[int, str]]:
 class OfficialSession:
     """One databento.Live session in a background thread with our own timeouts."""
 
-    def __init__(self, port: int, dataset: str, subscriptions: list[dict[str, Any]],
-                 key: str = KEY, **live_kwargs: Any) -> None:
+    def __init__(
+        self,
+        port: int,
+        dataset: str,
+        subscriptions: list[dict[str, Any]],
+        key: str = KEY,
+        **live_kwargs: Any,
+    ) -> None:
         import databento as db
 
         self.records: list[Any] = []

@@ -37,10 +37,14 @@ def _file_records(path: Path) -> tuple[object, list[bytes]]:
 def test_demo_feed_with_official_client() -> None:
     """What `make run` serves: Metadata, acks, symbol mappings, then records."""
     with gateway(feeds={"DEMO.SYNTH": "synthetic:?rate=3000"}) as gw:
-        s = OfficialSession(gw.port, "DEMO.SYNTH", [
-            {"schema": "trades", "symbols": ["AAPL", "MSFT"]},
-            {"schema": "mbp-1", "symbols": "ALL_SYMBOLS"},
-        ])
+        s = OfficialSession(
+            gw.port,
+            "DEMO.SYNTH",
+            [
+                {"schema": "trades", "symbols": ["AAPL", "MSFT"]},
+                {"schema": "mbp-1", "symbols": "ALL_SYMBOLS"},
+            ],
+        )
         s.start()
         assert s.wait_for(lambda recs: len(data_records(recs)) > 200)
         assert s.stop() is None
@@ -66,8 +70,9 @@ def test_demo_feed_with_official_client() -> None:
 
 def test_wrong_key_is_refused() -> None:
     with gateway(feeds={"DEMO.SYNTH": "synthetic:"}) as gw:
-        s = OfficialSession(gw.port, "DEMO.SYNTH", [{"schema": "trades", "symbols": "AAPL"}],
-                            key=OTHER_KEY)
+        s = OfficialSession(
+            gw.port, "DEMO.SYNTH", [{"schema": "trades", "symbols": "AAPL"}], key=OTHER_KEY
+        )
         assert s.subscribed.wait(20)
         assert s.error is not None and "Authentication failed" in str(s.error)
 
@@ -92,8 +97,11 @@ def test_every_sample_schema_through_file_feeds() -> None:
             if schema is None:
                 continue  # the mixed LIVE capture is covered by the ingest test
             expected[i] = records
-            sessions[i] = OfficialSession(gw.port, f"T{i:02d}", [
-                {"schema": schema, "symbols": "ALL_SYMBOLS", "stype_in": "raw_symbol"}])
+            sessions[i] = OfficialSession(
+                gw.port,
+                f"T{i:02d}",
+                [{"schema": schema, "symbols": "ALL_SYMBOLS", "stype_in": "raw_symbol"}],
+            )
         for s in sessions.values():
             s.start()
         for i, s in sessions.items():
@@ -109,8 +117,11 @@ def test_every_sample_schema_through_file_feeds() -> None:
         start = want.index(got[0])
         cyclic = [want[(start + k) % n] for k in range(len(got))]
         assert got == cyclic, SAMPLES[i]
-        acks = [r for r in s.records if isinstance(r, dbn.SystemMsg)
-                and r.code == dbn.SystemCode.SUBSCRIPTION_ACK]
+        acks = [
+            r
+            for r in s.records
+            if isinstance(r, dbn.SystemMsg) and r.code == dbn.SystemCode.SUBSCRIPTION_ACK
+        ]
         assert len(acks) == 1
 
 
@@ -138,18 +149,25 @@ def test_ingest_fans_out_byte_exact_to_three_subscription_styles() -> None:
     names = list(symbols)
     ids = {s: i for s, i in symbols.items()}
     with gateway(feeds={"ING.TEST": "ingest://127.0.0.1:0"}) as gw:
-        raw = OfficialSession(gw.port, "ING.TEST", [
-            {"schema": "trades", "symbols": names[:2], "stype_in": "raw_symbol"}])
-        by_id = OfficialSession(gw.port, "ING.TEST", [
-            {"schema": "trades", "symbols": [ids[names[2]]], "stype_in": "instrument_id"}])
-        everything = OfficialSession(gw.port, "ING.TEST", [
-            {"schema": "trades", "symbols": "ALL_SYMBOLS"}])
+        raw = OfficialSession(
+            gw.port,
+            "ING.TEST",
+            [{"schema": "trades", "symbols": names[:2], "stype_in": "raw_symbol"}],
+        )
+        by_id = OfficialSession(
+            gw.port,
+            "ING.TEST",
+            [{"schema": "trades", "symbols": [ids[names[2]]], "stype_in": "instrument_id"}],
+        )
+        everything = OfficialSession(
+            gw.port, "ING.TEST", [{"schema": "trades", "symbols": "ALL_SYMBOLS"}]
+        )
         # First publisher: only the Metadata (so raw symbols resolve), then the sessions start.
         pub = _publish(gw.ingest_ports["ING.TEST"], payload[: payload.index(records[0])])
         for s in (raw, by_id, everything):
             s.start()
         assert raw.wait_for(lambda r: any(isinstance(x, dbn.SymbolMappingMsg) for x in r))
-        pub.sendall(payload[payload.index(records[0]):])
+        pub.sendall(payload[payload.index(records[0]) :])
         want_raw = [r for r in records if _iid(r) in (ids[names[0]], ids[names[1]])]
         want_id = [r for r in records if _iid(r) == ids[names[2]]]
         for s, want in ((raw, want_raw), (by_id, want_id), (everything, records)):
@@ -163,7 +181,8 @@ def test_ingest_fans_out_byte_exact_to_three_subscription_styles() -> None:
     assert [bytes(r) for r in data_records(everything.records)] == records
     maps = [r for r in by_id.records if isinstance(r, dbn.SymbolMappingMsg)]
     assert [(m.stype_in_symbol, m.stype_out_symbol) for m in maps] == [
-        (str(ids[names[2]]), names[2])]
+        (str(ids[names[2]]), names[2])
+    ]
 
 
 def _iid(rec: bytes) -> int:
@@ -172,8 +191,9 @@ def _iid(rec: bytes) -> int:
 
 def test_ts_out_stamps_every_record() -> None:
     with gateway(feeds={"DEMO.SYNTH": "synthetic:?rate=2000"}) as gw:
-        s = OfficialSession(gw.port, "DEMO.SYNTH", [
-            {"schema": "trades", "symbols": ["AAPL", "NOPE"]}], ts_out=True)
+        s = OfficialSession(
+            gw.port, "DEMO.SYNTH", [{"schema": "trades", "symbols": ["AAPL", "NOPE"]}], ts_out=True
+        )
         before = time.time_ns()
         s.start()
         assert s.wait_for(lambda r: len(data_records(r)) > 20)
@@ -192,11 +212,19 @@ def test_ts_out_stamps_every_record() -> None:
 @pytest.mark.parametrize("ts_out", [False, True])
 def test_zstd_sessions_decode(ts_out: bool) -> None:
     with gateway(feeds={"DEMO.SYNTH": "synthetic:?rate=5000"}) as gw:
-        plain = OfficialSession(gw.port, "DEMO.SYNTH", [
-            {"schema": "mbp-1", "symbols": "ALL_SYMBOLS"}], ts_out=ts_out)
-        zipped = [OfficialSession(gw.port, "DEMO.SYNTH", [
-            {"schema": "mbp-1", "symbols": "ALL_SYMBOLS"}],
-            compression=dbn.Compression.ZSTD, ts_out=ts_out) for _ in range(3)]
+        plain = OfficialSession(
+            gw.port, "DEMO.SYNTH", [{"schema": "mbp-1", "symbols": "ALL_SYMBOLS"}], ts_out=ts_out
+        )
+        zipped = [
+            OfficialSession(
+                gw.port,
+                "DEMO.SYNTH",
+                [{"schema": "mbp-1", "symbols": "ALL_SYMBOLS"}],
+                compression=dbn.Compression.ZSTD,
+                ts_out=ts_out,
+            )
+            for _ in range(3)
+        ]
         for s in [plain, *zipped]:
             s.start()
         for s in zipped:
@@ -212,14 +240,24 @@ def test_zstd_sessions_decode(ts_out: bool) -> None:
 
 def test_heartbeat_keeps_an_idle_session_alive() -> None:
     with gateway(feeds={"IDLE.FEED": "ingest://127.0.0.1:0"}) as gw:
-        s = OfficialSession(gw.port, "IDLE.FEED", [
-            {"schema": "trades", "symbols": "ALL_SYMBOLS"}], heartbeat_interval_s=5)
+        s = OfficialSession(
+            gw.port,
+            "IDLE.FEED",
+            [{"schema": "trades", "symbols": "ALL_SYMBOLS"}],
+            heartbeat_interval_s=5,
+        )
         s.start()
-        assert s.wait_for(lambda r: any(
-            isinstance(x, dbn.SystemMsg) and x.code == dbn.SystemCode.HEARTBEAT for x in r),
-            timeout=9)
-        beats = [x for x in s.records if isinstance(x, dbn.SystemMsg)
-                 and x.code == dbn.SystemCode.HEARTBEAT]
+        assert s.wait_for(
+            lambda r: any(
+                isinstance(x, dbn.SystemMsg) and x.code == dbn.SystemCode.HEARTBEAT for x in r
+            ),
+            timeout=9,
+        )
+        beats = [
+            x
+            for x in s.records
+            if isinstance(x, dbn.SystemMsg) and x.code == dbn.SystemCode.HEARTBEAT
+        ]
         assert beats[0].msg == "Heartbeat"
         assert s.stop() is None
 
