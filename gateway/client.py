@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import socket
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -143,12 +144,27 @@ class LiveClient:
         slow_reader_behavior: str | None = None,
         timeout: float = 10.0,
         client_name: str = "gateway-client",
+        rcvbuf: int | None = None,
     ) -> LiveClient:
+        """Connect and authenticate. ``rcvbuf`` sets SO_RCVBUF before connecting (a small
+        value makes the kernel hold less for a slow consumer)."""
         if compression not in ("none", "zstd"):
             raise ClientError(f"compression must be none or zstd, not {compression!r}")
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(host, port, limit=256 * 1024), timeout
-        )
+        if rcvbuf is None:
+            opened = asyncio.open_connection(host, port, limit=256 * 1024)
+        else:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+            sock.setblocking(False)
+            try:
+                await asyncio.wait_for(
+                    asyncio.get_running_loop().sock_connect(sock, (host, port)), timeout
+                )
+            except BaseException:
+                sock.close()
+                raise
+            opened = asyncio.open_connection(sock=sock, limit=256 * 1024)
+        reader, writer = await asyncio.wait_for(opened, timeout)
         client = cls(
             reader,
             writer,

@@ -491,7 +491,7 @@ class DbnStreamDecoder:
                 self._upgrader.write(header)
                 decoded = self._upgrader.decode()
                 self.metadata = cast(dbn.Metadata, decoded[0])
-        except (ValueError, RuntimeError) as exc:
+        except (ValueError, RuntimeError, dbn.DBNError) as exc:
             raise DbnError(f"invalid DBN Metadata: {exc}") from exc
         if self.metadata is not None and self.metadata.ts_out:
             raise DbnError("feeds with ts_out records are not supported yet")
@@ -504,7 +504,7 @@ class DbnStreamDecoder:
         try:
             self._upgrader.write(bytes(data))
             records = self._upgrader.decode()
-        except (ValueError, RuntimeError) as exc:
+        except (ValueError, RuntimeError, dbn.DBNError) as exc:
             raise DbnError(f"invalid DBN record: {exc}") from exc
         blob = b"".join(bytes(r) for r in records if not isinstance(r, dbn.Metadata))
         if not blob:

@@ -45,6 +45,9 @@ __all__ = ["ClientConnection", "ConnectionLimits", "ServerState"]
 
 log = logging.getLogger("gateway.session")
 
+#: how long a cut session may take to read its final ErrorMsg before it is aborted
+CUT_GRACE_S = 5.0
+
 
 @dataclass(frozen=True)
 class ConnectionLimits:
@@ -405,21 +408,28 @@ class ClientConnection(asyncio.Protocol):
         self.send_gateway_records(records)
 
     def cut(self, label: str, message: str) -> None:
-        """Tell the session why with a final ErrorMsg (if it can still be written); close."""
+        """Disconnect a session that is too far behind (or stalls a lossless feed).
+
+        It leaves the feed at once (so it holds nothing up), gets a final ErrorMsg queued
+        behind what it has not read yet, and is closed; if it still has not drained after
+        ``CUT_GRACE_S`` the connection is aborted and its buffer freed.
+        """
         if self.closing:
             return
         policy = "lossless" if self.slow.lossless else self.slow.behavior
         self.state.metrics.slow_reader_events.labels(policy, "disconnect").inc()
+        if self.feed is not None:
+            self.feed.leave(self)
         if self.metadata_sent:
             self._write_control(
                 b"", [dbn.encode_error(time.time_ns(), message, ErrorCode.INTERNAL_ERROR)]
             )
         self.end_reason = f"{label}: {message}"
         log.warning("session cut id=%d peer=%s reason=%s", self.session_id, self.peer, label)
-        if self.transport is not None:
-            # Over the cap the socket is not draining: drop what is queued.
-            self.closing = True
-            self.transport.abort()
+        self.close()
+        transport = self.transport
+        if transport is not None:
+            asyncio.get_running_loop().call_later(CUT_GRACE_S, _abort_if_open, transport)
 
     def close(self) -> None:
         if self.closing:
@@ -446,7 +456,9 @@ class ClientConnection(asyncio.Protocol):
         buffered = transport.get_write_buffer_size()
         self.state.metrics.session_buffered.observe(buffered)
         if self.slow.lossless:
-            if buffered > self.state.slow.hard_cap_bytes:
+            # A lossless feed waits while this session is over its high-water mark; one
+            # that stays there past the stall timeout is cut so it cannot stall the feed.
+            if self.paused:
                 if self.over_cap_since is None:
                     self.over_cap_since = now
                 elif now - self.over_cap_since > self.state.conn_limits.stall_timeout_s:
@@ -514,6 +526,11 @@ class ClientConnection(asyncio.Protocol):
             time.time() - self.started_at,
             self.end_reason,
         )
+
+
+def _abort_if_open(transport: asyncio.Transport) -> None:
+    if not transport.is_closing() or transport.get_write_buffer_size():
+        transport.abort()
 
 
 def peer_of(transport: Any) -> str:

@@ -247,12 +247,12 @@ class Feed:
         """Learn the feed's schema (tbbo vs mbp-1) and its symbol mappings."""
         schema = getattr(metadata, "schema", None)
         name = str(getattr(schema, "value", schema) or "") if schema is not None else ""
-        if name == "tbbo":
-            self.schema_rtype["tbbo"] = 0x01
-            self.schema_rtype["mbp-1"] = -1
-        else:
-            self.schema_rtype["tbbo"] = -1
-            self.schema_rtype["mbp-1"] = 0x01
+        tbbo = name == "tbbo"
+        if (self.schema_rtype["tbbo"] == 0x01) != tbbo:
+            self.schema_rtype["tbbo"] = 0x01 if tbbo else -1
+            self.schema_rtype["mbp-1"] = -1 if tbbo else 0x01
+            for member, interest in list(self._interests.items()):
+                self._regroup(member, interest)
         mappings = getattr(metadata, "mappings", None) or {}
         learned: list[tuple[str, int]] = []
         for symbol, intervals in mappings.items():

@@ -65,35 +65,83 @@ def mixed_records() -> list[bytes]:
 # --- record builders ------------------------------------------------------------------
 
 
-def trade(instrument_id: int, ts: int = NOW_NS, *, price: int = 100_000_000_000,
-          size: int = 1, sequence: int = 0, publisher_id: int = 1) -> bytes:
-    return bytes(d.TradeMsg(
-        publisher_id=publisher_id, instrument_id=instrument_id, ts_event=ts, price=price,
-        size=size, action=d.Action.TRADE, side=d.Side.BID, depth=0, ts_recv=ts + 10,
-        sequence=sequence))
+def trade(
+    instrument_id: int,
+    ts: int = NOW_NS,
+    *,
+    price: int = 100_000_000_000,
+    size: int = 1,
+    sequence: int = 0,
+    publisher_id: int = 1,
+) -> bytes:
+    return bytes(
+        d.TradeMsg(
+            publisher_id=publisher_id,
+            instrument_id=instrument_id,
+            ts_event=ts,
+            price=price,
+            size=size,
+            action=d.Action.TRADE,
+            side=d.Side.BID,
+            depth=0,
+            ts_recv=ts + 10,
+            sequence=sequence,
+        )
+    )
 
 
 def mbo(instrument_id: int, ts: int = NOW_NS, *, order_id: int = 1) -> bytes:
-    return bytes(d.MBOMsg(
-        publisher_id=1, instrument_id=instrument_id, ts_event=ts, order_id=order_id,
-        price=99_000_000_000, size=5, action=d.Action.ADD, side=d.Side.ASK, ts_recv=ts + 5))
+    return bytes(
+        d.MBOMsg(
+            publisher_id=1,
+            instrument_id=instrument_id,
+            ts_event=ts,
+            order_id=order_id,
+            price=99_000_000_000,
+            size=5,
+            action=d.Action.ADD,
+            side=d.Side.ASK,
+            ts_recv=ts + 5,
+        )
+    )
 
 
 def ohlcv(instrument_id: int, ts: int = NOW_NS, *, rtype: int = 0x20) -> bytes:
-    return bytes(d.OHLCVMsg(rtype=rtype, publisher_id=1, instrument_id=instrument_id,
-                            ts_event=ts, open=1, high=3, low=1, close=2, volume=10))
+    return bytes(
+        d.OHLCVMsg(
+            rtype=rtype,
+            publisher_id=1,
+            instrument_id=instrument_id,
+            ts_event=ts,
+            open=1,
+            high=3,
+            low=1,
+            close=2,
+            volume=10,
+        )
+    )
 
 
 def status(instrument_id: int, ts: int = NOW_NS) -> bytes:
-    return bytes(d.StatusMsg(publisher_id=1, instrument_id=instrument_id, ts_event=ts,
-                             ts_recv=ts + 1))
+    return bytes(
+        d.StatusMsg(publisher_id=1, instrument_id=instrument_id, ts_event=ts, ts_recv=ts + 1)
+    )
 
 
 def symbol_mapping(instrument_id: int, symbol: str, ts: int = NOW_NS) -> bytes:
-    return bytes(d.SymbolMappingMsg(
-        publisher_id=1, instrument_id=instrument_id, ts_event=ts, stype_in=d.SType.RAW_SYMBOL,
-        stype_in_symbol=symbol, stype_out=d.SType.RAW_SYMBOL, stype_out_symbol=symbol,
-        start_ts=ts, end_ts=ts + 1))
+    return bytes(
+        d.SymbolMappingMsg(
+            publisher_id=1,
+            instrument_id=instrument_id,
+            ts_event=ts,
+            stype_in=d.SType.RAW_SYMBOL,
+            stype_in_symbol=symbol,
+            stype_out=d.SType.RAW_SYMBOL,
+            stype_out_symbol=symbol,
+            start_ts=ts,
+            end_ts=ts + 1,
+        )
+    )
 
 
 def definition(instrument_id: int, raw_symbol: str) -> bytes:
@@ -157,17 +205,24 @@ def random_pieces(data: bytes, rng: np.random.Generator, max_piece: int) -> list
 # --- sessions -------------------------------------------------------------------------
 
 CHALLENGE = "AbCdEfGhIjKlMnOpQrStUvWxYz012345"
-PY_AUTH = (b"auth=" + b"a" * 64 + b"-00000|dataset=GLBX.MDP3|encoding=dbn|ts_out=0|"
-           b"compression=none|client=Databento/0.88.0 Python/3.11.7 Linux/6.18.44\n")
+PY_AUTH = (
+    b"auth=" + b"a" * 64 + b"-00000|dataset=GLBX.MDP3|encoding=dbn|ts_out=0|"
+    b"compression=none|client=Databento/0.88.0 Python/3.11.7 Linux/6.18.44\n"
+)
 
 
-def new_session(limits: Limits | None = None, now: float = 0.0,
-                challenge: str = CHALLENGE, version: str = "0.1.0") -> Session:
+def new_session(
+    limits: Limits | None = None,
+    now: float = 0.0,
+    challenge: str = CHALLENGE,
+    version: str = "0.1.0",
+) -> Session:
     return Session(challenge=challenge, version=version, limits=limits or Limits(), now=now)
 
 
-def authed_session(limits: Limits | None = None, now: float = 0.0,
-                   auth_line: bytes = PY_AUTH) -> Session:
+def authed_session(
+    limits: Limits | None = None, now: float = 0.0, auth_line: bytes = PY_AUTH
+) -> Session:
     """A session past ``success=1`` with its output drained."""
     s = new_session(limits, now)
     events = s.receive_data(auth_line, now)

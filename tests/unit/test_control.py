@@ -16,11 +16,11 @@ PY_CLIENT = "Databento/0.88.0 Python/3.11.7 Linux/6.18.44-fc-v657"
 # Auth lines in each official client's key order (PROTOCOL.md §1.4).
 AUTH_LINES = {
     "python": f"auth={AUTH}|dataset=GLBX.MDP3|encoding=dbn|ts_out=0|compression=none|"
-              f"client={PY_CLIENT}",
+    f"client={PY_CLIENT}",
     "rust": f"auth={AUTH}|dataset=GLBX.MDP3|encoding=dbn|compression=none|ts_out=0|"
-            f"client={PY_CLIENT}",
+    f"client={PY_CLIENT}",
     "cpp": f"auth={AUTH}|dataset=GLBX.MDP3|encoding=dbn|ts_out=0|compression=none|"
-           f"client={PY_CLIENT}",
+    f"client={PY_CLIENT}",
 }
 
 # Subscription lines in each client's key order (PROTOCOL.md §1.6).
@@ -30,9 +30,11 @@ SUB_LINES = {
     "cpp": "schema=trades|stype_in=raw_symbol|id=0|symbols=ESZ4,NQZ4|snapshot=0|is_last=1",
 }
 
-ALL_SCHEMAS = ("mbo mbp-1 mbp-10 tbbo trades ohlcv-1s ohlcv-1m ohlcv-1h ohlcv-1d ohlcv-eod "
-               "definition statistics status imbalance cmbp-1 cbbo-1s cbbo-1m tcbbo bbo-1s "
-               "bbo-1m").split()
+ALL_SCHEMAS = (
+    "mbo mbp-1 mbp-10 tbbo trades ohlcv-1s ohlcv-1m ohlcv-1h ohlcv-1d ohlcv-eod "
+    "definition statistics status imbalance cmbp-1 cbbo-1s cbbo-1m tcbbo bbo-1s "
+    "bbo-1m"
+).split()
 
 
 def fields(text: str) -> dict[str, str]:
@@ -103,8 +105,10 @@ def test_parse_auth_each_official_key_order(client):
 
 
 def test_parse_auth_is_key_order_independent():
-    tokens = AUTH_LINES["python"].split("|") + ["heartbeat_interval_s=10",
-                                                 "slow_reader_behavior=skip"]
+    tokens = AUTH_LINES["python"].split("|") + [
+        "heartbeat_interval_s=10",
+        "slow_reader_behavior=skip",
+    ]
     expected = parse_auth(fields("|".join(tokens)))
     for perm in itertools.islice(itertools.permutations(tokens), 0, None, 97):
         assert parse_auth(fields("|".join(perm))) == expected
@@ -119,8 +123,9 @@ def test_parse_auth_ignores_unknown_keys():
 
 
 def test_parse_auth_typed_values():
-    req = parse_auth(fields(f"auth={AUTH}|dataset=XNAS.ITCH|ts_out=1|compression=zstd|"
-                            "heartbeat_interval_s=10"))
+    req = parse_auth(
+        fields(f"auth={AUTH}|dataset=XNAS.ITCH|ts_out=1|compression=zstd|heartbeat_interval_s=10")
+    )
     assert req.heartbeat_interval_s == 10
     assert type(req.heartbeat_interval_s) is int
     assert req.ts_out is True
@@ -194,8 +199,15 @@ def test_parse_subscription_each_official_key_order(client):
 
 
 def test_parse_subscription_key_order_independent_and_unknown_keys():
-    tokens = ["schema=mbp-10", "stype_in=instrument_id", "symbols=1,2,3", "snapshot=0",
-              "id=17", "is_last=0", "zzz=1"]
+    tokens = [
+        "schema=mbp-10",
+        "stype_in=instrument_id",
+        "symbols=1,2,3",
+        "snapshot=0",
+        "id=17",
+        "is_last=0",
+        "zzz=1",
+    ]
     expected = parse_subscription(fields("|".join(tokens)))
     for perm in itertools.permutations(tokens):
         assert parse_subscription(fields("|".join(perm))) == expected
@@ -208,8 +220,9 @@ def test_parse_subscription_key_order_independent_and_unknown_keys():
 
 @pytest.mark.parametrize("schema", ALL_SCHEMAS)
 def test_parse_subscription_every_documented_schema(schema):
-    req = parse_subscription(fields(f"schema={schema}|stype_in=raw_symbol|symbols=A|"
-                                    "snapshot=0|is_last=1"))
+    req = parse_subscription(
+        fields(f"schema={schema}|stype_in=raw_symbol|symbols=A|snapshot=0|is_last=1")
+    )
     assert req.schema == schema
 
 
@@ -223,24 +236,28 @@ def test_parse_subscription_unknown_schema_is_protocol_error(schema):
 @pytest.mark.parametrize("start", ["0", "1700000000000000000", "2024-01-01T00:00:00"])
 def test_parse_subscription_start_not_supported(start):
     with pytest.raises(NotSupportedError):
-        parse_subscription(fields(f"schema=trades|stype_in=raw_symbol|symbols=A|start={start}|"
-                                  "snapshot=0|is_last=1"))
+        parse_subscription(
+            fields(
+                f"schema=trades|stype_in=raw_symbol|symbols=A|start={start}|snapshot=0|is_last=1"
+            )
+        )
 
 
 def test_parse_subscription_snapshot_not_supported():
     with pytest.raises(NotSupportedError):
-        parse_subscription(fields("schema=mbo|stype_in=raw_symbol|symbols=A|snapshot=1|"
-                                  "is_last=1"))
-    req = parse_subscription(fields("schema=mbo|stype_in=raw_symbol|symbols=A|snapshot=0|"
-                                    "is_last=1"))
+        parse_subscription(fields("schema=mbo|stype_in=raw_symbol|symbols=A|snapshot=1|is_last=1"))
+    req = parse_subscription(
+        fields("schema=mbo|stype_in=raw_symbol|symbols=A|snapshot=0|is_last=1")
+    )
     assert req.snapshot is False
 
 
 @pytest.mark.parametrize("stype", ["parent", "continuous"])
 def test_parse_subscription_parent_continuous_not_supported(stype):
     with pytest.raises(NotSupportedError):
-        parse_subscription(fields(f"schema=trades|stype_in={stype}|symbols=ES.FUT|snapshot=0|"
-                                  "is_last=1"))
+        parse_subscription(
+            fields(f"schema=trades|stype_in={stype}|symbols=ES.FUT|snapshot=0|is_last=1")
+        )
 
 
 def test_parse_subscription_unknown_stype_is_protocol_error():
@@ -249,13 +266,15 @@ def test_parse_subscription_unknown_stype_is_protocol_error():
 
 
 def test_parse_subscription_instrument_ids_must_be_u32():
-    ok = parse_subscription(fields("schema=trades|stype_in=instrument_id|"
-                                   f"symbols=0,42,{2**32 - 1}|is_last=1"))
+    ok = parse_subscription(
+        fields(f"schema=trades|stype_in=instrument_id|symbols=0,42,{2**32 - 1}|is_last=1")
+    )
     assert ok.symbol_list == ["0", "42", str(2**32 - 1)]
     for bad in ("ESZ4", "-1", str(2**32), "1.5"):
         with pytest.raises(ProtocolError):
-            parse_subscription(fields(f"schema=trades|stype_in=instrument_id|symbols={bad}|"
-                                      "is_last=1"))
+            parse_subscription(
+                fields(f"schema=trades|stype_in=instrument_id|symbols={bad}|is_last=1")
+            )
 
 
 @pytest.mark.parametrize("sub_id", ["-1", str(2**32), "x"])
@@ -265,15 +284,20 @@ def test_parse_subscription_bad_id(sub_id):
 
 
 def test_parse_subscription_all_symbols():
-    req = parse_subscription(fields("schema=trades|stype_in=raw_symbol|symbols=ALL_SYMBOLS|"
-                                    "snapshot=0|is_last=1"))
+    req = parse_subscription(
+        fields("schema=trades|stype_in=raw_symbol|symbols=ALL_SYMBOLS|snapshot=0|is_last=1")
+    )
     assert req.symbol_list == [control.ALL_SYMBOLS]
 
 
 def test_parse_subscription_500_symbol_chunk():
     symbols = [f"SYM{i:04d}" for i in range(500)]
-    req = parse_subscription(fields(f"schema=mbp-1|stype_in=raw_symbol|symbols={','.join(symbols)}"
-                                    "|snapshot=0|id=3|is_last=0"))
+    req = parse_subscription(
+        fields(
+            f"schema=mbp-1|stype_in=raw_symbol|symbols={','.join(symbols)}"
+            "|snapshot=0|id=3|is_last=0"
+        )
+    )
     assert req.symbol_list == symbols
     assert req.is_last is False
 
@@ -286,7 +310,8 @@ def test_server_lines():
     assert control.challenge_line("abc") == b"cram=abc\n"
     assert control.auth_success(12345) == b"success=1|session_id=12345\n"
     assert control.auth_failure("Authentication failed.") == (
-        b"success=0|error=Authentication failed.\n")
+        b"success=0|error=Authentication failed.\n"
+    )
 
 
 @pytest.mark.parametrize("reason", ["bad|key", "two\nlines", "cr\rlf\r\n", "caf\u00e9 | x=y"])

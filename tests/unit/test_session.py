@@ -25,18 +25,28 @@ RESPONSE = cram_response(CHALLENGE, KEY)
 
 #: Auth lines exactly as each official client orders them (PROTOCOL.md §1.4).
 CLIENT_AUTH = {
-    "python": (f"auth={RESPONSE}|dataset=GLBX.MDP3|encoding=dbn|ts_out=0|compression=zstd|"
-               "client=Databento/0.88.0 Python/3.11.7 Linux/6.18.44-fc-v657\n"),
-    "python_hb_slow": (f"auth={RESPONSE}|dataset=GLBX.MDP3|encoding=dbn|ts_out=1|"
-                       "compression=none|heartbeat_interval_s=10|slow_reader_behavior=skip|"
-                       "client=Databento/0.88.0 Python/3.11.7 Linux/6.18.44\n"),
-    "rust": (f"auth={RESPONSE}|dataset=GLBX.MDP3|encoding=dbn|compression=zstd|ts_out=0|"
-             "client=Databento/0.30.0 Rust linux-x86_64\n"),
-    "rust_hb": (f"auth={RESPONSE}|dataset=GLBX.MDP3|encoding=dbn|compression=none|ts_out=1|"
-                "client=Databento/0.30.0 Rust linux-x86_64|heartbeat_interval_s=10|"
-                "slow_reader_behavior=drop\n"),
-    "cpp": (f"auth={RESPONSE}|dataset=GLBX.MDP3|encoding=dbn|ts_out=0|compression=zstd|"
-            "client=Databento C++/0.40.0 ext\n"),
+    "python": (
+        f"auth={RESPONSE}|dataset=GLBX.MDP3|encoding=dbn|ts_out=0|compression=zstd|"
+        "client=Databento/0.88.0 Python/3.11.7 Linux/6.18.44-fc-v657\n"
+    ),
+    "python_hb_slow": (
+        f"auth={RESPONSE}|dataset=GLBX.MDP3|encoding=dbn|ts_out=1|"
+        "compression=none|heartbeat_interval_s=10|slow_reader_behavior=skip|"
+        "client=Databento/0.88.0 Python/3.11.7 Linux/6.18.44\n"
+    ),
+    "rust": (
+        f"auth={RESPONSE}|dataset=GLBX.MDP3|encoding=dbn|compression=zstd|ts_out=0|"
+        "client=Databento/0.30.0 Rust linux-x86_64\n"
+    ),
+    "rust_hb": (
+        f"auth={RESPONSE}|dataset=GLBX.MDP3|encoding=dbn|compression=none|ts_out=1|"
+        "client=Databento/0.30.0 Rust linux-x86_64|heartbeat_interval_s=10|"
+        "slow_reader_behavior=drop\n"
+    ),
+    "cpp": (
+        f"auth={RESPONSE}|dataset=GLBX.MDP3|encoding=dbn|ts_out=0|compression=zstd|"
+        "client=Databento C++/0.40.0 ext\n"
+    ),
 }
 
 
@@ -45,8 +55,15 @@ def lines(data: bytes) -> list[bytes]:
     return data[:-1].split(b"\n")
 
 
-def sub_line(symbols: list[str] | str, *, schema: str = "trades", sub_id: int | None = 1,
-             is_last: bool = True, stype: str = "raw_symbol", order: str = "python") -> bytes:
+def sub_line(
+    symbols: list[str] | str,
+    *,
+    schema: str = "trades",
+    sub_id: int | None = 1,
+    is_last: bool = True,
+    stype: str = "raw_symbol",
+    order: str = "python",
+) -> bytes:
     syms = symbols if isinstance(symbols, str) else ",".join(symbols)
     last = int(is_last)
     ident = "" if sub_id is None else f"|id={sub_id}"
@@ -218,8 +235,9 @@ def test_chunked_subscription_surfaces_once_with_all_symbols(order):
     events = []
     for n, chunk in enumerate(chunks):
         got = s.receive_data(
-            sub_line(chunk, schema="mbp-1", sub_id=3, is_last=n == len(chunks) - 1,
-                     order=order), 1.0)
+            sub_line(chunk, schema="mbp-1", sub_id=3, is_last=n == len(chunks) - 1, order=order),
+            1.0,
+        )
         if n < len(chunks) - 1:
             assert got == []
         events += got
@@ -274,13 +292,16 @@ def test_chunk_with_other_schema_is_failed_after_auth():
 @pytest.mark.parametrize(
     ("line", "kind"),
     [
-        (b"schema=trades|stype_in=raw_symbol|symbols=A|start=0|snapshot=0|is_last=1\n",
-         "not_supported"),
+        (
+            b"schema=trades|stype_in=raw_symbol|symbols=A|start=0|snapshot=0|is_last=1\n",
+            "not_supported",
+        ),
         (b"schema=mbo|stype_in=raw_symbol|symbols=A|snapshot=1|is_last=1\n", "not_supported"),
-        (b"schema=trades|stype_in=parent|symbols=ES.FUT|snapshot=0|is_last=1\n",
-         "not_supported"),
-        (b"schema=trades|stype_in=continuous|symbols=ES.c.0|snapshot=0|is_last=1\n",
-         "not_supported"),
+        (b"schema=trades|stype_in=parent|symbols=ES.FUT|snapshot=0|is_last=1\n", "not_supported"),
+        (
+            b"schema=trades|stype_in=continuous|symbols=ES.c.0|snapshot=0|is_last=1\n",
+            "not_supported",
+        ),
         (b"schema=nope|stype_in=raw_symbol|symbols=A|is_last=1\n", "protocol"),
         (b"symbols=A|is_last=1\n", "protocol"),
         (b"hello\n", "protocol"),
@@ -332,11 +353,13 @@ def test_second_start_session_fails(second):
 
 # --- split reads -------------------------------------------------------------------------
 
-SCRIPT = (sub_line(["ESZ4", "NQZ4"], sub_id=1, is_last=False)
-          + sub_line(["RTYZ4"], sub_id=1)
-          + sub_line("ALL_SYMBOLS", schema="definition", sub_id=2, order="cpp")
-          + b"start_session\n"
-          + sub_line(["CLZ4"], schema="mbo", sub_id=3, order="rust"))
+SCRIPT = (
+    sub_line(["ESZ4", "NQZ4"], sub_id=1, is_last=False)
+    + sub_line(["RTYZ4"], sub_id=1)
+    + sub_line("ALL_SYMBOLS", schema="definition", sub_id=2, order="cpp")
+    + b"start_session\n"
+    + sub_line(["CLZ4"], schema="mbo", sub_id=3, order="rust")
+)
 
 
 def summarize(events) -> list[tuple]:

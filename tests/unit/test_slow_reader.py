@@ -7,11 +7,29 @@ import pytest
 from gateway.session import SlowReader, SlowReaderLimits, Verdict, effective_behavior
 
 SKIPPABLE = ["mbp-1", "mbp-10", "bbo-1s", "bbo-1m", "cmbp-1", "cbbo-1s", "cbbo-1m"]
-NOT_SKIPPABLE = ["mbo", "tbbo", "trades", "ohlcv-1s", "ohlcv-1m", "ohlcv-1h", "ohlcv-1d",
-                 "ohlcv-eod", "definition", "statistics", "status", "imbalance", "tcbbo"]
+NOT_SKIPPABLE = [
+    "mbo",
+    "tbbo",
+    "trades",
+    "ohlcv-1s",
+    "ohlcv-1m",
+    "ohlcv-1h",
+    "ohlcv-1d",
+    "ohlcv-eod",
+    "definition",
+    "statistics",
+    "status",
+    "imbalance",
+    "tcbbo",
+]
 
-LIM = SlowReaderLimits(behind_bytes=10_000, behind_age_s=2.0, resume_bytes=1_000,
-                       warning_interval_s=1.0, hard_cap_bytes=100_000)
+LIM = SlowReaderLimits(
+    behind_bytes=10_000,
+    behind_age_s=2.0,
+    resume_bytes=1_000,
+    warning_interval_s=1.0,
+    hard_cap_bytes=100_000,
+)
 
 
 # --- effective_behavior ----------------------------------------------------------------
