@@ -1,0 +1,276 @@
+"""The servers under test: the gateway itself and the peers it is compared with.
+
+Each server runs as its own process on loopback, started fresh for every case, with its
+RLIMIT_NOFILE raised (``preexec_fn``) and its stderr kept next to the results. Peers are
+configured not to drop: NATS with a 1 GB ``max_pending`` and a long write deadline, Redis
+with ``client-output-buffer-limit pubsub 0 0 0`` and no persistence; ZeroMQ needs no
+server (the publisher's XPUB socket is it) and the raw limit is the raw sender itself.
+
+``ensure_peers`` finds ``nats-server`` and ``redis-server``; when they are missing and the
+harness runs as root it installs the Debian packages with apt-get, else the peer is
+skipped with the reason recorded for the results table.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Final
+
+from bench.procs import free_port, raise_nofile, stop_process
+from bench.records import API_KEY, DATASET
+
+__all__ = ["GatewayServer", "NatsServer", "PeerStatus", "RedisServer", "Server",
+           "ensure_peers", "versions"]
+
+REPO: Final = Path(__file__).resolve().parent.parent
+PEER_BINARIES: Final = {"nats": "nats-server", "redis": "redis-server"}
+APT_PACKAGES: Final = {"nats": "nats-server", "redis": "redis-server"}
+
+
+@dataclass
+class PeerStatus:
+    name: str
+    available: bool
+    version: str = ""
+    reason: str = ""
+    path: str = ""
+
+
+def _which(binary: str) -> str:
+    found = shutil.which(binary)
+    if found:
+        return found
+    for folder in ("/usr/sbin", "/usr/bin", "/usr/local/bin", "/usr/local/sbin"):
+        path = os.path.join(folder, binary)
+        if os.access(path, os.X_OK):
+            return path
+    return ""
+
+
+def _version(cmd: list[str]) -> str:
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return (out.stdout or out.stderr).strip().splitlines()[0] if (out.stdout or out.stderr) \
+        else ""
+
+
+def ensure_peers(wanted: list[str], install: bool, log: IO[str]) -> dict[str, PeerStatus]:
+    """Status of every peer in ``wanted``; installs missing Debian packages if allowed."""
+    status: dict[str, PeerStatus] = {}
+    missing = [p for p in wanted if p in PEER_BINARIES and not _which(PEER_BINARIES[p])]
+    if missing and install and os.geteuid() == 0 and shutil.which("apt-get"):
+        packages = [APT_PACKAGES[p] for p in missing]
+        print(f"installing {' '.join(packages)} with apt-get ...", file=log, flush=True)
+        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        cmd = ["apt-get", "install", "-y", "--no-install-recommends", *packages]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False,
+                              timeout=600)
+        if done.returncode != 0:
+            subprocess.run(["apt-get", "update"], env=env, capture_output=True, check=False,
+                           timeout=600)
+            done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False,
+                                  timeout=600)
+        if done.returncode != 0:
+            print(f"apt-get failed: {done.stderr.strip()[-500:]}", file=log, flush=True)
+    for peer in wanted:
+        if peer in PEER_BINARIES:
+            path = _which(PEER_BINARIES[peer])
+            if not path:
+                why = ("not installed (run as root to let the harness apt-get it, or "
+                       f"apt-get install {APT_PACKAGES[peer]})" if install else
+                       "not installed (quick mode does not install peers)")
+                status[peer] = PeerStatus(peer, False, reason=why)
+                continue
+            version = _version([path, "--version"])
+            status[peer] = PeerStatus(peer, True, version=version, path=path)
+        elif peer == "zmq":
+            try:
+                import zmq
+            except ImportError:
+                status[peer] = PeerStatus(peer, False, reason="pyzmq is not installed "
+                                          "(pip install pyzmq)")
+                continue
+            status[peer] = PeerStatus(peer, True, version=f"pyzmq {zmq.__version__} / "
+                                                          f"libzmq {zmq.zmq_version()}")
+        else:
+            status[peer] = PeerStatus(peer, True)
+    return status
+
+
+def versions() -> dict[str, str]:
+    import numpy
+    import uvloop
+    import zstandard
+
+    out = {
+        "python": sys.version.split()[0],
+        "uvloop": uvloop.__version__,
+        "numpy": numpy.__version__,
+        "zstandard": zstandard.__version__,
+    }
+    try:
+        from gateway import __version__ as gw_version
+
+        out["gateway"] = gw_version
+    except ImportError:
+        pass
+    return out
+
+
+@dataclass
+class Server:
+    """A server process under test (None for zmq/raw, whose publisher is the server)."""
+
+    name: str
+    proc: subprocess.Popen[bytes] | None = None
+    port: int = 0
+    logs: list[Path] = field(default_factory=list)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid if self.proc is not None else 0
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
+def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
+    import socket
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with status {proc.returncode} while starting")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.02)
+    raise RuntimeError(f"server did not listen on port {port} within {timeout:g} s")
+
+
+class GatewayServer(Server):
+    """``python -m gateway serve`` with a config file that admits enough sessions."""
+
+    ingest_port: int = 0
+    metrics_port: int = 0
+
+    def __init__(self, workdir: Path, *, max_sessions: int = 30_000,
+                 extra_config: dict[str, str | int | float | bool] | None = None) -> None:
+        super().__init__("gateway")
+        self.workdir = workdir
+        self.max_sessions = max_sessions
+        #: more top-level config keys (a scenario mode may need a gateway option)
+        self.extra_config = extra_config or {}
+
+    def start(self) -> GatewayServer:
+        cfg = self.workdir / "gateway.toml"
+        extra = "".join(f"{k} = {json.dumps(v)}\n" for k, v in self.extra_config.items())
+        cfg.write_text(
+            'host = "127.0.0.1"\nport = 0\nmetrics_port = 0\nloop = "uvloop"\n'
+            f'log_level = "warning"\n{extra}'
+            f'[[api_keys]]\nkey = "{API_KEY}"\nmax_sessions = {self.max_sessions}\n'
+            f"[limits]\nmax_connections = {self.max_sessions + 1000}\n"
+            f'[feeds]\n"{DATASET}" = "ingest://127.0.0.1:0?backpressure=1"\n')
+        log = self.workdir / "gateway.stderr.log"
+        self.logs.append(log)
+        with open(log, "ab") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "gateway", "serve", "--config", str(cfg)],
+                cwd=REPO, stdout=subprocess.PIPE, stderr=err, preexec_fn=raise_nofile)
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline().decode()
+            if not line:
+                raise RuntimeError(f"gateway exited while starting (see {log})")
+            fields = dict(t.split("=", 1) for t in line.split() if "=" in t)
+            if line.startswith("ingest "):
+                self.ingest_port = int(fields["port"])
+            elif line.startswith("listening "):
+                self.port = int(fields["port"])
+                self.metrics_port = int(fields.get("metrics_port", 0))
+                break
+        if not self.port or not self.ingest_port:
+            raise RuntimeError("gateway did not report its ports")
+        return self
+
+    def wait_feed_up(self, timeout: float = 10.0) -> None:
+        """Until /readyz says the feed is up (the publisher's Metadata was processed)."""
+        deadline = time.monotonic() + timeout
+        url = f"http://127.0.0.1:{self.metrics_port}/readyz"
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(url, timeout=2) as resp:
+                    body = json.loads(resp.read())
+            except OSError as exc:
+                body = getattr(exc, "read", lambda: b"{}")()
+                try:
+                    body = json.loads(body or b"{}")
+                except ValueError:
+                    body = {}
+            if str(body.get("feeds", {}).get(DATASET, "")).startswith("up"):
+                return
+            time.sleep(0.02)
+        raise RuntimeError("gateway feed did not come up after the publisher connected")
+
+
+class NatsServer(Server):
+    def __init__(self, workdir: Path, binary: str) -> None:
+        super().__init__("nats")
+        self.workdir = workdir
+        self.binary = binary
+
+    def start(self) -> NatsServer:
+        self.port = free_port()
+        cfg = self.workdir / "nats.conf"
+        cfg.write_text(
+            f"listen: 127.0.0.1:{self.port}\n"
+            "max_pending: 1073741824\n"  # 1 GB per connection before 'slow consumer'
+            'write_deadline: "60s"\n'
+            "max_connections: 100000\n"
+            "max_payload: 1048576\n"
+            'ping_interval: "10m"\n')
+        log = self.workdir / "nats.log"
+        self.logs.append(log)
+        with open(log, "ab") as out:
+            self.proc = subprocess.Popen([self.binary, "-c", str(cfg)], stdout=out,
+                                         stderr=subprocess.STDOUT, preexec_fn=raise_nofile)
+        _wait_port(self.port, self.proc)
+        return self
+
+
+class RedisServer(Server):
+    def __init__(self, workdir: Path, binary: str) -> None:
+        super().__init__("redis")
+        self.workdir = workdir
+        self.binary = binary
+
+    def start(self) -> RedisServer:
+        self.port = free_port()
+        log = self.workdir / "redis.log"
+        self.logs.append(log)
+        args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1",
+                "--save", "", "--appendonly", "no", "--protected-mode", "no",
+                "--client-output-buffer-limit", "pubsub 0 0 0",
+                "--client-output-buffer-limit", "normal 0 0 0",
+                "--maxclients", "30000", "--tcp-backlog", "4096", "--daemonize", "no",
+                "--dir", str(self.workdir), "--logfile", str(log)]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL, preexec_fn=raise_nofile)
+        _wait_port(self.port, self.proc)
+        return self

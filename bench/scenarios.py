@@ -1,0 +1,689 @@
+"""The scenarios, as lists of cases, and the machinery that runs one case.
+
+A streaming case starts the server under test, a publisher process and two subscriber
+worker processes; subscribers connect and handshake (the last one, the latency probe,
+connects after all the others so it is served last); the publisher streams; the harness
+tells every subscriber how many records it must have received and collects what each got.
+Every case reports loss (records expected but not received, sequence breaks, records of
+instruments a subscriber did not ask for, sessions that failed) next to its figures.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import signal
+import subprocess
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any, Final
+
+import numpy as np
+
+from bench.peers import GatewayServer, NatsServer, PeerStatus, RedisServer, Server
+from bench.procs import MachineCpu, cpu_seconds, rss_kib
+from bench.publishers import PublishJob, PublishReport, publisher_main
+from bench.records import FIRST_ID, INSTRUMENTS, REC_LEN, Schedule
+from bench.subscribers import ConnResult, ConnSpec, ReadyReport, WorkerConfig, WorkerResult
+from bench.subscribers import worker_main
+
+__all__ = ["Case", "Harness", "Plan", "ZSTD_MODES", "ZstdMode", "build_cases", "make_plan"]
+
+CTX: Final = mp.get_context("fork")
+#: records in flight (published, not yet received) across all subscribers, and per subscriber
+FLIGHT_BUDGET: Final = 512 << 20
+FLIGHT_PER_SUB: Final = 32 << 20
+PERCENTILES: Final = (50.0, 90.0, 99.0, 99.9)
+SUBS_PER_SESSION: Final = 10
+
+
+@dataclass(frozen=True)
+class Plan:
+    quick: bool
+    fanout_n: tuple[int, ...]
+    filtered_n: tuple[int, ...]
+    zstd_n: tuple[int, ...]
+    latency_rates: tuple[int, ...]
+    latency_n: tuple[int, ...]
+    idle_sessions: int
+    idle_window_s: float
+    idle_heartbeat_s: int
+    connect_sessions: int
+    duration_s: float
+    latency_duration_s: float
+    workers: int = 2
+
+
+def make_plan(quick: bool) -> Plan:
+    if quick:
+        return Plan(quick=True, fanout_n=(1, 3), filtered_n=(3,), zstd_n=(2,),
+                    latency_rates=(10_000,), latency_n=(3,), idle_sessions=40,
+                    idle_window_s=0.5, idle_heartbeat_s=5, connect_sessions=30,
+                    duration_s=0.25, latency_duration_s=0.5)
+    return Plan(quick=False, fanout_n=(1, 10, 100, 1000), filtered_n=(10, 100, 1000),
+                zstd_n=(1, 10, 100), latency_rates=(10_000, 50_000, 100_000),
+                latency_n=(10, 100), idle_sessions=10_000, idle_window_s=6.0,
+                idle_heartbeat_s=5, connect_sessions=1000, duration_s=2.0,
+                latency_duration_s=3.0)
+
+
+@dataclass(frozen=True)
+class ZstdMode:
+    """One way of serving the zstd scenario's sessions.
+
+    Hook: the per-session-stream baseline (a later issue) is one more entry in
+    ``ZSTD_MODES`` whose ``gateway_config`` turns that gateway option on.
+    """
+
+    name: str
+    compression: bool
+    #: every session on its own subscription, so nothing can be shared between sessions
+    distinct: bool
+    gateway_config: dict[str, str | int | float | bool] = field(default_factory=dict)
+    description: str = ""
+
+
+ZSTD_MODES: Final[list[ZstdMode]] = [
+    ZstdMode("zstd-shared", True, False,
+             description="zstd, every session on one subscription (frames shared)"),
+    ZstdMode("zstd-distinct", True, True,
+             description="zstd, every session on a different subscription (no sharing)"),
+    ZstdMode("none-shared", False, False,
+             description="uncompressed, one subscription"),
+    ZstdMode("none-distinct", False, True,
+             description="uncompressed, a different subscription per session"),
+]
+
+
+@dataclass
+class Case:
+    scenario: str
+    system: str
+    n: int
+    params: dict[str, Any]
+    run: Callable[[], dict[str, Any]]
+
+    @property
+    def label(self) -> str:
+        extra = " ".join(f"{k}={v}" for k, v in self.params.items() if k != "description")
+        return f"{self.scenario} {self.system} N={self.n} {extra}".strip()
+
+
+# --- helpers ----------------------------------------------------------------------------
+
+
+@dataclass
+class _Child:
+    proc: Any
+    conn: Connection
+
+    def recv(self, timeout: float, what: str) -> Any:
+        if not self.conn.poll(timeout):
+            raise RuntimeError(f"timed out after {timeout:g} s waiting for {what}")
+        return self.conn.recv()
+
+    def send(self, msg: Any) -> None:
+        try:
+            self.conn.send(msg)
+        except OSError:
+            pass
+
+    def stop(self) -> None:
+        self.proc.join(5)
+        if self.proc.is_alive():
+            self.proc.terminate()  # only this child, by its PID
+            self.proc.join(5)
+
+
+def _zipf_subscriptions(n: int, seed: int = 5) -> list[tuple[int, ...]]:
+    """Each session picks 10 of the 1,000 instruments, popular ones far more often."""
+    rng = np.random.default_rng(seed)
+    popularity = rng.permutation(INSTRUMENTS)
+    weights = 1.0 / np.arange(1, INSTRUMENTS + 1) ** 1.0
+    weights /= weights.sum()
+    p = np.empty(INSTRUMENTS)
+    p[popularity] = weights
+    return [tuple(sorted(int(x) + FIRST_ID for x in
+                         rng.choice(INSTRUMENTS, SUBS_PER_SESSION, replace=False, p=p)))
+            for _ in range(n)]
+
+
+def _percentiles(encoded: list[str]) -> dict[str, Any] | None:
+    from hdrh.histogram import HdrHistogram
+
+    hist = HdrHistogram(1, 600_000_000, 3)
+    for e in encoded:
+        if e:
+            hist.decode_and_add(e.encode())
+    if hist.get_total_count() == 0:
+        return None
+    out: dict[str, Any] = {f"p{p:g}": hist.get_value_at_percentile(p) for p in PERCENTILES}
+    out["max"] = hist.get_max_value()
+    out["mean"] = round(hist.get_mean_value(), 1)
+    out["count"] = hist.get_total_count()
+    cdf_points = np.unique(np.r_[np.linspace(0, 90, 19), 100 - np.logspace(1, -3, 25)])
+    out["cdf"] = [[round(float(p), 4), hist.get_value_at_percentile(float(p))]
+                  for p in cdf_points]
+    out["unit"] = "us"
+    return out
+
+
+class Harness:
+    def __init__(self, outdir: Path, plan: Plan, peers: dict[str, PeerStatus],
+                 profile: bool = False) -> None:
+        self.outdir = outdir
+        self.plan = plan
+        self.peers = peers
+        self.profile = profile
+        self.workdir = outdir / "work"
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.schedule = Schedule()
+        self.case_no = 0
+
+    # --- servers ----------------------------------------------------------------------
+
+    def start_server(self, system: str, gateway_config: dict[str, Any] | None = None
+                     ) -> Server:
+        if system == "gateway":
+            return GatewayServer(self.workdir, extra_config=gateway_config).start()
+        if system == "nats":
+            return NatsServer(self.workdir, self.peers["nats"].path).start()
+        if system == "redis":
+            return RedisServer(self.workdir, self.peers["redis"].path).start()
+        return Server(system)
+
+    @contextmanager
+    def profiler(self, server: Server, label: str) -> Iterator[None]:
+        """py-spy attached to the gateway for the case (``--profile``)."""
+        if not self.profile or server.name != "gateway" or not server.pid:
+            yield
+            return
+        import shutil
+        import sys
+
+        pyspy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+        name = "profile-" + "".join(ch if ch.isalnum() else "-" for ch in label)[:80]
+        out = self.outdir / f"{name}.svg"
+        proc = subprocess.Popen(
+            [pyspy, "record", "--pid", str(server.pid), "--rate", "200", "--nonblocking",
+             "-o", str(out)], stdout=subprocess.DEVNULL,
+            stderr=open(self.workdir / "py-spy.log", "ab"))
+        time.sleep(0.5)
+        try:
+            yield
+        finally:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+
+    # --- processes --------------------------------------------------------------------
+
+    def start_publisher(self, job: PublishJob, progress: Any) -> tuple[_Child, int]:
+        parent, child = CTX.Pipe()
+        proc = CTX.Process(target=publisher_main, args=(child, job, progress), daemon=True)
+        proc.start()
+        child.close()
+        pub = _Child(proc, parent)
+        port = job.port
+        while True:
+            msg = pub.recv(60, "the publisher")
+            if msg[0] == "listening":
+                port = int(msg[1])
+            elif msg[0] == "ready":
+                return pub, port
+            elif msg[0] == "done":
+                raise RuntimeError(f"publisher failed: {msg[1].error}")
+
+    def start_workers(self, cfg: WorkerConfig, progress: Any) -> list[_Child]:
+        workers = []
+        for _ in range(self.plan.workers):
+            parent, child = CTX.Pipe()
+            proc = CTX.Process(target=worker_main, args=(child, cfg, progress), daemon=True)
+            proc.start()
+            child.close()
+            workers.append(_Child(proc, parent))
+        return workers
+
+    @staticmethod
+    def connect(workers: list[_Child], specs: list[ConnSpec], inflight: int,
+                timeout: float = 120.0) -> ReadyReport:
+        """Connect ``specs`` spread over the workers, all at once; the merged report."""
+        shares: list[list[ConnSpec]] = [[] for _ in workers]
+        for i, spec in enumerate(specs):
+            shares[i % len(workers)].append(spec)
+        busy = []
+        for w, share in zip(workers, shares, strict=True):
+            if share:
+                w.send(("connect", share, inflight, timeout))
+                busy.append(w)
+        report = ReadyReport()
+        for w in busy:
+            msg = w.recv(timeout + 30, "subscribers to connect")
+            part: ReadyReport = msg[1]
+            report.ready.update(part.ready)
+            report.failed.update(part.failed)
+        return report
+
+    @staticmethod
+    def collect(workers: list[_Child], expected: dict[int, int], timeout: float
+                ) -> list[WorkerResult]:
+        for w in workers:
+            w.send(("expect", expected, timeout))
+        return [w.recv(timeout + 60, "subscriber results")[1] for w in workers]
+
+    @staticmethod
+    def window(shares: list[float]) -> int:
+        """Pacing window (records of the stream) for subscribers receiving these shares."""
+        total = sum(shares) * REC_LEN
+        per_sub = max(shares) * REC_LEN
+        return int(max(4 * 800, min(FLIGHT_BUDGET / total, FLIGHT_PER_SUB / per_sub)))
+
+    # --- one streaming case -----------------------------------------------------------
+
+    def stream_case(
+        self,
+        *,
+        scenario: str,
+        system: str,
+        specs: list[ConnSpec],
+        cfg: WorkerConfig,
+        job: PublishJob,
+        label: str,
+        gateway_config: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        n = len(specs)
+        result: dict[str, Any] = {}
+        server = self.start_server(system, gateway_config)
+        progress = CTX.RawArray("q", max(n, 1))
+        pub: _Child | None = None
+        workers: list[_Child] = []
+        try:
+            if system == "gateway":
+                job = _replace(job, port=server.ingest_port)  # type: ignore[attr-defined]
+            elif server.port:
+                job = _replace(job, port=server.port)
+            pub, port = self.start_publisher(job, progress)
+            if system == "gateway":
+                server.wait_feed_up()  # type: ignore[attr-defined]
+            specs = [_replace(s, port=port) for s in specs]
+            workers = self.start_workers(cfg, progress)
+            first, last = specs[:-1], specs[-1:]
+            ready = self.connect(workers, first, 64) if first else ReadyReport()
+            more = self.connect(workers[:1], last, 1)
+            ready.ready.update(more.ready)
+            ready.failed.update(more.failed)
+            pid = server.pid or pub.proc.pid
+            with self.profiler(server, label):
+                cpu0, mach0, rss0 = cpu_seconds(pid), MachineCpu.read(), rss_kib(pid)
+                pub.send(("go",))
+                budget = job.duration_s + (60 if job.rate else 120)
+                report: PublishReport = pub.recv(budget, "the publisher to finish")[1]
+                expected = self.expected_counts(specs, report.records, cfg.per_instrument)
+                results = self.collect(workers, expected, 30 + n * 0.02)
+                cpu1, mach1, rss1 = cpu_seconds(pid), MachineCpu.read(), rss_kib(pid)
+            result = self.summarize(specs, expected, results, ready, report)
+            delivered = result["delivered"]
+            result.update(
+                server_cpu_s=round(cpu1 - cpu0, 3),
+                server_rss_kib=rss1,
+                server_rss_growth_kib=rss1 - rss0,
+                machine_busy=round(mach1.since(mach0), 3),
+                window_records=job.window,
+                paced_s=round(report.paced_s, 3),
+                publisher_error=report.error,
+                publisher_notes=report.notes,
+            )
+            if delivered:
+                result["server_cpu_s_per_m"] = round((cpu1 - cpu0) / delivered * 1e6, 4)
+            if not server.proc or server.alive():
+                pass
+            else:
+                result["server_exit"] = server.proc.returncode
+        finally:
+            for w in workers:
+                w.send(("close",))
+            if pub is not None:
+                pub.send(("exit",))
+            for w in workers:
+                w.stop()
+            if pub is not None:
+                pub.stop()
+            server.stop()
+        return result
+
+    def expected_counts(self, specs: list[ConnSpec], records: int, per_instrument: bool
+                        ) -> dict[int, int]:
+        if not per_instrument:
+            return {s.index: records for s in specs}
+        counts = self.schedule.published_per_instrument(records)
+        return {s.index: int(counts[np.asarray(s.instruments or (), dtype=np.int64)
+                                    - FIRST_ID].sum()) if s.instruments is not None
+                else records for s in specs}
+
+    def summarize(self, specs: list[ConnSpec], expected: dict[int, int],
+                  results: list[WorkerResult], ready: ReadyReport, report: PublishReport
+                  ) -> dict[str, Any]:
+        conns: list[ConnResult] = [c for r in results for c in r.conns]
+        got = {c.index: c for c in conns}
+        lost = 0
+        extra = 0
+        gaps = 0
+        unexpected = 0
+        notes: list[str] = []
+        failed = dict(ready.failed)
+        for spec in specs:
+            c = got.get(spec.index)
+            want = expected[spec.index]
+            if c is None:
+                lost += want
+                failed.setdefault(spec.index, "no result")
+                continue
+            lost += max(0, want - c.records)
+            extra += max(0, c.records - want)
+            gaps += c.gaps
+            unexpected += c.unexpected
+            if c.closed and spec.index not in failed:
+                failed[spec.index] = c.closed
+            for note in c.notes:
+                if len(notes) < 8:
+                    notes.append(f"subscriber {spec.index}: {note}")
+        for index, why in list(failed.items())[:5]:
+            notes.append(f"subscriber {index} failed: {why}")
+        firsts = [c.first_ns for c in conns if c.first_ns]
+        lasts = [c.last_ns for c in conns if c.last_ns]
+        delivered = sum(min(c.records, expected.get(c.index, 0)) for c in conns)
+        span = (max(lasts) - min(firsts)) / 1e9 if firsts and lasts else 0.0
+        ingest_span = (max(lasts) - report.start_ns) / 1e9 if lasts and report.start_ns else 0.0
+        wire = sum(c.wire_bytes for c in conns)
+        plain = sum(c.plain_bytes for c in conns)
+        out: dict[str, Any] = {
+            "status": "ok",
+            "published": report.records,
+            "expected": sum(expected.values()),
+            "delivered": delivered,
+            "lost": lost,
+            "extra": extra,
+            "gaps": gaps,
+            "unexpected": unexpected,
+            "failed_sessions": len(failed),
+            "span_s": round(span, 4),
+            "throughput_rps": round(delivered / span) if span > 0 else 0,
+            "ingest_rps": round(report.records / ingest_span) if ingest_span > 0 else 0,
+            "wire_bytes": wire,
+            "plain_bytes": plain,
+            "compression_ratio": round(plain / wire, 3) if wire else 0.0,
+            "notes": notes,
+        }
+        all_lat = _percentiles([r.latency_all for r in results])
+        probe_lat = _percentiles([r.latency_probe for r in results])
+        if all_lat or probe_lat:
+            out["latency"] = {"all": all_lat, "probe": probe_lat}
+            out["achieved_rate"] = (round(report.records / ((report.end_ns - report.start_ns)
+                                                            / 1e9))
+                                    if report.end_ns > report.start_ns else 0)
+        out["loss_free"] = (lost == 0 and extra == 0 and gaps == 0 and unexpected == 0
+                            and not failed and not report.error)
+        return out
+
+    # --- scenarios --------------------------------------------------------------------
+
+    def fanout(self, system: str, n: int) -> dict[str, Any]:
+        specs = [ConnSpec(i, system, 0) for i in range(n)]
+        job = PublishJob(system, duration_s=self.plan.duration_s, expect_peers=n,
+                         window=0 if system == "raw" else self.window([1.0] * n))
+        return self.stream_case(scenario="fanout", system=system, specs=specs,
+                                cfg=WorkerConfig(), job=job, label=f"fanout-{system}-{n}")
+
+    def filtered(self, system: str, n: int) -> dict[str, Any]:
+        subs = _zipf_subscriptions(n)
+        specs = [ConnSpec(i, system, 0, instruments=s) for i, s in enumerate(subs)]
+        shares = [len(s) / INSTRUMENTS for s in subs]
+        job = PublishJob(system, per_instrument=True, with_mappings=True,
+                         duration_s=self.plan.duration_s,
+                         expect_peers=sum(len(s) for s in subs),
+                         window=self.window(shares), subscriptions=tuple(subs))
+        res = self.stream_case(scenario="filtered", system=system, specs=specs,
+                               cfg=WorkerConfig(per_instrument=True), job=job,
+                               label=f"filtered-{system}-{n}")
+        distinct = len({s for s in subs})
+        res["distinct_subscriptions"] = distinct
+        return res
+
+    def zstd(self, mode: ZstdMode, n: int) -> dict[str, Any]:
+        specs = [ConnSpec(i, "gateway", 0, zstd=mode.compression,
+                          distinct_tag=(900_000 + i) if mode.distinct else None)
+                 for i in range(n)]
+        job = PublishJob("gateway", duration_s=self.plan.duration_s,
+                         window=self.window([1.0] * n))
+        return self.stream_case(scenario="zstd", system="gateway", specs=specs,
+                                cfg=WorkerConfig(), job=job, label=f"zstd-{mode.name}-{n}",
+                                gateway_config=mode.gateway_config)
+
+    def latency(self, system: str, n: int, rate: int) -> dict[str, Any]:
+        specs = [ConnSpec(i, system, 0, probe=(i == n - 1)) for i in range(n)]
+        every = max(1, rate // 10_000)
+        duration = self.plan.latency_duration_s
+        job = PublishJob(system, duration_s=duration, rate=float(rate),
+                         warmup_s=min(0.5, duration * 0.2), expect_peers=n)
+        res = self.stream_case(scenario="latency", system=system, specs=specs,
+                               cfg=WorkerConfig(latency_every=every), job=job,
+                               label=f"latency-{system}-{n}-{rate}")
+        res["rate"] = rate
+        achieved = res.get("achieved_rate", 0)
+        res["overloaded"] = bool(achieved and achieved < 0.95 * rate)
+        return res
+
+    def idle(self, system: str, n: int) -> dict[str, Any]:
+        """n idle sessions: server RSS per session, CPU while idle, then one burst."""
+        plan = self.plan
+        server = self.start_server(system)
+        progress = CTX.RawArray("q", max(n, 1))
+        pub: _Child | None = None
+        workers: list[_Child] = []
+        try:
+            job = PublishJob(system, duration_s=60, max_records=800, expect_peers=n)
+            if system == "gateway":
+                job = _replace(job, port=server.ingest_port)  # type: ignore[attr-defined]
+            elif server.port:
+                job = _replace(job, port=server.port)
+            pub, port = self.start_publisher(job, progress)
+            if system == "gateway":
+                server.wait_feed_up()  # type: ignore[attr-defined]
+            pid = server.pid or pub.proc.pid
+            hb = plan.idle_heartbeat_s if system == "gateway" else None
+            specs = [ConnSpec(i, system, port, heartbeat_s=hb) for i in range(n)]
+            workers = self.start_workers(WorkerConfig(), progress)
+            time.sleep(0.3)
+            rss0 = rss_kib(pid)
+            t0 = time.perf_counter()
+            ready = self.connect(workers, specs, 200, timeout=180)
+            connect_s = time.perf_counter() - t0
+            time.sleep(1.0)
+            rss1 = rss_kib(pid)
+            cpu0, mach0 = cpu_seconds(pid), MachineCpu.read()
+            time.sleep(plan.idle_window_s)
+            cpu1, mach1 = cpu_seconds(pid), MachineCpu.read()
+            heartbeats = 0
+            with_hb = 0
+            for w in workers:
+                w.send(("stats",))
+            for w in workers:
+                stats = w.recv(60, "subscriber stats")[1]
+                for _records, _control, hb_count in stats.values():
+                    heartbeats += hb_count
+                    with_hb += hb_count > 0
+            with self.profiler(server, f"idle-burst-{system}-{n}"):
+                pub.send(("go",))
+                report: PublishReport = pub.recv(120, "the burst")[1]
+                expected = self.expected_counts(specs, report.records, False)
+                results = self.collect(workers, expected, 60 + n * 0.01)
+            res = self.summarize(specs, expected, results, ready, report)
+            lasts = [c.last_ns for r in results for c in r.conns if c.last_ns]
+            sessions = len(ready.ready)
+            res.update(
+                sessions=sessions,
+                connect_s=round(connect_s, 3),
+                rss_before_kib=rss0,
+                rss_after_kib=rss1,
+                rss_per_session_kib=round((rss1 - rss0) / sessions, 2) if sessions else 0,
+                idle_window_s=plan.idle_window_s,
+                idle_cpu_fraction=round((cpu1 - cpu0) / plan.idle_window_s, 4),
+                machine_busy=round(mach1.since(mach0), 3),
+                heartbeat_interval_s=hb,
+                heartbeats=heartbeats,
+                sessions_with_heartbeat=with_hb,
+                burst_records=report.records,
+                burst_s=round((max(lasts) - report.start_ns) / 1e9, 4) if lasts else 0.0,
+            )
+            return res
+        finally:
+            for w in workers:
+                w.send(("close",))
+            if pub is not None:
+                pub.send(("exit",))
+            for w in workers:
+                w.stop()
+            if pub is not None:
+                pub.stop()
+            server.stop()
+
+    def connect_storm(self, system: str, n: int) -> dict[str, Any]:
+        """n connect+auth+subscribe at once: time until all are streaming; then a burst."""
+        server = self.start_server(system)
+        progress = CTX.RawArray("q", max(n, 1))
+        pub: _Child | None = None
+        workers: list[_Child] = []
+        try:
+            job = PublishJob(system, duration_s=60, max_records=800, expect_peers=n)
+            if system == "gateway":
+                job = _replace(job, port=server.ingest_port)  # type: ignore[attr-defined]
+            elif server.port:
+                job = _replace(job, port=server.port)
+            pub, port = self.start_publisher(job, progress)
+            if system == "gateway":
+                server.wait_feed_up()  # type: ignore[attr-defined]
+            pid = server.pid or pub.proc.pid
+            specs = [ConnSpec(i, system, port) for i in range(n)]
+            workers = self.start_workers(WorkerConfig(), progress)
+            time.sleep(0.3)
+            cpu0 = cpu_seconds(pid)
+            with self.profiler(server, f"connect-{system}-{n}"):
+                ready = self.connect(workers, specs, n, timeout=120)
+                cpu1 = cpu_seconds(pid)
+                pub.send(("go",))
+                report: PublishReport = pub.recv(120, "the burst")[1]
+                expected = self.expected_counts(specs, report.records, False)
+                results = self.collect(workers, expected, 60)
+            res = self.summarize(specs, expected, results, ready, report)
+            times = np.array([r - s for s, r in ready.ready.values()], dtype=np.float64) / 1e6
+            if len(times):
+                start = min(s for s, _ in ready.ready.values())
+                end = max(r for _, r in ready.ready.values())
+                res.update(
+                    sessions=len(times),
+                    all_streaming_s=round((end - start) / 1e9, 4),
+                    per_session_ms={"p50": round(float(np.percentile(times, 50)), 2),
+                                    "p99": round(float(np.percentile(times, 99)), 2),
+                                    "max": round(float(times.max()), 2)},
+                    server_cpu_s=round(cpu1 - cpu0, 3),
+                )
+            return res
+        finally:
+            for w in workers:
+                w.send(("close",))
+            if pub is not None:
+                pub.send(("exit",))
+            for w in workers:
+                w.stop()
+            if pub is not None:
+                pub.stop()
+            server.stop()
+
+
+def _replace(obj: Any, **changes: Any) -> Any:
+    import dataclasses
+
+    return dataclasses.replace(obj, **changes)
+
+
+SCENARIOS: Final = ("fanout", "filtered", "zstd", "latency", "idle", "connect")
+SYSTEMS: Final = ("gateway", "raw", "nats", "redis", "zmq")
+SCENARIO_SYSTEMS: Final = {
+    "fanout": ("raw", "gateway", "nats", "redis", "zmq"),
+    "filtered": ("gateway", "nats", "redis", "zmq"),
+    "zstd": ("gateway",),
+    "latency": ("gateway", "nats", "redis", "zmq"),
+    "idle": ("gateway", "nats", "redis"),
+    "connect": ("gateway", "nats", "redis", "zmq"),
+}
+
+
+def build_cases(h: Harness, scenarios: list[str], systems: list[str]) -> list[Case]:
+    plan = h.plan
+    cases: list[Case] = []
+
+    def add(scenario: str, system: str, n: int, params: dict[str, Any],
+            run: Callable[[], dict[str, Any]]) -> None:
+        cases.append(Case(scenario, system, n, params, run))
+
+    for scenario in scenarios:
+        wanted = [s for s in SCENARIO_SYSTEMS[scenario] if s in systems]
+        if scenario == "fanout":
+            for n in plan.fanout_n:
+                for s in wanted:
+                    add(scenario, s, n, {}, lambda s=s, n=n: h.fanout(s, n))
+        elif scenario == "filtered":
+            for n in plan.filtered_n:
+                for s in wanted:
+                    add(scenario, s, n, {"instruments": INSTRUMENTS,
+                                         "per_session": SUBS_PER_SESSION},
+                        lambda s=s, n=n: h.filtered(s, n))
+        elif scenario == "zstd" and "gateway" in systems:
+            for n in plan.zstd_n:
+                for mode in ZSTD_MODES:
+                    add(scenario, "gateway", n, {"mode": mode.name,
+                                                 "description": mode.description},
+                        lambda m=mode, n=n: h.zstd(m, n))
+        elif scenario == "latency":
+            for n in plan.latency_n:
+                for rate in plan.latency_rates:
+                    for s in wanted:
+                        add(scenario, s, n, {"rate": rate},
+                            lambda s=s, n=n, r=rate: h.latency(s, n, r))
+        elif scenario == "idle":
+            for s in wanted:
+                add(scenario, s, plan.idle_sessions, {}, lambda s=s: h.idle(s, plan.idle_sessions))
+        elif scenario == "connect":
+            for s in wanted:
+                add(scenario, s, plan.connect_sessions, {},
+                    lambda s=s: h.connect_storm(s, plan.connect_sessions))
+    return cases
+
+
+def run_case(case: Case, peers: dict[str, PeerStatus]) -> dict[str, Any]:
+    """Run one case; a skipped peer or a failure becomes a result row, never an exception."""
+    base: dict[str, Any] = {"scenario": case.scenario, "system": case.system, "n": case.n,
+                            "params": case.params}
+    peer = peers.get(case.system)
+    if peer is not None and not peer.available:
+        return {**base, "status": "skipped", "reason": peer.reason}
+    started = time.perf_counter()
+    try:
+        res = case.run()
+    except Exception as exc:
+        return {**base, "status": "error", "reason": f"{type(exc).__name__}: {exc}",
+                "traceback": traceback.format_exc()[-2000:],
+                "elapsed_s": round(time.perf_counter() - started, 2)}
+    res = {**base, **res, "elapsed_s": round(time.perf_counter() - started, 2)}
+    return res
+
+
+def peer_table(peers: dict[str, PeerStatus]) -> list[dict[str, Any]]:
+    return [asdict(p) for p in peers.values()]
