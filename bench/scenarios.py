@@ -28,8 +28,14 @@ from bench.peers import GatewayServer, NatsServer, PeerStatus, RedisServer, Serv
 from bench.procs import MachineCpu, cpu_seconds, rss_kib
 from bench.publishers import PublishJob, PublishReport, publisher_main
 from bench.records import FIRST_ID, INSTRUMENTS, REC_LEN, Schedule
-from bench.subscribers import ConnResult, ConnSpec, ReadyReport, WorkerConfig, WorkerResult
-from bench.subscribers import worker_main
+from bench.subscribers import (
+    ConnResult,
+    ConnSpec,
+    ReadyReport,
+    WorkerConfig,
+    WorkerResult,
+    worker_main,
+)
 
 __all__ = ["Case", "Harness", "Plan", "ZSTD_MODES", "ZstdMode", "build_cases", "make_plan"]
 

@@ -41,8 +41,16 @@ from bench.parsers import (
     ZstdLayer,
     zmtp_frame,
 )
-from bench.records import API_KEY, DATASET, FIRST_ID, INSTRUMENTS, nats_subject, redis_channel
-from bench.records import symbol_of, zmq_topic
+from bench.records import (
+    API_KEY,
+    DATASET,
+    FIRST_ID,
+    INSTRUMENTS,
+    nats_subject,
+    redis_channel,
+    symbol_of,
+    zmq_topic,
+)
 
 __all__ = ["ConnResult", "ConnSpec", "ReadyReport", "WorkerConfig", "WorkerResult",
            "worker_main"]

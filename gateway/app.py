@@ -10,7 +10,7 @@ import sys
 import time
 from typing import Any
 
-from gateway import __version__
+from gateway import __version__, transport
 from gateway.auth import Authenticator, KeyEntry
 from gateway.config import Config
 from gateway.errors import FeedError, GatewayError
@@ -28,8 +28,9 @@ TICK_S = 0.5
 
 
 class Gateway:
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, loop_name: str = "") -> None:
         self.cfg = cfg
+        self.loop_name = loop_name
         self.metrics = Metrics()
         self.feeds: dict[str, Feed] = {}
         self.sources: dict[str, Source] = {}
@@ -75,6 +76,13 @@ class Gateway:
                 stall_timeout_s=sr.stall_timeout_s,
             ),
         )
+        if (
+            cfg.transport.sndbuf is not None
+            or cfg.transport.rcvbuf is not None
+            or (cfg.transport.busy_poll_us is not None)
+        ):
+            self.state.tune_socket = lambda sock: transport.tune_socket(sock, cfg)
+        self.transport_report: transport.TransportReport | None = None
         self.server: asyncio.Server | None = None
         self.port = 0
         self.metrics_port = 0
@@ -105,9 +113,17 @@ class Gateway:
                 print(f"ingest dataset={dataset} port={port}", flush=True)
         loop = asyncio.get_running_loop()
         self.server = await loop.create_server(
-            lambda: ClientConnection(self.state), cfg.host, cfg.port, backlog=4096
+            lambda: ClientConnection(self.state),
+            cfg.host,
+            cfg.port,
+            backlog=4096,
+            reuse_port=cfg.transport.reuse_port or None,
         )
         self.port = self.server.sockets[0].getsockname()[1]
+        report = transport.startup_report(cfg, _loop_name())
+        report.socket_options = transport.tune_socket(self.server.sockets[0], cfg)
+        transport.apply_report(report, cfg, self.metrics)
+        self.transport_report = report
         if cfg.metrics_port is not None:
             from gateway.status import StatusServer
 
@@ -252,17 +268,12 @@ def setup_logging(fmt: str, level: str) -> None:
 
 def run(cfg: Config) -> int:
     setup_logging(cfg.log_format, cfg.log_level)
-    gateway = Gateway(cfg)
-    use_uvloop = cfg.loop in ("auto", "uvloop")
     try:
-        if use_uvloop:
-            try:
-                import uvloop
-            except ImportError:
-                if cfg.loop == "uvloop":
-                    raise
-                use_uvloop = False
-        if use_uvloop:
+        loop_name = transport.choose_loop(cfg)
+        gateway = Gateway(cfg, loop_name=loop_name)
+        if loop_name == "uvloop":
+            import uvloop
+
             uvloop.run(gateway.serve())
         else:
             asyncio.run(gateway.serve())

@@ -85,11 +85,58 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="S",
         help="default heartbeat interval in seconds (5-30, default 30)",
     )
+    tr = serve.add_argument_group("transport (see README: Kernel bypass)")
+    tr.add_argument(
+        "--transport", metavar="KIND", help="plain (default), onload, vma, exasock or preload:PATH"
+    )
+    tr.add_argument(
+        "--transport-profile",
+        metavar="NAME",
+        help="vendor profile for a bypass transport (onload default: latency)",
+    )
+    tr.add_argument(
+        "--env-file",
+        metavar="FILE",
+        help="KEY=VALUE file (e.g. EF_* overrides) that wins over the profile",
+    )
+    tr.add_argument(
+        "--bypass-required",
+        choices=("true", "false"),
+        help="when a bypass transport is requested but not loaded: fail (true, "
+        "default) or only warn (false)",
+    )
+    tr.add_argument("--sndbuf", type=int, metavar="BYTES", help="SO_SNDBUF for client sockets")
+    tr.add_argument("--rcvbuf", type=int, metavar="BYTES", help="SO_RCVBUF for client sockets")
+    tr.add_argument(
+        "--busy-poll-us",
+        type=int,
+        metavar="US",
+        help="SO_BUSY_POLL for client sockets (needs CAP_NET_ADMIN to raise)",
+    )
+    tr.add_argument(
+        "--cpu-affinity",
+        metavar="CPUS",
+        help="pin the event-loop thread to these CPUs, e.g. 2 or 2,3",
+    )
+    tr.add_argument(
+        "--reuse-port",
+        action="store_true",
+        help="listen with SO_REUSEPORT (several gateway processes on one port)",
+    )
     serve.add_argument(
         "--print-connect-help",
         action="store_true",
         help="print how to connect once listening (used by make run)",
     )
+    probe = sub.add_parser(
+        "probe",
+        help="strobe a gateway like a customer (connect, auth, subscribe, first record)",
+        description="Connect, authenticate, subscribe and wait for a record, like a customer; "
+        "export the results as Prometheus metrics and keep an uptime history.",
+    )
+    from gateway.probe import add_arguments
+
+    add_arguments(probe)
     return parser
 
 
@@ -99,6 +146,27 @@ def config_from_args(args: argparse.Namespace) -> Config:
         value = getattr(args, name)
         if value is not None:
             setattr(cfg, name, value)
+    t = cfg.transport
+    if args.transport is not None:
+        t.kind = args.transport
+    if args.transport_profile is not None:
+        t.profile = args.transport_profile
+    if args.env_file is not None:
+        t.env_file = args.env_file
+    if args.bypass_required is not None:
+        t.bypass_required = args.bypass_required == "true"
+    for name in ("sndbuf", "rcvbuf", "busy_poll_us"):
+        if getattr(args, name) is not None:
+            setattr(t, name, getattr(args, name))
+    if args.cpu_affinity is not None:
+        try:
+            t.cpu_affinity = [int(c) for c in args.cpu_affinity.split(",") if c.strip()]
+        except ValueError:
+            raise ConfigError(
+                f"--cpu-affinity {args.cpu_affinity!r}: expected CPU numbers such as 2 or 2,3"
+            ) from None
+    if args.reuse_port:
+        t.reuse_port = True
     if args.heartbeat_interval is not None:
         cfg.default_heartbeat_s = args.heartbeat_interval
     for key in args.api_key:
@@ -120,6 +188,15 @@ def config_from_args(args: argparse.Namespace) -> Config:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "probe":
+        from gateway.errors import GatewayError
+        from gateway.probe import run_probe
+
+        try:
+            return run_probe(args)
+        except GatewayError as exc:
+            print(f"gateway probe: error: {exc}", file=sys.stderr)
+            return 2
     if args.command != "serve":
         parser.print_help()
         return 0 if args.command is None else 2
@@ -142,6 +219,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             ),
             flush=True,
         )
+    from gateway import transport
     from gateway.app import run
 
+    try:
+        transport.maybe_relaunch(cfg, sys.argv if argv is None else ["gateway", *argv])
+    except ConfigError as exc:
+        print(f"gateway: error: {exc}", file=sys.stderr)
+        return 2
     return run(cfg)

@@ -13,7 +13,15 @@ import msgspec
 
 from gateway.errors import ConfigError
 
-__all__ = ["ApiKeyConfig", "Config", "LimitsConfig", "SlowReaderConfig", "load_config", "validate"]
+__all__ = [
+    "ApiKeyConfig",
+    "Config",
+    "LimitsConfig",
+    "SlowReaderConfig",
+    "TransportConfig",
+    "load_config",
+    "validate",
+]
 
 
 class _Base(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -54,6 +62,22 @@ class SlowReaderConfig(_Base):
     stall_timeout_s: float = 10.0
 
 
+class TransportConfig(_Base):
+    #: plain | onload | vma | exasock | preload:PATH
+    kind: str = "plain"
+    #: vendor profile name (onload: latency by default); values in the vendor's own names
+    profile: str | None = None
+    #: KEY=VALUE file whose values win over the profile (as the real onload wrapper does)
+    env_file: str | None = None
+    #: a requested bypass that is not loaded: fail fast (true) or only warn (false)
+    bypass_required: bool = True
+    sndbuf: int | None = None
+    rcvbuf: int | None = None
+    busy_poll_us: int | None = None
+    cpu_affinity: list[int] | None = None
+    reuse_port: bool = False
+
+
 class Config(_Base):
     host: str = "127.0.0.1"
     port: int = 13000
@@ -70,6 +94,7 @@ class Config(_Base):
     feeds: dict[str, str] = msgspec.field(default_factory=dict)
     limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
     slow_reader: SlowReaderConfig = msgspec.field(default_factory=SlowReaderConfig)
+    transport: TransportConfig = msgspec.field(default_factory=TransportConfig)
 
 
 def _where(exc: msgspec.ValidationError) -> str:

@@ -74,6 +74,8 @@ class ServerState:
     slow: SlowReaderLimits = field(default_factory=SlowReaderLimits)
     conn_limits: ConnectionLimits = field(default_factory=ConnectionLimits)
     clock: Callable[[], float] = time.monotonic
+    #: applied to every accepted socket (transport options: buffers, busy-poll, ...)
+    tune_socket: Callable[[Any], object] | None = None
     connections: set[ClientConnection] = field(default_factory=set)
     unauthenticated: int = 0
     accepting: bool = True
@@ -168,6 +170,8 @@ class ClientConnection(asyncio.Protocol):
         state.metrics.connections.labels("accepted", "").inc()
         lim = state.conn_limits
         transport.set_write_buffer_limits(high=lim.write_high_water, low=lim.write_low_water)
+        if state.tune_socket is not None:
+            state.tune_socket(transport.get_extra_info("socket"))
         self.session = Session(
             challenge=new_challenge(), version=state.version, limits=state.limits, now=now
         )

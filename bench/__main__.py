@@ -1,0 +1,201 @@
+"""``python -m bench``: run the scenarios, write ``bench/results/<timestamp>/``.
+
+    python -m bench                       every scenario, every peer (installs missing peers)
+    python -m bench --quick               seconds: tiny N and durations (a correctness run)
+    python -m bench --scenarios fanout,latency --systems gateway,nats
+    python -m bench --profile filtered    one scenario, the gateway under py-spy
+
+Exit status 1 when any gateway case lost records or failed (peers never fail the run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+from bench.peers import ensure_peers, versions
+from bench.procs import machine_info, raise_nofile
+from bench.report import evaluate_targets, loss_summary, write_json, write_markdown, write_plots
+from bench.scenarios import (
+    SCENARIO_SYSTEMS,
+    SCENARIOS,
+    SYSTEMS,
+    Harness,
+    build_cases,
+    make_plan,
+    peer_table,
+    run_case,
+)
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+class Progress:
+    """A one-line progress bar on a terminal, one line per step otherwise."""
+
+    def __init__(self, total: int, stream: TextIO = sys.stderr) -> None:
+        self.total = max(total, 1)
+        self.done = 0
+        self.stream = stream
+        self.tty = stream.isatty()
+        self.started = time.monotonic()
+
+    def bar(self, label: str) -> str:
+        width = 30
+        filled = int(width * self.done / self.total)
+        elapsed = time.monotonic() - self.started
+        eta = elapsed / self.done * (self.total - self.done) if self.done else 0.0
+        return (f"[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} "
+                f"{elapsed:5.0f}s eta {eta:4.0f}s  {label}")
+
+    def start(self, label: str) -> None:
+        if self.tty:
+            self.stream.write("\r\033[K" + self.bar(label)[:150])
+        else:
+            self.stream.write(self.bar(label) + "\n")
+        self.stream.flush()
+
+    def finish(self, label: str, summary: str) -> None:
+        self.done += 1
+        if self.tty:
+            self.stream.write("\r\033[K")
+        self.stream.write(f"  {label}: {summary}\n")
+        if self.tty:
+            self.stream.write(self.bar("")[:150])
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.tty:
+            self.stream.write("\r\033[K" + self.bar("done") + "\n")
+            self.stream.flush()
+
+
+def summary_line(r: dict[str, Any]) -> str:
+    status = r.get("status")
+    if status != "ok":
+        return f"{status}: {r.get('reason', '')}"[:160]
+    parts = []
+    sc = r["scenario"]
+    if sc in ("fanout", "filtered", "zstd"):
+        parts.append(f"{r['throughput_rps'] / 1e6:.2f} M rec/s")
+        if sc == "filtered":
+            parts.append(f"ingest {r['ingest_rps'] / 1e6:.3f} M/s")
+        if sc == "zstd":
+            parts.append(f"{r.get('server_cpu_s_per_m', 0):.3f} CPU s/M, "
+                         f"ratio {r['compression_ratio']:.2f}")
+    elif sc == "latency":
+        lat = (r.get("latency") or {}).get("probe") or {}
+        parts.append(f"p50 {lat.get('p50', '-')} p99 {lat.get('p99', '-')} "
+                     f"p99.9 {lat.get('p99.9', '-')} max {lat.get('max', '-')} us")
+        if r.get("overloaded"):
+            parts.append(f"OVERLOADED ({r.get('achieved_rate', 0):,}/s)")
+    elif sc == "idle":
+        parts.append(f"{r['rss_per_session_kib']:.1f} KiB/session, idle CPU "
+                     f"{100 * r['idle_cpu_fraction']:.1f}%, burst {r['burst_s']:.3f} s")
+    elif sc == "connect":
+        parts.append(f"all streaming in {r.get('all_streaming_s', 0):.3f} s")
+    loss = "loss-free" if r.get("loss_free") else (
+        f"LOSS lost={r['lost']} gaps={r['gaps']} extra={r['extra']} "
+        f"foreign={r['unexpected']} failed={r['failed_sessions']}")
+    parts.append(loss)
+    parts.append(f"{r.get('elapsed_s', 0):.1f}s")
+    return ", ".join(parts)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny N and durations (seconds)")
+    p.add_argument("--scenarios", default=",".join(SCENARIOS),
+                   help=f"comma-separated subset of {','.join(SCENARIOS)}")
+    p.add_argument("--systems", default=",".join(SYSTEMS),
+                   help=f"comma-separated subset of {','.join(SYSTEMS)}")
+    p.add_argument("--profile", metavar="SCENARIO", choices=SCENARIOS,
+                   help="run only SCENARIO with py-spy attached to the gateway; the flame "
+                        "graphs are saved next to the results")
+    p.add_argument("--out", type=Path, help="results folder (default bench/results/<time>)")
+    p.add_argument("--no-install", action="store_true",
+                   help="never apt-get missing peers (skip them instead)")
+    p.add_argument("--duration", type=float, help="seconds of publishing per throughput case")
+    p.add_argument("--note", default="", help="a line to print in RESULTS.md")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    raise_nofile()
+    started = time.monotonic()
+    run_id = time.strftime("%Y%m%d-%H%M%S")
+    outdir: Path = args.out or RESULTS / (run_id + ("-quick" if args.quick else ""))
+    outdir.mkdir(parents=True, exist_ok=True)
+    scenarios = [args.profile] if args.profile else [
+        s for s in args.scenarios.split(",") if s]
+    systems = [s for s in args.systems.split(",") if s]
+    bad = [s for s in scenarios if s not in SCENARIOS] + [s for s in systems if s not in SYSTEMS]
+    if bad:
+        print(f"unknown scenario or system: {', '.join(bad)}", file=sys.stderr)
+        return 2
+    plan = make_plan(args.quick)
+    if args.duration:
+        import dataclasses
+
+        plan = dataclasses.replace(plan, duration_s=args.duration)
+    used = sorted({s for sc in scenarios for s in SCENARIO_SYSTEMS[sc] if s in systems})
+    peers = ensure_peers([s for s in used if s in ("nats", "redis", "zmq")],
+                         install=not (args.quick or args.no_install), log=sys.stderr)
+    for p in peers.values():
+        if not p.available:
+            print(f"peer {p.name} skipped: {p.reason}", file=sys.stderr)
+    harness = Harness(outdir, plan, peers, profile=bool(args.profile))
+    cases = build_cases(harness, scenarios, systems)
+    meta: dict[str, Any] = {
+        "run_id": run_id, "quick": args.quick, "machine": machine_info(),
+        "versions": {**versions(), **{p.name: p.version for p in peers.values()
+                                      if p.available and p.version}},
+        "plan": dataclasses_asdict(plan), "scenarios": scenarios, "systems": systems,
+        "profile": args.profile, "note": args.note, "argv": sys.argv[1:],
+    }
+    doc: dict[str, Any] = {"meta": meta, "peers": peer_table(peers), "results": []}
+    progress = Progress(len(cases))
+    print(f"bench: {len(cases)} cases -> {outdir}", file=sys.stderr)
+    for case in cases:
+        progress.start(case.label)
+        result = run_case(case, peers)
+        doc["results"].append(result)
+        progress.finish(case.label, summary_line(result))
+        write_json(outdir / "results.json", doc)
+    progress.close()
+    meta["elapsed_s"] = round(time.monotonic() - started, 1)
+    doc["targets"] = evaluate_targets(doc["results"])
+    doc["loss"] = loss_summary(doc["results"])
+    try:
+        doc["plots"] = write_plots(outdir, doc["results"])
+    except Exception as exc:  # plots are a nicety; never lose the numbers over them
+        doc["plots"] = []
+        print(f"plots failed: {exc}", file=sys.stderr)
+    write_json(outdir / "results.json", doc)
+    write_markdown(outdir / "RESULTS.md", doc)
+    for t in doc["targets"]:
+        print(f"target {t['status']:>6}: {t['target']}: {t['measured']}"
+              + (f" ({t['detail']})" if t["detail"] else ""))
+    print(f"results: {outdir / 'RESULTS.md'}")
+    gateway_bad = [r for r in doc["results"] if r["system"] == "gateway"
+                   and (r.get("status") == "error"
+                        or (r.get("status") == "ok" and not r.get("loss_free")))]
+    if gateway_bad:
+        print(f"gateway: {len(gateway_bad)} case(s) lost records or failed", file=sys.stderr)
+        return 1
+    return 0
+
+
+def dataclasses_asdict(obj: Any) -> dict[str, Any]:
+    import dataclasses
+
+    return dataclasses.asdict(obj)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
