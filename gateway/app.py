@@ -82,6 +82,8 @@ class Gateway:
             or (cfg.transport.busy_poll_us is not None)
         ):
             self.state.tune_socket = lambda sock: transport.tune_socket(sock, cfg)
+        self.state.zstd_per_session = cfg.zstd_mode == "per_session"
+        self.state.zstd_level = cfg.zstd_level
         self.transport_report: transport.TransportReport | None = None
         self.server: asyncio.Server | None = None
         self.port = 0
@@ -93,13 +95,16 @@ class Gateway:
         self._paused_seen: dict[str, float] = {}
         self._pauses_seen: dict[str, int] = {}
         self.started_at = time.time()
+        self._compression_seen: list[float] = [0, 0, 0, 0, 0.0]
 
     async def start(self) -> None:
         cfg = self.cfg
         for dataset, uri in cfg.feeds.items():
             spec = parse_feed_uri(dataset, uri)
             feed = Feed(
-                dataset, fanout=FanOut(zstd_level=cfg.zstd_level), backpressure=spec.backpressure
+                dataset,
+                fanout=FanOut(zstd_level=cfg.zstd_level, shared_frames=cfg.zstd_mode == "shared"),
+                backpressure=spec.backpressure,
             )
             self.feeds[dataset] = feed
             source = build_source(spec, feed)
@@ -167,6 +172,7 @@ class Gateway:
             for conn in list(self.state.connections):
                 conn.tick(now)
             self._export_feed_metrics()
+            self._export_compression_metrics()
 
     def _export_feed_metrics(self) -> None:
         m = self.metrics
@@ -196,6 +202,25 @@ class Gateway:
                 feed.pauses - self._pauses_seen.get(ds, 0)
             )
             self._pauses_seen[ds] = feed.pauses
+
+    def _export_compression_metrics(self) -> None:
+        """zstd: bytes before/after, frames built vs written (the reuse factor), CPU time."""
+        m = self.metrics
+        totals = [0, 0, 0, 0, 0.0]
+        for feed in self.feeds.values():
+            fo = feed.fanout
+            totals[0] += fo.bytes_compressed_in
+            totals[1] += fo.bytes_compressed_out
+            totals[2] += fo.frames_built
+            totals[3] += fo.frames_written
+            totals[4] += fo.compress_seconds
+        seen = self._compression_seen
+        m.bytes_before_compression.inc(totals[0] - seen[0])
+        m.bytes_after_compression.inc(totals[1] - seen[1])
+        m.frames_built.inc(totals[2] - seen[2])
+        m.frames_written.inc(totals[3] - seen[3])
+        m.compress_seconds.inc(max(0.0, totals[4] - seen[4]))
+        self._compression_seen = totals
 
     async def shutdown(self) -> None:
         """Stop accepting, flush what is queued, close every session, stop feeds."""

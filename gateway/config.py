@@ -87,6 +87,9 @@ class Config(_Base):
     log_format: Literal["text", "json"] = "text"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     zstd_level: int = 3
+    #: shared: one independent frame per chunk per fan-out group (the design);
+    #: per_session: one streaming compressor per session (the naive baseline, for benchmarks)
+    zstd_mode: Literal["shared", "per_session"] = "shared"
     default_heartbeat_s: int = 30
     shutdown_grace_s: float = 5.0
     api_keys: list[ApiKeyConfig] = msgspec.field(default_factory=list)

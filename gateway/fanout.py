@@ -108,11 +108,15 @@ class FanOut:
         *,
         zstd_level: int = 3,
         clock_ns: Callable[[], int] = time.time_ns,
+        shared_frames: bool = True,
     ) -> None:
         self.groups: dict[OutputSpec, Group] = {}
         self._member_spec: dict[Subscriber, OutputSpec] = {}
         self._compressor = zstandard.ZstdCompressor(level=zstd_level)
         self._clock_ns = clock_ns
+        #: False only for the benchmark's naive baseline: zstd members get the raw variant
+        #: and compress it with their own streaming compressor.
+        self.shared_frames = shared_frames
         self.bytes_compressed_in = 0
         self.bytes_compressed_out = 0
         self.compress_seconds = 0.0
@@ -177,7 +181,7 @@ class FanOut:
             group.writes += len(group.members)
             self.records_out += records * len(group.members)
             self.bytes_out += len(data) * len(group.members)
-            if group.spec.zstd:
+            if group.spec.zstd and self.shared_frames:
                 self.frames_written += len(group.members)
 
     def _variant(
@@ -197,7 +201,7 @@ class FanOut:
                 stamped = cache.stamped[sel] = stamp_ts_out(index, mask, self._clock_ns())
                 group.builds += 1
             data = stamped
-        if spec.zstd:
+        if spec.zstd and self.shared_frames:
             key = (sel, spec.ts_out)
             frame = cache.frames.get(key)
             if frame is None:

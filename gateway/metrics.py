@@ -85,6 +85,9 @@ class Metrics:
         self.frames_written = Counter(
             "gateway_zstd_frames_written", "Shared zstd frames written to sessions", registry=r
         )
+        self.compress_seconds = Counter(
+            "gateway_zstd_compress_seconds", "CPU time spent compressing", registry=r
+        )
         self.variant_builds = Counter(
             "gateway_fanout_variant_builds",
             "Per-group variants built (gathers, stamps, frames)",

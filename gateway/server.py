@@ -16,6 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
+import zstandard
+
 from gateway import dbn
 from gateway.auth import Authenticator, KeyEntry, new_challenge
 from gateway.dbn import ErrorCode, SystemCode
@@ -76,6 +78,9 @@ class ServerState:
     clock: Callable[[], float] = time.monotonic
     #: applied to every accepted socket (transport options: buffers, busy-poll, ...)
     tune_socket: Callable[[Any], object] | None = None
+    #: benchmark baseline: one streaming zstd compressor per session instead of shared frames
+    zstd_per_session: bool = False
+    zstd_level: int = 3
     connections: set[ClientConnection] = field(default_factory=set)
     unauthenticated: int = 0
     accepting: bool = True
@@ -135,6 +140,7 @@ class ClientConnection(asyncio.Protocol):
         self.paused = False
         self._queued: list[Subscription] = []
         self._counted_unauth = False
+        self._stream: Any = None  # per-session zstd stream (zstd_mode=per_session only)
         self._gauge_labels: tuple[str, str, str, str] | None = None
 
     # --- asyncio callbacks -------------------------------------------------------------------
@@ -267,6 +273,8 @@ class ClientConnection(asyncio.Protocol):
         self.feed = state.feeds[req.dataset]
         self.ts_out = req.ts_out
         self.zstd = req.compression == "zstd"
+        if self.zstd and state.zstd_per_session:
+            self._stream = zstandard.ZstdCompressor(level=state.zstd_level).compressobj()
         self.heartbeat_s = float(req.heartbeat_interval_s or state.conn_limits.default_heartbeat_s)
         self.session_id = state.next_session_id()
         self.started_at = time.time()
@@ -351,7 +359,9 @@ class ClientConnection(asyncio.Protocol):
         data = head + body
         if not data:
             return
-        if self.zstd:
+        if self._stream is not None:
+            data = self._compress_stream(data)
+        elif self.zstd:
             assert self.feed is not None
             data = self.feed.fanout.compress(data)
         self.transport.write(data)
@@ -372,6 +382,8 @@ class ClientConnection(asyncio.Protocol):
         if slow.notices:
             self._send_notices()
         if verdict is Verdict.SEND:
+            if self._stream is not None:
+                data = self._compress_stream(data)
             transport.write(data)
             self.records_sent += records
             self.bytes_sent += len(data)
@@ -384,6 +396,19 @@ class ClientConnection(asyncio.Protocol):
                 f"slow reader: more than {self.state.slow.hard_cap_bytes}"
                 " bytes buffered; disconnecting",
             )
+
+    def _compress_stream(self, data: Payload) -> bytes:
+        """The naive baseline: this session's own stream, one flushed block per write."""
+        assert self.feed is not None
+        fanout = self.feed.fanout
+        started = time.perf_counter()
+        out: bytes = self._stream.compress(data) + self._stream.flush(
+            zstandard.COMPRESSOBJ_FLUSH_BLOCK
+        )
+        fanout.compress_seconds += time.perf_counter() - started
+        fanout.bytes_compressed_in += len(data)
+        fanout.bytes_compressed_out += len(out)
+        return out
 
     def _send_notices(self) -> None:
         now = time.time_ns()

@@ -62,12 +62,14 @@ def start_gateway(
     config: str = "",
 ) -> GatewayProcess:
     cfg = Path(tempfile.mkstemp(prefix="gateway-", suffix=".toml")[1])
+    # Extra config first: top-level keys must come before the first [table].
     cfg.write_text(
-        "".join(
+        config
+        + "\n"
+        + "".join(
             f'[[api_keys]]\nkey = "{key}"\nmax_sessions = {max_sessions}\n'
             for key in (keys if keys is not None else [KEY])
         )
-        + config
     )
     cmd = [
         python,
@@ -308,8 +310,9 @@ def metric_samples(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], f
     return out
 
 
-def metric(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str,
-           **labels: str) -> float:
+def metric(
+    samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str
+) -> float:
     """Sum of the samples of ``name`` whose labels include ``labels``."""
     total = 0.0
     for (n, lab), v in samples.items():
