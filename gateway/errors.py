@@ -44,7 +44,11 @@ class ProtocolError(GatewayError):
 
 
 class LimitExceeded(ProtocolError):
-    """A client went over a configured limit."""
+    """A client went over a configured limit; ``limit`` names it (metrics label)."""
+
+    def __init__(self, message: str, limit: str = "limit") -> None:
+        super().__init__(message)
+        self.limit = limit
 
 
 class AuthError(GatewayError):

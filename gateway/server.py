@@ -330,7 +330,13 @@ class ClientConnection(asyncio.Protocol):
 
     def _fail(self, event: Failed) -> None:
         state = self.state
-        if event.kind in ("line_too_long", "limit", "control_rate", "handshake_timeout"):
+        if event.kind in (
+            "line_too_long",
+            "max_symbols",
+            "max_subscriptions",
+            "control_rate",
+            "handshake_timeout",
+        ):
             state.metrics.limit_hits.labels(event.kind).inc()
         if event.after_auth:
             head = b"" if self.metadata_sent else self._metadata()

@@ -258,7 +258,7 @@ class Session:
         except NotSupportedError as exc:
             return [self._fail(str(exc), kind="not_supported")]
         except LimitExceeded as exc:
-            return [self._fail(str(exc), kind="limit")]
+            return [self._fail(str(exc), kind=exc.limit)]
         except ProtocolError as exc:
             return [self._fail(str(exc), kind="protocol")]
 
@@ -273,14 +273,16 @@ class Session:
         self._symbol_count += len(norm)
         if self._symbol_count > self.limits.max_symbols:
             raise LimitExceeded(
-                f"too many symbols: a session may subscribe to at most {self.limits.max_symbols}"
+                f"too many symbols: a session may subscribe to at most {self.limits.max_symbols}",
+                "max_symbols",
             )
         pending = self._pending.get(req.id)
         if pending is None:
             if len(self.subscriptions) + len(self._pending) >= self.limits.max_subscriptions:
                 raise LimitExceeded(
                     f"too many subscriptions: a session may make at most "
-                    f"{self.limits.max_subscriptions}"
+                    f"{self.limits.max_subscriptions}",
+                    "max_subscriptions",
                 )
             pending = self._pending[req.id] = _Pending(req.schema, stype)
         elif (pending.schema, pending.stype_in) != (req.schema, stype):

@@ -515,7 +515,7 @@ def test_symbols_over_max_symbols():
     assert s.receive_data(sub_line(["A", "B", "C"], sub_id=1), 0.0)
     assert s.receive_data(sub_line(["D", "E"], sub_id=2), 0.0)
     failed = only_failed(s.receive_data(sub_line(["F"], sub_id=3), 0.0))
-    assert failed.kind == "limit"
+    assert failed.kind == "max_symbols"
     assert failed.after_auth is True
     assert s.data_to_send() == b""
 
@@ -524,7 +524,7 @@ def test_symbols_over_max_symbols_across_chunks():
     s = authed_session(Limits(max_symbols=4))
     assert s.receive_data(sub_line(["A", "B", "C"], is_last=False), 0.0) == []
     failed = only_failed(s.receive_data(sub_line(["D", "E"]), 0.0))
-    assert failed.kind == "limit"
+    assert failed.kind == "max_symbols"
 
 
 def test_subscriptions_over_max_subscriptions():
@@ -532,7 +532,7 @@ def test_subscriptions_over_max_subscriptions():
     assert s.receive_data(sub_line(["A"], sub_id=1), 0.0)
     assert s.receive_data(sub_line(["B"], sub_id=2), 0.0)
     failed = only_failed(s.receive_data(sub_line(["C"], sub_id=3), 0.0))
-    assert failed.kind == "limit"
+    assert failed.kind == "max_subscriptions"
 
 
 def test_control_rate_limit():
