@@ -234,8 +234,7 @@ class Gateway:
             except Exception:  # pragma: no cover - best effort on the way out
                 log.exception("stopping a feed failed")
         for conn in list(state.connections):
-            conn.end_reason = "gateway shutting down"
-            conn.close()
+            conn.shutdown()
         deadline = time.monotonic() + self.cfg.shutdown_grace_s
         while state.connections and time.monotonic() < deadline:
             await asyncio.sleep(0.05)

@@ -25,8 +25,8 @@ from types import TracebackType
 from typing import Any
 
 import databento_dbn as dbn
-import zstandard
 
+from gateway.compress import FrameDecompressor
 from gateway.dbn import (
     PRELUDE_LEN,
     RTYPE_ERROR,
@@ -44,24 +44,6 @@ _READ_SIZE = 256 * 1024
 
 class ClientError(GatewayError):
     """Raised by LiveClient: refused authentication, timeouts, a closed stream."""
-
-
-class FrameDecompressor:
-    """Decompresses a stream of concatenated independent zstd frames."""
-
-    def __init__(self) -> None:
-        self._dctx = zstandard.ZstdDecompressor()
-        self._obj = self._dctx.decompressobj()
-
-    def decompress(self, data: bytes) -> bytes:
-        out: list[bytes] = []
-        while data:
-            out.append(self._obj.decompress(data))
-            if not self._obj.eof:
-                break
-            data = self._obj.unused_data
-            self._obj = self._dctx.decompressobj()
-        return b"".join(out)
 
 
 @dataclass

@@ -347,6 +347,8 @@ def _walk(view: memoryview) -> tuple[ChunkIndex, int]:
     while off < total:
         length = view[off] * 4
         if length < HEADER_LEN:
+            if offsets:
+                break  # index the good records before it; the caller sees the rest
             raise DbnError(
                 f"record at byte {off} has length {length} bytes, shorter than its header"
             )
@@ -433,6 +435,9 @@ class DbnStreamDecoder:
         self._buffer = bytearray()
         self._upgrader: dbn.DBNDecoder | None = None
         self.records_in = 0
+        self.bytes_in = 0
+        #: set when bad bytes follow good records: the good ones were returned first
+        self.error: DbnError | None = None
 
     def feed(self, data: bytes | memoryview) -> list[ChunkIndex]:
         if self._upgrader is not None:
@@ -455,7 +460,16 @@ class DbnStreamDecoder:
             return []
         index, used = index_records(data)
         if used < len(data):
-            self._buffer += memoryview(data)[used:]
+            rest = memoryview(data)[used:]
+            if rest[0] * 4 < HEADER_LEN and index.count:
+                # Keep the whole records before the bad one; report it after them.
+                self.error = DbnError(
+                    f"record at stream byte {self.bytes_in + used} has length "
+                    f"{rest[0] * 4} bytes, shorter than its header"
+                )
+            else:
+                self._buffer += rest
+        self.bytes_in += used
         if index.count == 0:
             return []
         self._check_rtypes(index)

@@ -466,6 +466,16 @@ class ClientConnection(asyncio.Protocol):
         if transport is not None:
             asyncio.get_running_loop().call_later(CUT_GRACE_S, _abort_if_open, transport)
 
+    def shutdown(self) -> None:
+        """Gateway stopping: say so to a streaming session, then close after the flush."""
+        if self.closing:
+            return
+        self.end_reason = "gateway shutting down"
+        self.send_gateway_records(
+            [dbn.encode_system(time.time_ns(), "Gateway shutting down", SystemCode.UNSET)]
+        )
+        self.close()
+
     def close(self) -> None:
         if self.closing:
             return

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
 import numpy.typing as npt
 import zstandard
 
+from gateway.compress import ZSTD_MAGIC, FrameDecompressor
 from gateway.dbn import UNDEF_TIMESTAMP, ChunkIndex, DbnStreamDecoder, index_records
 from gateway.errors import DbnError
 from gateway.feeds.base import Feed
@@ -27,17 +28,26 @@ log = logging.getLogger("gateway.feed")
 
 _BLOCK = 256 * 1024
 LOOP_RATE = 20
-_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 
-def open_dbn(path: Path) -> BinaryIO:
-    raw = path.open("rb")
-    magic = raw.read(4)
-    raw.seek(0)
-    if magic == _ZSTD_MAGIC:
-        reader: BinaryIO = zstandard.ZstdDecompressor().stream_reader(raw, closefd=True)
-        return reader
-    return raw
+def read_blocks(path: Path) -> Iterator[bytes]:
+    """The file's DBN bytes in blocks, decompressing a .zst (any number of frames)."""
+    with path.open("rb") as raw:
+        first = raw.read(_BLOCK)
+        if not first.startswith(ZSTD_MAGIC):
+            block = first
+            while block:
+                yield block
+                block = raw.read(_BLOCK)
+            return
+        dec = FrameDecompressor()
+        block = first
+        while block:
+            out = dec.decompress(block)
+            if out:
+                yield out
+            block = raw.read(_BLOCK)
+        dec.finish()
 
 
 class FileSource:
@@ -98,31 +108,29 @@ class FileSource:
         loop = asyncio.get_running_loop()
         wall0: float | None = None
         ts0 = 0
-        with open_dbn(self.path) as stream:
-            while True:
-                block = stream.read(_BLOCK)
-                if not block:
-                    break
-                for index in decoder.feed(block):
-                    if wall0 is None:
-                        feed.on_metadata(decoder.metadata)
-                        feed.set_state(True, f"replaying {self.path.name}")
-                        wall0 = loop.time()
-                        ts0 = _first_defined(index.ts_events)
-                    for piece, due in self._paced(index, ts0):
-                        if due is not None:
-                            delay = wall0 + due - loop.time()
-                            if delay > 0:
-                                await asyncio.sleep(delay)
-                        await self._resume.wait()
-                        feed.publish(piece)
-                    await asyncio.sleep(0)
-                if decoder.metadata is not None and wall0 is None:
+        for block in read_blocks(self.path):
+            for index in decoder.feed(block):
+                if wall0 is None:
                     feed.on_metadata(decoder.metadata)
-            if decoder.pending:
-                raise DbnError(
-                    f"{self.path.name} ends with a truncated record ({decoder.pending} bytes)"
-                )
+                    feed.set_state(True, f"replaying {self.path.name}")
+                    wall0 = loop.time()
+                    ts0 = _first_defined(index.ts_events)
+                for piece, due in self._paced(index, ts0):
+                    if due is not None:
+                        delay = wall0 + due - loop.time()
+                        if delay > 0:
+                            await asyncio.sleep(delay)
+                    await self._resume.wait()
+                    feed.publish(piece)
+                await asyncio.sleep(0)
+            if decoder.error is not None:
+                raise decoder.error
+            if decoder.metadata is not None and wall0 is None:
+                feed.on_metadata(decoder.metadata)
+        if decoder.pending:
+            raise DbnError(
+                f"{self.path.name} ends with a truncated record ({decoder.pending} bytes)"
+            )
 
     def _paced(self, index: ChunkIndex, ts0: int) -> list[tuple[ChunkIndex, float | None]]:
         if self.pace is None or index.count == 0:

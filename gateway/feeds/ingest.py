@@ -110,6 +110,8 @@ class _Publisher(asyncio.Protocol):
                 feed.set_state(True, f"publisher {self.peer} connected")
             for index in chunks:
                 feed.publish(index)
+            if self.decoder.error is not None:
+                raise self.decoder.error
         except DbnError as exc:
             self.source.errors += 1
             log.error("feed %s: publisher %s sent invalid DBN: %s", feed.dataset, self.peer, exc)

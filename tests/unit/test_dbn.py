@@ -144,10 +144,20 @@ def test_index_short_record_length_raises(length_byte):
     bad = bytes([length_byte]) + trade(1)[1:]
     with pytest.raises(DbnError):
         dbn.index_records(bad)
-    with pytest.raises(DbnError):
-        dbn.index_records(b"".join(trades(3)) + bad)
-    with pytest.raises(DbnError):
-        dbn.index_records(b"".join(shuffled_mixed(3)) + bad + trade(2))
+    # After good records, the good ones are indexed and the bad one is left unconsumed.
+    for good in (b"".join(trades(3)), b"".join(shuffled_mixed(3))):
+        index, used = dbn.index_records(good + bad + trade(2))
+        assert used == len(good) and bytes(index.data) == good
+
+
+@pytest.mark.parametrize("length_byte", [0, 1, 3])
+def test_stream_decoder_returns_good_records_then_reports_the_bad_one(length_byte):
+    bad = bytes([length_byte]) + trade(1)[1:]
+    good = b"".join(trades(3))
+    decoder = dbn.DbnStreamDecoder()
+    chunks = decoder.feed(dbn.encode_metadata("X", 1, False) + good + bad)
+    assert [bytes(c.data) for c in chunks] == [good]
+    assert isinstance(decoder.error, DbnError) and "shorter than its header" in str(decoder.error)
 
 
 # --- ChunkIndex.select ---------------------------------------------------------------------
