@@ -49,6 +49,7 @@ def test_many_zstd_sessions_join_a_busy_feed_at_different_times(mode: str) -> No
             time.sleep(0.07)  # join between frames of a feed publishing every 10 ms
         for s, _ in sessions:
             assert s.wait_for(lambda r: len(data_records(r)) > 2000, timeout=30)
+        time.sleep(0.6)  # metrics are exported every 0.5 s: let one export see all ten
         first = metric_samples(gw.metrics_port)
         time.sleep(1.5)  # steady state: every session in one of two groups of five
         samples = metric_samples(gw.metrics_port)
