@@ -384,7 +384,16 @@ class ClientConnection(asyncio.Protocol):
             return
         now = self.state.clock()
         slow = self.slow
-        verdict = slow.on_chunk(transport.get_write_buffer_size(), len(data), records, now)
+        buffered = transport.get_write_buffer_size()
+        if not buffered and not slow.skipped and self._stream is None:
+            # Fast path: nothing queued, so not behind under any policy.
+            slow.mark_drained()
+            transport.write(data)
+            self.records_sent += records
+            self.bytes_sent += len(data)
+            self.last_write = now
+            return
+        verdict = slow.on_chunk(buffered, len(data), records, now)
         if slow.notices:
             self._send_notices()
         if verdict is Verdict.SEND:

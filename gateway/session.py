@@ -353,6 +353,10 @@ class SlowReader:
     _last_warning: float = float("-inf")
     notices: list[tuple[str, int]] = field(default_factory=list)
 
+    def mark_drained(self) -> None:
+        """The session's buffer is empty (the fan-out fast path)."""
+        self._nonempty_since = None
+
     def behind(self, buffered: int, now: float) -> bool:
         if buffered <= 0:
             self._nonempty_since = None
