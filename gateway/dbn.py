@@ -256,6 +256,16 @@ class ChunkIndex:
     lengths: npt.NDArray[np.int64]
     rows: npt.NDArray[np.uint8] | None = None
     _rtype_set: frozenset[int] | None = field(default=None, repr=False)
+    _by_instrument: (
+        tuple[
+            npt.NDArray[np.int64],
+            npt.NDArray[np.uint32],
+            npt.NDArray[np.int64],
+            npt.NDArray[np.int64],
+        ]
+        | None
+    ) = field(default=None, repr=False)
+    _ranges: dict[int, tuple[int, int]] | None = field(default=None, repr=False)
 
     @property
     def nbytes(self) -> int:
@@ -270,12 +280,63 @@ class ChunkIndex:
                 self._rtype_set = frozenset(int(r) for r in np.unique(self.rtypes))
         return self._rtype_set
 
-    def select(self, mask: npt.NDArray[np.bool_]) -> bytes:
-        """The bytes of the records where ``mask`` is true, in order (one gather)."""
+    def _instrument_table(
+        self,
+    ) -> tuple[
+        npt.NDArray[np.int64], npt.NDArray[np.uint32], npt.NDArray[np.int64], npt.NDArray[np.int64]
+    ]:
+        if self._by_instrument is None:
+            order = np.argsort(self.instrument_ids, kind="stable")
+            uniq, starts, counts = np.unique(
+                self.instrument_ids[order], return_index=True, return_counts=True
+            )
+            self._by_instrument = (order, uniq, starts.astype(np.int64), counts.astype(np.int64))
+        return self._by_instrument
+
+    def instrument_ranges(self) -> dict[int, tuple[int, int]]:
+        """instrument_id -> (start, count) of its records in ``instrument_order()`` (built
+        once per chunk and shared by every filtered group: a group's lookup is then a few
+        dict gets)."""
+        if self._ranges is None:
+            _, uniq, starts, counts = self._instrument_table()
+            self._ranges = dict(
+                zip(uniq.tolist(), zip(starts.tolist(), counts.tolist(), strict=True), strict=True)
+            )
+        return self._ranges
+
+    def instrument_order(self) -> npt.NDArray[np.int64]:
+        """Positions of the records sorted by instrument_id (stable)."""
+        return self._instrument_table()[0]
+
+    def positions_of(self, ids: npt.NDArray[np.uint32]) -> npt.NDArray[np.int64]:
+        """Ascending positions of the records whose instrument_id is in ``ids`` (sorted).
+
+        The chunk is sorted by instrument once (lazily, shared by every group); each
+        lookup then costs O(len(ids) log n + matches), not O(n) like a full ``isin``.
+        """
+        order, uniq, starts, counts = self._instrument_table()
+        k = np.searchsorted(uniq, ids)
+        inside = k < len(uniq)
+        k = k[inside]
+        k = k[uniq[k] == ids[inside]]
+        if k.size == 0:
+            return np.zeros(0, dtype=np.int64)
+        if k.size == 1:
+            first = int(starts[k[0]])
+            return order[first : first + int(counts[k[0]])]
+        lens = counts[k]
+        ends = np.cumsum(lens)
+        ranges = np.repeat(starts[k] - ends + lens, lens) + np.arange(int(ends[-1]))
+        return np.sort(order[ranges])
+
+    def select(self, picked: npt.NDArray[np.bool_] | npt.NDArray[np.int64]) -> bytes:
+        """The bytes of the selected records (a boolean mask or ascending positions), in
+        order (one gather)."""
         if self.rows is not None:
-            return self.rows[mask].tobytes()
+            return self.rows[picked].tobytes()
         # Variable lengths: copy runs of consecutive selected records, not records.
-        picked = np.flatnonzero(mask)
+        if picked.dtype == np.bool_:
+            picked = np.flatnonzero(picked)
         if picked.size == 0:
             return b""
         breaks = np.flatnonzero(np.diff(picked) != 1)
@@ -381,7 +442,11 @@ def _walk(view: memoryview) -> tuple[ChunkIndex, int]:
     )
 
 
-def stamp_ts_out(index: ChunkIndex, mask: npt.NDArray[np.bool_] | None, ts_out: int) -> bytes:
+def stamp_ts_out(
+    index: ChunkIndex,
+    mask: npt.NDArray[np.bool_] | npt.NDArray[np.int64] | None,
+    ts_out: int,
+) -> bytes:
     """Copy the selected records with an 8-byte send timestamp appended to each and the
     header length raised by 2 words (DBN ``WithTsOut``). One stamp for the whole chunk."""
     stamp = np.frombuffer(struct.pack("<Q", ts_out), dtype=_U8)
@@ -392,7 +457,12 @@ def stamp_ts_out(index: ChunkIndex, mask: npt.NDArray[np.bool_] | None, ts_out: 
         out[:, 0] += 2
         out[:, rows.shape[1] :] = stamp
         return out.tobytes()
-    picked = range(index.count) if mask is None else np.flatnonzero(mask).tolist()
+    if mask is None:
+        picked: Iterable[int] = range(index.count)
+    elif mask.dtype == np.bool_:
+        picked = np.flatnonzero(mask).tolist()
+    else:
+        picked = mask.tolist()
     parts = bytearray()
     tail = stamp.tobytes()
     data = index.data

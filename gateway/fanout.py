@@ -34,6 +34,9 @@ __all__ = ["FanOut", "Group", "OutputSpec", "Selection", "Subscriber", "make_sel
 Selection = frozenset[tuple[int, frozenset[int] | None]]
 
 Payload = bytes | memoryview
+#: filters with at most this many instruments look them up one by one in the chunk's
+#: per-instrument table; larger ones use a vectorised search
+_FEW_IDS = 64
 
 
 class Subscriber(Protocol):
@@ -61,41 +64,67 @@ class Group:
     members: dict[Subscriber, None] = field(default_factory=dict)
     _all_rtypes: frozenset[int] = frozenset()
     _filters: list[tuple[int, npt.NDArray[np.uint32]]] = field(default_factory=list)
+    _all_array: npt.NDArray[np.uint8] = field(default_factory=lambda: np.zeros(0, np.uint8))
+    _filter_lists: list[tuple[int, list[int]]] = field(default_factory=list)
     #: variants written to members (each write of the shared object counts once)
     writes: int = 0
     builds: int = 0
 
     def __post_init__(self) -> None:
         self._all_rtypes = frozenset(r for r, ids in self.spec.selection if ids is None)
+        self._all_array = np.fromiter(sorted(self._all_rtypes), dtype=np.uint8)
         self._filters = [
             (r, np.fromiter(sorted(ids), dtype=np.uint32, count=len(ids)))
             for r, ids in self.spec.selection
             if ids is not None
         ]
+        self._filter_lists = [(r, sorted(ids)) for r, ids in self.spec.selection if ids is not None]
 
-    def mask(self, index: ChunkIndex) -> npt.NDArray[np.bool_] | None | bool:
-        """True: every record; False: none; else a boolean mask over the chunk."""
+    def positions(self, index: ChunkIndex) -> npt.NDArray[np.int64] | bool:
+        """True: every record; False: none; else the ascending positions selected."""
         present = index.rtype_set
         if not self._filters:
             if present <= self._all_rtypes:
                 return True
             if not (present & self._all_rtypes):
                 return False
-            return np.isin(index.rtypes, np.fromiter(self._all_rtypes, np.uint8))
-        mask = np.zeros(index.count, dtype=np.bool_)
+            return np.flatnonzero(np.isin(index.rtypes, self._all_array))
+        parts: list[npt.NDArray[np.int64]] = []
         if self._all_rtypes & present:
-            mask |= np.isin(index.rtypes, np.fromiter(self._all_rtypes, np.uint8))
-        for rtype, ids in self._filters:
-            if rtype in present:
-                mask |= (index.rtypes == rtype) & np.isin(index.instrument_ids, ids)
-        return mask
+            parts.append(np.flatnonzero(np.isin(index.rtypes, self._all_array)))
+        single_rtype = len(present) == 1
+        for (rtype, ids), (_, id_list) in zip(self._filters, self._filter_lists, strict=True):
+            if rtype not in present:
+                continue
+            if len(id_list) <= _FEW_IDS:
+                ranges = index.instrument_ranges()
+                hits = [hit for hit in map(ranges.get, id_list) if hit is not None]
+                if not hits:
+                    continue
+                order = index.instrument_order()
+                if len(hits) == 1:
+                    start, count = hits[0]
+                    pos = order[start : start + count]
+                else:
+                    pos = np.sort(np.concatenate([order[s : s + c] for s, c in hits]))
+            else:
+                pos = index.positions_of(ids)
+            if not single_rtype and pos.size:
+                pos = pos[index.rtypes[pos] == rtype]
+            if pos.size:
+                parts.append(pos)
+        if not parts:
+            return False
+        if len(parts) == 1:
+            return parts[0]
+        return np.unique(np.concatenate(parts))
 
 
 @dataclass
 class _ChunkCache:
     """Variants of one chunk, keyed by selection (and ts_out for frames)."""
 
-    selected: dict[Selection, tuple[Payload, int, npt.NDArray[np.bool_] | None] | None] = field(
+    selected: dict[Selection, tuple[Payload, int, npt.NDArray[np.int64] | None] | None] = field(
         default_factory=dict
     )
     stamped: dict[Selection, bytes] = field(default_factory=dict)
@@ -124,6 +153,9 @@ class FanOut:
         self.frames_written = 0
         self.records_out = 0
         self.bytes_out = 0
+        #: variants built (gathers, stamps, frames) and shared variants written, all groups
+        self.variant_builds = 0
+        self.variant_writes = 0
 
     # --- membership -------------------------------------------------------------------
 
@@ -179,6 +211,7 @@ class FanOut:
             for member in members:
                 member.deliver(data, records)
             group.writes += len(group.members)
+            self.variant_writes += len(group.members)
             self.records_out += records * len(group.members)
             self.bytes_out += len(data) * len(group.members)
             if group.spec.zstd and self.shared_frames:
@@ -200,6 +233,7 @@ class FanOut:
             if stamped is None:
                 stamped = cache.stamped[sel] = stamp_ts_out(index, mask, self._clock_ns())
                 group.builds += 1
+                self.variant_builds += 1
             data = stamped
         if spec.zstd and self.shared_frames:
             key = (sel, spec.ts_out)
@@ -212,25 +246,27 @@ class FanOut:
                 self.bytes_compressed_out += len(frame)
                 self.frames_built += 1
                 group.builds += 1
+                self.variant_builds += 1
             data = frame
         return data, records
 
     def _select(
         self, group: Group, index: ChunkIndex
-    ) -> tuple[Payload, int, npt.NDArray[np.bool_] | None] | None:
-        mask = group.mask(index)
-        if mask is True:
+    ) -> tuple[Payload, int, npt.NDArray[np.int64] | None] | None:
+        picked = group.positions(index)
+        if picked is True:
             return index.data, index.count, None
-        if mask is False or mask is None:
+        if picked is False:
             return None
-        assert not isinstance(mask, bool)
-        count = int(np.count_nonzero(mask))
+        assert not isinstance(picked, bool)
+        count = int(picked.size)
         if count == 0:
             return None
         if count == index.count:
             return index.data, count, None
         group.builds += 1
-        return index.select(mask), count, mask
+        self.variant_builds += 1
+        return index.select(picked), count, picked
 
     def compress(self, data: bytes) -> bytes:
         """A single independent frame, for per-session pieces (Metadata, acks, ...)."""

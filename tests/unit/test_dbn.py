@@ -577,3 +577,21 @@ def test_stream_decoder_bad_record_in_old_version_is_dbn_error(version, bad):
     stream, _, _ = old_stream(version)
     with pytest.raises(DbnError):
         dbn.DbnStreamDecoder().feed(stream + bad)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_positions_of_matches_a_full_isin(seed):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 400))
+    universe = rng.choice(2**32 - 1, size=int(rng.integers(1, 60)), replace=False)
+    ids_in_chunk = rng.choice(universe, size=n)
+    records = [trade(int(i), sequence=k) for k, i in enumerate(ids_in_chunk)]
+    index, _ = dbn.index_records(b"".join(records))
+    for _ in range(10):
+        wanted = np.unique(
+            rng.choice(np.concatenate([universe, [0, 2**32 - 1]]), size=int(rng.integers(1, 12)))
+        ).astype(np.uint32)
+        expected = np.flatnonzero(np.isin(index.instrument_ids, wanted))
+        got = index.positions_of(wanted)
+        assert got.tolist() == expected.tolist()
+        assert index.select(got) == index.select(np.isin(index.instrument_ids, wanted))
