@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import socket
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncGenerator, Iterator, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -156,7 +156,10 @@ class LiveClient:
         )
         try:
             await asyncio.wait_for(
-                client._authenticate(key, dataset, slow_reader_behavior, client_name), timeout
+                client.authenticate(
+                    key, dataset, slow_reader_behavior=slow_reader_behavior, client_name=client_name
+                ),
+                timeout,
             )
         except BaseException:
             await client.close()
@@ -169,7 +172,17 @@ class LiveClient:
             raise ClientError("gateway closed the connection during the handshake")
         return dict(t.partition("=")[::2] for t in raw.decode().rstrip("\n").split("|"))
 
-    async def _authenticate(self, key: str, dataset: str, slow: str | None, name: str) -> None:
+    async def authenticate(
+        self,
+        key: str,
+        dataset: str,
+        *,
+        slow_reader_behavior: str | None = None,
+        client_name: str = "gateway-client",
+    ) -> None:
+        """The CRAM handshake on an open connection (``connect()`` does it for you; the
+        probe calls it separately to time connect and auth apart)."""
+        slow, name = slow_reader_behavior, client_name
         greeting = await self._line()
         if "lsg_version" not in greeting:
             raise ClientError(f"unexpected greeting {greeting}")
@@ -252,7 +265,7 @@ class LiveClient:
         self._buffer += data
         return True
 
-    async def batches(self) -> AsyncIterator[RecordBatch]:
+    async def batches(self) -> AsyncGenerator[RecordBatch, None]:
         """Batches of whole records until the gateway closes the stream."""
         if self.metadata is None:
             raise ClientError("call start() first")

@@ -88,6 +88,17 @@ class ServerState:
         default_factory=lambda: itertools.count(int(time.time()) * 1000)
     )
     _ip_tokens: dict[str, tuple[float, float]] = field(default_factory=dict)
+    _rejections_logged: dict[str, tuple[float, int]] = field(default_factory=dict)
+
+    def log_rejection(self, peer: str, reason: str) -> None:
+        """A refused connection, logged at most once a second per reason (with a count)."""
+        now = time.monotonic()
+        last, suppressed = self._rejections_logged.get(reason, (0.0, 0))
+        if now - last < 1.0:
+            self._rejections_logged[reason] = (last, suppressed + 1)
+            return
+        self._rejections_logged[reason] = (now, 0)
+        log.warning("connection refused peer=%s reason=%s suppressed=%d", peer, reason, suppressed)
 
     def next_session_id(self) -> int:
         return next(self._ids)
@@ -134,6 +145,7 @@ class ClientConnection(asyncio.Protocol):
         self.slow = SlowReader(state.slow)
         self.records_sent = 0
         self.bytes_sent = 0
+        self._bytes_exported = 0
         self.last_write = 0.0
         self.heartbeat_s = float(state.conn_limits.default_heartbeat_s)
         self.over_cap_since: float | None = None
@@ -164,6 +176,7 @@ class ClientConnection(asyncio.Protocol):
             reason = ("ip_rate", f"too many new connections per second from {ip}; wait 1 s")
         if reason is not None:
             state.metrics.connections.labels("rejected", reason[0]).inc()
+            state.log_rejection(self.peer, reason[0])
             if reason[0] != "shutting_down":
                 state.metrics.limit_hits.labels(reason[0]).inc()
             transport.write(b"success=0|error=" + reason[1].encode() + b"\n")
@@ -206,6 +219,7 @@ class ClientConnection(asyncio.Protocol):
         if self.feed is not None:
             self.feed.leave(self)
             self._set_paused(False)
+            self.export_bytes()
         if self.key is not None:
             state.authenticator.release(self.key)
             self._log_end()
@@ -284,7 +298,8 @@ class ClientConnection(asyncio.Protocol):
         session.accept(self.session_id)
         self._set_gauge("authenticated")
         log.info(
-            "session start id=%d peer=%s dataset=%s key_id=%s compression=%s ts_out=%d client=%r",
+            "session start session_id=%d peer=%s dataset=%s key_id=%s compression=%s "
+            "ts_out=%d client=%r",
             self.session_id,
             self.peer,
             req.dataset,
@@ -346,6 +361,13 @@ class ClientConnection(asyncio.Protocol):
         else:
             self._flush_text()
         self.end_reason = f"{event.kind}: {event.reason}"
+        if self.key is None:
+            log.info(
+                "session refused peer=%s reason=%s detail=%r",
+                self.peer,
+                event.kind,
+                event.reason[:120],
+            )
         self.close()
 
     # --- writing ----------------------------------------------------------------------
@@ -469,7 +491,9 @@ class ClientConnection(asyncio.Protocol):
                 b"", [dbn.encode_error(time.time_ns(), message, ErrorCode.INTERNAL_ERROR)]
             )
         self.end_reason = f"{label}: {message}"
-        log.warning("session cut id=%d peer=%s reason=%s", self.session_id, self.peer, label)
+        log.warning(
+            "session cut session_id=%d peer=%s reason=%s", self.session_id, self.peer, label
+        )
         self.close()
         transport = self.transport
         if transport is not None:
@@ -494,8 +518,18 @@ class ClientConnection(asyncio.Protocol):
 
     # --- timers ------------------------------------------------------------------------
 
+    def export_bytes(self) -> None:
+        """Add the bytes written since the last call to gateway_bytes_out_total."""
+        if self.feed is None or self.bytes_sent == self._bytes_exported:
+            return
+        self.state.metrics.bytes_out.labels(self.feed.dataset, "zstd" if self.zstd else "none").inc(
+            self.bytes_sent - self._bytes_exported
+        )
+        self._bytes_exported = self.bytes_sent
+
     def tick(self, now: float) -> None:
         """Called about once a second: handshake deadline, heartbeat, lossless stalls."""
+        self.export_bytes()
         session = self.session
         if session is None or self.closing:
             return
@@ -565,7 +599,7 @@ class ClientConnection(asyncio.Protocol):
         assert self.key is not None
         session = self.session
         log.info(
-            "session end id=%d peer=%s dataset=%s key_id=%s compression=%s ts_out=%d "
+            "session end session_id=%d peer=%s dataset=%s key_id=%s compression=%s ts_out=%d "
             "subscriptions=%d records=%d bytes=%d skipped=%d duration_s=%.3f reason=%s",
             self.session_id,
             self.peer,

@@ -108,6 +108,9 @@ class Feed:
         self.stats = FeedStats()
         self.connected = False
         self.state_detail = "starting"
+        #: state changes, counted as they happen (a flap shorter than a metrics tick counts)
+        self.ups = 0
+        self.downs = 0
         self.backpressure = backpressure
         self._clock_ns = clock_ns
         self._interests: dict[FeedMember, _Interest] = {}
@@ -334,6 +337,11 @@ class Feed:
     def set_state(self, connected: bool, detail: str, notify: bool = True) -> None:
         """Record a feed state change; tell every streaming session with a SystemMsg."""
         changed = connected != self.connected or detail != self.state_detail
+        if connected != self.connected:
+            if connected:
+                self.ups += 1
+            else:
+                self.downs += 1
         self.connected = connected
         self.state_detail = detail
         if changed:
