@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import signal
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gateway import __version__, transport
 from gateway.auth import Authenticator, KeyEntry
@@ -19,6 +20,9 @@ from gateway.feeds import Feed, Source, build_source, parse_feed_uri
 from gateway.metrics import Metrics
 from gateway.server import ClientConnection, ConnectionLimits, ServerState
 from gateway.session import Limits, SlowReaderLimits
+
+if TYPE_CHECKING:
+    from gateway.probe import Prober
 
 __all__ = ["Gateway", "run"]
 
@@ -95,6 +99,13 @@ class Gateway:
         self._paused_seen: dict[str, float] = {}
         self._pauses_seen: dict[str, int] = {}
         self.started_at = time.time()
+        # observability: what was already exported per connection / fan-out group, when
+        # each feed went down (readiness grace), key ids seen, the strobe (serve --strobe)
+        self._variants_seen: dict[str, tuple[int, int]] = {}
+        self._feed_events_seen: dict[str, tuple[int, int]] = {}
+        self._feed_down_since: dict[str, float] = {}
+        self._key_ids_seen: set[str] = set()
+        self.strobe: Prober | None = None
         self._compression_seen: list[float] = [0, 0, 0, 0, 0.0]
 
     async def start(self) -> None:
@@ -125,8 +136,10 @@ class Gateway:
             reuse_port=cfg.transport.reuse_port or None,
         )
         self.port = self.server.sockets[0].getsockname()[1]
-        report = transport.startup_report(cfg, _loop_name())
-        report.socket_options = transport.tune_socket(self.server.sockets[0], cfg)
+        sockopts = transport.tune_listeners(self.server.sockets, cfg)
+        sockopts.update(transport.pin_loop_thread(cfg, loop))
+        report = transport.startup_report(cfg, _loop_name(), self.server.sockets)
+        report.socket_options = sockopts
         transport.apply_report(report, cfg, self.metrics)
         self.transport_report = report
         if cfg.metrics_port is not None:
@@ -134,7 +147,14 @@ class Gateway:
 
             self._http = StatusServer(self)
             self.metrics_port = await self._http.start(cfg.metrics_host, cfg.metrics_port)
+        self.metrics.info.info({"version": __version__, "loop": _loop_name()})
+        self.metrics.start_time.set(self.started_at)
+        self._export_feed_metrics()
         self._ticker = loop.create_task(self._tick())
+        if cfg.strobe.enabled:
+            from gateway.probe import start_strobe
+
+            self.strobe = await start_strobe(self)
         log.info(
             "gateway %s listening on %s:%d (loop=%s, datasets=%s)",
             __version__,
@@ -149,16 +169,24 @@ class Gateway:
         )
 
     def ready(self) -> tuple[bool, dict[str, str]]:
-        detail = {
-            ds: ("up" if f.connected else "down") + ": " + f.state_detail
-            for ds, f in self.feeds.items()
-        }
-        ok = (
-            self.server is not None
-            and self.state.accepting
-            and all(f.connected or time.time() - self.started_at < 10 for f in self.feeds.values())
-        )
-        return ok, detail
+        """Listening, and every feed connected or still within ``feed_grace_s`` of going
+        down (or of the start); the detail says which, per dataset."""
+        now = time.monotonic()
+        grace = self.cfg.feed_grace_s
+        detail: dict[str, str] = {}
+        feeds_ok = True
+        for ds, f in self.feeds.items():
+            if f.connected:
+                detail[ds] = "up: " + f.state_detail
+                continue
+            left = grace - (now - self._feed_down_since.get(ds, now))
+            if left > 0:
+                detail[ds] = f"down, {left:.1f} s of grace left: {f.state_detail}"
+            else:
+                feeds_ok = False
+                detail[ds] = "down: " + f.state_detail
+        listening = self.server is not None and self.server.is_serving()
+        return listening and self.state.accepting and feeds_ok, detail
 
     async def _tick(self) -> None:
         loop = asyncio.get_running_loop()
@@ -202,6 +230,42 @@ class Gateway:
                 feed.pauses - self._pauses_seen.get(ds, 0)
             )
             self._pauses_seen[ds] = feed.pauses
+        self._export_observability()
+
+    def _export_observability(self) -> None:
+        """Feed freshness and state, bytes out per session, fan-out reuse, connections."""
+        m = self.metrics
+        now, mono = time.time(), time.monotonic()
+        for ds, feed in self.feeds.items():
+            if feed.stats.last_record_at:
+                m.feed_last_record_age.labels(ds).set(max(0.0, now - feed.stats.last_record_at))
+            m.feed_paused.labels(ds).set(1 if feed.paused else 0)
+            ups, downs = self._feed_events_seen.get(ds, (0, 0))
+            m.feed_events.labels(ds, "up").inc(feed.ups - ups)
+            m.feed_events.labels(ds, "down").inc(feed.downs - downs)
+            self._feed_events_seen[ds] = (feed.ups, feed.downs)
+            if feed.connected:
+                self._feed_down_since.pop(ds, None)
+            else:
+                self._feed_down_since.setdefault(ds, mono)
+        live = self.state.connections
+        # Fan-out: variants built vs shared variants written (writes per build = reuse).
+        for ds, feed in self.feeds.items():
+            builds, writes = self._variants_seen.get(ds, (0, 0))
+            m.variant_builds.inc(feed.fanout.variant_builds - builds)
+            m.variant_writes.inc(feed.fanout.variant_writes - writes)
+            self._variants_seen[ds] = (feed.fanout.variant_builds, feed.fanout.variant_writes)
+        m.connections_open.set(len(live))
+        m.connections_unauthenticated.set(self.state.unauthenticated)
+        if self.cfg.metrics_per_key:
+            counts = dict.fromkeys(self._key_ids_seen, 0)
+            for conn in live:
+                if conn.key is not None and conn.feed is not None:
+                    counts[conn.key.key_id] = counts.get(conn.key.key_id, 0) + 1
+            for key_id, n in counts.items():
+                m.key_sessions.labels(key_id).set(n)
+            self._key_ids_seen.update(counts)
+        m.ready.set(1 if self.ready()[0] else 0)
 
     def _export_compression_metrics(self) -> None:
         """zstd: bytes before/after, frames built vs written (the reuse factor), CPU time."""
@@ -226,6 +290,8 @@ class Gateway:
         """Stop accepting, flush what is queued, close every session, stop feeds."""
         state = self.state
         state.accepting = False
+        if self.strobe is not None:
+            await self.strobe.stop()
         if self.server is not None:
             self.server.close()
         for source in self.sources.values():
@@ -252,11 +318,12 @@ class Gateway:
         self._stopped.set()
 
     async def serve(self) -> None:
-        await self.start()
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
+        # Before start(): a signal right after the "listening" line still shuts down cleanly.
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
+        await self.start()
         await stop.wait()
         log.info("signal received: shutting down")
         await self.shutdown()
@@ -267,16 +334,62 @@ def _loop_name() -> str:
     return "uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio"
 
 
+#: a %-placeholder, optionally named by the ``key=`` just before it ("peer=%s")
+_PLACEHOLDER = re.compile(
+    r"(?:(?<![\w.])([a-z_][a-z0-9_]*)=)?%(?:\([^)]*\))?[-#0 +]*(?:\d+|\*)?(?:\.(?:\d+|\*))?"
+    r"[hlL]?([diouxXeEfFgGcrsa%])"
+)
+_RECORD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
+    "message",
+    "asctime",
+    "taskName",
+}
+
+
+def log_fields(record: logging.LogRecord) -> dict[str, Any]:
+    """Structured fields of a log call: each ``key=%x`` of the format string with its
+    argument (typed: ints stay ints), the text before the first one as ``event``, and
+    anything passed with ``extra=``."""
+    out: dict[str, Any] = {}
+    args = record.args
+    if isinstance(record.msg, str) and isinstance(args, tuple) and args:
+        i = 0
+        first = None
+        for m in _PLACEHOLDER.finditer(record.msg):
+            if m.group(2) == "%":
+                continue
+            if i >= len(args):
+                break
+            if m.group(1):
+                value = args[i]
+                out[m.group(1)] = (
+                    value if isinstance(value, (int, float, bool, type(None))) else str(value)
+                )
+                if first is None:
+                    first = m.start()
+            i += 1
+        prefix = record.msg[:first].strip() if first is not None else ""
+        if prefix and "%" not in prefix:
+            out["event"] = prefix
+    for key, value in vars(record).items():
+        if key not in _RECORD_ATTRS and not key.startswith("_"):
+            out[key] = value
+    return out
+
+
 class _JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        return json.dumps(
-            {
-                "ts": round(record.created, 6),
-                "level": record.levelname.lower(),
-                "logger": record.name,
-                "msg": record.getMessage(),
-            }
-        )
+        doc: dict[str, Any] = {
+            "ts": round(record.created, 6),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for key, value in log_fields(record).items():
+            doc.setdefault(key, value)
+        if record.exc_info:
+            doc["exc"] = self.formatException(record.exc_info)
+        return json.dumps(doc, default=str)
 
 
 def setup_logging(fmt: str, level: str) -> None:

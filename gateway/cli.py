@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--metrics-port",
         type=int,
         metavar="P",
-        help="serve /metrics, /healthz, /readyz on this port (default: off)",
+        help="serve /metrics, /healthz, /readyz, /status on this port (default: off)",
     )
     serve.add_argument("--metrics-host", help="address for the metrics port (default 127.0.0.1)")
     serve.add_argument(
@@ -123,6 +123,18 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="listen with SO_REUSEPORT (several gateway processes on one port)",
     )
+    st = serve.add_argument_group("uptime strobe (see README: Operating it)")
+    st.add_argument(
+        "--strobe",
+        action="store_true",
+        help="probe this gateway like a customer every few seconds (metrics, /status)",
+    )
+    st.add_argument("--strobe-interval", type=float, metavar="S", help="seconds between strobes")
+    st.add_argument(
+        "--strobe-history",
+        metavar="FILE",
+        help="SQLite uptime history (default $XDG_STATE_HOME/gateway/probe.sqlite)",
+    )
     serve.add_argument(
         "--print-connect-help",
         action="store_true",
@@ -169,6 +181,12 @@ def config_from_args(args: argparse.Namespace) -> Config:
         t.reuse_port = True
     if args.heartbeat_interval is not None:
         cfg.default_heartbeat_s = args.heartbeat_interval
+    if args.strobe:
+        cfg.strobe.enabled = True
+    if args.strobe_interval is not None:
+        cfg.strobe.interval_s = args.strobe_interval
+    if args.strobe_history is not None:
+        cfg.strobe.history = args.strobe_history
     for key in args.api_key:
         cfg.api_keys.append(ApiKeyConfig(key=key))
     for item in args.feed:
@@ -205,6 +223,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"gateway: error: {exc}", file=sys.stderr)
         return 2
+    from gateway import transport
+    from gateway.app import run
+
+    try:  # a bypass transport execs here (same pid), once, before anything is printed
+        transport.maybe_relaunch(cfg, sys.argv if argv is None else ["gateway", *argv])
+    except ConfigError as exc:
+        print(f"gateway: error: {exc}", file=sys.stderr)
+        return 2
     if args.print_connect_help:
         host = "127.0.0.1" if cfg.host in ("0.0.0.0", "") else cfg.host
         dataset = next(iter(cfg.feeds))
@@ -219,12 +245,4 @@ def main(argv: Sequence[str] | None = None) -> int:
             ),
             flush=True,
         )
-    from gateway import transport
-    from gateway.app import run
-
-    try:
-        transport.maybe_relaunch(cfg, sys.argv if argv is None else ["gateway", *argv])
-    except ConfigError as exc:
-        print(f"gateway: error: {exc}", file=sys.stderr)
-        return 2
     return run(cfg)

@@ -18,6 +18,7 @@ __all__ = [
     "Config",
     "LimitsConfig",
     "SlowReaderConfig",
+    "StrobeConfig",
     "TransportConfig",
     "load_config",
     "validate",
@@ -78,6 +79,23 @@ class TransportConfig(_Base):
     reuse_port: bool = False
 
 
+class StrobeConfig(_Base):
+    """The uptime probe run inside the gateway (``serve --strobe``)."""
+
+    enabled: bool = False
+    #: API key the strobe uses (default: the first configured key); never logged
+    key: str | None = None
+    #: dataset to strobe (default: the first feed)
+    dataset: str | None = None
+    symbol: str = "ALL_SYMBOLS"
+    schema: str = "trades"
+    interval_s: float = 10.0
+    #: limit for each step of a strobe
+    timeout_s: float = 10.0
+    #: SQLite uptime history (default: $XDG_STATE_HOME/gateway/probe.sqlite)
+    history: str | None = None
+
+
 class Config(_Base):
     host: str = "127.0.0.1"
     port: int = 13000
@@ -98,6 +116,11 @@ class Config(_Base):
     limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
     slow_reader: SlowReaderConfig = msgspec.field(default_factory=SlowReaderConfig)
     transport: TransportConfig = msgspec.field(default_factory=TransportConfig)
+    #: /readyz waits this long for a feed that is not connected (at start or after a drop)
+    feed_grace_s: float = 10.0
+    #: export per-API-key series (gateway_key_sessions{key_id}); off: labels stay bounded
+    metrics_per_key: bool = False
+    strobe: StrobeConfig = msgspec.field(default_factory=StrobeConfig)
 
 
 def _where(exc: msgspec.ValidationError) -> str:
@@ -169,8 +192,30 @@ def validate(cfg: Config) -> Config:
         )
     if not sr.resume_bytes <= sr.behind_bytes <= sr.hard_cap_bytes:
         raise ConfigError("slow_reader: need resume_bytes <= behind_bytes <= hard_cap_bytes")
+    tr = cfg.transport
+    for name in ("sndbuf", "rcvbuf"):
+        if getattr(tr, name) is not None and getattr(tr, name) <= 0:
+            raise ConfigError(f"transport.{name}: must be > 0 bytes (omit it for the default)")
+    if tr.busy_poll_us is not None and tr.busy_poll_us < 0:
+        raise ConfigError("transport.busy_poll_us: must be >= 0 (0 or omitted: off)")
+    if tr.cpu_affinity is not None and (not tr.cpu_affinity or min(tr.cpu_affinity) < 0):
+        raise ConfigError("transport.cpu_affinity: expected CPU numbers such as [2] or [2, 3]")
     from gateway.feeds import parse_feed_uri
 
     for dataset, uri in cfg.feeds.items():
         parse_feed_uri(dataset, uri)
+    if cfg.feed_grace_s < 0:
+        raise ConfigError("feed_grace_s: must be >= 0")
+    st = cfg.strobe
+    if st.interval_s <= 0 or st.timeout_s <= 0:
+        raise ConfigError("strobe: interval_s and timeout_s must be > 0")
+    if st.enabled:
+        from gateway.dbn import SCHEMAS
+
+        if st.schema not in SCHEMAS:
+            raise ConfigError(f"strobe.schema: {st.schema!r} is not a DBN schema")
+        if st.key is not None and st.key not in {k.key for k in cfg.api_keys}:
+            raise ConfigError("strobe.key: must be one of api_keys (the strobe logs in as it)")
+        if st.dataset is not None and st.dataset not in cfg.feeds:
+            raise ConfigError(f"strobe.dataset: {st.dataset!r} is not one of the feeds")
     return cfg

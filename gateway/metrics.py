@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    ProcessCollector,
+)
 
-__all__ = ["Metrics"]
+__all__ = ["PROBE_LATENCIES", "PROBE_STEPS", "Metrics", "ProbeMetrics"]
 
 
 class Metrics:
@@ -131,3 +138,118 @@ class Metrics:
             ["vendor"],
             registry=r,
         )
+        self.io_uring_fds = Gauge(
+            "gateway_io_uring_fds",
+            "io_uring descriptors open at start-up (must be 0 under a preload library)",
+            registry=r,
+        )
+        self.listeners_accelerated = Gauge(
+            "gateway_listeners_accelerated",
+            "Listening sockets the bypass stack accelerates (onload_fd_stat; absent if unknown)",
+            ["vendor"],
+            registry=r,
+        )
+        self.connections_open = Gauge(
+            "gateway_connections_open", "Open client connections (any state)", registry=r
+        )
+        self.connections_unauthenticated = Gauge(
+            "gateway_connections_unauthenticated",
+            "Open client connections that have not authenticated yet",
+            registry=r,
+        )
+        self.feed_last_record_age = Gauge(
+            "gateway_feed_last_record_age_seconds",
+            "Seconds since the feed last delivered a record (the gateway's wall clock)",
+            ["dataset"],
+            registry=r,
+        )
+        self.feed_paused = Gauge(
+            "gateway_feed_paused",
+            "1 while a lossless feed is paused for a session over its high-water mark",
+            ["dataset"],
+            registry=r,
+        )
+        #: only filled when the config sets metrics_per_key = true (bounded by the key list)
+        self.key_sessions = Gauge(
+            "gateway_key_sessions",
+            "Authenticated sessions per API key id (metrics_per_key = true only)",
+            ["key_id"],
+            registry=r,
+        )
+        self.info = Info("gateway", "Gateway version and event loop", registry=r)
+        self.start_time = Gauge(
+            "gateway_start_time_seconds", "Unix time the gateway started", registry=r
+        )
+        self.ready = Gauge("gateway_ready", "1 while /readyz answers ready", registry=r)
+        ProcessCollector(registry=r)
+
+
+#: the probe's steps, in order; a failed strobe is labelled with the step that failed
+PROBE_STEPS = ("connect", "auth", "subscribe", "start", "first_record")
+#: the latencies the probe measures (total: the whole strobe)
+PROBE_LATENCIES = ("connect", "auth", "first_record", "total")
+
+
+class ProbeMetrics:
+    """The uptime probe's own metrics, in its own registry (``gateway probe``) or in the
+    gateway's (``gateway serve --strobe``)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        r = self.registry = registry or CollectorRegistry()
+        self.up = Gauge("gateway_probe_up", "1 when the last strobe succeeded", registry=r)
+        self.strobes = Counter(
+            "gateway_probe_strobes", "Strobes run, by result", ["result"], registry=r
+        )
+        self.failures = Counter(
+            "gateway_probe_failures",
+            "Failed strobes, by the step that failed",
+            ["step"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "gateway_probe_latency_seconds",
+            "Strobe latencies: TCP connect, authentication, start to first record, total",
+            ["step"],
+            buckets=(
+                0.0005,
+                0.001,
+                0.0025,
+                0.005,
+                0.01,
+                0.025,
+                0.05,
+                0.1,
+                0.25,
+                0.5,
+                1,
+                2.5,
+                5,
+                10,
+            ),
+            registry=r,
+        )
+        self.freshness = Gauge(
+            "gateway_probe_feed_freshness_seconds",
+            "Now minus ts_event of the first record the last successful strobe received",
+            registry=r,
+        )
+        self.last_strobe = Gauge(
+            "gateway_probe_last_strobe_timestamp_seconds",
+            "Unix time of the last strobe",
+            registry=r,
+        )
+        self.last_success = Gauge(
+            "gateway_probe_last_success_timestamp_seconds",
+            "Unix time of the last successful strobe",
+            registry=r,
+        )
+        self.uptime = Gauge(
+            "gateway_probe_uptime_ratio",
+            "Share of successful strobes over the window, from the SQLite history",
+            ["window"],
+            registry=r,
+        )
+        for result in ("success", "failure"):
+            self.strobes.labels(result)
+        for step in PROBE_STEPS:
+            self.failures.labels(step)

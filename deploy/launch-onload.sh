@@ -1,0 +1,121 @@
+#!/bin/sh
+# Launch the gateway under AMD Solarflare Onload: host checks, then exec (same pid, so systemd
+# keeps tracking it) of
+#
+#   onload --profile=PROFILE PYTHON -m gateway serve --transport onload --transport-profile PROFILE ARGS
+#
+# with GATEWAY_TRANSPORT_LAUNCHED=onload, so the gateway does not relaunch itself: it only
+# verifies from inside that libonload is mapped and answers, and fails start-up if not.
+#
+# usage: launch-onload.sh [--dry-run] [--profile=NAME] [--env-file=FILE] [--python=PATH]
+#                         [--wrapper=PATH] [gateway serve options...]
+#
+#   --dry-run        run the checks, print the exact argv and environment, exec nothing
+#                    (exit 0, or 1 when a check failed)
+#   --profile=NAME   Onload profile (default latency; also GATEWAY_ONLOAD_PROFILE)
+#   --env-file=FILE  KEY=VALUE lines (EF_* overrides) exported before the wrapper runs, so they
+#                    win over the profile. Under systemd use EnvironmentFile= instead.
+#   --python=PATH    the gateway's interpreter (default /opt/gateway/venv/bin/python;
+#                    also GATEWAY_PYTHON)
+#   --wrapper=PATH   the onload wrapper (default: onload on PATH; also ONLOAD_WRAPPER)
+#
+# Checks (a failure stops the launch): the wrapper and interpreter exist; the onload driver is
+# loaded (/sys/module/onload) and /dev/onload, /dev/onload_epoll exist -- skipped, like the
+# wrapper's own check, with ONLOAD_DRIVERCHECK=false; the env file parses. Warnings: no huge
+# pages reserved, a memlock limit.
+set -eu
+
+dry_run=0
+profile=${GATEWAY_ONLOAD_PROFILE:-latency}
+env_file=
+python=${GATEWAY_PYTHON:-/opt/gateway/venv/bin/python}
+wrapper=${ONLOAD_WRAPPER:-onload}
+
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --dry-run) dry_run=1 ;;
+    --profile=*) profile=${1#--profile=} ;;
+    --env-file=*) env_file=${1#--env-file=} ;;
+    --python=*) python=${1#--python=} ;;
+    --wrapper=*) wrapper=${1#--wrapper=} ;;
+    *) break ;;  # the rest goes to `gateway serve`
+  esac
+  shift
+done
+
+failed=0
+fail() {
+  echo "launch-onload: FAIL: $*" >&2
+  failed=1
+}
+warn() { echo "launch-onload: warning: $*" >&2; }
+ok() { [ "$dry_run" = 0 ] || echo "launch-onload: ok: $*" >&2; }
+
+if wrapper_path=$(command -v "$wrapper" 2>/dev/null); then
+  ok "wrapper $wrapper_path"
+else
+  fail "the onload wrapper '$wrapper' is not on PATH (install Onload, or --wrapper=PATH)"
+fi
+if [ -x "$python" ]; then ok "python $python"; else fail "no executable interpreter at $python (--python=PATH)"; fi
+if [ "${ONLOAD_DRIVERCHECK:-true}" != false ]; then
+  if [ -d /sys/module/onload ]; then ok "onload driver loaded"; else fail "the onload driver is not loaded (/sys/module/onload missing: modprobe onload, or onload_tool reload)"; fi
+  for dev in /dev/onload /dev/onload_epoll; do
+    if [ -c "$dev" ]; then ok "$dev"; else fail "$dev is missing (driver not loaded, or not passed into this container)"; fi
+  done
+fi
+hugepages=$(cat /proc/sys/vm/nr_hugepages 2>/dev/null || echo 0)
+if [ "$hugepages" -gt 0 ]; then ok "vm.nr_hugepages=$hugepages"; else warn "no huge pages reserved (vm.nr_hugepages=0): Onload falls back to small pages unless EF_USE_HUGE_PAGES=2"; fi
+memlock=$(ulimit -l 2>/dev/null || echo unknown)
+if [ "$memlock" = unlimited ]; then ok "memlock unlimited"; else warn "memlock limit is $memlock KiB (LimitMEMLOCK=infinity in the unit)"; fi
+
+if [ -n "$env_file" ]; then
+  if [ ! -r "$env_file" ]; then
+    fail "cannot read the environment file $env_file"
+  else
+    n=0
+    while IFS= read -r line || [ -n "$line" ]; do
+      n=$((n + 1))
+      line=$(printf '%s' "$line" | sed 's/^[[:space:]]*//; s/[[:space:]]*$//')
+      case "$line" in '' | '#'* | ';'*) continue ;; esac
+      line=${line#export }
+      key=${line%%=*}
+      value=${line#*=}
+      case "$key" in
+        '' | [0-9]* | *[!A-Za-z0-9_]*) fail "$env_file:$n: expected KEY=VALUE"; continue ;;
+      esac
+      [ "$key" != "$line" ] || { fail "$env_file:$n: expected KEY=VALUE"; continue; }
+      case "$value" in
+        \"*\") value=${value#\"}; value=${value%\"} ;;
+        \'*\') value=${value#\'}; value=${value%\'} ;;
+      esac
+      export "$key=$value"
+    done <"$env_file"
+  fi
+fi
+
+if [ "$failed" = 1 ] && [ "$dry_run" = 0 ]; then
+  echo "launch-onload: not starting (see above; --dry-run shows the command)" >&2
+  exit 1
+fi
+
+GATEWAY_TRANSPORT_LAUNCHED=onload
+export GATEWAY_TRANSPORT_LAUNCHED
+set -- "$wrapper" "--profile=$profile" "$python" -m gateway serve \
+  --transport onload --transport-profile "$profile" "$@"
+
+if [ "$dry_run" = 1 ]; then
+  echo "exec: $*"
+  i=0
+  for arg in "$@"; do
+    echo "argv[$i]=$arg"
+    i=$((i + 1))
+  done
+  env | grep -E '^(EF_|ONLOAD_|LD_PRELOAD=|GATEWAY_)' | sort | sed 's/^/env: /'
+  echo "(plus the rest of the inherited environment)"
+  if [ "$failed" = 1 ]; then
+    echo "launch-onload: dry run: checks failed, a real launch would not start" >&2
+    exit 1
+  fi
+  exit 0
+fi
+exec "$@"
