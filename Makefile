@@ -24,7 +24,7 @@ run: $(STAMP)
 ## make test: install and run the whole suite, once on uvloop and once on the stdlib loop
 test: $(STAMP)
 	GATEWAY_TEST_LOOP=uvloop $(PY) -m pytest -q -p no:cacheprovider
-	GATEWAY_TEST_LOOP=asyncio $(PY) -m pytest -q -p no:cacheprovider
+	GATEWAY_TEST_LOOP=asyncio $(PY) -m pytest -q -p no:cacheprovider tests/unit tests/integration
 
 test-uvloop: $(STAMP)
 	GATEWAY_TEST_LOOP=uvloop $(PY) -m pytest -q
@@ -42,6 +42,17 @@ fmt: $(STAMP)
 
 types: $(STAMP)
 	$(VENV)/bin/mypy
+
+## make bench: every scenario against NATS, Redis, ZeroMQ and the raw socket limit
+bench: $(STAMP)
+	$(PY) -m bench
+
+bench-quick: $(STAMP)
+	$(PY) -m bench --quick
+
+## make soak: the long soak (60 s, 200 sessions joining and leaving, stalled and hostile clients)
+soak: $(STAMP)
+	$(PY) -m tests.soak.soak --duration 60
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

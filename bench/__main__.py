@@ -48,8 +48,10 @@ class Progress:
         filled = int(width * self.done / self.total)
         elapsed = time.monotonic() - self.started
         eta = elapsed / self.done * (self.total - self.done) if self.done else 0.0
-        return (f"[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} "
-                f"{elapsed:5.0f}s eta {eta:4.0f}s  {label}")
+        return (
+            f"[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} "
+            f"{elapsed:5.0f}s eta {eta:4.0f}s  {label}"
+        )
 
     def start(self, label: str) -> None:
         if self.tty:
@@ -84,41 +86,65 @@ def summary_line(r: dict[str, Any]) -> str:
         if sc == "filtered":
             parts.append(f"ingest {r['ingest_rps'] / 1e6:.3f} M/s")
         if sc == "zstd":
-            parts.append(f"{r.get('server_cpu_s_per_m', 0):.3f} CPU s/M, "
-                         f"ratio {r['compression_ratio']:.2f}")
+            parts.append(
+                f"{r.get('server_cpu_s_per_m', 0):.3f} CPU s/M, ratio {r['compression_ratio']:.2f}"
+            )
     elif sc == "latency":
         lat = (r.get("latency") or {}).get("probe") or {}
-        parts.append(f"p50 {lat.get('p50', '-')} p99 {lat.get('p99', '-')} "
-                     f"p99.9 {lat.get('p99.9', '-')} max {lat.get('max', '-')} us")
+        parts.append(
+            f"p50 {lat.get('p50', '-')} p99 {lat.get('p99', '-')} "
+            f"p99.9 {lat.get('p99.9', '-')} max {lat.get('max', '-')} us"
+        )
         if r.get("overloaded"):
             parts.append(f"OVERLOADED ({r.get('achieved_rate', 0):,}/s)")
     elif sc == "idle":
-        parts.append(f"{r['rss_per_session_kib']:.1f} KiB/session, idle CPU "
-                     f"{100 * r['idle_cpu_fraction']:.1f}%, burst {r['burst_s']:.3f} s")
+        parts.append(
+            f"{r['rss_per_session_kib']:.1f} KiB/session, idle CPU "
+            f"{100 * r['idle_cpu_fraction']:.1f}%, burst {r['burst_s']:.3f} s"
+        )
     elif sc == "connect":
         parts.append(f"all streaming in {r.get('all_streaming_s', 0):.3f} s")
-    loss = "loss-free" if r.get("loss_free") else (
-        f"LOSS lost={r['lost']} gaps={r['gaps']} extra={r['extra']} "
-        f"foreign={r['unexpected']} failed={r['failed_sessions']}")
+    loss = (
+        "loss-free"
+        if r.get("loss_free")
+        else (
+            f"LOSS lost={r['lost']} gaps={r['gaps']} extra={r['extra']} "
+            f"foreign={r['unexpected']} failed={r['failed_sessions']}"
+        )
+    )
     parts.append(loss)
     parts.append(f"{r.get('elapsed_s', 0):.1f}s")
     return ", ".join(parts)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--quick", action="store_true", help="tiny N and durations (seconds)")
-    p.add_argument("--scenarios", default=",".join(SCENARIOS),
-                   help=f"comma-separated subset of {','.join(SCENARIOS)}")
-    p.add_argument("--systems", default=",".join(SYSTEMS),
-                   help=f"comma-separated subset of {','.join(SYSTEMS)}")
-    p.add_argument("--profile", metavar="SCENARIO", choices=SCENARIOS,
-                   help="run only SCENARIO with py-spy attached to the gateway; the flame "
-                        "graphs are saved next to the results")
+    p.add_argument(
+        "--scenarios",
+        default=",".join(SCENARIOS),
+        help=f"comma-separated subset of {','.join(SCENARIOS)}",
+    )
+    p.add_argument(
+        "--systems",
+        default=",".join(SYSTEMS),
+        help=f"comma-separated subset of {','.join(SYSTEMS)}",
+    )
+    p.add_argument(
+        "--profile",
+        metavar="SCENARIO",
+        choices=SCENARIOS,
+        help="run only SCENARIO with py-spy attached to the gateway; the flame "
+        "graphs are saved next to the results",
+    )
     p.add_argument("--out", type=Path, help="results folder (default bench/results/<time>)")
-    p.add_argument("--no-install", action="store_true",
-                   help="never apt-get missing peers (skip them instead)")
+    p.add_argument(
+        "--no-install", action="store_true", help="never apt-get missing peers (skip them instead)"
+    )
     p.add_argument("--duration", type=float, help="seconds of publishing per throughput case")
     p.add_argument("--note", default="", help="a line to print in RESULTS.md")
     return p.parse_args(argv)
@@ -131,12 +157,14 @@ def main(argv: list[str] | None = None) -> int:
     run_id = time.strftime("%Y%m%d-%H%M%S")
     outdir: Path = args.out or RESULTS / (run_id + ("-quick" if args.quick else ""))
     outdir.mkdir(parents=True, exist_ok=True)
-    scenarios = [args.profile] if args.profile else [
-        s for s in args.scenarios.split(",") if s]
+    scenarios = [args.profile] if args.profile else [s for s in args.scenarios.split(",") if s]
     systems = [s for s in args.systems.split(",") if s]
     bad = [s for s in scenarios if s not in SCENARIOS] + [s for s in systems if s not in SYSTEMS]
     if bad:
         print(f"unknown scenario or system: {', '.join(bad)}", file=sys.stderr)
+        return 2
+    if args.profile and not pyspy_path():
+        print("--profile needs py-spy: .venv/bin/pip install py-spy", file=sys.stderr)
         return 2
     plan = make_plan(args.quick)
     if args.duration:
@@ -144,19 +172,27 @@ def main(argv: list[str] | None = None) -> int:
 
         plan = dataclasses.replace(plan, duration_s=args.duration)
     used = sorted({s for sc in scenarios for s in SCENARIO_SYSTEMS[sc] if s in systems})
-    peers = ensure_peers([s for s in used if s in ("nats", "redis", "zmq")],
-                         install=not (args.quick or args.no_install), log=sys.stderr)
+    peers = ensure_peers(
+        [s for s in used if s in ("nats", "redis", "zmq")],
+        install=not (args.quick or args.no_install),
+        log=sys.stderr,
+    )
     for p in peers.values():
         if not p.available:
             print(f"peer {p.name} skipped: {p.reason}", file=sys.stderr)
     harness = Harness(outdir, plan, peers, profile=bool(args.profile))
     cases = build_cases(harness, scenarios, systems)
     meta: dict[str, Any] = {
-        "run_id": run_id, "quick": args.quick, "machine": machine_info(),
-        "versions": {**versions(), **{p.name: p.version for p in peers.values()
-                                      if p.available and p.version}},
-        "plan": dataclasses_asdict(plan), "scenarios": scenarios, "systems": systems,
-        "profile": args.profile, "note": args.note, "argv": sys.argv[1:],
+        "run_id": run_id,
+        "quick": args.quick,
+        "machine": machine_info(),
+        "versions": {**versions(), **peer_versions(peers)},
+        "plan": dataclasses_asdict(plan),
+        "scenarios": scenarios,
+        "systems": systems,
+        "profile": args.profile,
+        "note": args.note,
+        "argv": sys.argv[1:],
     }
     doc: dict[str, Any] = {"meta": meta, "peers": peer_table(peers), "results": []}
     progress = Progress(len(cases))
@@ -179,16 +215,40 @@ def main(argv: list[str] | None = None) -> int:
     write_json(outdir / "results.json", doc)
     write_markdown(outdir / "RESULTS.md", doc)
     for t in doc["targets"]:
-        print(f"target {t['status']:>6}: {t['target']}: {t['measured']}"
-              + (f" ({t['detail']})" if t["detail"] else ""))
+        print(
+            f"target {t['status']:>6}: {t['target']}: {t['measured']}"
+            + (f" ({t['detail']})" if t["detail"] else "")
+        )
     print(f"results: {outdir / 'RESULTS.md'}")
-    gateway_bad = [r for r in doc["results"] if r["system"] == "gateway"
-                   and (r.get("status") == "error"
-                        or (r.get("status") == "ok" and not r.get("loss_free")))]
+    gateway_bad = [
+        r
+        for r in doc["results"]
+        if r["system"] == "gateway"
+        and (r.get("status") == "error" or (r.get("status") == "ok" and not r.get("loss_free")))
+    ]
     if gateway_bad:
         print(f"gateway: {len(gateway_bad)} case(s) lost records or failed", file=sys.stderr)
         return 1
     return 0
+
+
+def pyspy_path() -> str:
+    import shutil
+
+    local = Path(sys.executable).parent / "py-spy"
+    return shutil.which("py-spy") or (str(local) if local.exists() else "")
+
+
+def peer_versions(peers: dict[str, Any]) -> dict[str, str]:
+    """``nats-server 2.9.10`` -> {"nats-server": "2.9.10"}; pyzmq and libzmq apart."""
+    out: dict[str, str] = {}
+    for p in peers.values():
+        if not p.available or not p.version:
+            continue
+        for part in p.version.split(" / "):
+            name, _, number = part.partition(" ")
+            out[name] = number or name
+    return out
 
 
 def dataclasses_asdict(obj: Any) -> dict[str, Any]:

@@ -13,13 +13,23 @@ subscriber asked for. It also turns embedded send stamps into latency samples.
 
 from __future__ import annotations
 
+import array
+import bisect
+import struct
 from typing import Final
 
 import numpy as np
 import numpy.typing as npt
 import zstandard
 
-from bench.records import FIRST_ID, INSTRUMENTS, OFF_INSTRUMENT, OFF_SEQUENCE, OFF_TS_RECV
+from bench.records import (
+    FIRST_ID,
+    INSTRUMENTS,
+    OFF_INSTRUMENT,
+    OFF_SEQUENCE,
+    OFF_TS_RECV,
+    REC_LEN,
+)
 
 __all__ = [
     "DbnParser",
@@ -28,6 +38,7 @@ __all__ = [
     "ParseError",
     "RawParser",
     "RecordSink",
+    "RecvClock",
     "RedisParser",
     "ZmtpParser",
     "ZstdLayer",
@@ -45,10 +56,54 @@ SYSTEM_HEARTBEAT: Final = 0
 SYSTEM_ACK: Final = 1
 SYSTEM_SLOW: Final = 2
 MAX_ERRORS: Final = 5
+#: at most this many records: verify in plain Python (numpy calls cost more)
+SMALL: Final = 24
+_U32: Final = struct.Struct("<I").unpack_from
+_U64: Final = struct.Struct("<Q").unpack_from
 
 
 class ParseError(Exception):
     """The stream is not what the system should send: the connection is counted as failed."""
+
+
+class RecvClock:
+    """When each byte of a buffer filled by several ``recv`` calls arrived: the buffer
+    offset where each recv ended, and the time it returned."""
+
+    __slots__ = ("ends", "times", "_ends", "_times")
+
+    def __init__(self) -> None:
+        self.ends: list[int] = []
+        self.times: list[int] = []
+        self._ends: npt.NDArray[np.int64] | None = None
+        self._times: npt.NDArray[np.int64] | None = None
+
+    def mark(self, end: int, now: int) -> None:
+        self.ends.append(end)
+        self.times.append(now)
+        self._ends = None
+
+    def clear(self) -> None:
+        self.ends.clear()
+        self.times.clear()
+        self._ends = None
+
+    def at1(self, offset: int) -> int:
+        """Arrival time of the byte just before ``offset``."""
+        i = bisect.bisect_left(self.ends, offset)
+        return self.times[min(i, len(self.times) - 1)]
+
+    def at(self, offsets: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+        if self._ends is None:
+            self._ends = np.asarray(self.ends, dtype=np.int64)
+            self._times = np.asarray(self.times, dtype=np.int64)
+        assert self._times is not None
+        i = np.searchsorted(self._ends, offsets, side="left")
+        np.minimum(i, len(self._times) - 1, out=i)
+        return self._times[i]
+
+
+Clock = int | RecvClock
 
 
 class RecordSink:
@@ -69,7 +124,10 @@ class RecordSink:
         self.first_ns = 0
         self.last_ns = 0
         self.next_seq = 0
-        self.next_inst = np.zeros(INSTRUMENTS, dtype=np.int64) if per_instrument else None
+        # One buffer, two views: array.array for the plain-Python path, numpy for the rest.
+        self._next_list = array.array("q", bytes(8 * INSTRUMENTS))
+        self.next_inst = np.frombuffer(self._next_list, dtype=np.int64) if per_instrument else None
+        self._wanted_list = wanted.tolist() if wanted is not None else None
         self.latency: list[npt.NDArray[np.int64]] = []
         self.notes: list[str] = []
 
@@ -77,28 +135,84 @@ class RecordSink:
         if len(self.notes) < MAX_ERRORS:
             self.notes.append(text)
 
-    def take(self, buf: Buffer, offset: int, count: int, stride: int, now: int) -> None:
-        """``count`` records, the first at ``offset`` in ``buf``, ``stride`` bytes apart."""
+    def take(self, buf: Buffer, offset: int, count: int, stride: int, clock: Clock) -> None:
+        """``count`` records, the first at ``offset`` in ``buf``, ``stride`` bytes apart;
+        ``clock`` says when each byte of ``buf`` was received."""
+        end = offset + (count - 1) * stride + REC_LEN
+        if isinstance(clock, int):
+            first = last = clock
+        else:
+            first, last = clock.at1(offset + REC_LEN), clock.at1(end)
         if self.first_ns == 0:
-            self.first_ns = now
-        self.last_ns = now
+            self.first_ns = first
+        self.last_ns = last
         self.records += count
-        seq = np.ndarray((count,), dtype="<u4", buffer=buf, offset=offset + OFF_SEQUENCE,
-                         strides=(stride,))
+        if count <= SMALL:
+            self._take_small(buf, offset, count, stride, clock)
+            return
+        seq = np.ndarray(
+            (count,), dtype="<u4", buffer=buf, offset=offset + OFF_SEQUENCE, strides=(stride,)
+        )
         if self.next_inst is None:
             self._check_global(seq)
         else:
-            ids = np.ndarray((count,), dtype="<u4", buffer=buf, offset=offset + OFF_INSTRUMENT,
-                             strides=(stride,))
+            ids = np.ndarray(
+                (count,), dtype="<u4", buffer=buf, offset=offset + OFF_INSTRUMENT, strides=(stride,)
+            )
             self._check_instruments(ids, seq)
         if self.latency_every:
-            ts = np.ndarray((count,), dtype="<u8", buffer=buf, offset=offset + OFF_TS_RECV,
-                            strides=(stride,))
+            ts = np.ndarray(
+                (count,), dtype="<u8", buffer=buf, offset=offset + OFF_TS_RECV, strides=(stride,)
+            )
             sel = ts != 0
             if self.latency_every > 1:
                 sel &= (seq % self.latency_every) == 0
             if sel.any():
-                self.latency.append(now - ts[sel].astype(np.int64))
+                stamps = ts[sel].astype(np.int64)
+                if isinstance(clock, int):
+                    self.latency.append(clock - stamps)
+                else:
+                    ends = offset + REC_LEN + stride * np.flatnonzero(sel)
+                    self.latency.append(clock.at(ends) - stamps)
+
+    def _take_small(self, buf: Buffer, offset: int, count: int, stride: int, clock: Clock) -> None:
+        """The same checks in plain Python: cheaper than numpy calls for a few records."""
+        offsets = range(offset, offset + count * stride, stride)
+        seqs = [_U32(buf, o + OFF_SEQUENCE)[0] for o in offsets]
+        if self.next_inst is None:
+            nxt = self.next_seq
+            for s in seqs:
+                if s != nxt:
+                    self.gaps += 1
+                    self._note(f"sequence break: expected {nxt}, got {s}")
+                nxt = (s + 1) & 0xFFFFFFFF
+            self.next_seq = nxt
+        else:
+            self._check_small([_U32(buf, o + OFF_INSTRUMENT)[0] for o in offsets], seqs)
+        if self.latency_every:
+            every = self.latency_every
+            at = (lambda _o: clock) if isinstance(clock, int) else clock.at1
+            lat = [
+                at(o + REC_LEN) - ts
+                for o, s in zip(offsets, seqs, strict=True)
+                if (ts := _U64(buf, o + OFF_TS_RECV)[0]) and s % every == 0
+            ]
+            if lat:
+                self.latency.append(np.array(lat, dtype=np.int64))
+
+    def _check_small(self, ids: list[int], seqs: list[int]) -> None:
+        nxt = self._next_list
+        wanted = self._wanted_list
+        for iid, s in zip(ids, seqs, strict=True):
+            i = iid - FIRST_ID
+            if not 0 <= i < INSTRUMENTS or (wanted is not None and not wanted[i]):
+                self.unexpected += 1
+                self._note(f"a record of instrument {iid}, not subscribed to")
+                continue
+            if s != nxt[i]:
+                self.gaps += 1
+                self._note(f"instrument {iid}: expected sequence {nxt[i]}, got {s}")
+            nxt[i] = s + 1
 
     def _check_global(self, seq: npt.NDArray[np.uint32]) -> None:
         first = int(seq[0])
@@ -110,13 +224,15 @@ class RecordSink:
             if len(seq) > 1:
                 breaks += int(np.count_nonzero(np.diff(seq) != 1))
             self.gaps += breaks
-            self._note(f"sequence break: expected {self.next_seq}, got {first} "
-                       f"({breaks} break(s) in {len(seq)} records)")
+            self._note(
+                f"sequence break: expected {self.next_seq}, got {first} "
+                f"({breaks} break(s) in {len(seq)} records)"
+            )
         self.next_seq = (int(seq[-1]) + 1) & 0xFFFFFFFF
 
-    def _check_instruments(self, ids: npt.NDArray[np.uint32], seq: npt.NDArray[np.uint32]
-                           ) -> None:
-        assert self.next_inst is not None
+    def _check_instruments(self, ids: npt.NDArray[np.uint32], seq: npt.NDArray[np.uint32]) -> None:
+        nxt = self.next_inst
+        assert nxt is not None
         idx = ids.astype(np.int64) - FIRST_ID
         valid = (idx >= 0) & (idx < INSTRUMENTS)
         if self.wanted is not None:
@@ -130,29 +246,26 @@ class RecordSink:
         count = len(idx)
         if count == 0:
             return
-        if count == 1:
-            i = int(idx[0])
-            if int(seq[0]) != self.next_inst[i]:
-                self.gaps += 1
-                self._note(f"instrument {i + FIRST_ID}: expected sequence "
-                           f"{self.next_inst[i]}, got {int(seq[0])}")
-            self.next_inst[i] = int(seq[0]) + 1
-            return
         order = np.argsort(idx, kind="stable")
         si = idx[order]
         ss = seq[order].astype(np.int64)
-        starts = np.flatnonzero(np.r_[True, si[1:] != si[:-1]])
-        sizes = np.diff(np.r_[starts, count])
-        rank = np.arange(count) - np.repeat(starts, sizes)
-        bad = ss != self.next_inst[si] + rank
-        if bad.any():
-            breaks = int(np.count_nonzero(bad))
+        change = np.empty(count, dtype=np.bool_)
+        change[0] = True
+        np.not_equal(si[1:], si[:-1], out=change[1:])
+        starts = np.flatnonzero(change)
+        bounds = np.append(starts, count)
+        rank = np.arange(count) - np.repeat(starts, np.diff(bounds))
+        bad_rows = ss != nxt[si] + rank
+        if bad_rows.any():
+            breaks = int(np.count_nonzero(bad_rows))
             self.gaps += breaks
-            j = int(np.argmax(bad))
-            self._note(f"instrument {int(si[j]) + FIRST_ID}: expected sequence "
-                       f"{int(self.next_inst[si[j]] + rank[j])}, got {int(ss[j])}")
-        ends = np.r_[starts[1:] - 1, count - 1]
-        self.next_inst[si[ends]] = ss[ends] + 1
+            j = int(np.argmax(bad_rows))
+            self._note(
+                f"instrument {int(si[j]) + FIRST_ID}: expected sequence "
+                f"{int(nxt[si[j]] + rank[j])}, got {int(ss[j])}"
+            )
+        ends = bounds[1:] - 1
+        nxt[si[ends]] = ss[ends] + 1
 
 
 class FrameParser:
@@ -186,7 +299,7 @@ class FrameParser:
         p = self.payload_off
         return [(p, 20), (p + 1, RTYPE_MBP1)]
 
-    def parse(self, buf: Buffer, arr: U8, pos: int, end: int, now: int) -> int:
+    def parse(self, buf: Buffer, arr: U8, pos: int, end: int, now: Clock) -> int:
         """Consume whole messages in ``buf[pos:end]``; return where the partial tail starts."""
         sink = self.sink
         while pos < end:
@@ -194,27 +307,39 @@ class FrameParser:
             if frame:
                 avail = (end - pos) // frame
                 if avail:
-                    rows = arr[pos : pos + avail * frame].reshape(avail, frame)
-                    ok: npt.NDArray[np.bool_] | None = None
-                    for off, val in self.checks:
-                        hit = rows[:, off] == val
-                        ok = hit if ok is None else ok & hit
-                    assert ok is not None
-                    take = avail if bool(ok.all()) else int(np.argmin(ok))
+                    take = self._valid_rows(buf, arr, pos, avail)
                     if take:
                         sink.take(buf, pos + self.payload_off, take, frame, now)
                         pos += take * frame
-                        if take == avail:
-                            if pos >= end:
-                                break
-                            # A shorter message may fit in the tail (NATS PING).
+                        if pos >= end:
+                            break
+                        # else: a control message, or a shorter one in the tail (PING)
             used = self.slow(buf, pos, end, now)
             if used == 0:
                 break
             pos += used
         return pos
 
-    def slow(self, buf: Buffer, pos: int, end: int, now: int) -> int:
+    def _valid_rows(self, buf: Buffer, arr: U8, pos: int, avail: int) -> int:
+        """How many frames from ``pos`` on are data frames (all checks hold)."""
+        frame = self.frame_len
+        checks = self.checks
+        if avail <= 4:
+            for r in range(avail):
+                base = pos + r * frame
+                for off, val in checks:
+                    if buf[base + off] != val:
+                        return r
+            return avail
+        rows = arr[pos : pos + avail * frame].reshape(avail, frame)
+        ok: npt.NDArray[np.bool_] | None = None
+        for off, val in checks:
+            hit = rows[:, off] == val
+            ok = hit if ok is None else ok & hit
+        assert ok is not None
+        return avail if bool(ok.all()) else int(np.argmin(ok))
+
+    def slow(self, buf: Buffer, pos: int, end: int, now: Clock) -> int:
         raise NotImplementedError
 
 
@@ -233,7 +358,7 @@ class DbnParser(FrameParser):
         self.system_other = 0
         self.gateway_errors: list[str] = []
 
-    def slow(self, buf: Buffer, pos: int, end: int, now: int) -> int:
+    def slow(self, buf: Buffer, pos: int, end: int, now: Clock) -> int:
         if not self.metadata:
             if end - pos < 8:
                 return 0
@@ -282,7 +407,7 @@ class RawParser(FrameParser):
         super().__init__(sink, 80, 0)
         self.checks = self.frame_checks()
 
-    def slow(self, buf: Buffer, pos: int, end: int, now: int) -> int:
+    def slow(self, buf: Buffer, pos: int, end: int, now: Clock) -> int:
         if end - pos < 80:
             return 0
         raise ParseError(f"raw stream: not a record at byte {pos}")
@@ -293,10 +418,16 @@ class NatsParser(FrameParser):
 
     def frame_checks(self) -> list[tuple[int, int]]:
         f = self.frame_len
-        return [(0, ord("M")), (1, ord("S")), (2, ord("G")), (f - 2, 13), (f - 1, 10),
-                *super().frame_checks()]
+        return [
+            (0, ord("M")),
+            (1, ord("S")),
+            (2, ord("G")),
+            (f - 2, 13),
+            (f - 1, 10),
+            *super().frame_checks(),
+        ]
 
-    def slow(self, buf: Buffer, pos: int, end: int, now: int) -> int:
+    def slow(self, buf: Buffer, pos: int, end: int, now: Clock) -> int:
         nl = buf.find(b"\r\n", pos, end)
         if nl < 0:
             if end - pos > 4096:
@@ -364,10 +495,17 @@ class RedisParser(FrameParser):
 
     def frame_checks(self) -> list[tuple[int, int]]:
         f = self.frame_len
-        return [(0, ord("*")), (1, ord("3")), (5, ord("7")), (8, ord("m")), (f - 2, 13),
-                (f - 1, 10), *super().frame_checks()]
+        return [
+            (0, ord("*")),
+            (1, ord("3")),
+            (5, ord("7")),
+            (8, ord("m")),
+            (f - 2, 13),
+            (f - 1, 10),
+            *super().frame_checks(),
+        ]
 
-    def slow(self, buf: Buffer, pos: int, end: int, now: int) -> int:
+    def slow(self, buf: Buffer, pos: int, end: int, now: Clock) -> int:
         got = resp_parse(buf, pos, end)
         if got is None:
             return 0
@@ -401,7 +539,7 @@ class ZmtpParser(FrameParser):
     def frame_checks(self) -> list[tuple[int, int]]:
         return [(0, 0), (1, 80), *super().frame_checks()]
 
-    def slow(self, buf: Buffer, pos: int, end: int, now: int) -> int:
+    def slow(self, buf: Buffer, pos: int, end: int, now: Clock) -> int:
         got = zmtp_frame(buf, pos, end)
         if got is None:
             return 0

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -27,8 +28,15 @@ from typing import IO, Final
 from bench.procs import free_port, raise_nofile, stop_process
 from bench.records import API_KEY, DATASET
 
-__all__ = ["GatewayServer", "NatsServer", "PeerStatus", "RedisServer", "Server",
-           "ensure_peers", "versions"]
+__all__ = [
+    "GatewayServer",
+    "NatsServer",
+    "PeerStatus",
+    "RedisServer",
+    "Server",
+    "ensure_peers",
+    "versions",
+]
 
 REPO: Final = Path(__file__).resolve().parent.parent
 PEER_BINARIES: Final = {"nats": "nats-server", "redis": "redis-server"}
@@ -60,8 +68,7 @@ def _version(cmd: list[str]) -> str:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=10, check=False)
     except (OSError, subprocess.TimeoutExpired):
         return ""
-    return (out.stdout or out.stderr).strip().splitlines()[0] if (out.stdout or out.stderr) \
-        else ""
+    return (out.stdout or out.stderr).strip().splitlines()[0] if (out.stdout or out.stderr) else ""
 
 
 def ensure_peers(wanted: list[str], install: bool, log: IO[str]) -> dict[str, PeerStatus]:
@@ -73,35 +80,45 @@ def ensure_peers(wanted: list[str], install: bool, log: IO[str]) -> dict[str, Pe
         print(f"installing {' '.join(packages)} with apt-get ...", file=log, flush=True)
         env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
         cmd = ["apt-get", "install", "-y", "--no-install-recommends", *packages]
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False,
-                              timeout=600)
+        done = subprocess.run(
+            cmd, env=env, capture_output=True, text=True, check=False, timeout=600
+        )
         if done.returncode != 0:
-            subprocess.run(["apt-get", "update"], env=env, capture_output=True, check=False,
-                           timeout=600)
-            done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False,
-                                  timeout=600)
+            subprocess.run(
+                ["apt-get", "update"], env=env, capture_output=True, check=False, timeout=600
+            )
+            done = subprocess.run(
+                cmd, env=env, capture_output=True, text=True, check=False, timeout=600
+            )
         if done.returncode != 0:
             print(f"apt-get failed: {done.stderr.strip()[-500:]}", file=log, flush=True)
     for peer in wanted:
         if peer in PEER_BINARIES:
             path = _which(PEER_BINARIES[peer])
             if not path:
-                why = ("not installed (run as root to let the harness apt-get it, or "
-                       f"apt-get install {APT_PACKAGES[peer]})" if install else
-                       "not installed (quick mode does not install peers)")
+                why = (
+                    "not installed (run as root to let the harness apt-get it, or "
+                    f"apt-get install {APT_PACKAGES[peer]})"
+                    if install
+                    else "not installed (quick mode does not install peers)"
+                )
                 status[peer] = PeerStatus(peer, False, reason=why)
                 continue
-            version = _version([path, "--version"])
+            text = _version([path, "--version"])
+            found = re.search(r"v=?(\d+\.\d+\.\d+)", text)
+            version = f"{PEER_BINARIES[peer]} {found.group(1)}" if found else text
             status[peer] = PeerStatus(peer, True, version=version, path=path)
         elif peer == "zmq":
             try:
                 import zmq
             except ImportError:
-                status[peer] = PeerStatus(peer, False, reason="pyzmq is not installed "
-                                          "(pip install pyzmq)")
+                status[peer] = PeerStatus(
+                    peer, False, reason="pyzmq is not installed (pip install pyzmq)"
+                )
                 continue
-            status[peer] = PeerStatus(peer, True, version=f"pyzmq {zmq.__version__} / "
-                                                          f"libzmq {zmq.zmq_version()}")
+            status[peer] = PeerStatus(
+                peer, True, version=f"pyzmq {zmq.__version__} / libzmq {zmq.zmq_version()}"
+            )
         else:
             status[peer] = PeerStatus(peer, True)
     return status
@@ -114,7 +131,7 @@ def versions() -> dict[str, str]:
 
     out = {
         "python": sys.version.split()[0],
-        "uvloop": uvloop.__version__,
+        "uvloop": str(getattr(uvloop, "__version__", "?")),
         "numpy": numpy.__version__,
         "zstandard": zstandard.__version__,
     }
@@ -169,8 +186,13 @@ class GatewayServer(Server):
     ingest_port: int = 0
     metrics_port: int = 0
 
-    def __init__(self, workdir: Path, *, max_sessions: int = 30_000,
-                 extra_config: dict[str, str | int | float | bool] | None = None) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        max_sessions: int = 30_000,
+        extra_config: dict[str, str | int | float | bool] | None = None,
+    ) -> None:
         super().__init__("gateway")
         self.workdir = workdir
         self.max_sessions = max_sessions
@@ -185,13 +207,18 @@ class GatewayServer(Server):
             f'log_level = "warning"\n{extra}'
             f'[[api_keys]]\nkey = "{API_KEY}"\nmax_sessions = {self.max_sessions}\n'
             f"[limits]\nmax_connections = {self.max_sessions + 1000}\n"
-            f'[feeds]\n"{DATASET}" = "ingest://127.0.0.1:0?backpressure=1"\n')
+            f'[feeds]\n"{DATASET}" = "ingest://127.0.0.1:0?backpressure=1"\n'
+        )
         log = self.workdir / "gateway.stderr.log"
         self.logs.append(log)
         with open(log, "ab") as err:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "gateway", "serve", "--config", str(cfg)],
-                cwd=REPO, stdout=subprocess.PIPE, stderr=err, preexec_fn=raise_nofile)
+                cwd=REPO,
+                stdout=subprocess.PIPE,
+                stderr=err,
+                preexec_fn=raise_nofile,
+            )
         assert self.proc.stdout is not None
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
@@ -244,12 +271,17 @@ class NatsServer(Server):
             'write_deadline: "60s"\n'
             "max_connections: 100000\n"
             "max_payload: 1048576\n"
-            'ping_interval: "10m"\n')
+            'ping_interval: "10m"\n'
+        )
         log = self.workdir / "nats.log"
         self.logs.append(log)
         with open(log, "ab") as out:
-            self.proc = subprocess.Popen([self.binary, "-c", str(cfg)], stdout=out,
-                                         stderr=subprocess.STDOUT, preexec_fn=raise_nofile)
+            self.proc = subprocess.Popen(
+                [self.binary, "-c", str(cfg)],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                preexec_fn=raise_nofile,
+            )
         _wait_port(self.port, self.proc)
         return self
 
@@ -264,13 +296,35 @@ class RedisServer(Server):
         self.port = free_port()
         log = self.workdir / "redis.log"
         self.logs.append(log)
-        args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1",
-                "--save", "", "--appendonly", "no", "--protected-mode", "no",
-                "--client-output-buffer-limit", "pubsub 0 0 0",
-                "--client-output-buffer-limit", "normal 0 0 0",
-                "--maxclients", "30000", "--tcp-backlog", "4096", "--daemonize", "no",
-                "--dir", str(self.workdir), "--logfile", str(log)]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL, preexec_fn=raise_nofile)
+        args = [
+            self.binary,
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--protected-mode",
+            "no",
+            "--client-output-buffer-limit",
+            "pubsub 0 0 0",
+            "--client-output-buffer-limit",
+            "normal 0 0 0",
+            "--maxclients",
+            "30000",
+            "--tcp-backlog",
+            "4096",
+            "--daemonize",
+            "no",
+            "--dir",
+            str(self.workdir),
+            "--logfile",
+            str(log),
+        ]
+        self.proc = subprocess.Popen(
+            args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=raise_nofile
+        )
         _wait_port(self.port, self.proc)
         return self

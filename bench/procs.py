@@ -11,8 +11,15 @@ import time
 from dataclasses import dataclass
 from typing import Final
 
-__all__ = ["MachineCpu", "cpu_seconds", "free_port", "machine_info", "raise_nofile", "rss_kib",
-           "stop_process"]
+__all__ = [
+    "MachineCpu",
+    "cpu_seconds",
+    "free_port",
+    "machine_info",
+    "raise_nofile",
+    "rss_kib",
+    "stop_process",
+]
 
 CLK_TCK: Final = os.sysconf("SC_CLK_TCK")
 NOFILE_WANTED: Final = 65536

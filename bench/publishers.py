@@ -29,7 +29,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -42,6 +42,8 @@ __all__ = ["PublishJob", "PublishReport", "publisher_main"]
 BLOCK: Final = 8 * BATCH
 STALL_S: Final = 30.0
 RAW_MAX_SEND: Final = 1 << 20
+#: laps of the schedule in the raw sender's ring (how far its fastest socket may lead)
+RAW_LAPS: Final = 1
 
 
 @dataclass(frozen=True)
@@ -143,10 +145,13 @@ class _Publisher:
         self.schedule = Schedule()
         self.pacer = _Pacer(job, progress, self.schedule)
         self.layout = layout_for(job.system, job.per_instrument)
-        self.frames = self.layout.build(self.schedule)
+        frames = self.layout.build(self.schedule)
+        #: records in the ring of frames (the raw sender keeps several laps in flight)
+        self.ring = TILE * (RAW_LAPS if job.system == "raw" else 1)
+        self.frames = np.tile(frames, self.ring // TILE)
         self.recs = self.frames["rec"]
         self.frame_len = self.layout.frame_len
-        self.mv = memoryview(self.frames.view(np.uint8).reshape(-1))
+        self.mv = memoryview(cast(Any, self.frames.view(np.uint8).reshape(-1)))
         self.report = PublishReport()
         self.sock: socket.socket | None = None
 
@@ -160,8 +165,9 @@ class _Publisher:
         elif job.system == "nats":
             self.sock = _connect(job.port)
             _read_line(self.sock)
-            self.sock.sendall(b'CONNECT {"verbose":false,"pedantic":false,"name":"pub"}\r\n'
-                              b"PING\r\n")
+            self.sock.sendall(
+                b'CONNECT {"verbose":false,"pedantic":false,"name":"pub"}\r\nPING\r\n'
+            )
             if b"PONG" not in _read_line(self.sock):
                 raise ConnectionError("NATS: no PONG")
         elif job.system == "redis":
@@ -171,16 +177,19 @@ class _Publisher:
 
     # --- the stream -------------------------------------------------------------------
 
-    def prepare(self, start: int, count: int, stamp: int | None) -> None:
-        """Write sequence numbers (and stamps) of records [start, start + count)."""
-        pos = start % TILE
+    def prepare(self, start: int, count: int) -> None:
+        """Write the sequence numbers of records [start, start + count)."""
+        pos = start % self.ring
         self.recs["sequence"][pos : pos + count] = self.schedule.sequences(
-            start, count, self.job.per_instrument)
-        if stamp is not None:
-            self.recs["ts_recv"][pos : pos + count] = stamp
+            start, count, self.job.per_instrument
+        )
+
+    def stamp(self, start: int, count: int, stamp: int) -> None:
+        pos = start % self.ring
+        self.recs["ts_recv"][pos : pos + count] = stamp
 
     def write(self, start: int, count: int) -> None:
-        pos = start % TILE
+        pos = start % self.ring
         f = self.frame_len
         assert self.sock is not None
         self.sock.sendall(self.mv[pos * f : (pos + count) * f])
@@ -193,7 +202,7 @@ class _Publisher:
         while g < job.max_records:
             count = min(BLOCK, TILE - g % TILE, job.max_records - g)
             self.pacer.wait(g + count)
-            self.prepare(g, count, None)
+            self.prepare(g, count)
             for b in range(0, count, BATCH):
                 send(g + b, min(BATCH, count - b))
             g += count
@@ -206,7 +215,7 @@ class _Publisher:
         total = min(job.max_records, int(job.rate * job.duration_s))
         tick = 0.001
         t0 = time.perf_counter()
-        warm_until = t0 + job.warmup_s
+        warm_until_ns = time.perf_counter_ns() + int(job.warmup_s * 1e9)
         g = 0
         k = 0
         while g < total:
@@ -219,9 +228,10 @@ class _Publisher:
             while g < due:
                 count = min(due - g, TILE - g % TILE)
                 self.pacer.wait(g + count)
-                now = time.perf_counter()
-                stamp = time.perf_counter_ns() if now >= warm_until else 0
-                self.prepare(g, count, stamp)
+                self.prepare(g, count)
+                # The stamp is the last thing before the write.
+                stamp = time.perf_counter_ns()
+                self.stamp(g, count, stamp if stamp >= warm_until_ns else 0)
                 send(g, count)
                 g += count
             self.report.records = g
@@ -237,7 +247,7 @@ class _Publisher:
         sock.setsockopt(zmq.SNDHWM, 100_000)
         sock.setsockopt(zmq.LINGER, 0)
         sock.bind("tcp://127.0.0.1:*")
-        endpoint = sock.getsockopt(zmq.LAST_ENDPOINT).decode()
+        endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.ctrl.send(("listening", int(endpoint.rsplit(":", 1)[1])))
         self.ctrl.send(("ready",))
         self.wait_go()
@@ -254,7 +264,7 @@ class _Publisher:
         f = self.frame_len
 
         def send(start: int, count: int) -> None:
-            pos = start % TILE
+            pos = start % self.ring
             for i in range(pos * f, (pos + count) * f, f):
                 sock.send(mv[i : i + f], copy=True)
             self.report.writes += 1
@@ -292,17 +302,21 @@ class _Publisher:
         lsock.close()
 
     def _raw_send(self, socks: dict[int, socket.socket]) -> None:
-        """Every socket gets the whole stream from one ring of TILE records; a ring segment
-        is rewritten for its next lap once every socket has sent past it."""
+        """Every socket gets the whole stream from one ring of RAW_LAPS x TILE records; a
+        block of the ring is rewritten for its next lap once every socket has sent past it."""
         job = self.job
         ep = select.epoll()
         pos = {fd: 0 for fd in socks}  # bytes sent per socket
         parked: set[int] = set()
         for fd in socks:
             ep.register(fd, select.EPOLLOUT)
-        ring = TILE * REC_LEN
-        gen = min(TILE, job.max_records)
-        self.prepare(0, gen, None)
+        ring_records = self.ring
+        ring = ring_records * REC_LEN
+        gen = 0
+        while gen < min(ring_records, job.max_records):
+            count = min(BLOCK, job.max_records - gen, TILE - gen % TILE)
+            self.prepare(gen, count)
+            gen += count
         end_at = time.perf_counter() + job.duration_s
         stop = job.max_records
         mv = self.mv
@@ -333,16 +347,16 @@ class _Publisher:
                 stop = gen
             slowest = min(pos.values()) // REC_LEN
             grew = False
-            while gen < stop and slowest >= gen - TILE + BLOCK:
+            while gen < stop and slowest >= gen - ring_records + BLOCK:
                 count = min(BLOCK, stop - gen, TILE - gen % TILE)
-                self.prepare(gen, count, None)
+                self.prepare(gen, count)
                 gen += count
                 grew = True
             if grew:
                 for fd in parked:
                     ep.modify(fd, select.EPOLLOUT)
                 parked.clear()
-            if gen >= stop and slowest * REC_LEN >= gen * REC_LEN:
+            if gen >= stop and slowest >= gen:
                 break
         self.report.records = gen
         ep.close()

@@ -19,7 +19,7 @@ from __future__ import annotations
 import datetime as _dt
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Final
+from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
@@ -58,9 +58,16 @@ INSTRUMENTS: Final = 1000
 FIRST_ID: Final = 1000
 RTYPE_MBP1: Final = 0x01
 
-OFF_INSTRUMENT: Final = int(MBP1_DTYPE.fields["instrument_id"][1])
-OFF_SEQUENCE: Final = int(MBP1_DTYPE.fields["sequence"][1])
-OFF_TS_RECV: Final = int(MBP1_DTYPE.fields["ts_recv"][1])
+
+def _offset(name: str) -> int:
+    fields = MBP1_DTYPE.fields
+    assert fields is not None
+    return int(fields[name][1])
+
+
+OFF_INSTRUMENT: Final = _offset("instrument_id")
+OFF_SEQUENCE: Final = _offset("sequence")
+OFF_TS_RECV: Final = _offset("ts_recv")
 assert MBP1_DTYPE.itemsize == REC_LEN and TILE % BATCH == 0
 
 
@@ -92,7 +99,9 @@ def zmq_topic(instrument_id: int | None) -> bytes:
 def metadata_bytes(start_ns: int, with_mappings: bool) -> bytes:
     """The publisher's DBN v3 Metadata; with raw symbol -> instrument_id mappings for the
     filtered scenario (``S1000`` -> 1000 ...)."""
-    import databento_dbn
+    import databento_dbn as _dbn
+
+    dbn: Any = _dbn  # the stubs' enum types trip mypy; these are the real enums
 
     from gateway.dbn import encode_metadata
 
@@ -106,12 +115,12 @@ def metadata_bytes(start_ns: int, with_mappings: bool) -> bytes:
         )
         for iid in range(FIRST_ID, FIRST_ID + INSTRUMENTS)
     ]
-    meta = databento_dbn.Metadata(
+    meta = dbn.Metadata(
         dataset=DATASET,
         start=start_ns,
-        stype_in=databento_dbn.SType.RAW_SYMBOL,
-        stype_out=databento_dbn.SType.INSTRUMENT_ID,
-        schema=databento_dbn.Schema.MBP_1,
+        stype_in=dbn.SType.RAW_SYMBOL,
+        stype_out=dbn.SType.INSTRUMENT_ID,
+        schema=dbn.Schema.MBP_1,
         symbols=[m.raw_symbol for m in mappings],
         mappings=mappings,
     )
@@ -158,8 +167,7 @@ class Schedule:
 def template_records(schedule: Schedule) -> npt.NDArray[np.void]:
     """One lap of realistic MBP-1 records (prices, sizes, sides from the synthetic feed)
     with the schedule's instrument ids; sequence and ts_recv are set per write."""
-    gen = SyntheticGenerator(SyntheticOptions(instruments=INSTRUMENTS, seed=3,
-                                              schemas=("mbp-1",)))
+    gen = SyntheticGenerator(SyntheticOptions(instruments=INSTRUMENTS, seed=3, schemas=("mbp-1",)))
     chunks = gen.make(TILE, 1_700_000_000_000_000_000, 1_000_000_000)
     recs = np.frombuffer(b"".join(chunks), dtype=MBP1_DTYPE).copy()
     assert len(recs) == TILE
@@ -187,13 +195,14 @@ class Layout:
         return self.prefix_len + REC_LEN + len(self.suffix)
 
     def dtype(self) -> np.dtype[np.void]:
-        fields: list[tuple[str, object]] = []
+        fields: list[tuple[Any, ...]] = []
         if self.prefix_len:
             fields.append(("pre", np.uint8, (self.prefix_len,)))
         fields.append(("rec", MBP1_DTYPE))
         if self.suffix:
             fields.append(("post", np.uint8, (len(self.suffix),)))
-        return np.dtype(fields)  # type: ignore[call-overload,no-any-return]
+        dtype: np.dtype[np.void] = np.dtype(fields)
+        return dtype
 
     def build(self, schedule: Schedule) -> npt.NDArray[np.void]:
         """One lap of frames; the caller rewrites ``frames['rec']['sequence']`` per write."""
@@ -201,7 +210,8 @@ class Layout:
         frames["rec"] = template_records(schedule)
         if self.prefix_len:
             table = np.frombuffer(b"".join(self.prefixes), dtype=np.uint8).reshape(
-                len(self.prefixes), self.prefix_len)
+                len(self.prefixes), self.prefix_len
+            )
             pick = schedule.index if len(self.prefixes) > 1 else np.zeros(TILE, np.int64)
             frames["pre"] = table[pick]
         if self.suffix:
@@ -221,7 +231,20 @@ def layout_for(system: str, per_instrument: bool) -> Layout:
         return Layout("nats", (b"PUB md 80\r\n",), b"\r\n")
     if system == "redis":
         if per_instrument:
-            return Layout("redis", _per_instrument(
-                "*3\r\n$7\r\nPUBLISH\r\n$7\r\nmd.{i}\r\n$80\r\n"), b"\r\n")
+            return Layout(
+                "redis", _per_instrument("*3\r\n$7\r\nPUBLISH\r\n$7\r\nmd.{i}\r\n$80\r\n"), b"\r\n"
+            )
         return Layout("redis", (b"*3\r\n$7\r\nPUBLISH\r\n$2\r\nmd\r\n$80\r\n",), b"\r\n")
     return Layout(system, (b"",))
+
+
+def delivered_frame_len(system: str, per_instrument: bool) -> int:
+    """Bytes one record takes on the subscriber's wire (progress estimates, reports)."""
+    if system == "nats":  # MSG <subject> <sid> 80\r\n ... \r\n
+        return len(b"MSG md.1000 100 80\r\n" if per_instrument else b"MSG md 1 80\r\n") + 82
+    if system == "redis":  # *3 $7 message $n <channel> $80 ... \r\n
+        chan = 7 if per_instrument else 2
+        return len(f"*3\r\n$7\r\nmessage\r\n${chan}\r\n{'x' * chan}\r\n$80\r\n") + 82
+    if system == "zmq":
+        return REC_LEN + 2
+    return REC_LEN

@@ -23,8 +23,13 @@ def _ok(case: dict[str, Any] | None) -> bool:
     return case is not None and case.get("status") == "ok"
 
 
-def find(results: Iterable[dict[str, Any]], scenario: str, system: str,
-         n: int | None = None, **params: Any) -> dict[str, Any] | None:
+def find(
+    results: Iterable[dict[str, Any]],
+    scenario: str,
+    system: str,
+    n: int | None = None,
+    **params: Any,
+) -> dict[str, Any] | None:
     for r in results:
         if r["scenario"] != scenario or r["system"] != system:
             continue
@@ -44,12 +49,18 @@ def _p99(case: dict[str, Any] | None) -> float | None:
     return float(lat["p99"]) if lat else None
 
 
-def _target(name: str, measured: str, threshold: str, ratio: float | None, ok: bool | None,
-            why: str = "") -> dict[str, Any]:
+def _target(
+    name: str, measured: str, threshold: str, ratio: float | None, ok: bool | None, why: str = ""
+) -> dict[str, Any]:
     status = "n/a" if ok is None else ("met" if ok else "missed")
-    return {"target": name, "measured": measured, "threshold": threshold,
-            "ratio": None if ratio is None else round(ratio, 3), "status": status,
-            "detail": why}
+    return {
+        "target": name,
+        "measured": measured,
+        "threshold": threshold,
+        "ratio": None if ratio is None else round(ratio, 3),
+        "status": status,
+        "detail": why,
+    }
 
 
 def _why_missing(*cases: tuple[str, dict[str, Any] | None]) -> str:
@@ -69,21 +80,49 @@ def evaluate_targets(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     if _ok(gw) and _ok(raw):
         assert gw is not None and raw is not None
         r = gw["throughput_rps"] / max(raw["throughput_rps"], 1)
-        out.append(_target("fanout N=100: gateway >= 85% of the raw limit",
-                           f"{gw['throughput_rps'] / 1e6:.2f} vs {raw['throughput_rps'] / 1e6:.2f}"
-                           " M rec/s", ">= 0.85x", r, r >= 0.85))
+        out.append(
+            _target(
+                "fanout N=100: gateway >= 85% of the raw limit",
+                f"{gw['throughput_rps'] / 1e6:.2f} vs {raw['throughput_rps'] / 1e6:.2f} M rec/s",
+                ">= 0.85x",
+                r,
+                r >= 0.85,
+            )
+        )
     else:
-        out.append(_target("fanout N=100: gateway >= 85% of the raw limit", "-", ">= 0.85x",
-                           None, None, _why_missing(("gateway", gw), ("raw", raw))))
+        out.append(
+            _target(
+                "fanout N=100: gateway >= 85% of the raw limit",
+                "-",
+                ">= 0.85x",
+                None,
+                None,
+                _why_missing(("gateway", gw), ("raw", raw)),
+            )
+        )
     if _ok(gw) and _ok(nats):
         assert gw is not None and nats is not None
         r = gw["throughput_rps"] / max(nats["throughput_rps"], 1)
-        out.append(_target("fanout N=100: gateway >= 10x NATS",
-                           f"{gw['throughput_rps'] / 1e6:.2f} vs {nats['throughput_rps'] / 1e6:.2f}"
-                           " M rec/s", ">= 10x", r, r >= 10))
+        out.append(
+            _target(
+                "fanout N=100: gateway >= 10x NATS",
+                f"{gw['throughput_rps'] / 1e6:.2f} vs {nats['throughput_rps'] / 1e6:.2f} M rec/s",
+                ">= 10x",
+                r,
+                r >= 10,
+            )
+        )
     else:
-        out.append(_target("fanout N=100: gateway >= 10x NATS", "-", ">= 10x", None, None,
-                           _why_missing(("gateway", gw), ("NATS", nats))))
+        out.append(
+            _target(
+                "fanout N=100: gateway >= 10x NATS",
+                "-",
+                ">= 10x",
+                None,
+                None,
+                _why_missing(("gateway", gw), ("NATS", nats)),
+            )
+        )
     for n in (100, 1000):
         gw = find(results, "filtered", "gateway", n)
         nats = find(results, "filtered", "nats", n)
@@ -91,12 +130,22 @@ def evaluate_targets(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if _ok(gw) and _ok(nats):
             assert gw is not None and nats is not None
             r = gw["throughput_rps"] / max(nats["throughput_rps"], 1)
-            out.append(_target(name, f"{gw['throughput_rps'] / 1e6:.3f} vs "
-                                     f"{nats['throughput_rps'] / 1e6:.3f} M rec/s", ">= 2x",
-                               r, r >= 2))
+            out.append(
+                _target(
+                    name,
+                    f"{gw['throughput_rps'] / 1e6:.3f} vs "
+                    f"{nats['throughput_rps'] / 1e6:.3f} M rec/s",
+                    ">= 2x",
+                    r,
+                    r >= 2,
+                )
+            )
         else:
-            out.append(_target(name, "-", ">= 2x", None, None,
-                               _why_missing(("gateway", gw), ("NATS", nats))))
+            out.append(
+                _target(
+                    name, "-", ">= 2x", None, None, _why_missing(("gateway", gw), ("NATS", nats))
+                )
+            )
     gw = find(results, "latency", "gateway", 100, rate=50_000)
     nats = find(results, "latency", "nats", 100, rate=50_000)
     gp, np_ = _p99(gw), _p99(nats)
@@ -105,8 +154,9 @@ def evaluate_targets(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         r = gp / max(np_, 1.0)
         out.append(_target(name, f"{gp:,.0f} vs {np_:,.0f} us", "<= 0.5x", r, r <= 0.5))
     else:
-        out.append(_target(name, "-", "<= 0.5x", None, None,
-                           _why_missing(("gateway", gw), ("NATS", nats))))
+        out.append(
+            _target(name, "-", "<= 0.5x", None, None, _why_missing(("gateway", gw), ("NATS", nats)))
+        )
     name = "latency N=100 @ 50k rec/s: gateway p99 < 1 ms"
     if gp is not None:
         out.append(_target(name, f"{gp:,.0f} us", "< 1,000 us", gp / 1000, gp < 1000))
@@ -116,14 +166,25 @@ def evaluate_targets(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     name = "idle: gateway RSS per idle session < 30 KiB"
     if _ok(idle) and idle is not None and idle.get("sessions", 0) >= 5000:
         v = float(idle["rss_per_session_kib"])
-        out.append(_target(name, f"{v:.1f} KiB ({idle['sessions']:,} sessions)", "< 30 KiB",
-                           v / 30, v < 30))
+        out.append(
+            _target(
+                name, f"{v:.1f} KiB ({idle['sessions']:,} sessions)", "< 30 KiB", v / 30, v < 30
+            )
+        )
     else:
         why = _why_missing(("gateway idle", idle)) or "fewer than 5,000 sessions (quick mode)"
-        out.append(_target(name, "-" if idle is None or not _ok(idle)
-                           else f"{idle['rss_per_session_kib']:.1f} KiB "
-                                f"({idle.get('sessions', 0)} sessions)",
-                           "< 30 KiB", None, None, why))
+        out.append(
+            _target(
+                name,
+                "-"
+                if idle is None or not _ok(idle)
+                else f"{idle['rss_per_session_kib']:.1f} KiB ({idle.get('sessions', 0)} sessions)",
+                "< 30 KiB",
+                None,
+                None,
+                why,
+            )
+        )
     return out
 
 
@@ -132,9 +193,19 @@ def loss_summary(results: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
     for r in results:
         if r.get("status") == "skipped":
             continue
-        s = out.setdefault(r["system"], {"cases": 0, "errors": 0, "lost": 0, "extra": 0,
-                                         "gaps": 0, "unexpected": 0, "failed_sessions": 0,
-                                         "not_loss_free": 0})
+        s = out.setdefault(
+            r["system"],
+            {
+                "cases": 0,
+                "errors": 0,
+                "lost": 0,
+                "extra": 0,
+                "gaps": 0,
+                "unexpected": 0,
+                "failed_sessions": 0,
+                "not_loss_free": 0,
+            },
+        )
         s["cases"] += 1
         if r.get("status") != "ok":
             s["errors"] += 1
@@ -154,8 +225,9 @@ def write_json(path: Path, doc: dict[str, Any]) -> None:
 # --- markdown ---------------------------------------------------------------------------
 
 
-def _m(v: float | int | None, digits: int = 2) -> str:
-    return "–" if v is None else f"{v / 1e6:.{digits}f}"
+def _m(case: dict[str, Any] | None, key: str, digits: int = 2) -> str:
+    value = None if case is None else case.get(key)
+    return "–" if value is None else f"{value / 1e6:.{digits}f}"
 
 
 def _cell(case: dict[str, Any] | None, value: str) -> str:
@@ -166,6 +238,8 @@ def _cell(case: dict[str, Any] | None, value: str) -> str:
     if case.get("status") != "ok":
         return "error"
     mark = "" if case.get("loss_free") else " ⚠loss"
+    if case.get("paced_s", 0) > 0.25 * max(case.get("span_s", 0), 1e-9):
+        mark += " †"
     return value + mark
 
 
@@ -197,40 +271,57 @@ def write_markdown(path: Path, doc: dict[str, Any]) -> None:
     ]
     if meta.get("note"):
         lines.append(f"- **Note:** {meta['note']}")
-    lines += ["", "## Targets", "", "| target | measured | threshold | ratio | status |",
-              "|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## Targets",
+        "",
+        "| target | measured | threshold | ratio | status |",
+        "|---|---|---|---|---|",
+    ]
     for t in doc["targets"]:
         status = {"met": "✅ met", "missed": "❌ missed"}.get(t["status"], "n/a")
         detail = f" ({t['detail']})" if t["detail"] else ""
         ratio = "–" if t["ratio"] is None else f"{t['ratio']:.2f}"
-        lines.append(f"| {t['target']} | {t['measured']} | {t['threshold']} | {ratio} | "
-                     f"{status}{detail} |")
+        lines.append(
+            f"| {t['target']} | {t['measured']} | {t['threshold']} | {ratio} | {status}{detail} |"
+        )
     lines += ["", "## Peers", "", "| peer | status | version / reason |", "|---|---|---|"]
     for p in doc["peers"]:
-        lines.append(f"| {p['name']} | {'used' if p['available'] else '**skipped**'} | "
-                     f"{p['version'] if p['available'] else p['reason']} |")
-    lines += ["", "## Loss (every run checks every subscriber's count and sequence numbers)",
-              "", "| system | cases | errors | records lost | extra | sequence breaks | "
-              "foreign records | failed sessions | cases not loss-free |",
-              "|---|---|---|---|---|---|---|---|---|"]
+        lines.append(
+            f"| {p['name']} | {'used' if p['available'] else '**skipped**'} | "
+            f"{p['version'] if p['available'] else p['reason']} |"
+        )
+    lines += [
+        "",
+        "## Loss (every run checks every subscriber's count and sequence numbers)",
+        "",
+        "| system | cases | errors | records lost | extra | sequence breaks | "
+        "foreign records | failed sessions | cases not loss-free |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for system, s in doc["loss"].items():
-        lines.append(f"| {system} | {s['cases']} | {s['errors']} | {s['lost']:,} | "
-                     f"{s['extra']:,} | {s['gaps']:,} | {s['unexpected']:,} | "
-                     f"{s['failed_sessions']} | {s['not_loss_free']} |")
+        lines.append(
+            f"| {system} | {s['cases']} | {s['errors']} | {s['lost']:,} | "
+            f"{s['extra']:,} | {s['gaps']:,} | {s['unexpected']:,} | "
+            f"{s['failed_sessions']} | {s['not_loss_free']} |"
+        )
     lines += _fanout_table(results) + _filtered_table(results) + _zstd_table(results)
     lines += _latency_table(results) + _idle_table(results) + _connect_table(results)
     errors = [r for r in results if r.get("status") == "error"]
     if errors:
         lines += ["", "## Errors", ""]
         for r in errors:
-            lines.append(f"- {r['scenario']} {r['system']} N={r['n']} {r.get('params', '')}: "
-                         f"{r.get('reason', '')}")
+            lines.append(
+                f"- {r['scenario']} {r['system']} N={r['n']} {r.get('params', '')}: "
+                f"{r.get('reason', '')}"
+            )
     noted = [r for r in results if r.get("status") == "ok" and r.get("notes")]
     if noted:
         lines += ["", "## Subscriber notes (first few per case)", ""]
         for r in noted[:20]:
-            lines.append(f"- {r['scenario']} {r['system']} N={r['n']}: "
-                         + "; ".join(r["notes"][:3]))
+            lines.append(
+                f"- {r['scenario']} {r['system']} N={r['n']}: " + "; ".join(r["notes"][:3])
+            )
     lines += ["", "Plots: " + ", ".join(f"`{p}`" for p in doc.get("plots", [])), ""]
     path.write_text("\n".join(lines))
 
@@ -239,17 +330,28 @@ def _fanout_table(results: list[dict[str, Any]]) -> list[str]:
     ns = _ns(results, "fanout")
     if not ns:
         return []
-    lines = ["", "## fanout: one feed of 80-byte MBP-1 records to N subscribers of everything",
-             "", "Million records/s delivered (all subscribers together); in brackets the "
-             "server's CPU seconds per million delivered records.", "",
-             "| system | " + " | ".join(f"N={n}" for n in ns) + " |",
-             "|---|" + "---|" * len(ns)]
+    lines = [
+        "",
+        "## fanout: one feed of 80-byte MBP-1 records to N subscribers of everything",
+        "",
+        "Million records/s delivered (all subscribers together); in brackets the "
+        "server's CPU seconds per million delivered records (for the raw limit and ZeroMQ "
+        "the server is the sending process). † the publisher waited on the in-flight "
+        "budget for over a quarter of the run (the peer had more than the budget queued).",
+        "",
+        "| system | " + " | ".join(f"N={n}" for n in ns) + " |",
+        "|---|" + "---|" * len(ns),
+    ]
     for s in _systems(results, "fanout"):
         cells = []
         for n in ns:
             c = find(results, "fanout", s, n)
-            cells.append(_cell(c, f"{_m(c and c.get('throughput_rps'))} "
-                                  f"({(c or {}).get('server_cpu_s_per_m', 0):.3f})"))
+            cells.append(
+                _cell(
+                    c,
+                    f"{_m(c, 'throughput_rps')} ({(c or {}).get('server_cpu_s_per_m', 0):.3f})",
+                )
+            )
         lines.append(f"| {SYSTEM_NAMES[s]} | " + " | ".join(cells) + " |")
     return lines
 
@@ -258,18 +360,28 @@ def _filtered_table(results: list[dict[str, Any]]) -> list[str]:
     ns = _ns(results, "filtered")
     if not ns:
         return []
-    lines = ["", "## filtered: 1,000 instruments, each session subscribes to 10 "
-             "(Zipf-skewed popularity)", "",
-             "Million records/s delivered / ingest the server sustained (records published "
-             "÷ time to the last delivery).", "",
-             "| system | " + " | ".join(f"N={n}" for n in ns) + " |",
-             "|---|" + "---|" * len(ns)]
+    lines = [
+        "",
+        "## filtered: 1,000 instruments, each session subscribes to 10 (Zipf-skewed popularity)",
+        "",
+        "Million records/s delivered / ingest the server sustained (records published "
+        "÷ time to the last delivery). Peers use one subject / channel / topic per "
+        "instrument; the gateway gets raw-symbol subscriptions resolved from its feed's "
+        "Metadata mappings. † as above.",
+        "",
+        "| system | " + " | ".join(f"N={n}" for n in ns) + " |",
+        "|---|" + "---|" * len(ns),
+    ]
     for s in _systems(results, "filtered"):
         cells = []
         for n in ns:
             c = find(results, "filtered", s, n)
-            cells.append(_cell(c, f"{_m(c and c.get('throughput_rps'), 3)} / "
-                                  f"{_m(c and c.get('ingest_rps'), 3)}"))
+            cells.append(
+                _cell(
+                    c,
+                    f"{_m(c, 'throughput_rps', 3)} / {_m(c, 'ingest_rps', 3)}",
+                )
+            )
         lines.append(f"| {SYSTEM_NAMES[s]} | " + " | ".join(cells) + " |")
     return lines
 
@@ -278,16 +390,23 @@ def _zstd_table(results: list[dict[str, Any]]) -> list[str]:
     rows = [r for r in results if r["scenario"] == "zstd"]
     if not rows:
         return []
-    lines = ["", "## zstd: compressed sessions vs uncompressed (gateway only)", "",
-             "| mode | N | delivered M rec/s | gateway CPU s per M records | "
-             "compression ratio | loss-free |", "|---|---|---|---|---|---|"]
+    lines = [
+        "",
+        "## zstd: compressed sessions vs uncompressed (gateway only)",
+        "",
+        "| mode | N | delivered M rec/s | gateway CPU s per M records | "
+        "compression ratio | loss-free |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in sorted(rows, key=lambda r: (r["params"]["mode"], r["n"])):
         if r.get("status") != "ok":
             lines.append(f"| {r['params']['mode']} | {r['n']} | {r.get('status')} | | | |")
             continue
-        lines.append(f"| {r['params']['mode']} | {r['n']} | {_m(r['throughput_rps'])} | "
-                     f"{r.get('server_cpu_s_per_m', 0):.3f} | {r['compression_ratio']:.2f} | "
-                     f"{'yes' if r['loss_free'] else 'NO'} |")
+        lines.append(
+            f"| {r['params']['mode']} | {r['n']} | {_m(r, 'throughput_rps')} | "
+            f"{r.get('server_cpu_s_per_m', 0):.3f} | {r['compression_ratio']:.2f} | "
+            f"{'yes' if r['loss_free'] else 'NO'} |"
+        )
     return lines
 
 
@@ -297,18 +416,26 @@ def _latency_table(results: list[dict[str, Any]]) -> list[str]:
         return []
     systems = _systems(results, "latency")
     keys = sorted({(r["n"], r["params"]["rate"]) for r in rows})
-    lines = ["", "## latency: publisher write → subscriber recv (µs: p50 / p99 / p99.9 / max)",
-             "", "Measured at the probe, the subscriber that connected last (served last); "
-             "⚠ marks a system that could not sustain the rate (publisher fell behind).", "",
-             "| case | " + " | ".join(SYSTEM_NAMES[s] for s in systems) + " |",
-             "|---|" + "---|" * len(systems)]
+    lines = [
+        "",
+        "## latency: publisher write → subscriber recv (µs: p50 / p99 / p99.9 / max)",
+        "",
+        "Measured at the probe, the subscriber that connected last (served last); "
+        "⚠ marks a system that could not sustain the rate (publisher fell behind).",
+        "",
+        "| case | " + " | ".join(SYSTEM_NAMES[s] for s in systems) + " |",
+        "|---|" + "---|" * len(systems),
+    ]
     for n, rate in keys:
         cells = []
         for s in systems:
             c = find(results, "latency", s, n, rate=rate)
             lat = ((c or {}).get("latency") or {}).get("probe")
-            text = "–" if not lat else (f"{lat['p50']:,} / {lat['p99']:,} / {lat['p99.9']:,} / "
-                                        f"{lat['max']:,}")
+            text = (
+                "–"
+                if not lat
+                else (f"{lat['p50']:,} / {lat['p99']:,} / {lat['p99.9']:,} / {lat['max']:,}")
+            )
             if c and c.get("overloaded"):
                 text += f" ⚠ {c.get('achieved_rate', 0):,}/s"
             cells.append(_cell(c, text))
@@ -320,20 +447,32 @@ def _idle_table(results: list[dict[str, Any]]) -> list[str]:
     rows = [r for r in results if r["scenario"] == "idle"]
     if not rows:
         return []
-    lines = ["", "## idle: authenticated sessions, heartbeats, no data; then one burst", "",
-             "| system | sessions | RSS per session KiB | server CPU while idle | "
-             "heartbeats seen (sessions) | burst of 800 records to all: s | loss-free |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "",
+        "## idle: authenticated sessions, heartbeats, no data; then one burst",
+        "",
+        "| system | sessions | RSS per session KiB | server CPU while idle | "
+        "heartbeats seen (sessions) | burst of 800 records to all: s | loss-free |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         if r.get("status") != "ok":
-            lines.append(f"| {SYSTEM_NAMES[r['system']]} | {r['n']} | {r.get('status')}: "
-                         f"{r.get('reason', '')[:80]} | | | | |")
+            lines.append(
+                f"| {SYSTEM_NAMES[r['system']]} | {r['n']} | {r.get('status')}: "
+                f"{r.get('reason', '')[:80]} | | | | |"
+            )
             continue
-        hb = (f"{r['heartbeats']:,} ({r['sessions_with_heartbeat']:,}; every "
-              f"{r['heartbeat_interval_s']} s)" if r.get("heartbeat_interval_s") else "n/a")
-        lines.append(f"| {SYSTEM_NAMES[r['system']]} | {r['sessions']:,} | "
-                     f"{r['rss_per_session_kib']:.1f} | {100 * r['idle_cpu_fraction']:.1f}% | "
-                     f"{hb} | {r['burst_s']:.3f} | {'yes' if r['loss_free'] else 'NO'} |")
+        hb = (
+            f"{r['heartbeats']:,} ({r['sessions_with_heartbeat']:,}; every "
+            f"{r['heartbeat_interval_s']} s)"
+            if r.get("heartbeat_interval_s")
+            else "n/a"
+        )
+        lines.append(
+            f"| {SYSTEM_NAMES[r['system']]} | {r['sessions']:,} | "
+            f"{r['rss_per_session_kib']:.1f} | {100 * r['idle_cpu_fraction']:.1f}% | "
+            f"{hb} | {r['burst_s']:.3f} | {'yes' if r['loss_free'] else 'NO'} |"
+        )
     return lines
 
 
@@ -341,19 +480,28 @@ def _connect_table(results: list[dict[str, Any]]) -> list[str]:
     rows = [r for r in results if r["scenario"] == "connect"]
     if not rows:
         return []
-    lines = ["", "## connect: a storm of connect + auth + subscribe", "",
-             "| system | sessions | time to all streaming s | per session p50 / p99 / max ms | "
-             "server CPU s | failed | loss-free (burst after) |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "",
+        "## connect: a storm of connect + auth + subscribe",
+        "",
+        "| system | sessions | time to all streaming s | per session p50 / p99 / max ms | "
+        "server CPU s | failed | loss-free (burst after) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         if r.get("status") != "ok" or "all_streaming_s" not in r:
-            lines.append(f"| {SYSTEM_NAMES[r['system']]} | {r['n']} | {r.get('status')}: "
-                         f"{r.get('reason', '')[:80]} | | | | |")
+            lines.append(
+                f"| {SYSTEM_NAMES[r['system']]} | {r['n']} | {r.get('status')}: "
+                f"{r.get('reason', '')[:80]} | | | | |"
+            )
             continue
         p = r["per_session_ms"]
-        lines.append(f"| {SYSTEM_NAMES[r['system']]} | {r['sessions']:,} | "
-                     f"{r['all_streaming_s']:.3f} | {p['p50']} / {p['p99']} / {p['max']} | "
-                     f"{r['server_cpu_s']:.2f} | {r['failed_sessions']} | "
-                     f"{'yes' if r['loss_free'] else 'NO'} |")
+        lines.append(
+            f"| {SYSTEM_NAMES[r['system']]} | {r['sessions']:,} | "
+            f"{r['all_streaming_s']:.3f} | {p['p50']} / {p['p99']} / {p['max']} | "
+            f"{r['server_cpu_s']:.2f} | {r['failed_sessions']} | "
+            f"{'yes' if r['loss_free'] else 'NO'} |"
+        )
     return lines
 
 
@@ -373,12 +521,14 @@ def write_plots(outdir: Path, results: list[dict[str, Any]]) -> list[str]:
             continue
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for s in _systems(results, scenario):
-            pts = [(r["n"], r["throughput_rps"] / 1e6) for r in results
-                   if r["scenario"] == scenario and r["system"] == s and _ok(r)]
+            pts = [
+                (r["n"], r["throughput_rps"] / 1e6)
+                for r in results
+                if r["scenario"] == scenario and r["system"] == s and _ok(r)
+            ]
             if pts:
                 pts.sort()
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
-                        label=SYSTEM_NAMES[s])
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=SYSTEM_NAMES[s])
         ax.set_xscale("log")
         ax.set_xticks(ns, [str(n) for n in ns])
         if scenario == "filtered":
@@ -414,7 +564,7 @@ def write_plots(outdir: Path, results: list[dict[str, Any]]) -> list[str]:
             ax.set_ylabel("fraction ≤ x")
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=7)
-        for ax in list(axes.flat)[len(keys):]:
+        for ax in list(axes.flat)[len(keys) :]:
             ax.axis("off")
         fig.tight_layout()
         fig.savefig(outdir / "latency_cdf.png", dpi=110)
@@ -425,8 +575,11 @@ def write_plots(outdir: Path, results: list[dict[str, Any]]) -> list[str]:
         fig, ax = plt.subplots(figsize=(7, 4.5))
         modes = sorted({r["params"]["mode"] for r in zrows})
         for mode in modes:
-            pts = sorted((r["n"], r.get("server_cpu_s_per_m", 0)) for r in zrows
-                         if r["params"]["mode"] == mode)
+            pts = sorted(
+                (r["n"], r.get("server_cpu_s_per_m", 0))
+                for r in zrows
+                if r["params"]["mode"] == mode
+            )
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=mode)
         ax.set_xscale("log")
         ax.set_xlabel("sessions (N)")

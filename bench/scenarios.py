@@ -18,6 +18,7 @@ import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, Final
@@ -27,7 +28,7 @@ import numpy as np
 from bench.peers import GatewayServer, NatsServer, PeerStatus, RedisServer, Server
 from bench.procs import MachineCpu, cpu_seconds, rss_kib
 from bench.publishers import PublishJob, PublishReport, publisher_main
-from bench.records import FIRST_ID, INSTRUMENTS, REC_LEN, Schedule
+from bench.records import FIRST_ID, INSTRUMENTS, REC_LEN, Schedule, delivered_frame_len
 from bench.subscribers import (
     ConnResult,
     ConnSpec,
@@ -40,9 +41,15 @@ from bench.subscribers import (
 __all__ = ["Case", "Harness", "Plan", "ZSTD_MODES", "ZstdMode", "build_cases", "make_plan"]
 
 CTX: Final = mp.get_context("fork")
-#: records in flight (published, not yet received) across all subscribers, and per subscriber
-FLIGHT_BUDGET: Final = 512 << 20
-FLIGHT_PER_SUB: Final = 32 << 20
+#: Peers that do not push back on their publisher (NATS, Redis, ZeroMQ) are paced on the
+#: subscribers' progress: at most this many bytes in flight (published, not yet received)
+#: across all subscribers and per subscriber, and never less than FLIGHT_MIN per subscriber.
+#: The gateway (lossless ingest: it stops reading its publisher) and the raw sender
+#: (blocking writes) bound their memory themselves and are not paced.
+FLIGHT_BUDGET: Final = 1 << 30
+FLIGHT_PER_SUB: Final = 64 << 20
+FLIGHT_MIN: Final = 1 << 20
+PACED_SYSTEMS: Final = frozenset({"nats", "redis", "zmq"})
 PERCENTILES: Final = (50.0, 90.0, 99.0, 99.9)
 SUBS_PER_SESSION: Final = 10
 
@@ -66,15 +73,34 @@ class Plan:
 
 def make_plan(quick: bool) -> Plan:
     if quick:
-        return Plan(quick=True, fanout_n=(1, 3), filtered_n=(3,), zstd_n=(2,),
-                    latency_rates=(10_000,), latency_n=(3,), idle_sessions=40,
-                    idle_window_s=0.5, idle_heartbeat_s=5, connect_sessions=30,
-                    duration_s=0.25, latency_duration_s=0.5)
-    return Plan(quick=False, fanout_n=(1, 10, 100, 1000), filtered_n=(10, 100, 1000),
-                zstd_n=(1, 10, 100), latency_rates=(10_000, 50_000, 100_000),
-                latency_n=(10, 100), idle_sessions=10_000, idle_window_s=6.0,
-                idle_heartbeat_s=5, connect_sessions=1000, duration_s=2.0,
-                latency_duration_s=3.0)
+        return Plan(
+            quick=True,
+            fanout_n=(1, 3),
+            filtered_n=(3,),
+            zstd_n=(2,),
+            latency_rates=(10_000,),
+            latency_n=(3,),
+            idle_sessions=40,
+            idle_window_s=0.5,
+            idle_heartbeat_s=5,
+            connect_sessions=30,
+            duration_s=0.25,
+            latency_duration_s=0.5,
+        )
+    return Plan(
+        quick=False,
+        fanout_n=(1, 10, 100, 1000),
+        filtered_n=(10, 100, 1000),
+        zstd_n=(1, 10, 100),
+        latency_rates=(10_000, 50_000, 100_000),
+        latency_n=(10, 100),
+        idle_sessions=10_000,
+        idle_window_s=6.0,
+        idle_heartbeat_s=5,
+        connect_sessions=1000,
+        duration_s=2.0,
+        latency_duration_s=3.0,
+    )
 
 
 @dataclass(frozen=True)
@@ -94,15 +120,48 @@ class ZstdMode:
 
 
 ZSTD_MODES: Final[list[ZstdMode]] = [
-    ZstdMode("zstd-shared", True, False,
-             description="zstd, every session on one subscription (frames shared)"),
-    ZstdMode("zstd-distinct", True, True,
-             description="zstd, every session on a different subscription (no sharing)"),
-    ZstdMode("none-shared", False, False,
-             description="uncompressed, one subscription"),
-    ZstdMode("none-distinct", False, True,
-             description="uncompressed, a different subscription per session"),
+    ZstdMode(
+        "zstd-shared",
+        True,
+        False,
+        description="zstd, every session on one subscription (frames shared)",
+    ),
+    ZstdMode(
+        "zstd-distinct",
+        True,
+        True,
+        description="zstd, every session on a different subscription (no sharing)",
+    ),
+    ZstdMode("none-shared", False, False, description="uncompressed, one subscription"),
+    ZstdMode(
+        "none-distinct",
+        False,
+        True,
+        description="uncompressed, a different subscription per session",
+    ),
 ]
+
+
+def _gateway_has(option: str) -> bool:
+    try:
+        from gateway.config import Config
+    except ImportError:
+        return False
+    return option in getattr(Config, "__struct_fields__", ())
+
+
+if _gateway_has("zstd_mode"):
+    # The per-session-stream baseline: one streaming compressor per session.
+    ZSTD_MODES.insert(
+        2,
+        ZstdMode(
+            "zstd-per-session",
+            True,
+            False,
+            {"zstd_mode": "per_session"},
+            description="zstd, one streaming compressor per session (the naive baseline)",
+        ),
+    )
 
 
 @dataclass
@@ -153,9 +212,15 @@ def _zipf_subscriptions(n: int, seed: int = 5) -> list[tuple[int, ...]]:
     weights /= weights.sum()
     p = np.empty(INSTRUMENTS)
     p[popularity] = weights
-    return [tuple(sorted(int(x) + FIRST_ID for x in
-                         rng.choice(INSTRUMENTS, SUBS_PER_SESSION, replace=False, p=p)))
-            for _ in range(n)]
+    return [
+        tuple(
+            sorted(
+                int(x) + FIRST_ID
+                for x in rng.choice(INSTRUMENTS, SUBS_PER_SESSION, replace=False, p=p)
+            )
+        )
+        for _ in range(n)
+    ]
 
 
 def _percentiles(encoded: list[str]) -> dict[str, Any] | None:
@@ -172,15 +237,15 @@ def _percentiles(encoded: list[str]) -> dict[str, Any] | None:
     out["mean"] = round(hist.get_mean_value(), 1)
     out["count"] = hist.get_total_count()
     cdf_points = np.unique(np.r_[np.linspace(0, 90, 19), 100 - np.logspace(1, -3, 25)])
-    out["cdf"] = [[round(float(p), 4), hist.get_value_at_percentile(float(p))]
-                  for p in cdf_points]
+    out["cdf"] = [[round(float(p), 4), hist.get_value_at_percentile(float(p))] for p in cdf_points]
     out["unit"] = "us"
     return out
 
 
 class Harness:
-    def __init__(self, outdir: Path, plan: Plan, peers: dict[str, PeerStatus],
-                 profile: bool = False) -> None:
+    def __init__(
+        self, outdir: Path, plan: Plan, peers: dict[str, PeerStatus], profile: bool = False
+    ) -> None:
         self.outdir = outdir
         self.plan = plan
         self.peers = peers
@@ -192,8 +257,7 @@ class Harness:
 
     # --- servers ----------------------------------------------------------------------
 
-    def start_server(self, system: str, gateway_config: dict[str, Any] | None = None
-                     ) -> Server:
+    def start_server(self, system: str, gateway_config: dict[str, Any] | None = None) -> Server:
         if system == "gateway":
             return GatewayServer(self.workdir, extra_config=gateway_config).start()
         if system == "nats":
@@ -211,13 +275,25 @@ class Harness:
         import shutil
         import sys
 
-        pyspy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+        local = Path(sys.executable).parent / "py-spy"
+        pyspy = shutil.which("py-spy") or str(local)
         name = "profile-" + "".join(ch if ch.isalnum() else "-" for ch in label)[:80]
         out = self.outdir / f"{name}.svg"
         proc = subprocess.Popen(
-            [pyspy, "record", "--pid", str(server.pid), "--rate", "200", "--nonblocking",
-             "-o", str(out)], stdout=subprocess.DEVNULL,
-            stderr=open(self.workdir / "py-spy.log", "ab"))
+            [
+                pyspy,
+                "record",
+                "--pid",
+                str(server.pid),
+                "--rate",
+                "200",
+                "--nonblocking",
+                "-o",
+                str(out),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=open(self.workdir / "py-spy.log", "ab"),
+        )
         time.sleep(0.5)
         try:
             yield
@@ -258,8 +334,9 @@ class Harness:
         return workers
 
     @staticmethod
-    def connect(workers: list[_Child], specs: list[ConnSpec], inflight: int,
-                timeout: float = 120.0) -> ReadyReport:
+    def connect(
+        workers: list[_Child], specs: list[ConnSpec], inflight: int, timeout: float = 120.0
+    ) -> ReadyReport:
         """Connect ``specs`` spread over the workers, all at once; the merged report."""
         shares: list[list[ConnSpec]] = [[] for _ in workers]
         for i, spec in enumerate(specs):
@@ -278,18 +355,49 @@ class Harness:
         return report
 
     @staticmethod
-    def collect(workers: list[_Child], expected: dict[int, int], timeout: float
-                ) -> list[WorkerResult]:
+    def check_ready(ready: ReadyReport, progress: Any) -> None:
+        """Fail fast when nobody got streaming; publishers must not wait for the dead."""
+        if not ready.ready:
+            why = next(iter(ready.failed.values()), "no subscriber")
+            raise RuntimeError(f"no subscriber got streaming: {why}")
+        for index in ready.failed:
+            progress[index] = 1 << 62
+
+    @staticmethod
+    def collect(
+        workers: list[_Child], expected: dict[int, int], timeout: float
+    ) -> list[WorkerResult]:
         for w in workers:
             w.send(("expect", expected, timeout))
         return [w.recv(timeout + 60, "subscriber results")[1] for w in workers]
 
     @staticmethod
-    def window(shares: list[float]) -> int:
-        """Pacing window (records of the stream) for subscribers receiving these shares."""
+    def worker_config(
+        system: str, n: int, *, per_instrument: bool = False, latency_every: int = 0
+    ) -> WorkerConfig:
+        # Latency runs parse in small bites so that one parse never holds up the other
+        # connections' receive stamps for long; throughput runs in big ones.
+        if latency_every:
+            buffer = 128 << 10
+        else:
+            buffer = (1 << 20) if n <= 100 else (256 << 10)
+        return WorkerConfig(
+            per_instrument=per_instrument,
+            latency_every=latency_every,
+            conn_buffer=buffer,
+            frame_len=delivered_frame_len(system, per_instrument),
+        )
+
+    @staticmethod
+    def window(system: str, shares: list[float]) -> int:
+        """Pacing window (records of the stream) for subscribers receiving these shares of
+        it; 0 (no pacing) for systems that push back on their publisher themselves."""
+        if system not in PACED_SYSTEMS:
+            return 0
         total = sum(shares) * REC_LEN
         per_sub = max(shares) * REC_LEN
-        return int(max(4 * 800, min(FLIGHT_BUDGET / total, FLIGHT_PER_SUB / per_sub)))
+        floor = FLIGHT_MIN / per_sub
+        return int(max(floor, min(FLIGHT_BUDGET / total, FLIGHT_PER_SUB / per_sub)))
 
     # --- one streaming case -----------------------------------------------------------
 
@@ -318,13 +426,14 @@ class Harness:
             pub, port = self.start_publisher(job, progress)
             if system == "gateway":
                 server.wait_feed_up()  # type: ignore[attr-defined]
-            specs = [_replace(s, port=port) for s in specs]
+            specs = [_replace(s, port=server.port or port) for s in specs]
             workers = self.start_workers(cfg, progress)
             first, last = specs[:-1], specs[-1:]
             ready = self.connect(workers, first, 64) if first else ReadyReport()
             more = self.connect(workers[:1], last, 1)
             ready.ready.update(more.ready)
             ready.failed.update(more.failed)
+            self.check_ready(ready, progress)
             pid = server.pid or pub.proc.pid
             with self.profiler(server, label):
                 cpu0, mach0, rss0 = cpu_seconds(pid), MachineCpu.read(), rss_kib(pid)
@@ -364,18 +473,27 @@ class Harness:
             server.stop()
         return result
 
-    def expected_counts(self, specs: list[ConnSpec], records: int, per_instrument: bool
-                        ) -> dict[int, int]:
+    def expected_counts(
+        self, specs: list[ConnSpec], records: int, per_instrument: bool
+    ) -> dict[int, int]:
         if not per_instrument:
             return {s.index: records for s in specs}
         counts = self.schedule.published_per_instrument(records)
-        return {s.index: int(counts[np.asarray(s.instruments or (), dtype=np.int64)
-                                    - FIRST_ID].sum()) if s.instruments is not None
-                else records for s in specs}
+        return {
+            s.index: int(counts[np.asarray(s.instruments or (), dtype=np.int64) - FIRST_ID].sum())
+            if s.instruments is not None
+            else records
+            for s in specs
+        }
 
-    def summarize(self, specs: list[ConnSpec], expected: dict[int, int],
-                  results: list[WorkerResult], ready: ReadyReport, report: PublishReport
-                  ) -> dict[str, Any]:
+    def summarize(
+        self,
+        specs: list[ConnSpec],
+        expected: dict[int, int],
+        results: list[WorkerResult],
+        ready: ReadyReport,
+        report: PublishReport,
+    ) -> dict[str, Any]:
         conns: list[ConnResult] = [c for r in results for c in r.conns]
         got = {c.index: c for c in conns}
         lost = 0
@@ -431,56 +549,108 @@ class Harness:
         probe_lat = _percentiles([r.latency_probe for r in results])
         if all_lat or probe_lat:
             out["latency"] = {"all": all_lat, "probe": probe_lat}
-            out["achieved_rate"] = (round(report.records / ((report.end_ns - report.start_ns)
-                                                            / 1e9))
-                                    if report.end_ns > report.start_ns else 0)
-        out["loss_free"] = (lost == 0 and extra == 0 and gaps == 0 and unexpected == 0
-                            and not failed and not report.error)
+            out["achieved_rate"] = (
+                round(report.records / ((report.end_ns - report.start_ns) / 1e9))
+                if report.end_ns > report.start_ns
+                else 0
+            )
+        out["loss_free"] = (
+            lost == 0
+            and extra == 0
+            and gaps == 0
+            and unexpected == 0
+            and not failed
+            and not report.error
+        )
         return out
 
     # --- scenarios --------------------------------------------------------------------
 
     def fanout(self, system: str, n: int) -> dict[str, Any]:
         specs = [ConnSpec(i, system, 0) for i in range(n)]
-        job = PublishJob(system, duration_s=self.plan.duration_s, expect_peers=n,
-                         window=0 if system == "raw" else self.window([1.0] * n))
-        return self.stream_case(scenario="fanout", system=system, specs=specs,
-                                cfg=WorkerConfig(), job=job, label=f"fanout-{system}-{n}")
+        job = PublishJob(
+            system,
+            duration_s=self.plan.duration_s,
+            expect_peers=n,
+            window=self.window(system, [1.0] * n),
+        )
+        return self.stream_case(
+            scenario="fanout",
+            system=system,
+            specs=specs,
+            cfg=self.worker_config(system, n),
+            job=job,
+            label=f"fanout-{system}-{n}",
+        )
 
     def filtered(self, system: str, n: int) -> dict[str, Any]:
         subs = _zipf_subscriptions(n)
         specs = [ConnSpec(i, system, 0, instruments=s) for i, s in enumerate(subs)]
         shares = [len(s) / INSTRUMENTS for s in subs]
-        job = PublishJob(system, per_instrument=True, with_mappings=True,
-                         duration_s=self.plan.duration_s,
-                         expect_peers=sum(len(s) for s in subs),
-                         window=self.window(shares), subscriptions=tuple(subs))
-        res = self.stream_case(scenario="filtered", system=system, specs=specs,
-                               cfg=WorkerConfig(per_instrument=True), job=job,
-                               label=f"filtered-{system}-{n}")
+        job = PublishJob(
+            system,
+            per_instrument=True,
+            with_mappings=True,
+            duration_s=self.plan.duration_s,
+            expect_peers=sum(len(s) for s in subs),
+            window=self.window(system, shares),
+            subscriptions=tuple(subs),
+        )
+        res = self.stream_case(
+            scenario="filtered",
+            system=system,
+            specs=specs,
+            cfg=self.worker_config(system, n, per_instrument=True),
+            job=job,
+            label=f"filtered-{system}-{n}",
+        )
         distinct = len({s for s in subs})
         res["distinct_subscriptions"] = distinct
         return res
 
     def zstd(self, mode: ZstdMode, n: int) -> dict[str, Any]:
-        specs = [ConnSpec(i, "gateway", 0, zstd=mode.compression,
-                          distinct_tag=(900_000 + i) if mode.distinct else None)
-                 for i in range(n)]
-        job = PublishJob("gateway", duration_s=self.plan.duration_s,
-                         window=self.window([1.0] * n))
-        return self.stream_case(scenario="zstd", system="gateway", specs=specs,
-                                cfg=WorkerConfig(), job=job, label=f"zstd-{mode.name}-{n}",
-                                gateway_config=mode.gateway_config)
+        specs = [
+            ConnSpec(
+                i,
+                "gateway",
+                0,
+                zstd=mode.compression,
+                distinct_tag=(900_000 + i) if mode.distinct else None,
+            )
+            for i in range(n)
+        ]
+        job = PublishJob(
+            "gateway", duration_s=self.plan.duration_s, window=self.window("gateway", [1.0] * n)
+        )
+        return self.stream_case(
+            scenario="zstd",
+            system="gateway",
+            specs=specs,
+            cfg=self.worker_config("gateway", n),
+            job=job,
+            label=f"zstd-{mode.name}-{n}",
+            gateway_config=mode.gateway_config,
+        )
 
     def latency(self, system: str, n: int, rate: int) -> dict[str, Any]:
         specs = [ConnSpec(i, system, 0, probe=(i == n - 1)) for i in range(n)]
         every = max(1, rate // 10_000)
         duration = self.plan.latency_duration_s
-        job = PublishJob(system, duration_s=duration, rate=float(rate),
-                         warmup_s=min(0.5, duration * 0.2), expect_peers=n)
-        res = self.stream_case(scenario="latency", system=system, specs=specs,
-                               cfg=WorkerConfig(latency_every=every), job=job,
-                               label=f"latency-{system}-{n}-{rate}")
+        job = PublishJob(
+            system,
+            duration_s=duration,
+            rate=float(rate),
+            warmup_s=min(0.5, duration * 0.2),
+            expect_peers=n,
+        )
+        res = self.stream_case(
+            scenario="latency",
+            system=system,
+            specs=specs,
+            cfg=self.worker_config(system, n, latency_every=every),
+            job=job,
+            label=f"latency-{system}-{n}-{rate}",
+        )
         res["rate"] = rate
         achieved = res.get("achieved_rate", 0)
         res["overloaded"] = bool(achieved and achieved < 0.95 * rate)
@@ -504,12 +674,13 @@ class Harness:
                 server.wait_feed_up()  # type: ignore[attr-defined]
             pid = server.pid or pub.proc.pid
             hb = plan.idle_heartbeat_s if system == "gateway" else None
-            specs = [ConnSpec(i, system, port, heartbeat_s=hb) for i in range(n)]
+            specs = [ConnSpec(i, system, server.port or port, heartbeat_s=hb) for i in range(n)]
             workers = self.start_workers(WorkerConfig(), progress)
             time.sleep(0.3)
             rss0 = rss_kib(pid)
             t0 = time.perf_counter()
             ready = self.connect(workers, specs, 200, timeout=180)
+            self.check_ready(ready, progress)
             connect_s = time.perf_counter() - t0
             time.sleep(1.0)
             rss1 = rss_kib(pid)
@@ -576,12 +747,13 @@ class Harness:
             if system == "gateway":
                 server.wait_feed_up()  # type: ignore[attr-defined]
             pid = server.pid or pub.proc.pid
-            specs = [ConnSpec(i, system, port) for i in range(n)]
+            specs = [ConnSpec(i, system, server.port or port) for i in range(n)]
             workers = self.start_workers(WorkerConfig(), progress)
             time.sleep(0.3)
             cpu0 = cpu_seconds(pid)
             with self.profiler(server, f"connect-{system}-{n}"):
                 ready = self.connect(workers, specs, n, timeout=120)
+                self.check_ready(ready, progress)
                 cpu1 = cpu_seconds(pid)
                 pub.send(("go",))
                 report: PublishReport = pub.recv(120, "the burst")[1]
@@ -595,9 +767,11 @@ class Harness:
                 res.update(
                     sessions=len(times),
                     all_streaming_s=round((end - start) / 1e9, 4),
-                    per_session_ms={"p50": round(float(np.percentile(times, 50)), 2),
-                                    "p99": round(float(np.percentile(times, 99)), 2),
-                                    "max": round(float(times.max()), 2)},
+                    per_session_ms={
+                        "p50": round(float(np.percentile(times, 50)), 2),
+                        "p99": round(float(np.percentile(times, 99)), 2),
+                        "max": round(float(times.max()), 2),
+                    },
                     server_cpu_s=round(cpu1 - cpu0, 3),
                 )
             return res
@@ -635,8 +809,13 @@ def build_cases(h: Harness, scenarios: list[str], systems: list[str]) -> list[Ca
     plan = h.plan
     cases: list[Case] = []
 
-    def add(scenario: str, system: str, n: int, params: dict[str, Any],
-            run: Callable[[], dict[str, Any]]) -> None:
+    def add(
+        scenario: str,
+        system: str,
+        n: int,
+        params: dict[str, Any],
+        run: Callable[[], dict[str, Any]],
+    ) -> None:
         cases.append(Case(scenario, system, n, params, run))
 
     for scenario in scenarios:
@@ -644,39 +823,40 @@ def build_cases(h: Harness, scenarios: list[str], systems: list[str]) -> list[Ca
         if scenario == "fanout":
             for n in plan.fanout_n:
                 for s in wanted:
-                    add(scenario, s, n, {}, lambda s=s, n=n: h.fanout(s, n))
+                    add(scenario, s, n, {}, partial(h.fanout, s, n))
         elif scenario == "filtered":
+            params: dict[str, Any] = {"instruments": INSTRUMENTS, "per_session": SUBS_PER_SESSION}
             for n in plan.filtered_n:
                 for s in wanted:
-                    add(scenario, s, n, {"instruments": INSTRUMENTS,
-                                         "per_session": SUBS_PER_SESSION},
-                        lambda s=s, n=n: h.filtered(s, n))
+                    add(scenario, s, n, params, partial(h.filtered, s, n))
         elif scenario == "zstd" and "gateway" in systems:
             for n in plan.zstd_n:
                 for mode in ZSTD_MODES:
-                    add(scenario, "gateway", n, {"mode": mode.name,
-                                                 "description": mode.description},
-                        lambda m=mode, n=n: h.zstd(m, n))
+                    zparams = {"mode": mode.name, "description": mode.description}
+                    add(scenario, "gateway", n, zparams, partial(h.zstd, mode, n))
         elif scenario == "latency":
             for n in plan.latency_n:
                 for rate in plan.latency_rates:
                     for s in wanted:
-                        add(scenario, s, n, {"rate": rate},
-                            lambda s=s, n=n, r=rate: h.latency(s, n, r))
+                        add(scenario, s, n, {"rate": rate}, partial(h.latency, s, n, rate))
         elif scenario == "idle":
             for s in wanted:
-                add(scenario, s, plan.idle_sessions, {}, lambda s=s: h.idle(s, plan.idle_sessions))
+                add(scenario, s, plan.idle_sessions, {}, partial(h.idle, s, plan.idle_sessions))
         elif scenario == "connect":
             for s in wanted:
-                add(scenario, s, plan.connect_sessions, {},
-                    lambda s=s: h.connect_storm(s, plan.connect_sessions))
+                n = plan.connect_sessions
+                add(scenario, s, n, {}, partial(h.connect_storm, s, n))
     return cases
 
 
 def run_case(case: Case, peers: dict[str, PeerStatus]) -> dict[str, Any]:
     """Run one case; a skipped peer or a failure becomes a result row, never an exception."""
-    base: dict[str, Any] = {"scenario": case.scenario, "system": case.system, "n": case.n,
-                            "params": case.params}
+    base: dict[str, Any] = {
+        "scenario": case.scenario,
+        "system": case.system,
+        "n": case.n,
+        "params": case.params,
+    }
     peer = peers.get(case.system)
     if peer is not None and not peer.available:
         return {**base, "status": "skipped", "reason": peer.reason}
@@ -684,9 +864,13 @@ def run_case(case: Case, peers: dict[str, PeerStatus]) -> dict[str, Any]:
     try:
         res = case.run()
     except Exception as exc:
-        return {**base, "status": "error", "reason": f"{type(exc).__name__}: {exc}",
-                "traceback": traceback.format_exc()[-2000:],
-                "elapsed_s": round(time.perf_counter() - started, 2)}
+        return {
+            **base,
+            "status": "error",
+            "reason": f"{type(exc).__name__}: {exc}",
+            "traceback": traceback.format_exc()[-2000:],
+            "elapsed_s": round(time.perf_counter() - started, 2),
+        }
     res = {**base, **res, "elapsed_s": round(time.perf_counter() - started, 2)}
     return res
 

@@ -22,6 +22,7 @@ import os
 import select
 import socket
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any, Final
@@ -36,6 +37,7 @@ from bench.parsers import (
     ParseError,
     RawParser,
     RecordSink,
+    RecvClock,
     RedisParser,
     ZmtpParser,
     ZstdLayer,
@@ -52,11 +54,12 @@ from bench.records import (
     zmq_topic,
 )
 
-__all__ = ["ConnResult", "ConnSpec", "ReadyReport", "WorkerConfig", "WorkerResult",
-           "worker_main"]
+__all__ = ["ConnResult", "ConnSpec", "ReadyReport", "WorkerConfig", "WorkerResult", "worker_main"]
 
 RECV_SIZE: Final = 256 * 1024
 CARRY_MAX: Final = 64 * 1024
+#: a deferred connection's buffer is parsed once less than this is free
+DEFER_FREE: Final = 64 * 1024
 EPOLLIN: Final = select.EPOLLIN
 EPOLLOUT: Final = select.EPOLLOUT
 EPOLLERR: Final = select.EPOLLERR | select.EPOLLHUP
@@ -81,6 +84,11 @@ class WorkerConfig:
     per_instrument: bool = False
     #: sample every Nth record's send stamp (0: no latency)
     latency_every: int = 0
+    #: per-connection receive buffer: received bytes are parsed in bulk when it fills up or
+    #: the worker has nothing to read (0: parse every recv in one shared buffer)
+    conn_buffer: int = 0
+    #: about how many wire bytes one record takes (progress estimate between parses)
+    frame_len: int = 80
 
 
 @dataclass
@@ -141,22 +149,32 @@ class _Conn:
         self.parser: FrameParser = _PARSERS[spec.system](self.sink)
         self.zstd = ZstdLayer() if spec.zstd else None
         self.acks_needed = 1 + (spec.distinct_tag is not None)
+        # Deferred parsing: bytes accumulate in an own buffer, with each recv's time.
+        self.buf: bytearray | None = None
+        self.view: memoryview | None = None
+        self.arr: npt.NDArray[np.uint8] | None = None
+        self.fill = 0
+        self.clock = RecvClock()
+        if cfg.conn_buffer and not spec.zstd:
+            self.buf = bytearray(cfg.conn_buffer)
+            self.view = memoryview(self.buf)
+            self.arr = np.frombuffer(self.buf, dtype=np.uint8)
 
     # --- handshakes: bytes in, bytes out, until the stream starts -----------------------
 
     def greeting(self) -> bytes:
         system = self.spec.system
         if system == "redis":
-            chans = ([redis_channel(None)] if self.spec.instruments is None
-                     else [redis_channel(i) for i in self.spec.instruments])
+            chans = (
+                [redis_channel(None)]
+                if self.spec.instruments is None
+                else [redis_channel(i) for i in self.spec.instruments]
+            )
             return _resp_command("SUBSCRIBE", *chans)
         if system == "zmq":
             greeting = b"\xff" + b"\0" * 8 + b"\x7f" + bytes([3, 0]) + b"NULL".ljust(20, b"\0")
             greeting += b"\0" + b"\0" * 31
-            topics = ([zmq_topic(None)] if self.spec.instruments is None
-                      else [zmq_topic(i) for i in self.spec.instruments])
-            return greeting + _zmtp_ready("SUB") + b"".join(
-                _zmtp_frame(b"\x01" + t) for t in topics)
+            return greeting + _zmtp_ready("SUB")
         return b""
 
     def handshake(self, data: bytes) -> bytes:
@@ -187,9 +205,11 @@ class _Conn:
                 raise ParseError(f"gateway: expected cram=, got {cram[:60]!r}")
             challenge = cram[5:]
             digest = hashlib.sha256(f"{challenge}|{API_KEY}".encode()).hexdigest()
-            auth = (f"auth={digest}-{API_KEY[-5:]}|dataset={DATASET}|encoding=dbn|ts_out=0|"
-                    f"compression={'zstd' if spec.zstd else 'none'}|"
-                    "slow_reader_behavior=warn|client=bench")
+            auth = (
+                f"auth={digest}-{API_KEY[-5:]}|dataset={DATASET}|encoding=dbn|ts_out=0|"
+                f"compression={'zstd' if spec.zstd else 'none'}|"
+                "slow_reader_behavior=warn|client=bench"
+            )
             if spec.heartbeat_s:
                 auth += f"|heartbeat_interval_s={spec.heartbeat_s}"
             self.inbuf = b"\n".join(lines[2:])
@@ -209,8 +229,10 @@ class _Conn:
                 subs = f"schema=mbp-1|stype_in=raw_symbol|symbols={symbols}"
             out = f"{subs}|snapshot=0|id=1|is_last=1\n"
             if spec.distinct_tag is not None:
-                out += (f"schema=trades|stype_in=instrument_id|symbols={spec.distinct_tag}"
-                        "|snapshot=0|id=2|is_last=1\n")
+                out += (
+                    f"schema=trades|stype_in=instrument_id|symbols={spec.distinct_tag}"
+                    "|snapshot=0|id=2|is_last=1\n"
+                )
             self.state = "streaming"
             return (out + "start_session\n").encode()
         return b""
@@ -228,8 +250,10 @@ class _Conn:
             if self.spec.instruments is None:
                 out += b"SUB md 1\r\n"
             else:
-                out += b"".join(f"SUB {nats_subject(i)} {100 + k}\r\n".encode()
-                                for k, i in enumerate(self.spec.instruments))
+                out += b"".join(
+                    f"SUB {nats_subject(i)} {100 + k}\r\n".encode()
+                    for k, i in enumerate(self.spec.instruments)
+                )
             return out + b"PING\r\n"
         if self.state == "sub":
             while b"\r\n" in self.inbuf:
@@ -255,7 +279,14 @@ class _Conn:
             raise ParseError("ZMTP: expected READY")
         self.inbuf = self.inbuf[start + size :]
         self.state = "streaming"
-        return b""
+        # Subscriptions only once the server's READY is in: libzmq reads any frame that
+        # arrives before its own handshake is complete as a (bad) handshake command.
+        topics = (
+            [zmq_topic(None)]
+            if self.spec.instruments is None
+            else [zmq_topic(i) for i in self.spec.instruments]
+        )
+        return b"".join(_zmtp_frame(b"\x01" + t) for t in topics)
 
     @property
     def ready(self) -> bool:
@@ -278,15 +309,27 @@ class _Conn:
             heartbeats = p.heartbeats
             notes += [f"gateway error: {e}" for e in p.gateway_errors]
         return ConnResult(
-            index=self.spec.index, records=s.records, expected=self.expected, gaps=s.gaps,
-            unexpected=s.unexpected, wire_bytes=self.wire_bytes,
+            index=self.spec.index,
+            records=s.records,
+            expected=self.expected,
+            gaps=s.gaps,
+            unexpected=s.unexpected,
+            wire_bytes=self.wire_bytes,
             plain_bytes=self.zstd.plain_bytes if self.zstd else self.wire_bytes,
-            first_ns=s.first_ns, last_ns=self.done_ns or s.last_ns, heartbeats=heartbeats,
-            control=p.control, closed=self.closed, notes=notes[:5])
+            first_ns=s.first_ns,
+            last_ns=self.done_ns or s.last_ns,
+            heartbeats=heartbeats,
+            control=p.control,
+            closed=self.closed,
+            notes=notes[:5],
+        )
 
 
 _PARSERS: dict[str, type[FrameParser]] = {
-    "gateway": DbnParser, "raw": RawParser, "nats": NatsParser, "redis": RedisParser,
+    "gateway": DbnParser,
+    "raw": RawParser,
+    "nats": NatsParser,
+    "redis": RedisParser,
     "zmq": ZmtpParser,
 }
 
@@ -320,7 +363,7 @@ class _Worker:
         self.ep = select.epoll()
         self.ep.register(ctrl.fileno(), EPOLLIN)
         self.conns: dict[int, _Conn] = {}
-        self.pending: list[ConnSpec] = []
+        self.pending: deque[ConnSpec] = deque()
         self.inflight = 0
         self.max_inflight = 1
         self.connect_deadline = 0.0
@@ -334,6 +377,11 @@ class _Worker:
         self.zbuf = bytearray(RECV_SIZE)
         self.zview = memoryview(self.zbuf)
         self.running = True
+        #: parse every recv at once (handshakes, the expect phase) instead of in bulk
+        self.immediate = False
+        #: deferred connections holding unparsed bytes
+        self.dirty: set[_Conn] = set()
+        self.frame_len = max(1, cfg.frame_len)
 
     # --- control ----------------------------------------------------------------------
 
@@ -349,22 +397,34 @@ class _Worker:
                 self.report = ReadyReport()
                 self.start_connects()
             elif cmd == "expect":
+                self.immediate = True
+                self.flush_all()
                 by_index = {c.spec.index: c for c in self.conns.values()}
                 for index, count in msg[1].items():
                     c = by_index.get(index)
                     if c is not None:
                         c.expected = int(count)
-                self.remaining = {c.fd for c in self.conns.values()
-                                  if not c.closed and c.sink.records < c.expected}
+                self.remaining = {
+                    c.fd
+                    for c in self.conns.values()
+                    if not c.closed and c.sink.records < c.expected
+                }
                 for c in self.conns.values():
                     if c.expected >= 0 and c.sink.records >= c.expected and not c.done_ns:
                         c.done_ns = c.sink.last_ns
                 self.expect_deadline = time.monotonic() + float(msg[2])
                 self.waiting = "expect"
             elif cmd == "stats":
-                self.ctrl.send(("stats", {c.spec.index: (c.sink.records, c.parser.control,
-                                                         self._heartbeats(c))
-                                          for c in self.conns.values()}))
+                self.flush_all()
+                self.ctrl.send(
+                    (
+                        "stats",
+                        {
+                            c.spec.index: (c.sink.records, c.parser.control, self._heartbeats(c))
+                            for c in self.conns.values()
+                        },
+                    )
+                )
             elif cmd == "close":
                 self.running = False
 
@@ -374,7 +434,7 @@ class _Worker:
 
     def start_connects(self) -> None:
         while self.pending and self.inflight < self.max_inflight:
-            spec = self.pending.pop(0)
+            spec = self.pending.popleft()
             c = _Conn(spec, self.cfg)
             c.start_ns = time.perf_counter_ns()
             err = c.sock.connect_ex(("127.0.0.1", spec.port))
@@ -426,12 +486,16 @@ class _Worker:
                 hist_all.record_value(v, n)
                 if c.spec.probe:
                     hist_probe.record_value(v, n)
+
         def enc(h: HdrHistogram) -> str:
             return h.encode().decode() if h.get_total_count() else ""
 
-        return WorkerResult(conns=[c.result() for c in self.conns.values()],
-                            latency_all=enc(hist_all), latency_probe=enc(hist_probe),
-                            samples=samples)
+        return WorkerResult(
+            conns=[c.result() for c in self.conns.values()],
+            latency_all=enc(hist_all),
+            latency_probe=enc(hist_probe),
+            samples=samples,
+        )
 
     # --- connections ------------------------------------------------------------------
 
@@ -513,10 +577,16 @@ class _Worker:
                 self.send(c, reply)
             if c.state == "streaming" and c.inbuf:
                 rest, c.inbuf = c.inbuf, b""
-                self.stream(c, rest)
+                if c.buf is not None:
+                    self.append_deferred(c, rest)
+                else:
+                    self.stream(c, rest)
             self.mark_ready(c)
             return
-        self.stream(c, None)
+        if c.buf is not None:
+            self.recv_deferred(c)
+        else:
+            self.stream(c, None)
         if not c.ready_ns and not c.closed:
             self.mark_ready(c)
 
@@ -563,6 +633,65 @@ class _Worker:
         except ParseError as exc:
             self.fail(c, str(exc))
             return
+        self.after_parse(c, now)
+
+    # --- deferred parsing ---------------------------------------------------------------
+
+    def recv_deferred(self, c: _Conn) -> None:
+        """The hot path: one recv_into the connection's own buffer, its time noted; the
+        parse waits until the buffer fills up, the worker idles or the run ends."""
+        assert c.view is not None and c.buf is not None
+        try:
+            n = c.sock.recv_into(c.view[c.fill :])
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self.fail(c, f"recv: {exc}")
+            return
+        if n == 0:
+            self.flush(c)
+            self.fail(c, "closed by the server")
+            return
+        c.fill += n
+        c.wire_bytes += n
+        c.clock.mark(c.fill, time.perf_counter_ns())
+        self.progress[c.spec.index] = c.sink.records + c.fill // self.frame_len
+        if self.immediate or not c.ready_ns or len(c.buf) - c.fill < DEFER_FREE:
+            self.flush(c)
+        else:
+            self.dirty.add(c)
+
+    def append_deferred(self, c: _Conn, data: bytes) -> None:
+        assert c.buf is not None
+        if c.fill + len(data) > len(c.buf):
+            self.flush(c)
+        c.buf[c.fill : c.fill + len(data)] = data
+        c.fill += len(data)
+        c.clock.mark(c.fill, time.perf_counter_ns())
+        self.flush(c)
+
+    def flush(self, c: _Conn) -> None:
+        self.dirty.discard(c)
+        if not c.fill or c.closed:
+            return
+        assert c.buf is not None and c.arr is not None
+        try:
+            used = c.parser.parse(c.buf, c.arr, 0, c.fill, c.clock)
+        except ParseError as exc:
+            self.fail(c, str(exc))
+            return
+        tail = c.fill - used
+        if tail:
+            c.buf[:tail] = c.buf[used : c.fill]
+        c.fill = tail
+        c.clock.clear()
+        self.after_parse(c, c.sink.last_ns)
+
+    def flush_all(self) -> None:
+        for c in list(self.dirty):
+            self.flush(c)
+
+    def after_parse(self, c: _Conn, now: int) -> None:
         if c.parser.reply:
             reply, c.parser.reply = c.parser.reply, b""
             self.send(c, reply)
@@ -577,13 +706,20 @@ class _Worker:
         conns = self.conns
         ctrl_fd = self.ctrl.fileno()
         while self.running:
-            for fd, events in poll(0.05):
+            events = poll(0.05 if not self.dirty else 0.002)
+            if not events and self.dirty:
+                self.flush_all()
+            for fd, ev in events:
                 if fd == ctrl_fd:
                     self.on_ctrl()
                     continue
                 c = conns.get(fd)
-                if c is not None and not c.closed:
-                    self.on_event(c, events)
+                if c is None or c.closed:
+                    continue
+                if c.buf is not None and c.ready_ns and ev == EPOLLIN:
+                    self.recv_deferred(c)
+                else:
+                    self.on_event(c, ev)
             self.check_connect_done()
             self.check_expect_done()
         for c in self.conns.values():
