@@ -34,8 +34,21 @@ class GatewayProcess:
     ingest_ports: dict[str, int]
     log_path: Path
     lines: list[str] = field(default_factory=list)
+    config_path: Path | None = None
+
+    saved_log: str | None = None
+
+    def cleanup(self) -> None:
+        """Remove the temporary config and log files (after stop()); log() still works."""
+        if self.saved_log is None and self.log_path.exists():
+            self.saved_log = self.log_path.read_text(errors="replace")
+        for path in (self.config_path, self.log_path):
+            if path is not None:
+                path.unlink(missing_ok=True)
 
     def log(self) -> str:
+        if self.saved_log is not None:
+            return self.saved_log
         return self.log_path.read_text(errors="replace")
 
     def stop(self, timeout: float = 15.0) -> int:
@@ -111,11 +124,16 @@ def start_gateway(
         if m:
             # Keep draining stdout so the child never blocks on a full pipe.
             threading.Thread(target=_drain, args=(proc.stdout, lines), daemon=True).start()
-            return GatewayProcess(proc, int(m.group(1)), int(m.group(2)), ingest, log, lines)
+            return GatewayProcess(
+                proc, int(m.group(1)), int(m.group(2)), ingest, log, lines, config_path=cfg
+            )
     proc.kill()
     proc.wait(5)
     proc.stdout.close()
-    raise RuntimeError(f"gateway did not start: rc={proc.returncode}\n{log.read_text()}")
+    text = log.read_text()
+    log.unlink(missing_ok=True)
+    cfg.unlink(missing_ok=True)
+    raise RuntimeError(f"gateway did not start: rc={proc.returncode}\n{text}")
 
 
 def _drain(stream: Any, lines: list[str]) -> None:
@@ -130,7 +148,9 @@ def gateway(*args: str, **kwargs: Any) -> Iterator[GatewayProcess]:
         yield gw
     finally:
         rc = gw.stop()
-        assert rc == 0, f"gateway exited with {rc}\n{gw.log()[-4000:]}"
+        tail = gw.log()[-4000:] if rc else ""
+        gw.cleanup()
+        assert rc == 0, f"gateway exited with {rc}\n{tail}"
 
 
 # --- raw protocol helpers (for hostile and precise tests) -------------------------------

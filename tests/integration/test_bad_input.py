@@ -45,7 +45,9 @@ def gw() -> Iterator[GatewayProcess]:
         seqs = np.array([r.sequence for r in data_records(watcher.records)])
         assert (np.diff(seqs) > 0).all()
     finally:
-        assert proc.stop() == 0
+        rc = proc.stop()
+        proc.cleanup()
+        assert rc == 0
 
 
 def _pre_auth_error(port: int, payload: bytes) -> tuple[str, bytes]:

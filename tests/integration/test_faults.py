@@ -153,6 +153,7 @@ def test_sigterm_drains_queued_data_and_closes_cleanly() -> None:
         assert gw.proc.wait(20) == 0
     finally:
         gw.stop()
+        gw.cleanup()
     _, records = split_records(data)  # whole records to the end: a clean close
     body = [r for r in records if r[1] in (0x00, 0x01)]
     seqs = np.array([int.from_bytes(r[44:48], "little") for r in body], dtype=np.int64)

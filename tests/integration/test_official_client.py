@@ -164,6 +164,9 @@ def test_ingest_fans_out_byte_exact_to_three_subscription_styles() -> None:
         )
         # First publisher: only the Metadata (so raw symbols resolve), then the sessions start.
         pub = _publish(gw.ingest_ports["ING.TEST"], payload[: payload.index(records[0])])
+        deadline = time.monotonic() + 10
+        while "feed ING.TEST up" not in gw.log() and time.monotonic() < deadline:
+            time.sleep(0.02)  # the gateway has read the Metadata and learnt the symbols
         for s in (raw, by_id, everything):
             s.start()
         assert raw.wait_for(lambda r: any(isinstance(x, dbn.SymbolMappingMsg) for x in r))
