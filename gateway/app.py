@@ -18,7 +18,7 @@ from gateway.errors import FeedError, GatewayError
 from gateway.fanout import FanOut
 from gateway.feeds import Feed, Source, build_source, parse_feed_uri
 from gateway.metrics import Metrics
-from gateway.server import ClientConnection, ConnectionLimits, ServerState
+from gateway.server import ClientConnection, ConnectionLimits, ServerState, reset
 from gateway.session import Limits, SlowReaderLimits
 
 if TYPE_CHECKING:
@@ -78,6 +78,7 @@ class Gateway:
                 write_high_water=sr.write_high_water,
                 write_low_water=sr.write_low_water,
                 stall_timeout_s=sr.stall_timeout_s,
+                cut_grace_s=sr.cut_grace_s,
             ),
         )
         if (
@@ -306,7 +307,7 @@ class Gateway:
             await asyncio.sleep(0.05)
         for conn in list(state.connections):
             if conn.transport is not None:
-                conn.transport.abort()
+                reset(conn.transport)  # could not drain in time: a reset, not a clean EOF
         await asyncio.sleep(0)
         if self._ticker is not None:
             self._ticker.cancel()

@@ -61,6 +61,8 @@ class SlowReaderConfig(_Base):
     write_high_water: int = 1024 * 1024
     write_low_water: int = 256 * 1024
     stall_timeout_s: float = 10.0
+    #: a cut session has this long to read what it was sent before it is reset
+    cut_grace_s: float = 5.0
 
 
 class TransportConfig(_Base):

@@ -12,6 +12,7 @@ u8 rtype, u16 publisher_id, u32 instrument_id, u64 ts_event.
 
 from __future__ import annotations
 
+import functools
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -40,6 +41,7 @@ __all__ = [
     "ErrorCode",
     "SystemCode",
     "encode_error",
+    "encode_heartbeat",
     "encode_metadata",
     "encode_publisher_metadata",
     "encode_symbol_mapping",
@@ -125,16 +127,34 @@ _UPGRADE_TO_V3: Any = dbn.VersionUpgradePolicy.UPGRADE_TO_V3
 
 def encode_metadata(dataset: str, start_ns: int, ts_out: bool) -> bytes:
     """The live Metadata header: schema and stype_in unset, stype_out instrument_id,
-    every list empty, so a reconnecting Python client finds it identical but for start."""
+    every list empty, so a reconnecting Python client finds it identical but for start.
+    Encoded once per (dataset, ts_out) by databento_dbn; each session patches ``start``."""
+    template = _metadata_template(dataset, ts_out)
+    return template[:26] + struct.pack("<Q", start_ns) + template[34:]
+
+
+@functools.lru_cache(maxsize=256)
+def _metadata_template(dataset: str, ts_out: bool) -> bytes:
     meta = dbn.Metadata(
         dataset=dataset,
-        start=start_ns,
+        start=0,
         stype_in=None,
         stype_out=_STYPE_INSTRUMENT_ID,
         schema=None,
         ts_out=ts_out,
     )
     return bytes(meta.encode())
+
+
+def encode_heartbeat(ts_event: int) -> bytes:
+    """A HEARTBEAT SystemMsg ("Heartbeat"), from a template encoded once."""
+    template = _heartbeat_template()
+    return template[:8] + struct.pack("<Q", ts_event) + template[16:]
+
+
+@functools.lru_cache(maxsize=1)
+def _heartbeat_template() -> bytes:
+    return encode_system(0, "Heartbeat", SystemCode.HEARTBEAT)
 
 
 def encode_publisher_metadata(
@@ -523,8 +543,8 @@ class DbnStreamDecoder:
             data = bytes(self._buffer)
             self._buffer.clear()
         elif self._buffer:
-            self._buffer += data
-            data = bytes(self._buffer)
+            # Complete the partial record: one copy of the read, not two.
+            data = bytes(self._buffer) + data
             self._buffer.clear()
         if not data:
             return []

@@ -11,6 +11,8 @@ import asyncio
 import ipaddress
 import itertools
 import logging
+import socket
+import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -47,9 +49,6 @@ __all__ = ["ClientConnection", "ConnectionLimits", "ServerState"]
 
 log = logging.getLogger("gateway.session")
 
-#: how long a cut session may take to read its final ErrorMsg before it is aborted
-CUT_GRACE_S = 5.0
-
 
 @dataclass(frozen=True)
 class ConnectionLimits:
@@ -64,6 +63,8 @@ class ConnectionLimits:
     write_low_water: int = 256 * 1024
     #: a lossless feed's session over the hard cap for this long is cut
     stall_timeout_s: float = 10.0
+    #: a cut session has this long to read what it was sent before it is reset
+    cut_grace_s: float = 5.0
 
 
 @dataclass
@@ -146,6 +147,7 @@ class ClientConnection(asyncio.Protocol):
         self.records_sent = 0
         self.bytes_sent = 0
         self._bytes_exported = 0
+        self._bytes_at_last_tick = 0
         self.last_write = 0.0
         self.heartbeat_s = float(state.conn_limits.default_heartbeat_s)
         self.over_cap_since: float | None = None
@@ -478,7 +480,7 @@ class ClientConnection(asyncio.Protocol):
 
         It leaves the feed at once (so it holds nothing up), gets a final ErrorMsg queued
         behind what it has not read yet, and is closed; if it still has not drained after
-        ``CUT_GRACE_S`` the connection is aborted and its buffer freed.
+        ``cut_grace_s`` the connection is reset and its buffer freed.
         """
         if self.closing:
             return
@@ -497,7 +499,9 @@ class ClientConnection(asyncio.Protocol):
         self.close()
         transport = self.transport
         if transport is not None:
-            asyncio.get_running_loop().call_later(CUT_GRACE_S, _abort_if_open, transport)
+            asyncio.get_running_loop().call_later(
+                self.state.conn_limits.cut_grace_s, _abort_if_open, transport
+            )
 
     def shutdown(self) -> None:
         """Gateway stopping: say so to a streaming session, then close after the flush."""
@@ -542,7 +546,10 @@ class ClientConnection(asyncio.Protocol):
         if transport is None or not self.metadata_sent:
             return
         buffered = transport.get_write_buffer_size()
-        self.state.metrics.session_buffered.observe(buffered)
+        if buffered or self.bytes_sent != self._bytes_at_last_tick:
+            # Active sessions only: an idle session costs the tick almost nothing.
+            self.state.metrics.session_buffered.observe(buffered)
+            self._bytes_at_last_tick = self.bytes_sent
         if self.slow.lossless:
             # A lossless feed waits while this session is over its high-water mark; one
             # that stays there past the stall timeout is cut so it cannot stall the feed.
@@ -559,14 +566,11 @@ class ClientConnection(asyncio.Protocol):
             else:
                 self.over_cap_since = None
         elif self.slow.skipped and buffered <= self.state.slow.resume_bytes:
-            self.slow.notices.append(("skipped", self.slow.skipped))
-            self.slow.skipped = 0
+            self.slow.resume(now)
             self._send_notices()
         if now - self.last_write >= self.heartbeat_s:
             self.state.metrics.heartbeats.inc()
-            self.send_gateway_records(
-                [dbn.encode_system(time.time_ns(), "Heartbeat", SystemCode.HEARTBEAT)]
-            )
+            self.send_gateway_records([dbn.encode_heartbeat(time.time_ns())])
 
     # --- bookkeeping ----------------------------------------------------------------------
 
@@ -618,7 +622,19 @@ class ClientConnection(asyncio.Protocol):
 
 def _abort_if_open(transport: asyncio.Transport) -> None:
     if not transport.is_closing() or transport.get_write_buffer_size():
-        transport.abort()
+        reset(transport)
+
+
+def reset(transport: asyncio.Transport) -> None:
+    """Abort with a TCP reset (SO_LINGER 0): a client that did not get everything must
+    not see a clean end of stream."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError:
+            pass
+    transport.abort()
 
 
 def peer_of(transport: Any) -> str:

@@ -353,6 +353,13 @@ class SlowReader:
     _last_warning: float = float("-inf")
     notices: list[tuple[str, int]] = field(default_factory=list)
 
+    def resume(self, now: float) -> None:
+        """Caught up after skipping: queue the notice and start the behind-clock afresh
+        (otherwise the age test would fire at once on a reader that just caught up)."""
+        self.notices.append(("skipped", self.skipped))
+        self.skipped = 0
+        self._nonempty_since = now
+
     def mark_drained(self) -> None:
         """The session's buffer is empty (the fan-out fast path)."""
         self._nonempty_since = None
@@ -377,8 +384,7 @@ class SlowReader:
         if self.behavior == "skip":
             if self.skipped:
                 if buffered <= lim.resume_bytes:
-                    self.notices.append(("skipped", self.skipped))
-                    self.skipped = 0
+                    self.resume(now)
                     return Verdict.SEND
                 self.skipped += records
                 self.skipped_total += records
