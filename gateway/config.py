@@ -106,7 +106,7 @@ class Config(_Base):
     loop: Literal["auto", "uvloop", "asyncio"] = "auto"
     log_format: Literal["text", "json"] = "text"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
-    zstd_level: int = 3
+    zstd_level: int = 1
     #: shared: one independent frame per chunk per fan-out group (the design);
     #: per_session: one streaming compressor per session (the naive baseline, for benchmarks)
     zstd_mode: Literal["shared", "per_session"] = "shared"

@@ -135,7 +135,7 @@ class FanOut:
     def __init__(
         self,
         *,
-        zstd_level: int = 3,
+        zstd_level: int = 1,
         clock_ns: Callable[[], int] = time.time_ns,
         shared_frames: bool = True,
     ) -> None:

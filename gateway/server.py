@@ -81,7 +81,7 @@ class ServerState:
     tune_socket: Callable[[Any], object] | None = None
     #: benchmark baseline: one streaming zstd compressor per session instead of shared frames
     zstd_per_session: bool = False
-    zstd_level: int = 3
+    zstd_level: int = 1
     connections: set[ClientConnection] = field(default_factory=set)
     unauthenticated: int = 0
     accepting: bool = True
