@@ -268,6 +268,10 @@ def write_markdown(path: Path, doc: dict[str, Any]) -> None:
         f"{meta['plan']['latency_duration_s']} s; wall time {meta.get('elapsed_s', 0):.0f} s",
         "- Server, publisher and subscriber processes share the machine's cores; compare "
         "systems only within one run (the same case moves by ±20% between runs).",
+        "- The gateway is fed through a **lossless** feed (`ingest://…?backpressure=1`: it "
+        "stops reading its publisher while a session is over its high-water mark) and its "
+        "sessions ask for `slow_reader_behavior=warn`; every figure is for complete, in-order "
+        "delivery (see the loss table).",
     ]
     if meta.get("note"):
         lines.append(f"- **Note:** {meta['note']}")

@@ -12,6 +12,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from gateway import __version__, transport
+from gateway.aio import cancel_and_wait
 from gateway.auth import Authenticator, KeyEntry
 from gateway.config import Config
 from gateway.errors import FeedError, GatewayError
@@ -309,8 +310,7 @@ class Gateway:
             if conn.transport is not None:
                 reset(conn.transport)  # could not drain in time: a reset, not a clean EOF
         await asyncio.sleep(0)
-        if self._ticker is not None:
-            self._ticker.cancel()
+        await cancel_and_wait(self._ticker)
         if self._http is not None:
             await self._http.stop()
         if self.server is not None:

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gateway import __version__
+from gateway.aio import cancel_and_wait
 from gateway.client import LiveClient
 from gateway.dbn import GATEWAY_RTYPES, KNOWN_RTYPES, RTYPE_ERROR, SCHEMAS, ErrorCode
 from gateway.errors import ConfigError, GatewayError
@@ -241,13 +242,8 @@ class Prober:
         return self._task
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         await asyncio.to_thread(self.history.close)
 
     async def _run(self) -> None:

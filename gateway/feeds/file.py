@@ -17,6 +17,7 @@ import numpy as np
 import numpy.typing as npt
 import zstandard
 
+from gateway.aio import cancel_and_wait
 from gateway.compress import ZSTD_MAGIC, FrameDecompressor
 from gateway.dbn import UNDEF_TIMESTAMP, ChunkIndex, DbnStreamDecoder, index_records
 from gateway.errors import DbnError
@@ -77,12 +78,7 @@ class FileSource:
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(self._task)
 
     async def _run(self) -> None:
         feed = self.feed

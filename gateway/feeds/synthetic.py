@@ -16,6 +16,7 @@ from typing import Final
 import numpy as np
 import numpy.typing as npt
 
+from gateway.aio import cancel_and_wait
 from gateway.dbn import index_records
 from gateway.feeds.base import Feed
 
@@ -222,12 +223,7 @@ class SyntheticSource:
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(self._task)
 
     async def _run(self) -> None:
         opts = self.options

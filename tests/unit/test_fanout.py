@@ -372,3 +372,40 @@ def test_member_leaving_during_delivery_does_not_disturb_others():
     assert len(a.got) == len(b.got) == len(c.got) == 1
     fo.publish(index_of(trades_chunk(5)))
     assert len(a.got) == len(c.got) == 2 and len(b.got) == 1
+
+
+class _FakeTransport:
+    def __init__(self) -> None:
+        self.writes: list[object] = []
+
+    def write(self, data: object) -> None:
+        self.writes.append(data)
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def is_closing(self) -> bool:
+        return False
+
+
+def test_the_same_frame_object_reaches_every_session_transport():
+    """Through the real session adapters: one frame object, written to every socket."""
+    from gateway.auth import Authenticator
+    from gateway.metrics import Metrics
+    from gateway.server import ClientConnection, ServerState
+
+    state = ServerState(version="t", authenticator=Authenticator([]), feeds={}, metrics=Metrics())
+    fo = new_fanout()
+    conns = []
+    for _ in range(3):
+        conn = ClientConnection(state)
+        conn.transport = _FakeTransport()  # type: ignore[assignment]
+        conn.metadata_sent = True
+        conn.zstd = True
+        fo.place(conn, spec({TRADES: None}, zstd=True))
+        conns.append(conn)
+    fo.publish(index_of(trades_chunk(20)))
+    first = conns[0].transport.writes[0]
+    assert all(c.transport.writes == [first] for c in conns)
+    assert all(c.transport.writes[0] is first for c in conns)
+    assert zstandard.ZstdDecompressor().decompress(first) == b"".join(trades_chunk(20))
