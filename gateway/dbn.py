@@ -307,10 +307,13 @@ class ChunkIndex:
     ]:
         if self._by_instrument is None:
             order = np.argsort(self.instrument_ids, kind="stable")
-            uniq, starts, counts = np.unique(
-                self.instrument_ids[order], return_index=True, return_counts=True
-            )
-            self._by_instrument = (order, uniq, starts.astype(np.int64), counts.astype(np.int64))
+            ids = self.instrument_ids[order]
+            first = np.empty(len(ids), dtype=np.bool_)
+            first[:1] = True
+            np.not_equal(ids[1:], ids[:-1], out=first[1:])
+            starts = np.flatnonzero(first)
+            counts = np.diff(starts, append=len(ids))
+            self._by_instrument = (order, ids[starts], starts, counts)
         return self._by_instrument
 
     def instrument_ranges(self) -> dict[int, tuple[int, int]]:
@@ -349,11 +352,13 @@ class ChunkIndex:
         ranges = np.repeat(starts[k] - ends + lens, lens) + np.arange(int(ends[-1]))
         return np.sort(order[ranges])
 
-    def select(self, picked: npt.NDArray[np.bool_] | npt.NDArray[np.int64]) -> bytes:
+    def select(
+        self, picked: npt.NDArray[np.bool_] | npt.NDArray[np.int64]
+    ) -> bytes | memoryview:
         """The bytes of the selected records (a boolean mask or ascending positions), in
-        order (one gather)."""
+        order: one gather into a new buffer, handed out as a flat view (no second copy)."""
         if self.rows is not None:
-            return self.rows[picked].tobytes()
+            return self.rows[picked].reshape(-1).data
         # Variable lengths: copy runs of consecutive selected records, not records.
         if picked.dtype == np.bool_:
             picked = np.flatnonzero(picked)
