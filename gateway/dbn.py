@@ -352,9 +352,7 @@ class ChunkIndex:
         ranges = np.repeat(starts[k] - ends + lens, lens) + np.arange(int(ends[-1]))
         return np.sort(order[ranges])
 
-    def select(
-        self, picked: npt.NDArray[np.bool_] | npt.NDArray[np.int64]
-    ) -> bytes | memoryview:
+    def select(self, picked: npt.NDArray[np.bool_] | npt.NDArray[np.int64]) -> bytes | memoryview:
         """The bytes of the selected records (a boolean mask or ascending positions), in
         order: one gather into a new buffer, handed out as a flat view (no second copy)."""
         if self.rows is not None:
