@@ -656,6 +656,21 @@ class Harness:
         res["overloaded"] = bool(achieved and achieved < 0.95 * rate)
         return res
 
+    def _burst_publisher(
+        self, server: Any, system: str, n: int, progress: Any
+    ) -> tuple[_Child, int, int]:
+        """A publisher that waits for n peers, then sends one 800-record burst; returns it,
+        the port clients use, and the pid whose RSS and CPU are measured."""
+        job = PublishJob(system, duration_s=60, max_records=800, expect_peers=n)
+        if system == "gateway":
+            job = _replace(job, port=server.ingest_port)
+        elif server.port:
+            job = _replace(job, port=server.port)
+        pub, port = self.start_publisher(job, progress)
+        if system == "gateway":
+            server.wait_feed_up()
+        return pub, port, server.pid or pub.proc.pid
+
     def idle(self, system: str, n: int) -> dict[str, Any]:
         """n idle sessions: server RSS per session, CPU while idle, then one burst."""
         plan = self.plan
@@ -664,15 +679,7 @@ class Harness:
         pub: _Child | None = None
         workers: list[_Child] = []
         try:
-            job = PublishJob(system, duration_s=60, max_records=800, expect_peers=n)
-            if system == "gateway":
-                job = _replace(job, port=server.ingest_port)  # type: ignore[attr-defined]
-            elif server.port:
-                job = _replace(job, port=server.port)
-            pub, port = self.start_publisher(job, progress)
-            if system == "gateway":
-                server.wait_feed_up()  # type: ignore[attr-defined]
-            pid = server.pid or pub.proc.pid
+            pub, port, pid = self._burst_publisher(server, system, n, progress)
             hb = plan.idle_heartbeat_s if system == "gateway" else None
             specs = [ConnSpec(i, system, server.port or port, heartbeat_s=hb) for i in range(n)]
             workers = self.start_workers(WorkerConfig(), progress)
@@ -738,15 +745,7 @@ class Harness:
         pub: _Child | None = None
         workers: list[_Child] = []
         try:
-            job = PublishJob(system, duration_s=60, max_records=800, expect_peers=n)
-            if system == "gateway":
-                job = _replace(job, port=server.ingest_port)  # type: ignore[attr-defined]
-            elif server.port:
-                job = _replace(job, port=server.port)
-            pub, port = self.start_publisher(job, progress)
-            if system == "gateway":
-                server.wait_feed_up()  # type: ignore[attr-defined]
-            pid = server.pid or pub.proc.pid
+            pub, port, pid = self._burst_publisher(server, system, n, progress)
             specs = [ConnSpec(i, system, server.port or port) for i in range(n)]
             workers = self.start_workers(WorkerConfig(), progress)
             time.sleep(0.3)
