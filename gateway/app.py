@@ -315,6 +315,16 @@ class Gateway:
             await self._http.stop()
         if self.server is not None:
             await self.server.wait_closed()
+        for ds, feed in self.feeds.items():
+            st = feed.stats
+            log.info(
+                "feed %s totals records_in=%d chunks_in=%d bytes_in=%d records_per_chunk=%.1f",
+                ds,
+                st.records_in,
+                st.chunks_in,
+                st.bytes_in,
+                st.records_in / st.chunks_in if st.chunks_in else 0.0,
+            )
         log.info("gateway stopped")
         self._stopped.set()
 

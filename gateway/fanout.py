@@ -37,6 +37,8 @@ Payload = bytes | memoryview
 #: filters with at most this many instruments look them up one by one in the chunk's
 #: per-instrument table; larger ones use a vectorised search
 _FEW_IDS = 64
+#: with at least this many filter-only selections, a chunk is split for all of them at once
+_BULK_MIN_SELECTIONS = 4
 
 
 class Subscriber(Protocol):
@@ -121,6 +123,36 @@ class Group:
 
 
 @dataclass
+class _FilterPlan:
+    """The (rtype, instrument_id) keys of every filter-only selection, sorted, with the
+    selection each key belongs to: rebuilt only when groups come or go."""
+
+    selections: list[Selection]
+    keys: npt.NDArray[np.uint64]
+    owners: npt.NDArray[np.int64]
+
+    @classmethod
+    def build(cls, groups: dict[OutputSpec, Group]) -> _FilterPlan:
+        selections = list(
+            dict.fromkeys(
+                spec.selection
+                for spec in groups
+                if spec.selection and all(ids is not None for _, ids in spec.selection)
+            )
+        )
+        keys: list[int] = []
+        owners: list[int] = []
+        for i, sel in enumerate(selections):
+            for rtype, ids in sel:
+                assert ids is not None
+                keys += [(rtype << 32) | iid for iid in ids]
+                owners += [i] * len(ids)
+        key_array = np.array(keys, dtype=np.uint64)
+        order = np.argsort(key_array, kind="stable")
+        return cls(selections, key_array[order], np.array(owners, dtype=np.int64)[order])
+
+
+@dataclass
 class _ChunkCache:
     """Variants of one chunk, keyed by selection (and ts_out for frames)."""
 
@@ -156,6 +188,7 @@ class FanOut:
         #: variants built (gathers, stamps, frames) and shared variants written, all groups
         self.variant_builds = 0
         self.variant_writes = 0
+        self._plan: _FilterPlan | None = None
 
     # --- membership -------------------------------------------------------------------
 
@@ -172,6 +205,7 @@ class FanOut:
         group = self.groups.get(spec)
         if group is None:
             group = self.groups[spec] = Group(spec)
+            self._plan = None
         group.members[member] = None
         self._member_spec[member] = spec
 
@@ -190,6 +224,7 @@ class FanOut:
         group.members.pop(member, None)
         if not group.members:
             del self.groups[spec]
+            self._plan = None
 
     @property
     def member_count(self) -> int:
@@ -201,6 +236,12 @@ class FanOut:
         if not self.groups or index.count == 0:
             return
         cache = _ChunkCache()
+        if index.rows is not None:
+            plan = self._plan
+            if plan is None:
+                plan = self._plan = _FilterPlan.build(self.groups)
+            if len(plan.selections) >= _BULK_MIN_SELECTIONS:
+                self._bulk_select(plan, index, cache)
         # Snapshot: a member's deliver() may regroup or close sessions.
         for group in list(self.groups.values()):
             payload = self._variant(group, index, cache)
@@ -249,6 +290,37 @@ class FanOut:
                 self.variant_builds += 1
             data = frame
         return data, records
+
+    def _bulk_select(self, plan: _FilterPlan, index: ChunkIndex, cache: _ChunkCache) -> None:
+        """Every filter-only selection of this chunk at once: a few vectorised passes and one
+        gather for all of them, then each selection is a slice of the gathered buffer. Per
+        group this leaves a memoryview slice, not a handful of numpy calls."""
+        assert index.rows is not None
+        keys = (index.rtypes.astype(np.uint64) << np.uint64(32)) | index.instrument_ids
+        lo = np.searchsorted(plan.keys, keys, side="left")
+        hi = np.searchsorted(plan.keys, keys, side="right")
+        counts = hi - lo
+        total = int(counts.sum())
+        if total == 0:
+            for sel in plan.selections:
+                cache.selected[sel] = None
+            return
+        ends = np.cumsum(counts)
+        pair = np.repeat(lo - ends + counts, counts) + np.arange(total)
+        record = np.repeat(np.arange(index.count), counts)
+        owner = plan.owners[pair]
+        order = np.argsort(owner, kind="stable")  # by selection, records still in feed order
+        positions = record[order]
+        bounds = np.searchsorted(owner[order], np.arange(len(plan.selections) + 1))
+        flat = index.rows[positions].reshape(-1).data
+        size = index.record_len
+        for i, sel in enumerate(plan.selections):
+            a, b = int(bounds[i]), int(bounds[i + 1])
+            if a == b:
+                cache.selected[sel] = None
+            else:
+                cache.selected[sel] = (flat[a * size : b * size], b - a, positions[a:b])
+        self.variant_builds += len(plan.selections)
 
     def _select(
         self, group: Group, index: ChunkIndex
