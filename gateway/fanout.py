@@ -20,7 +20,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -128,8 +128,11 @@ class _FilterPlan:
     selection each key belongs to: rebuilt only when groups come or go."""
 
     selections: list[Selection]
-    keys: npt.NDArray[np.uint64]
-    owners: npt.NDArray[np.int64]
+    #: distinct keys, sorted; for each, where its run of (key, owner) pairs starts and its length
+    unique_keys: npt.NDArray[np.uint64]
+    starts: npt.NDArray[np.int64]
+    counts: npt.NDArray[np.int64]
+    owners: npt.NDArray[np.signedinteger[Any]]
 
     @classmethod
     def build(cls, groups: dict[OutputSpec, Group]) -> _FilterPlan:
@@ -149,7 +152,22 @@ class _FilterPlan:
                 owners += [i] * len(ids)
         key_array = np.array(keys, dtype=np.uint64)
         order = np.argsort(key_array, kind="stable")
-        return cls(selections, key_array[order], np.array(owners, dtype=np.int64)[order])
+        sorted_keys = key_array[order]
+        # Small owner ids make the per-chunk stable sort a radix sort.
+        owner_array: npt.NDArray[np.signedinteger[Any]] = (
+            np.array(owners, dtype=np.int16)
+            if len(selections) < 2**15
+            else np.array(owners, dtype=np.int32)
+        )[order]
+        if not len(sorted_keys):
+            empty = np.zeros(0, dtype=np.int64)
+            return cls(selections, sorted_keys, empty, empty, owner_array)
+        first = np.empty(len(sorted_keys), dtype=np.bool_)
+        first[:1] = True
+        np.not_equal(sorted_keys[1:], sorted_keys[:-1], out=first[1:])
+        starts = np.flatnonzero(first)
+        counts = np.diff(starts, append=len(sorted_keys))
+        return cls(selections, sorted_keys[starts], starts, counts, owner_array)
 
 
 @dataclass
@@ -297,9 +315,11 @@ class FanOut:
         group this leaves a memoryview slice, not a handful of numpy calls."""
         assert index.rows is not None
         keys = (index.rtypes.astype(np.uint64) << np.uint64(32)) | index.instrument_ids
-        lo = np.searchsorted(plan.keys, keys, side="left")
-        hi = np.searchsorted(plan.keys, keys, side="right")
-        counts = hi - lo
+        slot = np.searchsorted(plan.unique_keys, keys)
+        np.minimum(slot, len(plan.unique_keys) - 1, out=slot)
+        hit = plan.unique_keys[slot] == keys
+        lo = plan.starts[slot]
+        counts = np.where(hit, plan.counts[slot], 0)
         total = int(counts.sum())
         if total == 0:
             for sel in plan.selections:
@@ -309,7 +329,8 @@ class FanOut:
         pair = np.repeat(lo - ends + counts, counts) + np.arange(total)
         record = np.repeat(np.arange(index.count), counts)
         owner = plan.owners[pair]
-        order = np.argsort(owner, kind="stable")  # by selection, records still in feed order
+        # By selection, records still in feed order (a radix sort for small owner types).
+        order = np.argsort(owner, kind="stable")
         positions = record[order]
         bounds = np.searchsorted(owner[order], np.arange(len(plan.selections) + 1))
         flat = index.rows[positions].reshape(-1).data
