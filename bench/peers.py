@@ -204,7 +204,7 @@ class GatewayServer(Server):
         extra = "".join(f"{k} = {json.dumps(v)}\n" for k, v in self.extra_config.items())
         cfg.write_text(
             'host = "127.0.0.1"\nport = 0\nmetrics_port = 0\nloop = "uvloop"\n'
-            f'log_level = "info"\n{extra}'
+            f'log_level = "warning"\n{extra}'
             f'[[api_keys]]\nkey = "{API_KEY}"\nmax_sessions = {self.max_sessions}\n'
             f"[limits]\nmax_connections = {self.max_sessions + 1000}\n"
             f'[feeds]\n"{DATASET}" = "ingest://127.0.0.1:0?backpressure=1"\n'
