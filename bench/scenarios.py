@@ -462,15 +462,7 @@ class Harness:
             else:
                 result["server_exit"] = server.proc.returncode
         finally:
-            for w in workers:
-                w.send(("close",))
-            if pub is not None:
-                pub.send(("exit",))
-            for w in workers:
-                w.stop()
-            if pub is not None:
-                pub.stop()
-            server.stop()
+            _shut_down(workers, pub, server)
         return result
 
     def expected_counts(
@@ -728,15 +720,7 @@ class Harness:
             )
             return res
         finally:
-            for w in workers:
-                w.send(("close",))
-            if pub is not None:
-                pub.send(("exit",))
-            for w in workers:
-                w.stop()
-            if pub is not None:
-                pub.stop()
-            server.stop()
+            _shut_down(workers, pub, server)
 
     def connect_storm(self, system: str, n: int) -> dict[str, Any]:
         """n connect+auth+subscribe at once: time until all are streaming; then a burst."""
@@ -775,15 +759,20 @@ class Harness:
                 )
             return res
         finally:
-            for w in workers:
-                w.send(("close",))
-            if pub is not None:
-                pub.send(("exit",))
-            for w in workers:
-                w.stop()
-            if pub is not None:
-                pub.stop()
-            server.stop()
+            _shut_down(workers, pub, server)
+
+
+def _shut_down(workers: list[_Child], pub: _Child | None, server: Any) -> None:
+    """Close the subscriber workers and the publisher, then stop the server."""
+    for w in workers:
+        w.send(("close",))
+    if pub is not None:
+        pub.send(("exit",))
+    for w in workers:
+        w.stop()
+    if pub is not None:
+        pub.stop()
+    server.stop()
 
 
 def _replace(obj: Any, **changes: Any) -> Any:
