@@ -46,6 +46,7 @@ __all__ = [
     "encode_publisher_metadata",
     "encode_symbol_mapping",
     "encode_system",
+    "first_invalid",
     "index_records",
     "stamp_ts_out",
 ]
@@ -95,6 +96,53 @@ SCHEMA_RTYPE: Final = {name: rtype for name, (_, rtype) in SCHEMAS.items()}
 SCHEMA_BY_NUMBER: Final = {num: name for name, (num, _) in SCHEMAS.items()}
 #: Every rtype a v3 client decodes (a feed record with another rtype is refused).
 KNOWN_RTYPES: Final = frozenset(SCHEMA_RTYPE.values()) | GATEWAY_RTYPES | {0x11}
+
+#: The smallest valid size in bytes of each rtype's record, per DBN version. A record
+#: shorter than its rtype's struct makes every official client panic on it ("Malformed
+#: ... record"), so a feed record is checked against this before anyone sees it; longer
+#: records are allowed (later versions append fields; ts_out adds 8 bytes). v1 and v2
+#: differ from v3 in InstrumentDefMsg, StatMsg and the gateway records. 0x11 is the
+#: deprecated OHLCV rtype, read as an OHLCVMsg.
+_V3_SIZES: Final = {
+    0x00: 48,  # trades
+    0x01: 80,  # mbp-1 / tbbo
+    0x0A: 368,  # mbp-10
+    0x11: 56,
+    RTYPE_STATUS: 40,
+    RTYPE_DEF: 520,
+    0x14: 112,  # imbalance
+    RTYPE_ERROR: 320,
+    RTYPE_SYMBOL_MAPPING: 176,
+    RTYPE_SYSTEM: 320,
+    0x18: 80,  # statistics
+    0x20: 56,
+    0x21: 56,
+    0x22: 56,
+    0x23: 56,
+    0x24: 56,  # ohlcv-*
+    0xA0: 56,  # mbo
+    0xB1: 80,  # cmbp-1
+    0xC0: 80,
+    0xC1: 80,
+    0xC2: 80,
+    0xC3: 80,
+    0xC4: 80,  # cbbo, tcbbo, bbo
+}
+_OLD_SIZES: Final = {
+    1: {RTYPE_DEF: 360, 0x18: 64, RTYPE_ERROR: 80, RTYPE_SYMBOL_MAPPING: 80, RTYPE_SYSTEM: 80},
+    2: {RTYPE_DEF: 400, 0x18: 64},
+}
+
+
+def _size_table(version: int) -> npt.NDArray[np.int64]:
+    """rtype -> minimum record size in bytes (0: an rtype this version does not have)."""
+    table = np.zeros(256, dtype=np.int64)
+    for rtype, size in {**_V3_SIZES, **_OLD_SIZES.get(version, {})}.items():
+        table[rtype] = size
+    return table
+
+
+MIN_RECORD_SIZE: Final = {version: _size_table(version) for version in (1, 2, 3)}
 
 
 class SystemCode:
@@ -514,12 +562,54 @@ def stamp_records(records: Iterable[bytes], ts_out: int) -> bytes:
 # --- DBN stream decoding (files and ingest publishers) -------------------------------
 
 
+def first_invalid(index: ChunkIndex, version: int = DBN_VERSION) -> tuple[int, str] | None:
+    """The position of the first record of ``index`` whose rtype is unknown to DBN
+    ``version`` or whose length is shorter than its rtype's struct, with the reason; None
+    when every record is valid. Vectorised: a uniform chunk costs one table lookup per
+    distinct rtype (the rtype set is cached on the index and reused by the fan-out)."""
+    if index.count == 0:
+        return None
+    table = MIN_RECORD_SIZE[version]
+    if index.record_len and _uniform_ok(index.rtype_set, index.record_len, version):
+        return None
+    need = table[index.rtypes]
+    bad = np.flatnonzero((need == 0) | (index.lengths < need))
+    if bad.size == 0:
+        return None
+    i = int(bad[0])
+    rtype = int(index.rtypes[i])
+    if need[i] == 0:
+        return i, f"unknown rtype 0x{rtype:02X}"
+    return i, (
+        f"rtype 0x{rtype:02X} record of {int(index.lengths[i])} bytes, shorter than "
+        f"the {int(need[i])} bytes DBN v{version} requires"
+    )
+
+
+@functools.lru_cache(maxsize=1024)
+def _uniform_ok(rtypes: frozenset[int], record_len: int, version: int) -> bool:
+    """Every record of these rtypes may be ``record_len`` bytes long (cached: real feeds
+    repeat a handful of (rtype set, length) pairs)."""
+    table = MIN_RECORD_SIZE[version]
+    return all(0 < table[r] <= record_len for r in rtypes)
+
+
+def _is_panic(exc: BaseException) -> bool:
+    """A Rust panic inside databento_dbn surfaces as pyo3's PanicException, which derives
+    from BaseException (so ``except Exception`` misses it)."""
+    return type(exc).__name__ == "PanicException"
+
+
 class DbnStreamDecoder:
     """Sans-I/O splitter of a DBN byte stream: prelude, Metadata, then whole-record chunks.
 
-    ``feed(data)`` returns the Metadata once (``metadata``) and chunks of whole v3
-    records. DBN v1/v2 streams are upgraded to v3 through databento_dbn (slow path,
-    per record; fine for files, documented for ingest).
+    ``feed(data)`` returns the Metadata once (``metadata``) and chunks of whole, valid v3
+    records. Every record is checked against its rtype's size (``first_invalid``) before
+    it is returned: the valid records before a bad one are returned, ``error`` is set, and
+    the stream is over (every later ``feed`` raises it). When a call has no valid record
+    to return, it raises ``DbnError`` at once. DBN v1/v2 streams are checked against their
+    own version's sizes, then upgraded to v3 through databento_dbn (slow path, per record;
+    fine for files, documented for ingest); a panic inside it is a ``DbnError`` too.
     """
 
     def __init__(self) -> None:
@@ -533,16 +623,12 @@ class DbnStreamDecoder:
         self.error: DbnError | None = None
 
     def feed(self, data: bytes | memoryview) -> list[ChunkIndex]:
-        if self._upgrader is not None:
-            return self._feed_upgrade(data)
+        if self.error is not None:
+            raise self.error
         if self.metadata is None:
             self._buffer += data
             if not self._parse_metadata():
                 return []
-            if self._upgrader is not None:
-                rest = bytes(self._buffer)
-                self._buffer.clear()
-                return self._feed_upgrade(rest)
             data = bytes(self._buffer)
             self._buffer.clear()
         elif self._buffer:
@@ -551,23 +637,42 @@ class DbnStreamDecoder:
             self._buffer.clear()
         if not data:
             return []
-        index, used = index_records(data)
+        try:
+            index, used = index_records(data)
+        except DbnError as exc:
+            raise self._fail(f"record at stream byte {self.bytes_in}: {exc}") from None
+        problem: str | None = None
         if used < len(data):
             rest = memoryview(data)[used:]
-            if rest[0] * 4 < HEADER_LEN and index.count:
-                # Keep the whole records before the bad one; report it after them.
-                self.error = DbnError(
+            if rest[0] * 4 < HEADER_LEN:
+                problem = (
                     f"record at stream byte {self.bytes_in + used} has length "
                     f"{rest[0] * 4} bytes, shorter than its header"
                 )
             else:
                 self._buffer += rest
+        bad = first_invalid(index, self.version)
+        if bad is not None:
+            pos, reason = bad
+            problem = f"record at stream byte {self.bytes_in + int(index.offsets[pos])}: {reason}"
+            self._buffer.clear()
+            index, used = index_records(index.data[: int(index.offsets[pos])])
+        if problem is not None and index.count == 0:
+            raise self._fail(problem)
+        if self._upgrader is not None:
+            chunks = self._upgrade(index)
+        else:
+            chunks = [index] if index.count else []
+            self.records_in += index.count
         self.bytes_in += used
-        if index.count == 0:
-            return []
-        self._check_rtypes(index)
-        self.records_in += index.count
-        return [index]
+        if problem is not None:
+            self.error = DbnError(problem)
+        return chunks
+
+    def _fail(self, problem: str) -> DbnError:
+        self.error = DbnError(problem)
+        self._buffer.clear()
+        return self.error
 
     @property
     def pending(self) -> int:
@@ -577,16 +682,16 @@ class DbnStreamDecoder:
         buf = self._buffer
         if len(buf) < PRELUDE_LEN:
             if not b"DBN".startswith(bytes(buf[:3])):
-                raise DbnError("stream does not start with the DBN magic bytes")
+                raise self._fail("stream does not start with the DBN magic bytes")
             return False
         if bytes(buf[:3]) != b"DBN":
-            raise DbnError("stream does not start with the DBN magic bytes")
+            raise self._fail("stream does not start with the DBN magic bytes")
         version = buf[3]
         if not 1 <= version <= DBN_VERSION:
-            raise DbnError(f"unsupported DBN version {version} (this gateway reads 1 to 3)")
+            raise self._fail(f"unsupported DBN version {version} (this gateway reads 1 to 3)")
         (length,) = struct.unpack_from("<I", buf, 4)
         if length > 64 * 1024 * 1024:
-            raise DbnError(f"Metadata length {length} is implausibly large")
+            raise self._fail(f"Metadata length {length} is implausibly large")
         if len(buf) < PRELUDE_LEN + length:
             return False
         header = bytes(buf[: PRELUDE_LEN + length])
@@ -599,33 +704,45 @@ class DbnStreamDecoder:
                 decoded = self._upgrader.decode()
                 self.metadata = cast(dbn.Metadata, decoded[0])
         except (ValueError, RuntimeError, dbn.DBNError) as exc:
-            raise DbnError(f"invalid DBN Metadata: {exc}") from exc
+            raise self._fail(f"invalid DBN Metadata: {_one_line(exc)}") from None
+        except BaseException as exc:
+            if not _is_panic(exc):
+                raise
+            raise self._fail(f"invalid DBN Metadata: {_one_line(exc)}") from None
         if self.metadata is not None and self.metadata.ts_out:
-            raise DbnError("feeds with ts_out records are not supported yet")
+            raise self._fail("feeds with ts_out records are not supported yet")
         self.version = version
         del buf[: PRELUDE_LEN + length]
         return True
 
-    def _feed_upgrade(self, data: bytes | memoryview) -> list[ChunkIndex]:
+    def _upgrade(self, index: ChunkIndex) -> list[ChunkIndex]:
+        """v1/v2 records, already split and size-checked, upgraded to v3."""
         assert self._upgrader is not None
+        if index.count == 0:
+            return []
         try:
-            self._upgrader.write(bytes(data))
+            self._upgrader.write(bytes(index.data))
             records = self._upgrader.decode()
+            blob = b"".join(bytes(r) for r in records if not isinstance(r, dbn.Metadata))
         except (ValueError, RuntimeError, dbn.DBNError) as exc:
-            raise DbnError(f"invalid DBN record: {exc}") from exc
-        blob = b"".join(bytes(r) for r in records if not isinstance(r, dbn.Metadata))
+            raise self._fail(f"invalid DBN v{self.version} record: {_one_line(exc)}") from None
+        except BaseException as exc:
+            if not _is_panic(exc):
+                raise
+            raise self._fail(f"invalid DBN v{self.version} record: {_one_line(exc)}") from None
         if not blob:
             return []
-        index, used = index_records(blob)
-        self._check_rtypes(index)
-        self.records_in += index.count
-        return [index]
+        upgraded, _ = index_records(blob)
+        bad = first_invalid(upgraded)
+        if bad is not None:
+            raise self._fail(f"DBN v{self.version} upgrade produced an invalid record: {bad[1]}")
+        self.records_in += upgraded.count
+        return [upgraded]
 
-    @staticmethod
-    def _check_rtypes(index: ChunkIndex) -> None:
-        unknown = index.rtype_set - KNOWN_RTYPES
-        if unknown:
-            raise DbnError(f"unknown rtype 0x{min(unknown):02X} in feed")
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else type(exc).__name__
 
 
 def header_at(buf: bytes | memoryview, offset: int = 0) -> tuple[int, int, int, int, int]:

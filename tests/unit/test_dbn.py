@@ -574,9 +574,14 @@ def test_stream_decoder_upgrades_old_versions(version):
     ids=["unknown_rtype", "short_length"],
 )
 def test_stream_decoder_bad_record_in_old_version_is_dbn_error(version, bad):
-    stream, _, _ = old_stream(version)
+    stream, _, upgraded = old_stream(version)
+    decoder = dbn.DbnStreamDecoder()
+    # The good records before the bad one are kept (upgraded), then the stream is over.
+    chunks = decoder.feed(stream + bad)
+    assert b"".join(bytes(c.data) for c in chunks) == b"".join(bytes(r) for r in upgraded)
+    assert isinstance(decoder.error, DbnError)
     with pytest.raises(DbnError):
-        dbn.DbnStreamDecoder().feed(stream + bad)
+        decoder.feed(trade(1))
 
 
 @pytest.mark.parametrize("seed", range(20))
