@@ -9,6 +9,7 @@ import re
 import signal
 import sys
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from gateway import __version__, transport
@@ -109,6 +110,8 @@ class Gateway:
         self._key_ids_seen: set[str] = set()
         self.strobe: Prober | None = None
         self._compression_seen: list[float] = [0, 0, 0, 0, 0.0]
+        #: called once listening (after the "listening" line), e.g. --print-connect-help
+        self.on_listening: Callable[[Gateway], None] | None = None
 
     async def start(self) -> None:
         cfg = self.cfg
@@ -169,6 +172,8 @@ class Gateway:
             f"listening host={cfg.host} port={self.port} metrics_port={self.metrics_port}",
             flush=True,
         )
+        if self.on_listening is not None:
+            self.on_listening(self)
 
     def ready(self) -> tuple[bool, dict[str, str]]:
         """Listening, and every feed connected or still within ``feed_grace_s`` of going
@@ -414,11 +419,12 @@ def setup_logging(fmt: str, level: str) -> None:
     root.setLevel(level.upper())
 
 
-def run(cfg: Config) -> int:
+def run(cfg: Config, on_listening: Callable[[Gateway], None] | None = None) -> int:
     setup_logging(cfg.log_format, cfg.log_level)
     try:
         loop_name = transport.choose_loop(cfg)
         gateway = Gateway(cfg, loop_name=loop_name)
+        gateway.on_listening = on_listening
         if loop_name == "uvloop":
             import uvloop
 
