@@ -1,24 +1,36 @@
 """Feed sources, one module per kind, and the URI syntax that selects them.
 
-synthetic:[?rate=2000&instruments=50&seed=7]
+synthetic:[?rate=2000&instruments=50&seed=7&schemas=trades,mbp-1,ohlcv-1s]
 file:PATH[?pace=realtime|max|<factor>&loop=1&backpressure=0|1]
-ingest://HOST:PORT[?backpressure=0|1]
+ingest://HOST:PORT[?backpressure=0|1&idle_timeout_s=30&allow=CIDR,CIDR]
+
+Every bad value is a ConfigError that names the feed and the option.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 from urllib.parse import parse_qsl, urlsplit
 
 from gateway.errors import ConfigError
 from gateway.feeds.base import Feed
 from gateway.feeds.file import FileSource
-from gateway.feeds.ingest import IngestSource
-from gateway.feeds.synthetic import SyntheticOptions, SyntheticSource
+from gateway.feeds.ingest import (
+    DEFAULT_ALLOW,
+    DEFAULT_IDLE_TIMEOUT_S,
+    MAX_IDLE_TIMEOUT_S,
+    IngestSource,
+    Network,
+    parse_allow,
+)
+from gateway.feeds.synthetic import MAX_RATE, SyntheticOptions, SyntheticSource
 
 __all__ = ["Feed", "FeedSpec", "Source", "build_source", "parse_feed_uri"]
+
+N = TypeVar("N", int, float)
 
 
 class Source(Protocol):
@@ -41,6 +53,8 @@ class FeedSpec:
     loop: bool = False
     backpressure: bool = False
     synthetic: SyntheticOptions | None = None
+    idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S
+    allow: tuple[Network, ...] = DEFAULT_ALLOW
 
 
 def _flag(value: str, name: str) -> bool:
@@ -49,6 +63,15 @@ def _flag(value: str, name: str) -> bool:
     if value in ("0", "false", "no"):
         return False
     raise ConfigError(f"feed option {name}={value!r} must be 0 or 1")
+
+
+def _number(dataset: str, query: dict[str, str], name: str, default: str, kind: type[N]) -> N:
+    text = query.get(name, default)
+    try:
+        return kind(text)
+    except ValueError:
+        what = "an integer" if kind is int else "a number"
+        raise ConfigError(f"feeds.{dataset}: {name}={text!r} must be {what}") from None
 
 
 def parse_feed_uri(dataset: str, uri: str) -> FeedSpec:
@@ -64,16 +87,19 @@ def parse_feed_uri(dataset: str, uri: str) -> FeedSpec:
     known: set[str]
     if scheme == "synthetic":
         known = {"rate", "instruments", "seed", "schemas"}
-        try:
-            opts = SyntheticOptions(
-                rate=float(query.get("rate", 2000)),
-                instruments=int(query.get("instruments", 50)),
-                seed=int(query.get("seed", 7)),
+        rate = _number(dataset, query, "rate", "2000", float)
+        if not math.isfinite(rate) or not 0 <= rate <= MAX_RATE:
+            raise ConfigError(
+                f"feeds.{dataset}: rate={query['rate']!r} must be a number of records per "
+                f"second from 0 to {MAX_RATE:,}"
             )
-        except ValueError as exc:
-            raise ConfigError(f"feeds.{dataset}: bad synthetic option: {exc}") from None
-        if opts.rate < 0 or not 1 <= opts.instruments <= 100_000:
-            raise ConfigError(f"feeds.{dataset}: rate must be >= 0, instruments 1..100000")
+        instruments = _number(dataset, query, "instruments", "50", int)
+        if not 1 <= instruments <= 100_000:
+            raise ConfigError(f"feeds.{dataset}: instruments={instruments} must be 1..100000")
+        seed = _number(dataset, query, "seed", "7", int)
+        if seed < 0:
+            raise ConfigError(f"feeds.{dataset}: seed={seed} must be >= 0")
+        opts = SyntheticOptions(rate=rate, instruments=instruments, seed=seed)
         if "schemas" in query:
             schemas = tuple(s for s in query["schemas"].split(",") if s)
             bad = [s for s in schemas if s not in ("trades", "mbp-1", "ohlcv-1s")]
@@ -102,20 +128,47 @@ def parse_feed_uri(dataset: str, uri: str) -> FeedSpec:
                 raise ConfigError(
                     f"feeds.{dataset}: pace={pace_text!r} must be realtime, max or a speed factor"
                 ) from None
-            if pace <= 0:
-                raise ConfigError(f"feeds.{dataset}: pace factor must be > 0")
+            if not math.isfinite(pace) or pace <= 0:
+                raise ConfigError(
+                    f"feeds.{dataset}: pace={pace_text!r} must be a finite speed factor > 0"
+                )
         loop = _flag(query.get("loop", "0"), "loop")
         # A file can always wait: at max speed it is lossless unless told otherwise.
         default_bp = "1" if pace is None else "0"
         bp = _flag(query.get("backpressure", default_bp), "backpressure")
         spec = FeedSpec(dataset, "file", uri, path=path, pace=pace, loop=loop, backpressure=bp)
     elif scheme == "ingest":
-        known = {"backpressure"}
-        if not parts.hostname or parts.port is None:
+        known = {"backpressure", "idle_timeout_s", "allow"}
+        try:
+            port = parts.port
+        except ValueError:
+            raise ConfigError(
+                f"feeds.{dataset}: ingest port in {uri!r} must be a number 0-65535"
+            ) from None
+        if not parts.hostname or port is None:
             raise ConfigError(f"feeds.{dataset}: ingest URI needs HOST:PORT, got {uri!r}")
         bp = _flag(query.get("backpressure", "0"), "backpressure")
+        idle = _number(dataset, query, "idle_timeout_s", str(DEFAULT_IDLE_TIMEOUT_S), float)
+        if not math.isfinite(idle) or not 0 < idle <= MAX_IDLE_TIMEOUT_S:
+            raise ConfigError(
+                f"feeds.{dataset}: idle_timeout_s={query['idle_timeout_s']!r} must be a "
+                f"number of seconds > 0 and <= {MAX_IDLE_TIMEOUT_S:g}"
+            )
+        allow = DEFAULT_ALLOW
+        if "allow" in query:
+            try:
+                allow = parse_allow(query["allow"])
+            except ValueError as exc:
+                raise ConfigError(f"feeds.{dataset}: allow: {exc}") from None
         spec = FeedSpec(
-            dataset, "ingest", uri, host=parts.hostname, port=parts.port, backpressure=bp
+            dataset,
+            "ingest",
+            uri,
+            host=parts.hostname,
+            port=port,
+            backpressure=bp,
+            idle_timeout_s=idle,
+            allow=allow,
         )
     else:
         raise ConfigError(
@@ -135,4 +188,4 @@ def build_source(spec: FeedSpec, feed: Feed) -> Source:
     if spec.kind == "file":
         assert spec.path is not None
         return FileSource(feed, spec.path, spec.pace, spec.loop)
-    return IngestSource(feed, spec.host, spec.port)
+    return IngestSource(feed, spec.host, spec.port, spec.idle_timeout_s, spec.allow)

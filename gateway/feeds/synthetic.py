@@ -4,11 +4,17 @@ Records are generated with numpy structured arrays (one array per schema per tic
 the feed costs a few vectorised operations per tick however high the rate. The same
 seed gives the same instruments, prices and sizes; timestamps are wall-clock.
 Every record carries a per-feed ``sequence`` number, which tests use to check order.
+
+``rate`` is at most ``MAX_RATE`` (1,000,000 records/s): far above what one gateway core
+fans out, and small enough that a tick's arrays stay a few MB. After a stall the feed
+catches up at most one second of records. If the generator task ever dies the feed is
+marked down and its sessions are told.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass
 from typing import Final
@@ -20,7 +26,19 @@ from gateway.aio import cancel_and_wait
 from gateway.dbn import index_records
 from gateway.feeds.base import Feed
 
-__all__ = ["MBP1_DTYPE", "OHLCV_DTYPE", "TRADE_DTYPE", "SyntheticOptions", "SyntheticSource"]
+__all__ = [
+    "MAX_RATE",
+    "MBP1_DTYPE",
+    "OHLCV_DTYPE",
+    "TRADE_DTYPE",
+    "SyntheticOptions",
+    "SyntheticSource",
+]
+
+log = logging.getLogger("gateway.feed")
+
+#: records per second, the most ``synthetic:?rate=`` accepts
+MAX_RATE: Final = 1_000_000
 
 _HEADER = [
     ("length", "u1"),
@@ -221,6 +239,14 @@ class SyntheticSource:
         self.feed.learn_many(self.generator.instruments)
         self.feed.set_state(True, "synthetic feed running", notify=False)
         self._task = asyncio.get_running_loop().create_task(self._run())
+        self._task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            return
+        exc = task.exception()
+        log.error("feed %s: synthetic generator stopped: %r", self.feed.dataset, exc, exc_info=exc)
+        self.feed.set_state(False, "synthetic feed stopped (internal error)")
 
     async def stop(self) -> None:
         await cancel_and_wait(self._task)
@@ -233,7 +259,8 @@ class SyntheticSource:
         while True:
             await asyncio.sleep(opts.tick_s)
             now = loop.time()
-            owed += (now - last) * opts.rate
+            # After a stall (a blocked loop, a suspended process) catch up one second at most.
+            owed = min(owed + (now - last) * opts.rate, max(opts.rate, 1.0))
             span = int((now - last) * 1e9)
             last = now
             n = int(owed)
