@@ -119,6 +119,8 @@ class FileSource:
         self._task.add_done_callback(self._task_done)
 
     async def stop(self) -> None:
+        if self._task is not None and self._task.done():
+            return  # ended on its own (its exception was logged by _task_done)
         await cancel_and_wait(self._task)
 
     def _task_done(self, task: asyncio.Task[None]) -> None:

@@ -249,6 +249,8 @@ class SyntheticSource:
         self.feed.set_state(False, "synthetic feed stopped (internal error)")
 
     async def stop(self) -> None:
+        if self._task is not None and self._task.done():
+            return  # ended on its own (its exception was logged by _task_done)
         await cancel_and_wait(self._task)
 
     async def _run(self) -> None:
