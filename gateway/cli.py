@@ -6,12 +6,28 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from gateway import __version__
-from gateway.config import ApiKeyConfig, Config, load_config, validate
+from gateway.config import (
+    ApiKeyConfig,
+    Config,
+    key_file_warning,
+    load_config,
+    read_key_file,
+    validate,
+)
 from gateway.errors import ConfigError
 
-__all__ = ["build_parser", "config_from_args", "main"]
+if TYPE_CHECKING:
+    from gateway.app import Gateway
+
+__all__ = ["DEMO_KEY", "build_parser", "config_from_args", "connect_help", "main"]
+
+#: the public demo key of ``make run`` (the Makefile's DEMO_KEY); the only key
+#: ``--print-connect-help`` ever prints
+DEMO_KEY = "db-DEMO0000000000000000000000000"
+KEY_PLACEHOLDER = "<your API key>"
 
 CONNECT_HELP = """\
 Gateway {version} is serving {datasets} on {host}:{port}.
@@ -24,7 +40,7 @@ Connect with the official client (pip install databento):
     for record in client:
         print(record)
 
-API key: {key}   (demo key: for local use only)
+{key_line}
 Stop with Ctrl-C.
 """
 
@@ -59,11 +75,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--metrics-host", help="address for the metrics port (default 127.0.0.1)")
     serve.add_argument(
+        "--api-key-file",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="accept the API keys in FILE for every dataset: one 32-character key per line, "
+        "blank lines and # comments ignored (repeatable; keys are never logged)",
+    )
+    serve.add_argument(
         "--api-key",
         action="append",
         default=[],
         metavar="KEY",
-        help="accept this 32-character API key for every dataset (repeatable; never logged)",
+        help="accept this API key for every dataset (repeatable). For local demos only: "
+        "a key on the command line shows in ps; use --api-key-file or the config file",
     )
     serve.add_argument(
         "--feed",
@@ -189,6 +214,14 @@ def config_from_args(args: argparse.Namespace) -> Config:
         cfg.strobe.history = args.strobe_history
     for key in args.api_key:
         cfg.api_keys.append(ApiKeyConfig(key=key))
+    for path in args.api_key_file:
+        for line, key in read_key_file(path, "--api-key-file"):
+            if any(k.key == key for k in cfg.api_keys):
+                raise ConfigError(
+                    f"--api-key-file {path} line {line}: duplicate key (already configured "
+                    "by the config file, --api-key or an earlier --api-key-file)"
+                )
+            cfg.api_keys.append(ApiKeyConfig(key=key))
     for item in args.feed:
         dataset, sep, uri = item.partition("=")
         if not sep or not dataset or not uri:
@@ -198,7 +231,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
         cfg.feeds["DEMO.SYNTH"] = "synthetic:"
     if not cfg.api_keys:
         raise ConfigError(
-            "api_keys: no API key configured; pass --api-key KEY or list keys in the config file"
+            "api_keys: no API key configured; list keys in the config file ([[api_keys]]) "
+            "or pass --api-key-file FILE (--api-key KEY for local demos)"
         )
     return validate(cfg)
 
@@ -231,18 +265,38 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"gateway: error: {exc}", file=sys.stderr)
         return 2
-    if args.print_connect_help:
-        host = "127.0.0.1" if cfg.host in ("0.0.0.0", "") else cfg.host
-        dataset = next(iter(cfg.feeds))
-        print(
-            CONNECT_HELP.format(
-                version=__version__,
-                datasets=", ".join(cfg.feeds),
-                host=host,
-                port=cfg.port,
-                key=cfg.api_keys[0].key,
-                dataset=dataset,
-            ),
-            flush=True,
-        )
-    return run(cfg)
+    for path in args.api_key_file:
+        warning = key_file_warning(path, "--api-key-file")
+        if warning is not None:
+            print(f"gateway: warning: {warning}", file=sys.stderr)
+
+    def print_connect_help(gw: Gateway) -> None:
+        print(connect_help(cfg, gw.port), flush=True)
+
+    # printed once listening, with the bound port (--port 0; a port in use prints nothing)
+    return run(cfg, on_listening=print_connect_help if args.print_connect_help else None)
+
+
+def connect_help(cfg: Config, port: int) -> str:
+    """How to connect to a gateway listening on ``port``. Only the public demo key is
+    ever printed; any other key is a placeholder."""
+    host = cfg.host
+    if host in ("0.0.0.0", ""):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    if any(k.key == DEMO_KEY for k in cfg.api_keys):
+        key = DEMO_KEY
+        key_line = f"API key: {DEMO_KEY}   (demo key: for local use only)"
+    else:
+        key = KEY_PLACEHOLDER
+        key_line = "API key: one of the keys you configured (not printed)"
+    return CONNECT_HELP.format(
+        version=__version__,
+        datasets=", ".join(cfg.feeds),
+        host=host,
+        port=port,
+        key=key,
+        key_line=key_line,
+        dataset=next(iter(cfg.feeds)),
+    )

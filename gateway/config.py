@@ -1,11 +1,16 @@
 """One typed configuration: a TOML file validated with msgspec, then CLI overrides.
 
 Every error names the bad field (``limits.max_line_bytes: Expected int ...``).
-Nothing else in the gateway reads files or ``os.environ`` for settings.
+Nothing else in the gateway reads files or ``os.environ`` for settings; API key files
+(``serve --api-key-file``, ``probe --key-file``) and the probe's ``DATABENTO_API_KEY`` are
+read here too. Errors about keys name the flag, file and line, never the key.
 """
 
 from __future__ import annotations
 
+import os
+import stat
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
@@ -20,9 +25,16 @@ __all__ = [
     "SlowReaderConfig",
     "StrobeConfig",
     "TransportConfig",
+    "api_key_problem",
+    "key_file_warning",
     "load_config",
+    "read_key_file",
+    "resolve_probe_key",
     "validate",
 ]
+
+#: the environment variable the official clients read their key from
+KEY_ENV = "DATABENTO_API_KEY"
 
 
 class _Base(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -148,6 +160,92 @@ def load_config(path: Path) -> Config:
     return cfg
 
 
+def api_key_problem(key: str) -> str | None:
+    """Why ``key`` cannot be an API key (None: it can); never contains the key."""
+    if len(key) != 32 or not key.isascii() or not key.isprintable() or "|" in key:
+        return (
+            "must be 32 printable ASCII characters without '|' "
+            "(the official clients reject other lengths)"
+        )
+    return None
+
+
+def read_key_file(path: str | Path, flag: str) -> list[tuple[int, str]]:
+    """(line number, key) for each key in a key file: one key per line, surrounding
+    whitespace stripped, blank lines and lines starting with ``#`` ignored.
+
+    Raises ConfigError naming ``flag``, the file and the line; the key is never shown.
+    """
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{flag} {path}: cannot read: {exc.strerror}") from None
+    keys: list[tuple[int, str]] = []
+    seen: dict[str, int] = {}
+    for n, raw in enumerate(data.splitlines(), 1):
+        try:
+            line = raw.decode("ascii").strip()
+        except UnicodeDecodeError:
+            raise ConfigError(
+                f"{flag} {path} line {n}: not an API key (not ASCII; keys are "
+                "32 printable ASCII characters)"
+            ) from None
+        if not line or line.startswith("#"):
+            continue
+        problem = api_key_problem(line)
+        if problem is not None:
+            raise ConfigError(f"{flag} {path} line {n}: not an API key: {problem}")
+        if line in seen:
+            raise ConfigError(f"{flag} {path} line {n}: duplicate key (same as line {seen[line]})")
+        seen[line] = n
+        keys.append((n, line))
+    if not keys:
+        raise ConfigError(
+            f"{flag} {path}: no API key in the file (one key per line; "
+            "blank lines and # comments are ignored)"
+        )
+    return keys
+
+
+def key_file_warning(path: str | Path, flag: str) -> str | None:
+    """A warning when other users may read a key file (None: they may not)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    if mode & (stat.S_IROTH | stat.S_IWOTH):
+        return f"{flag} {path}: other users can read this key file (chmod 600 or 640 it)"
+    return None
+
+
+def resolve_probe_key(
+    key: str | None, key_file: str | None, environ: Mapping[str, str] | None = None
+) -> tuple[str, str]:
+    """(key, where it came from) for the probe: ``--key``, then ``--key-file``, then
+    ``DATABENTO_API_KEY`` (as the official clients). ConfigError names the source."""
+    env = os.environ if environ is None else environ
+    if key is not None:
+        source, value = "--key", key
+    elif key_file is not None:
+        found = read_key_file(key_file, "--key-file")
+        if len(found) > 1:
+            raise ConfigError(
+                f"--key-file {key_file} line {found[1][0]}: more than one key "
+                "(the probe logs in with one)"
+            )
+        return found[0][1], f"--key-file {key_file}"
+    elif env.get(KEY_ENV):
+        source, value = KEY_ENV, env[KEY_ENV].strip()
+    else:
+        raise ConfigError(
+            f"key: no API key given; use --key-file FILE or set {KEY_ENV} "
+            "(--key KEY also works, but shows in ps)"
+        )
+    if api_key_problem(value) is not None:
+        raise ConfigError(f"{source}: API keys are 32 printable ASCII characters without '|'")
+    return value, source
+
+
 def validate(cfg: Config) -> Config:
     """Checks types cannot express; raises ConfigError naming the field."""
     for name in ("port",):
@@ -161,7 +259,7 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("default_heartbeat_s: must be 5-30 (clients assume 30)")
     seen: set[str] = set()
     for i, k in enumerate(cfg.api_keys):
-        if len(k.key) != 32 or not k.key.isascii() or not k.key.isprintable() or "|" in k.key:
+        if api_key_problem(k.key) is not None:
             raise ConfigError(
                 f"api_keys[{i}].key: must be 32 printable ASCII characters "
                 "(the official clients reject other lengths)"

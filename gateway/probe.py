@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 from gateway import __version__
 from gateway.aio import cancel_and_wait
 from gateway.client import LiveClient
+from gateway.config import key_file_warning, resolve_probe_key
 from gateway.dbn import GATEWAY_RTYPES, KNOWN_RTYPES, RTYPE_ERROR, SCHEMAS, ErrorCode
 from gateway.errors import ConfigError, GatewayError
 from gateway.history import WINDOWS, History, HistorySummary, StrobeRecord, default_history_path
@@ -370,7 +371,17 @@ def _open_history(path: str | Path) -> History:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="gateway host")
     parser.add_argument("--port", type=int, default=13000, help="gateway client port")
-    parser.add_argument("--key", required=True, help="API key to strobe with (never logged)")
+    parser.add_argument(
+        "--key-file",
+        metavar="FILE",
+        help="read the API key to strobe with from FILE (one key; blank lines and # comments "
+        "ignored). Without --key and --key-file: the DATABENTO_API_KEY environment variable",
+    )
+    parser.add_argument(
+        "--key",
+        help="API key to strobe with; wins over --key-file and DATABENTO_API_KEY. For local "
+        "tests only: a key on the command line shows in ps. Never logged",
+    )
     parser.add_argument("--dataset", required=True, help="dataset to subscribe to")
     parser.add_argument("--symbol", default="ALL_SYMBOLS", help="symbol to subscribe to")
     parser.add_argument("--schema", default="trades", help="schema to subscribe to")
@@ -408,10 +419,15 @@ def run_probe(args: argparse.Namespace) -> int:
     from gateway.app import setup_logging
 
     setup_logging(args.log_format, args.log_level)
+    key, _ = resolve_probe_key(args.key, args.key_file)
+    if args.key_file is not None:
+        warning = key_file_warning(args.key_file, "--key-file")
+        if warning is not None:
+            log.warning("%s", warning)
     target = ProbeTarget(
         host=args.host,
         port=args.port,
-        key=args.key,
+        key=key,
         dataset=args.dataset,
         symbol=args.symbol,
         schema=args.schema,
