@@ -17,8 +17,11 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 ## make run: start the gateway on the embedded synthetic demo feed
+## The key goes through a file (mode 600, under .venv), not the command line: the demo key is
+## public, but `make run DEMO_KEY=<a real key>` must not show that key in ps either.
 run: $(STAMP)
-	$(PY) -m gateway serve --host 127.0.0.1 --port $(PORT) --api-key $(DEMO_KEY) \
+	@(umask 077 && printf '%s\n' '$(DEMO_KEY)' > $(VENV)/demo.key)
+	$(PY) -m gateway serve --host 127.0.0.1 --port $(PORT) --api-key-file $(VENV)/demo.key \
 		--feed DEMO.SYNTH=synthetic: --print-connect-help
 
 ## make test: install and run the whole suite, once on uvloop and once on the stdlib loop

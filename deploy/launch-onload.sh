@@ -19,6 +19,10 @@
 #                    also GATEWAY_PYTHON)
 #   --wrapper=PATH   the onload wrapper (default: onload on PATH; also ONLOAD_WRAPPER)
 #
+# API keys: in the config file's [[api_keys]] or --api-key-file FILE (a root-only file, e.g.
+# a systemd credential: LoadCredential= and --api-key-file %d/NAME), never --api-key KEY: a
+# key on a command line shows in ps. --dry-run prints --api-key values as ***.
+#
 # Checks (a failure stops the launch): the wrapper and interpreter exist; the onload driver is
 # loaded (/sys/module/onload) and /dev/onload, /dev/onload_epoll exist -- skipped, like the
 # wrapper's own check, with ONLOAD_DRIVERCHECK=false; the env file parses. Warnings: no huge
@@ -68,6 +72,15 @@ if [ "$hugepages" -gt 0 ]; then ok "vm.nr_hugepages=$hugepages"; else warn "no h
 memlock=$(ulimit -l 2>/dev/null || echo unknown)
 if [ "$memlock" = unlimited ]; then ok "memlock unlimited"; else warn "memlock limit is $memlock KiB (LimitMEMLOCK=infinity in the unit)"; fi
 
+for arg in "$@"; do
+  case "$arg" in
+    --api-key | --api-key=*)
+      warn "--api-key puts the key on the command line (visible in ps): use --api-key-file FILE or the config file's [[api_keys]]"
+      break
+      ;;
+  esac
+done
+
 if [ -n "$env_file" ]; then
   if [ ! -r "$env_file" ]; then
     fail "cannot read the environment file $env_file"
@@ -104,12 +117,24 @@ set -- "$wrapper" "--profile=$profile" "$python" -m gateway serve \
   --transport onload --transport-profile "$profile" "$@"
 
 if [ "$dry_run" = 1 ]; then
-  echo "exec: $*"
+  shown=
   i=0
+  hide=0
   for arg in "$@"; do
+    if [ "$hide" = 1 ]; then
+      arg='***'
+      hide=0
+    else
+      case "$arg" in
+        --api-key) hide=1 ;;
+        --api-key=*) arg='--api-key=***' ;;
+      esac
+    fi
+    shown="$shown${shown:+ }$arg"
     echo "argv[$i]=$arg"
     i=$((i + 1))
   done
+  echo "exec: $shown"
   env | grep -E '^(EF_|ONLOAD_|LD_PRELOAD=|GATEWAY_)' | sort | sed 's/^/env: /'
   echo "(plus the rest of the inherited environment)"
   if [ "$failed" = 1 ]; then
