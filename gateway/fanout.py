@@ -39,6 +39,11 @@ Payload = bytes | memoryview
 _FEW_IDS = 64
 #: with at least this many filter-only selections, a chunk is split for all of them at once
 _BULK_MIN_SELECTIONS = 4
+#: a plan of more keys than this is rebuilt at most every _PLAN_REBUILD_S while groups
+#: change (sessions joining, symbols resolving); groups it does not cover yet are served
+#: one by one in the meantime, so a flood of subscriptions cannot rebuild it per chunk
+_PLAN_CHEAP_KEYS = 50_000
+_PLAN_REBUILD_S = 0.25
 
 
 class Subscriber(Protocol):
@@ -136,28 +141,26 @@ class _FilterPlan:
 
     @classmethod
     def build(cls, groups: dict[OutputSpec, Group]) -> _FilterPlan:
-        selections = list(
-            dict.fromkeys(
-                spec.selection
-                for spec in groups
-                if spec.selection and all(ids is not None for _, ids in spec.selection)
-            )
-        )
-        keys: list[int] = []
-        owners: list[int] = []
-        for i, sel in enumerate(selections):
-            for rtype, ids in sel:
-                assert ids is not None
-                keys += [(rtype << 32) | iid for iid in ids]
-                owners += [i] * len(ids)
-        key_array = np.array(keys, dtype=np.uint64)
+        # One pass over the groups' own sorted id arrays (built once per group), no
+        # Python loop per instrument: a plan of 500,000 keys builds in tens of ms.
+        first_group: dict[Selection, Group] = {}
+        for spec, group in groups.items():
+            if spec.selection and not group._all_rtypes:
+                first_group.setdefault(spec.selection, group)
+        selections = list(first_group)
+        key_parts: list[npt.NDArray[np.uint64]] = []
+        owner_parts: list[npt.NDArray[np.int32]] = []
+        for i, group in enumerate(first_group.values()):
+            for rtype, ids in group._filters:
+                key_parts.append(ids.astype(np.uint64) | np.uint64(rtype << 32))
+                owner_parts.append(np.full(len(ids), i, dtype=np.int32))
+        key_array = np.concatenate(key_parts) if key_parts else np.zeros(0, np.uint64)
+        owners = np.concatenate(owner_parts) if owner_parts else np.zeros(0, np.int32)
         order = np.argsort(key_array, kind="stable")
         sorted_keys = key_array[order]
         # Small owner ids make the per-chunk stable sort a radix sort.
         owner_array: npt.NDArray[np.signedinteger[Any]] = (
-            np.array(owners, dtype=np.int16)
-            if len(selections) < 2**15
-            else np.array(owners, dtype=np.int32)
+            owners.astype(np.int16) if len(selections) < 2**15 else owners
         )[order]
         if not len(sorted_keys):
             empty = np.zeros(0, dtype=np.int64)
@@ -207,6 +210,9 @@ class FanOut:
         self.variant_builds = 0
         self.variant_writes = 0
         self._plan: _FilterPlan | None = None
+        self._plan_stale = False
+        self._plan_built_at = float("-inf")
+        self.plan_builds = 0
 
     # --- membership -------------------------------------------------------------------
 
@@ -223,7 +229,7 @@ class FanOut:
         group = self.groups.get(spec)
         if group is None:
             group = self.groups[spec] = Group(spec)
-            self._plan = None
+            self._plan_stale = True
         group.members[member] = None
         self._member_spec[member] = spec
 
@@ -242,7 +248,7 @@ class FanOut:
         group.members.pop(member, None)
         if not group.members:
             del self.groups[spec]
-            self._plan = None
+            self._plan_stale = True
 
     @property
     def member_count(self) -> int:
@@ -255,9 +261,7 @@ class FanOut:
             return
         cache = _ChunkCache()
         if index.rows is not None:
-            plan = self._plan
-            if plan is None:
-                plan = self._plan = _FilterPlan.build(self.groups)
+            plan = self._current_plan()
             if len(plan.selections) >= _BULK_MIN_SELECTIONS:
                 self._bulk_select(plan, index, cache)
         # Snapshot: a member's deliver() may regroup or close sessions.
@@ -275,6 +279,20 @@ class FanOut:
             self.bytes_out += len(data) * len(group.members)
             if group.spec.zstd and self.shared_frames:
                 self.frames_written += len(group.members)
+
+    def _current_plan(self) -> _FilterPlan:
+        plan = self._plan
+        if plan is not None and not self._plan_stale:
+            return plan
+        now = time.monotonic()
+        if plan is not None and now - self._plan_built_at < _PLAN_REBUILD_S:
+            if len(plan.owners) > _PLAN_CHEAP_KEYS:
+                return plan  # stale but still right for the groups it covers
+        self._plan = plan = _FilterPlan.build(self.groups)
+        self._plan_stale = False
+        self._plan_built_at = now
+        self.plan_builds += 1
+        return plan
 
     def _variant(
         self, group: Group, index: ChunkIndex, cache: _ChunkCache

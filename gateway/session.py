@@ -69,10 +69,11 @@ class Subscription:
     stype_in: str
     symbols: tuple[str, ...]
     sub_id: int | None
+    #: ALL_SYMBOLS is among ``symbols`` (computed once: feeds ask per symbol learnt)
+    all_symbols: bool = field(init=False, compare=False)
 
-    @property
-    def all_symbols(self) -> bool:
-        return ALL_SYMBOLS in self.symbols
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "all_symbols", ALL_SYMBOLS in self.symbols)
 
 
 @dataclass(frozen=True)

@@ -10,11 +10,13 @@ subscriptions into a fan-out selection. It never knows about sockets.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import numpy as np
 
@@ -36,6 +38,8 @@ from gateway.session import Subscription
 __all__ = ["Feed", "FeedMember", "FeedStats", "SymbolDirectory"]
 
 log = logging.getLogger("gateway.feed")
+
+_K = TypeVar("_K", str, int)
 
 _SYMBOLOGY_RTYPES = np.array(sorted(GATEWAY_RTYPES | {RTYPE_DEF}), dtype=np.uint8)
 _STRIP_RTYPES = np.array(sorted(GATEWAY_RTYPES), dtype=np.uint8)
@@ -75,13 +79,149 @@ class SymbolDirectory:
         return len(self.by_symbol)
 
 
-@dataclass
 class _Interest:
-    """One streaming session's subscriptions, resolved against the directory."""
+    """One streaming session's subscriptions, resolved against the directory.
 
-    subscriptions: list[Subscription] = field(default_factory=list)
-    #: (stype_in, stype_in_symbol, instrument_id) already announced with a SymbolMappingMsg
-    announced: set[tuple[int, str, int]] = field(default_factory=set)
+    Work for the session (acks, SymbolMappingMsgs, resolution errors) is queued in
+    ``jobs`` and done in bounded slices (``Feed.slice_size`` units each), so a session
+    with 100,000 symbols, or a burst of 100,000 new mappings, never holds the event loop.
+    Its fan-out selection grows as its mappings are written: records of an instrument
+    never reach it before the instrument's SymbolMappingMsg.
+    """
+
+    __slots__ = (
+        "subscriptions",
+        "announced",
+        "all_cursor",
+        "all_schemas",
+        "named",
+        "key_schemas",
+        "counts",
+        "jobs",
+        "catch_up_queued",
+        "dirty",
+    )
+
+    def __init__(self) -> None:
+        self.subscriptions: list[Subscription] = []
+        #: (stype, stype_in_symbol) -> instrument_id announced for a named symbol
+        self.announced: dict[tuple[int, str], int] = {}
+        #: stype -> position in the feed's mapping log up to which ALL_SYMBOLS is announced
+        self.all_cursor: dict[int, int] = {}
+        #: schemas subscribed with ALL_SYMBOLS whose mappings have been sent
+        self.all_schemas: set[str] = set()
+        #: (stype, named symbol) -> the instrument it selects now
+        self.named: dict[tuple[int, str], int] = {}
+        #: (stype, named symbol) -> the schemas it was named for
+        self.key_schemas: dict[tuple[int, str], set[str]] = {}
+        #: schema -> instrument id -> how many named symbols select it (the selection)
+        self.counts: dict[str, dict[int, int]] = {}
+        self.jobs: deque[_Job] = deque()
+        self.catch_up_queued: set[int] = set()
+        self.dirty = False
+
+
+@dataclass
+class _Emit:
+    """Gateway records to write, in order (an ack, coalesced errors): one unit each."""
+
+    records: list[bytes]
+
+
+@dataclass
+class _Resolve:
+    """Resolve a subscription's named symbols, ``pos`` onwards: one unit per symbol."""
+
+    sub: Subscription
+    stype: int
+    pos: int = 0
+    unresolved: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _CatchUp:
+    """Announce the mapping log to an ALL_SYMBOLS session: one unit per log entry."""
+
+    stype: int
+
+
+@dataclass
+class _Activate:
+    """An ALL_SYMBOLS subscription's mappings are out: start its records."""
+
+    schema: str
+
+
+@dataclass
+class _Announce:
+    """A symbol a session named was learnt (or remapped)."""
+
+    stype: int
+    symbol: str
+    instrument_id: int
+
+
+_Job = _Emit | _Resolve | _CatchUp | _Activate | _Announce
+
+#: how many symbols one coalesced resolution ErrorMsg names at most (its text fits 301 bytes)
+_ERROR_TEXT = 301
+_MAX_SYMBOL_IN_ERROR = 64
+
+
+def resolution_errors(now: int, symbols: list[str]) -> list[bytes]:
+    """SYMBOL_RESOLUTION_FAILED ErrorMsgs for ``symbols``, coalesced: "Failed to resolve
+    symbol: X" for one, else "Failed to resolve symbols: X, Y, Z" with as many as fit in
+    one record's text (symbols over 64 characters are cut, with "..."); is_last on the
+    final record only."""
+    texts: list[str] = []
+    names: list[str] = []
+    size = 0
+    for symbol in symbols:
+        name = symbol if len(symbol) <= _MAX_SYMBOL_IN_ERROR else symbol[:61] + "..."
+        if names and len("Failed to resolve symbols: ") + size + 2 + len(name) > _ERROR_TEXT:
+            texts.append(_resolution_text(names))
+            names, size = [], 0
+        size += len(name) + (2 if names else 0)
+        names.append(name)
+    if names:
+        texts.append(_resolution_text(names))
+    return [
+        dbn.encode_error(now, text, ErrorCode.SYMBOL_RESOLUTION_FAILED, is_last=i == len(texts) - 1)
+        for i, text in enumerate(texts)
+    ]
+
+
+def _resolution_text(names: list[str]) -> str:
+    if len(names) == 1:
+        return f"Failed to resolve symbol: {names[0]}"
+    return "Failed to resolve symbols: " + ", ".join(names)
+
+
+def _name(interest: _Interest, stype: int, key: str, schema: str) -> None:
+    """``key`` is named for ``schema``: if it already resolved, select its instrument."""
+    schemas = interest.key_schemas.setdefault((stype, key), set())
+    if schema in schemas:
+        return
+    schemas.add(schema)
+    iid = interest.named.get((stype, key))
+    if iid is not None:
+        _count(interest, schema, iid, 1)
+
+
+def _count(interest: _Interest, schema: str, iid: int, delta: int) -> None:
+    counts = interest.counts.setdefault(schema, {})
+    n = counts.get(iid, 0) + delta
+    if n > 0:
+        if iid not in counts:
+            interest.dirty = True
+        counts[iid] = n
+    elif iid in counts:
+        del counts[iid]
+        interest.dirty = True
+
+
+def _stype_of(sub: Subscription) -> int:
+    return STYPE_RAW_SYMBOL if sub.stype_in == "raw_symbol" else STYPE_INSTRUMENT_ID
 
 
 @dataclass
@@ -93,6 +233,10 @@ class FeedStats:
     last_record_at: float = 0.0
 
 
+#: units of subscription work (symbols resolved, mappings announced) per event-loop turn
+SLICE_SIZE = 4096
+
+
 class Feed:
     def __init__(
         self,
@@ -101,6 +245,8 @@ class Feed:
         fanout: FanOut | None = None,
         clock_ns: Callable[[], int] = time.time_ns,
         backpressure: bool = False,
+        slice_size: int = SLICE_SIZE,
+        schedule: Callable[[Callable[[], None]], object] | None = None,
     ) -> None:
         self.dataset = dataset
         self.directory = SymbolDirectory()
@@ -111,6 +257,8 @@ class Feed:
         #: state changes, counted as they happen (a flap shorter than a metrics tick counts)
         self.ups = 0
         self.downs = 0
+        #: feed input refused as invalid (bad DBN from a publisher or a file), counted
+        self.invalid_inputs = 0
         self.backpressure = backpressure
         self._clock_ns = clock_ns
         self._interests: dict[FeedMember, _Interest] = {}
@@ -123,6 +271,24 @@ class Feed:
         #: rtype 0x01 means mbp-1 unless the feed's Metadata declares tbbo
         self.schema_rtype: dict[str, int] = dict(dbn.SCHEMA_RTYPE)
         self.schema_rtype["tbbo"] = -1
+        #: the schemas this feed's source declares it carries (None: unknown or mixed)
+        self.schemas: frozenset[str] | None = None
+        self._metadata_seen = False
+        # The symbol index: who named which symbol (computed once per subscription), and
+        # the log of every mapping learnt, which ALL_SYMBOLS sessions follow with a cursor.
+        self._want_raw: dict[str, set[FeedMember]] = {}
+        self._want_iid: dict[int, set[FeedMember]] = {}
+        self._all_members: dict[FeedMember, None] = {}
+        self._log: list[tuple[str, int]] = []
+        self._latest: dict[str, int] = {}
+        # Bounded work: members with queued jobs, drained slice by slice.
+        self.slice_size = max(1, slice_size)
+        self._schedule = schedule
+        self._work: dict[FeedMember, None] = {}
+        self._drain_pending = False
+        #: slices run and the most units any one slice handled (observability, tests)
+        self.slices = 0
+        self.max_slice_units = 0
 
     # --- sessions -------------------------------------------------------------------
 
@@ -131,19 +297,38 @@ class Feed:
         return list(self._interests)
 
     def join(self, member: FeedMember) -> None:
-        self._interests.setdefault(member, _Interest())
+        if member not in self._interests:
+            self._interests[member] = _Interest()
 
     def leave(self, member: FeedMember) -> None:
-        self._interests.pop(member, None)
+        interest = self._interests.pop(member, None)
         self.fanout.remove(member)
         self.member_blocked(member, False)
+        self._work.pop(member, None)
+        self._all_members.pop(member, None)
+        if interest is None:
+            return
+        for sub in interest.subscriptions:
+            if sub.all_symbols and len(sub.symbols) == 1:
+                continue
+            stype = _stype_of(sub)
+            for symbol in sub.symbols:
+                if symbol == ALL_SYMBOLS:
+                    continue
+                if stype == STYPE_RAW_SYMBOL:
+                    _discard(self._want_raw, symbol, member)
+                elif symbol.isdigit():
+                    _discard(self._want_iid, int(symbol), member)
 
     def member_blocked(self, member: FeedMember, blocked: bool) -> None:
         """A session's transport went over (or back under) its write-buffer high-water mark.
-        A lossless feed stops reading its source while any session is over it."""
+        A lossless feed stops reading its source while any session is over it; queued
+        subscription work for the session waits until it is back under."""
         if blocked:
             self._blocked.add(member)
         else:
+            if member in self._blocked and member in self._work:
+                self._request_drain()
             self._blocked.discard(member)
         if not self.backpressure:
             return
@@ -162,82 +347,259 @@ class Feed:
     def paused(self) -> bool:
         return self.paused_since is not None
 
+    def serves(self, schema: str) -> bool:
+        """False when this feed is known never to carry ``schema``: its source declared
+        other schemas, or its Metadata decided tbbo vs mbp-1 the other way."""
+        if not self._metadata_seen and self.schemas is None:
+            return True
+        if self.schema_rtype.get(schema, -1) < 0:
+            return False
+        return self.schemas is None or schema in self.schemas
+
     def subscribe(self, member: FeedMember, sub: Subscription) -> list[bytes]:
         """Register ``sub`` for ``member``; the gateway records that answer it, in order:
-        SUBSCRIPTION_ACK, one SymbolMappingMsg per resolved instrument, one ErrorMsg
-        SYMBOL_RESOLUTION_FAILED per unresolved symbol (is_last on the final one)."""
-        interest = self._interests.setdefault(member, _Interest())
+        SUBSCRIPTION_ACK (or a non-fatal ErrorMsg when this feed never carries the schema),
+        one SymbolMappingMsg per resolved instrument, then the unresolved symbols in
+        coalesced SYMBOL_RESOLUTION_FAILED ErrorMsgs (is_last on the final one).
+
+        What fits in one slice is returned; the rest is written to the member by later
+        slices (``send_gateway_records``), in the same order."""
+        self.join(member)
+        interest = self._interests[member]
         interest.subscriptions.append(sub)
         now = self._clock_ns()
         ident = f" {sub.sub_id}" if sub.sub_id is not None else ""
-        records = [
-            dbn.encode_system(
+        if self.serves(sub.schema):
+            first = dbn.encode_system(
                 now,
                 f"Subscription request{ident} for {sub.schema} data succeeded",
                 SystemCode.SUBSCRIPTION_ACK,
             )
-        ]
-        unresolved: list[str] = []
-        stype = STYPE_RAW_SYMBOL if sub.stype_in == "raw_symbol" else STYPE_INSTRUMENT_ID
+        else:
+            first = dbn.encode_error(
+                now,
+                f"Subscription request{ident}: {sub.schema} data is not available from "
+                f"dataset {self.dataset}",
+                ErrorCode.INVALID_SUBSCRIPTION,
+            )
+        was_idle = not interest.jobs
+        interest.jobs.append(_Emit([first]))
+        stype = _stype_of(sub)
+        if len(sub.symbols) > (1 if sub.all_symbols else 0):
+            interest.jobs.append(_Resolve(sub, stype))
         if sub.all_symbols:
-            for symbol, iid in list(self.directory.by_symbol.items()):
-                records += self._announce(interest, stype, iid, symbol, now)
-        for symbol in sub.symbols:
+            self._all_members[member] = None
+            interest.all_cursor.setdefault(stype, 0)
+            self._queue_catch_up(interest, stype)
+            interest.jobs.append(_Activate(sub.schema))
+        self._work[member] = None
+        if not was_idle:
+            self._request_drain()
+            return []
+        records = self._run_member(member, interest, self.slice_size, collect=True)
+        self._flush_dirty(member, interest)
+        if interest.jobs:
+            self._request_drain()
+        return records
+
+    # --- bounded work ---------------------------------------------------------------------
+
+    def _request_drain(self) -> None:
+        if self._drain_pending:
+            return
+        schedule = self._schedule
+        if schedule is None:
+            try:
+                schedule = asyncio.get_running_loop().call_soon
+            except RuntimeError:
+                # No loop (unit tests, tools): do it all now.
+                while self._work and not self._work.keys() <= self._blocked:
+                    self.drain_slice()
+                return
+        self._drain_pending = True
+        schedule(self._scheduled_drain)
+
+    def _scheduled_drain(self) -> None:
+        self._drain_pending = False
+        self.drain_slice()
+
+    def drain_slice(self) -> None:
+        """Do at most ``slice_size`` units of queued subscription work, round-robin over
+        the members that have some (blocked members wait); schedule the next slice."""
+        budget = self.slice_size
+        used = 0
+        for member in list(self._work):
+            if used >= budget:
+                break
+            if member in self._blocked:
+                continue
+            interest = self._interests.get(member)
+            if interest is None:
+                self._work.pop(member, None)
+                continue
+            before = budget - used
+            self._run_member(member, interest, before, collect=False)
+            used += before - self._last_left
+            self._flush_dirty(member, interest)
+            if interest.jobs:
+                # round robin: to the back of the line
+                self._work.pop(member, None)
+                self._work[member] = None
+        self.slices += 1
+        self.max_slice_units = max(self.max_slice_units, used)
+        if any(m not in self._blocked for m in self._work):
+            self._request_drain()
+
+    _last_left = 0
+
+    def _run_member(
+        self, member: FeedMember, interest: _Interest, budget: int, *, collect: bool
+    ) -> list[bytes]:
+        """Run ``member``'s jobs within ``budget`` units; its records are returned
+        (``collect``) or written to it."""
+        out: list[bytes] = []
+        now = self._clock_ns()
+        jobs = interest.jobs
+        while jobs and budget > 0:
+            job = jobs[0]
+            if isinstance(job, _Emit):
+                take = job.records[:budget]
+                out += take
+                del job.records[: len(take)]
+                budget -= len(take)
+                if not job.records:
+                    jobs.popleft()
+            elif isinstance(job, _Resolve):
+                budget = self._resolve(member, interest, job, budget, now, out)
+                if job.pos >= len(job.sub.symbols):
+                    jobs.popleft()
+                    if job.unresolved:
+                        jobs.appendleft(_Emit(resolution_errors(now, job.unresolved)))
+            elif isinstance(job, _CatchUp):
+                budget = self._catch_up(interest, job.stype, budget, now, out)
+                if interest.all_cursor[job.stype] >= len(self._log):
+                    jobs.popleft()
+                    interest.catch_up_queued.discard(job.stype)
+            elif isinstance(job, _Activate):
+                jobs.popleft()
+                budget -= 1
+                if job.schema not in interest.all_schemas:
+                    interest.all_schemas.add(job.schema)
+                    interest.dirty = True
+            else:
+                jobs.popleft()
+                budget -= 1
+                self._announce_named(interest, job.stype, job.symbol, job.instrument_id, now, out)
+        self._last_left = budget
+        if not jobs:
+            self._work.pop(member, None)
+        if collect:
+            return out
+        if out:
+            member.send_gateway_records(out)
+        return []
+
+    def _resolve(
+        self,
+        member: FeedMember,
+        interest: _Interest,
+        job: _Resolve,
+        budget: int,
+        now: int,
+        out: list[bytes],
+    ) -> int:
+        symbols = job.sub.symbols
+        schema = job.sub.schema
+        stype = job.stype
+        directory = self.directory
+        end = min(len(symbols), job.pos + budget)
+        for symbol in symbols[job.pos : end]:
             if symbol == ALL_SYMBOLS:
                 continue
             if stype == STYPE_RAW_SYMBOL:
-                found = self.directory.by_symbol.get(symbol)
+                self._want_raw.setdefault(symbol, set()).add(member)
+                _name(interest, stype, symbol, schema)
+                found = directory.by_symbol.get(symbol)
                 if found is None:
-                    unresolved.append(symbol)
-                else:
-                    records += self._announce(interest, stype, found, symbol, now)
+                    job.unresolved.append(symbol)
+                    continue
+                iid, raw = found, symbol
             else:
                 iid = int(symbol)
-                raw = self.directory.by_id.get(iid)
-                if raw is not None:
-                    records += self._announce(interest, stype, iid, raw, now)
-        for i, symbol in enumerate(unresolved):
-            records.append(
-                dbn.encode_error(
-                    now,
-                    f"Failed to resolve symbol: {symbol}",
-                    ErrorCode.SYMBOL_RESOLUTION_FAILED,
-                    is_last=i == len(unresolved) - 1,
-                )
-            )
-        self._regroup(member, interest)
-        return records
+                self._want_iid.setdefault(iid, set()).add(member)
+                if (stype, symbol) not in interest.named:
+                    interest.named[(stype, symbol)] = iid
+                _name(interest, stype, symbol, schema)
+                known = directory.by_id.get(iid)
+                if known is None:
+                    continue
+                raw = known
+            self._announce_named(interest, stype, raw, iid, now, out)
+        budget -= end - job.pos
+        job.pos = end
+        return budget
 
-    def _announce(
-        self, interest: _Interest, stype: int, iid: int, raw: str, now: int
-    ) -> list[bytes]:
-        stype_symbol = raw if stype == STYPE_RAW_SYMBOL else str(iid)
-        key = (stype, stype_symbol, iid)
-        if key in interest.announced:
-            return []
-        interest.announced.add(key)
-        return [dbn.encode_symbol_mapping(now, iid, stype, stype_symbol, raw, now)]
+    def _announce_named(
+        self, interest: _Interest, stype: int, raw: str, iid: int, now: int, out: list[bytes]
+    ) -> None:
+        """A named symbol resolved: select its instrument and announce it (once; an
+        ALL_SYMBOLS subscription of the same stype announces it on its own)."""
+        key = raw if stype == STYPE_RAW_SYMBOL else str(iid)
+        prev = interest.named.get((stype, key))
+        if prev != iid:
+            interest.named[(stype, key)] = iid
+            for schema in interest.key_schemas.get((stype, key), ()):
+                _count(interest, schema, iid, 1)
+                if prev is not None:
+                    _count(interest, schema, prev, -1)
+        if stype in interest.all_cursor or interest.announced.get((stype, key)) == iid:
+            return
+        interest.announced[(stype, key)] = iid
+        out.append(dbn.encode_symbol_mapping(now, iid, stype, key, raw, now))
+
+    def _catch_up(
+        self, interest: _Interest, stype: int, budget: int, now: int, out: list[bytes]
+    ) -> int:
+        log_ = self._log
+        latest = self._latest
+        announced = interest.announced
+        pos = interest.all_cursor[stype]
+        end = min(len(log_), pos + budget)
+        for i in range(pos, end):
+            raw, iid = log_[i]
+            if latest.get(raw) != i:
+                continue  # remapped since: its latest entry comes later
+            key = raw if stype == STYPE_RAW_SYMBOL else str(iid)
+            if announced.get((stype, key)) == iid:
+                continue
+            out.append(dbn.encode_symbol_mapping(now, iid, stype, key, raw, now))
+        interest.all_cursor[stype] = end
+        return budget - (end - pos)
+
+    def _queue_catch_up(self, interest: _Interest, stype: int) -> None:
+        if stype not in interest.catch_up_queued:
+            interest.catch_up_queued.add(stype)
+            interest.jobs.append(_CatchUp(stype))
+
+    def _flush_dirty(self, member: FeedMember, interest: _Interest) -> None:
+        if interest.dirty:
+            interest.dirty = False
+            self._regroup(member, interest)
 
     def _selection_of(self, interest: _Interest) -> dict[int, set[int] | None]:
         wanted: dict[int, set[int] | None] = {}
-        for sub in interest.subscriptions:
-            rtype = self.schema_rtype.get(sub.schema, -1)
-            if rtype < 0:
-                continue
-            if sub.all_symbols:
+        for schema in interest.all_schemas:
+            rtype = self.schema_rtype.get(schema, -1)
+            if rtype >= 0:
                 wanted[rtype] = None
+        for schema, counts in interest.counts.items():
+            rtype = self.schema_rtype.get(schema, -1)
+            if rtype < 0 or not counts:
                 continue
-            if rtype in wanted and wanted[rtype] is None:
+            have = wanted.get(rtype, set())
+            if have is None:
                 continue
-            ids = wanted.setdefault(rtype, set())
-            assert ids is not None
-            for symbol in sub.symbols:
-                if sub.stype_in == "instrument_id":
-                    ids.add(int(symbol))
-                else:
-                    iid = self.directory.by_symbol.get(symbol)
-                    if iid is not None:
-                        ids.add(iid)
+            wanted[rtype] = have | counts.keys()
         return wanted
 
     def _regroup(self, member: FeedMember, interest: _Interest) -> None:
@@ -250,6 +612,8 @@ class Feed:
         """Learn the feed's schema (tbbo vs mbp-1) and its symbol mappings."""
         schema = getattr(metadata, "schema", None)
         name = str(getattr(schema, "value", schema) or "") if schema is not None else ""
+        self._metadata_seen = True
+        self.schemas = frozenset({name}) if name in dbn.SCHEMAS else None
         tbbo = name == "tbbo"
         if (self.schema_rtype["tbbo"] == 0x01) != tbbo:
             self.schema_rtype["tbbo"] = 0x01 if tbbo else -1
@@ -267,26 +631,37 @@ class Feed:
         self.learn_many(learned)
 
     def learn_many(self, pairs: list[tuple[str, int]]) -> None:
-        changed = [(s, i) for s, i in pairs if self.directory.learn(s, i)]
+        """Learn mappings; queue a SymbolMappingMsg for every session that named the symbol
+        (or its instrument id) or follows ALL_SYMBOLS: work proportional to what is new and
+        who asked for it, done in bounded slices."""
+        directory = self.directory
+        changed: list[tuple[str, int]] = []
+        for symbol, iid in pairs:
+            if directory.learn(symbol, iid):
+                symbol = symbol.strip()
+                self._latest[symbol] = len(self._log)
+                self._log.append((symbol, iid))
+                changed.append((symbol, iid))
         if not changed or not self._interests:
             return
-        now = self._clock_ns()
-        for member, interest in list(self._interests.items()):
-            records: list[bytes] = []
-            for symbol, iid in changed:
-                for sub in interest.subscriptions:
-                    stype = (
-                        STYPE_RAW_SYMBOL if sub.stype_in == "raw_symbol" else STYPE_INSTRUMENT_ID
-                    )
-                    if sub.all_symbols or (
-                        symbol in sub.symbols
-                        if stype == STYPE_RAW_SYMBOL
-                        else str(iid) in sub.symbols
-                    ):
-                        records += self._announce(interest, stype, iid, symbol, now)
-            if records:
-                member.send_gateway_records(records)
-                self._regroup(member, interest)
+        interests = self._interests
+        for symbol, iid in changed:
+            for member in self._want_raw.get(symbol, ()):
+                interest = interests.get(member)
+                if interest is not None:
+                    interest.jobs.append(_Announce(STYPE_RAW_SYMBOL, symbol, iid))
+                    self._work[member] = None
+            for member in self._want_iid.get(iid, ()):
+                interest = interests.get(member)
+                if interest is not None:
+                    interest.jobs.append(_Announce(STYPE_INSTRUMENT_ID, symbol, iid))
+                    self._work[member] = None
+        for member in self._all_members:
+            interest = interests[member]
+            for stype in interest.all_cursor:
+                self._queue_catch_up(interest, stype)
+            self._work[member] = None
+        self.drain_slice()
 
     # --- data -----------------------------------------------------------------------------
 
@@ -354,3 +729,11 @@ class Feed:
             )
             for member in list(self._interests):
                 member.send_gateway_records([msg])
+
+
+def _discard(index: dict[_K, set[FeedMember]], key: _K, member: FeedMember) -> None:
+    members = index.get(key)
+    if members is not None:
+        members.discard(member)
+        if not members:
+            del index[key]

@@ -103,9 +103,10 @@ def test_subscribe_answers_ack_mappings_and_errors():
         assert m.stype_in == d.SType.RAW_SYMBOL
         assert m.stype_out == d.SType.RAW_SYMBOL
         assert m.ts_event == CLOCK
-    assert [e.code for e in errors] == [d.ErrorCode.SYMBOL_RESOLUTION_FAILED] * 3
-    assert sorted(e.err.rsplit(" ", 1)[-1] for e in errors) == ["BAD1", "BAD2", "BAD3"]
-    assert [bool(e.is_last) for e in errors] == [False, False, True]
+    # unresolved symbols are coalesced (issue 11): one ErrorMsg names all three
+    assert [e.code for e in errors] == [d.ErrorCode.SYMBOL_RESOLUTION_FAILED]
+    assert errors[0].err == "Failed to resolve symbols: BAD1, BAD2, BAD3"
+    assert [bool(e.is_last) for e in errors] == [True]
     # recommended order (PROTOCOL.md §3.4): ack, mappings, then errors
     assert rest.index(errors[0]) > max(rest.index(m) for m in mappings)
 
