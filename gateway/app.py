@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import re
@@ -16,11 +17,19 @@ from gateway import __version__, transport
 from gateway.aio import cancel_and_wait
 from gateway.auth import Authenticator, KeyEntry
 from gateway.config import Config
-from gateway.errors import FeedError, GatewayError
+from gateway.errors import ConfigError, FeedError, GatewayError
 from gateway.fanout import FanOut
 from gateway.feeds import Feed, Source, build_source, parse_feed_uri
 from gateway.metrics import Metrics
-from gateway.server import ClientConnection, ConnectionLimits, ServerState, reset
+from gateway.server import (
+    HANDOVER_TEXT,
+    SHUTDOWN_TEXT,
+    ClientConnection,
+    ConnectionLimits,
+    ServerState,
+    refuse_queued,
+    reset,
+)
 from gateway.session import Limits, SlowReaderLimits
 
 if TYPE_CHECKING:
@@ -110,11 +119,14 @@ class Gateway:
         self._key_ids_seen: set[str] = set()
         self.strobe: Prober | None = None
         self._compression_seen: list[float] = [0, 0, 0, 0, 0.0]
+        #: RLIMIT_NOFILE (soft, hard) after raising the soft limit at start
+        self.fd_limit: tuple[int, int] = (0, 0)
         #: called once listening (after the "listening" line), e.g. --print-connect-help
         self.on_listening: Callable[[Gateway], None] | None = None
 
     async def start(self) -> None:
         cfg = self.cfg
+        self.fd_limit = transport.raise_fd_limit()
         for dataset, uri in cfg.feeds.items():
             spec = parse_feed_uri(dataset, uri)
             feed = Feed(
@@ -141,6 +153,14 @@ class Gateway:
             reuse_port=cfg.transport.reuse_port or None,
         )
         self.port = self.server.sockets[0].getsockname()[1]
+        sharing = transport.other_listeners(self.server.sockets)
+        if sharing:
+            log.info(
+                "port %d is shared with %d other listener(s) (SO_REUSEPORT): new connections "
+                "are spread over them until they stop (hand-over: stop the old gateway now)",
+                self.port,
+                sharing,
+            )
         sockopts = transport.tune_listeners(self.server.sockets, cfg)
         sockopts.update(transport.pin_loop_thread(cfg, loop))
         report = transport.startup_report(cfg, _loop_name(), self.server.sockets)
@@ -152,6 +172,7 @@ class Gateway:
 
             self._http = StatusServer(self)
             self.metrics_port = await self._http.start(cfg.metrics_host, cfg.metrics_port)
+        self._fit_connections_under_fd_limit()
         self.metrics.info.info({"version": __version__, "loop": _loop_name()})
         self.metrics.start_time.set(self.started_at)
         self._export_feed_metrics()
@@ -174,6 +195,40 @@ class Gateway:
         )
         if self.on_listening is not None:
             self.on_listening(self)
+
+    def _fit_connections_under_fd_limit(self) -> None:
+        """Keep ``max_connections`` below the descriptor limit, so that a connection over it
+        is accepted and refused with a reason instead of failing in accept() (uvloop: a bare
+        EOF, asyncio: a hang, neither logged)."""
+        soft, hard = self.fd_limit
+        in_use = transport.open_fds()
+        lim = self.state.conn_limits
+        budget = transport.connection_budget(lim.max_connections, soft, in_use)
+        if budget < 1:
+            raise ConfigError(
+                f"limits.max_connections: RLIMIT_NOFILE={soft} leaves no descriptors for "
+                f"client connections ({in_use} in use, {transport.FD_RESERVE} kept in "
+                "reserve); raise it (LimitNOFILE= in the systemd unit, ulimit -n)"
+            )
+        if budget < lim.max_connections:
+            log.warning(
+                "limits.max_connections=%d does not fit under RLIMIT_NOFILE=%d (%d descriptors "
+                "in use, %d kept in reserve): serving at most max_connections=%d; raise the "
+                "limit (LimitNOFILE=, ulimit -n) to serve more",
+                lim.max_connections,
+                soft,
+                in_use,
+                transport.FD_RESERVE,
+                budget,
+            )
+            self.state.conn_limits = dataclasses.replace(lim, max_connections=budget)
+        log.info(
+            "descriptors nofile=%d hard=%d in_use=%d max_connections=%d",
+            soft,
+            hard,
+            in_use,
+            self.state.conn_limits.max_connections,
+        )
 
     def ready(self) -> tuple[bool, dict[str, str]]:
         """Listening, and every feed connected or still within ``feed_grace_s`` of going
@@ -294,20 +349,21 @@ class Gateway:
         self._compression_seen = totals
 
     async def shutdown(self) -> None:
-        """Stop accepting, flush what is queued, close every session, stop feeds."""
+        """Stop accepting (closing the listeners first, so that reconnecting clients land on
+        a successor bound to the same port), end every session with an ErrorMsg after what
+        is queued for it, stop feeds, wait for the sessions to go (``shutdown_grace_s``)."""
         state = self.state
         state.accepting = False
+        handover = self._stop_listening()
+        for conn in list(state.connections):
+            conn.shutdown(handover)
         if self.strobe is not None:
             await self.strobe.stop()
-        if self.server is not None:
-            self.server.close()
         for source in self.sources.values():
             try:
                 await source.stop()
             except Exception:  # pragma: no cover - best effort on the way out
                 log.exception("stopping a feed failed")
-        for conn in list(state.connections):
-            conn.shutdown()
         deadline = time.monotonic() + self.cfg.shutdown_grace_s
         while state.connections and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
@@ -332,6 +388,36 @@ class Gateway:
             )
         log.info("gateway stopped")
         self._stopped.set()
+
+    def _stop_listening(self) -> bool:
+        """Close the client listeners, all at once (no await: nothing else runs meanwhile);
+        returns whether another listener is bound to the same address and port -- with
+        SO_REUSEPORT, a successor, which then receives every new connection.
+
+        Connections already waiting in a listener's accept queue would be reset when it
+        closes: they are accepted and refused with a reason instead, unless a successor is
+        there and the kernel migrates them to it (``net.ipv4.tcp_migrate_req = 1``)."""
+        server = self.server
+        if server is None or not server.is_serving():
+            return False
+        sockets = list(server.sockets)
+        successor = transport.other_listeners(sockets) > 0
+        queued = []
+        if not (successor and transport.migrates_accept_queue()):
+            for sock in sockets:
+                queued += transport.drain_accept_queue(sock)
+        server.close()
+        text = HANDOVER_TEXT if successor else SHUTDOWN_TEXT
+        for conn in queued:
+            refuse_queued(self.state, conn, text)
+        log.info(
+            "listener closed port=%d successor=%d sessions=%d refused_from_queue=%d",
+            self.port,
+            int(successor),
+            len(self.state.connections),
+            len(queued),
+        )
+        return successor
 
     async def serve(self) -> None:
         loop = asyncio.get_running_loop()

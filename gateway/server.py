@@ -496,29 +496,69 @@ class ClientConnection(asyncio.Protocol):
         log.warning(
             "session cut session_id=%d peer=%s reason=%s", self.session_id, self.peer, label
         )
-        self.close()
+        self._linger(fin_now=True)
         transport = self.transport
         if transport is not None:
             asyncio.get_running_loop().call_later(
                 self.state.conn_limits.cut_grace_s, _abort_if_open, transport
             )
 
-    def shutdown(self) -> None:
-        """Gateway stopping: say so to a streaming session, then close after the flush."""
+    def shutdown(self, handover: bool = False) -> None:
+        """Gateway stopping: end the session so that a client's reconnect policy fires.
+
+        A session that has its Metadata header gets an ErrorMsg (code 6, ``INTERNAL_ERROR``)
+        -- ``Gateway restarting; reconnect`` when a successor listens on the same port
+        (``handover``), ``Gateway shutting down`` otherwise -- after what is queued for it; a
+        session still subscribing gets the Metadata header first; a client that has not
+        authenticated gets the same text as ``success=0|error=``. Then a lingering close.
+        """
         if self.closing:
             return
-        self.end_reason = "gateway shutting down"
-        self.send_gateway_records(
-            [dbn.encode_system(time.time_ns(), "Gateway shutting down", SystemCode.UNSET)]
-        )
-        self.close()
+        text = HANDOVER_TEXT if handover else SHUTDOWN_TEXT
+        self.end_reason = "gateway restarting" if handover else "gateway shutting down"
+        streaming = self.metadata_sent
+        if self.key is None:
+            if self.session is not None:
+                self.session.reject(text, kind="shutting_down")
+                self._flush_text()
+        else:
+            head = b"" if self.metadata_sent else self._metadata()
+            self.metadata_sent = True
+            self._write_control(
+                head, [dbn.encode_error(time.time_ns(), text, ErrorCode.INTERNAL_ERROR)]
+            )
+        # A session still subscribing keeps its write side open until it has sent
+        # start_session (the official clients raise the reason only once started).
+        self._linger(fin_now=streaming or self.key is None)
 
     def close(self) -> None:
+        """A lingering close, after a fatal error (ErrorMsg or ``success=0|error=``).
+
+        The client may still be writing (subscriptions sent before it read the error): the
+        connection keeps reading and discarding, so that the kernel never answers those bytes
+        with a reset, which would destroy the error the client has not read yet. The write
+        side is shut down once what is queued is sent and the client has sent start_session,
+        its own EOF, or nothing for ``LINGER_QUIET_S`` (at the latest after
+        ``LINGER_FIN_MAX_S``); the connection is closed at the client's EOF, after
+        ``LINGER_DRAIN_S`` more or after ``LINGER_MAX_BYTES`` discarded. It keeps counting
+        against ``max_connections`` until it is gone; the session's slot and metrics are
+        released once, in ``connection_lost``.
+        """
+        self._linger(fin_now=False)
+
+    def _linger(self, fin_now: bool) -> None:
         if self.closing:
             return
         self.closing = True
-        if self.transport is not None:
-            self.transport.close()
+        if self.feed is not None:
+            self.feed.leave(self)  # nothing more is delivered; a lossless feed is not held
+        transport = self.transport
+        if transport is None:
+            return
+        if transport.is_closing() or not transport.can_write_eof():
+            transport.close()
+            return
+        transport.set_protocol(_Linger(self, transport, fin_now))
 
     # --- timers ------------------------------------------------------------------------
 
@@ -618,6 +658,109 @@ class ClientConnection(asyncio.Protocol):
             time.time() - self.started_at,
             self.end_reason,
         )
+
+
+#: the final ErrorMsg of a gateway that stops, with and without a successor on its port
+HANDOVER_TEXT = "Gateway restarting; reconnect"
+SHUTDOWN_TEXT = "Gateway shutting down"
+#: lingering close (ClientConnection.close): shut the write side down once the client has
+#: been quiet this long (or has sent start_session, or its EOF) ...
+LINGER_QUIET_S = 0.3
+#: ... and at the latest this long after the close
+LINGER_FIN_MAX_S = 1.0
+#: after that, read and discard until the client's EOF for at most this long ...
+LINGER_DRAIN_S = 2.0
+#: ... and at most this many bytes (more: closed at once, the kernel may reset it)
+LINGER_MAX_BYTES = 4 * 1024 * 1024
+_START = b"start_session"
+
+
+class _Linger(asyncio.Protocol):
+    """The protocol of a connection in its lingering close (see ``ClientConnection.close``):
+    discards what the client sends, shuts the write side down when due, closes at the
+    client's EOF or a bound, and hands ``connection_lost`` back to the connection."""
+
+    def __init__(self, conn: ClientConnection, transport: asyncio.Transport, fin_now: bool):
+        self.conn = conn
+        self.transport = transport
+        self.discarded = 0
+        self.fin_sent = False
+        self._loop = asyncio.get_running_loop()
+        self._since = self._last_rx = self._loop.time()
+        self._tail = b""
+        self._timer: asyncio.TimerHandle | None = None
+        if fin_now:
+            self._fin()
+        else:
+            self._timer = self._loop.call_later(LINGER_QUIET_S, self._quiet_check)
+
+    def _quiet_check(self) -> None:
+        now = self._loop.time()
+        due = min(self._last_rx + LINGER_QUIET_S, self._since + LINGER_FIN_MAX_S)
+        if now >= due - 0.001:
+            self._fin()
+        else:
+            self._timer = self._loop.call_later(due - now, self._quiet_check)
+
+    def _fin(self) -> None:
+        if self.fin_sent:
+            return
+        self.fin_sent = True
+        if self._timer is not None:
+            self._timer.cancel()
+        transport = self.transport
+        if transport.is_closing():
+            return
+        transport.write_eof()  # after what is still buffered: both loops flush first
+        self._timer = self._loop.call_later(LINGER_DRAIN_S, transport.close)
+
+    def data_received(self, data: bytes) -> None:
+        self.discarded += len(data)
+        if self.discarded > LINGER_MAX_BYTES:
+            self.transport.close()
+            return
+        if not self.fin_sent:
+            self._last_rx = self._loop.time()
+            seen = self._tail + data
+            if _START in seen:
+                self._fin()
+            self._tail = seen[-(len(_START) - 1) :]
+
+    def eof_received(self) -> bool | None:
+        return None  # the client is done: close (after flushing what is left)
+
+    def pause_writing(self) -> None:
+        pass
+
+    def resume_writing(self) -> None:
+        pass
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self.conn.connection_lost(exc)
+
+
+def refuse_queued(state: ServerState, sock: socket.socket, text: str) -> None:
+    """A connection taken from the accept queue as the listener closes: answered with
+    ``success=0|error=<text>`` (counted and logged as a refusal), then closed."""
+    peer = "?"
+    try:
+        peer = peer_of_socket(sock)
+        sock.setblocking(False)
+        sock.send(b"success=0|error=" + text.encode() + b"\n")
+        sock.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
+    finally:
+        sock.close()
+    state.metrics.connections.labels("rejected", "shutting_down").inc()
+    state.log_rejection(peer, "shutting_down")
+
+
+def peer_of_socket(sock: socket.socket) -> str:
+    peer = sock.getpeername()
+    return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
 
 
 def _abort_if_open(transport: asyncio.Transport) -> None:

@@ -54,11 +54,17 @@ __all__ = [
     "apply_report",
     "block_io_uring",
     "choose_loop",
+    "connection_budget",
+    "drain_accept_queue",
     "io_uring_fds",
     "mapped_libraries",
     "maybe_relaunch",
+    "migrates_accept_queue",
+    "open_fds",
+    "other_listeners",
     "pin_loop_thread",
     "plan_launch",
+    "raise_fd_limit",
     "read_env_file",
     "startup_report",
     "tune_listeners",
@@ -624,6 +630,131 @@ def pin_loop_thread(cfg: Config, loop: Any = None) -> dict[str, str]:
 
 def _cpulist(cpus: Iterable[int]) -> str:
     return "+".join(str(c) for c in sorted(cpus))  # no commas: the report line uses them
+
+
+# --- descriptors and hand-over -------------------------------------------------------------
+
+#: descriptors kept free beyond those open at start-up, for what is not a client connection:
+#: metrics and status requests, ingest publishers (and the newcomers they refuse), file feeds
+#: reopening, the strobe and its SQLite history, a refused client's own accept
+FD_RESERVE = 64
+
+
+def raise_fd_limit() -> tuple[int, int]:
+    """Raise the soft ``RLIMIT_NOFILE`` to the hard limit (capped by ``fs.nr_open`` when the
+    hard limit is unlimited); returns the (soft, hard) limits now in effect."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard
+    if hard == resource.RLIM_INFINITY:
+        try:
+            target = int(Path("/proc/sys/fs/nr_open").read_text())
+        except (OSError, ValueError):
+            target = 1 << 20
+    if soft != resource.RLIM_INFINITY and target > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (OSError, ValueError) as exc:
+            log.warning("could not raise RLIMIT_NOFILE from %d to %d: %s", soft, target, exc)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    unlimited = 1 << 62
+    return (
+        unlimited if soft == resource.RLIM_INFINITY else soft,
+        unlimited if hard == resource.RLIM_INFINITY else hard,
+    )
+
+
+def open_fds() -> int:
+    """How many descriptors this process has open (Linux; a guess elsewhere)."""
+    try:
+        return len(os.listdir("/proc/self/fd")) - 1  # less the one listdir itself opened
+    except OSError:
+        return 16
+
+
+def connection_budget(max_connections: int, fd_limit: int, in_use: int) -> int:
+    """The most client connections that fit under ``fd_limit`` with ``in_use`` descriptors
+    already open and :data:`FD_RESERVE` kept free (may be < 1: nothing fits)."""
+    return min(max_connections, fd_limit - in_use - FD_RESERVE)
+
+
+def _proc_listeners() -> list[tuple[int, str, int, int]]:
+    """(family, address, port, inode) of every TCP socket in LISTEN state in this network
+    namespace, from /proc/net/tcp and tcp6; [] where they cannot be read."""
+    out: list[tuple[int, str, int, int]] = []
+    for name, family in (("tcp", socket.AF_INET), ("tcp6", socket.AF_INET6)):
+        try:
+            with open(f"/proc/net/{name}") as f:
+                next(f, None)
+                for line in f:
+                    parts = line.split()
+                    if len(parts) < 10 or parts[3] != "0A":
+                        continue
+                    hexaddr, _, hexport = parts[1].partition(":")
+                    raw = bytes.fromhex(hexaddr)
+                    # /proc prints each 32-bit word of the address in host (little-endian) order
+                    raw = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+                    out.append(
+                        (family, socket.inet_ntop(family, raw), int(hexport, 16), int(parts[9]))
+                    )
+        except (OSError, ValueError):
+            continue
+    return out
+
+
+def other_listeners(sockets: Sequence[Any]) -> int:
+    """How many listening sockets of other processes (or other sockets of this one) are bound
+    to exactly the address and port of one of ``sockets``: with SO_REUSEPORT, a successor (or
+    predecessor) sharing the port in a hand-over. 0 where /proc cannot tell."""
+    mine: set[int] = set()
+    addrs: set[tuple[int, str, int]] = set()
+    for sock in sockets:
+        try:
+            mine.add(os.fstat(sock.fileno()).st_ino)
+            host, port = sock.getsockname()[:2]
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            addrs.add((family, socket.inet_ntop(family, socket.inet_pton(family, host)), port))
+        except (OSError, ValueError):
+            continue
+    return sum(
+        1
+        for family, host, port, inode in _proc_listeners()
+        if inode not in mine and (family, host, port) in addrs
+    )
+
+
+def migrates_accept_queue() -> bool:
+    """``net.ipv4.tcp_migrate_req`` is on: when a SO_REUSEPORT listener closes, the kernel
+    (Linux 5.14+) moves the connections waiting in its accept queue to another listener of
+    the group instead of resetting them."""
+    try:
+        return Path("/proc/sys/net/ipv4/tcp_migrate_req").read_text().strip() == "1"
+    except OSError:
+        return False
+
+
+def drain_accept_queue(listener: Any, limit: int = 65536) -> list[socket.socket]:
+    """Accept, without waiting, the connections already queued on a listening socket (one the
+    event loop owns: through a duplicate of its descriptor). Called just before the listener
+    is closed, so that they are answered instead of reset."""
+    out: list[socket.socket] = []
+    try:
+        dup = socket.socket(fileno=os.dup(listener.fileno()))
+    except OSError:
+        return out
+    with dup:
+        dup.setblocking(False)
+        while len(out) < limit:
+            try:
+                conn, _ = dup.accept()
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:  # EMFILE, ECONNABORTED, ...: leave the rest to the kernel
+                log.warning("draining the accept queue stopped: %s", exc)
+                break
+            out.append(conn)
+    return out
 
 
 # --- detection -----------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from tests.integration.helpers import (
     OfficialSession,
     RawClient,
     data_records,
+    error_texts,
     gateway,
     split_records,
     start_gateway,
@@ -159,5 +160,5 @@ def test_sigterm_drains_queued_data_and_closes_cleanly() -> None:
     body = [r for r in records if r[1] in (0x00, 0x01)]
     seqs = np.array([int.from_bytes(r[44:48], "little") for r in body], dtype=np.int64)
     assert len(seqs) > 1000 and (np.diff(seqs) == 1).all()  # nothing queued was lost
-    last = records[-1]
-    assert last[1] == 0x17 and last[16:37] == b"Gateway shutting down"
+    # The last record is an ErrorMsg (code 6) so that clients' reconnect policies fire.
+    assert error_texts(records[-1:]) == [(6, "Gateway shutting down")]
