@@ -67,6 +67,7 @@ class Gateway:
             limits=Limits(
                 max_line_bytes=lim.max_line_bytes,
                 handshake_timeout_s=lim.handshake_timeout_s,
+                start_timeout_s=lim.start_timeout_s,
                 max_subscriptions=lim.max_subscriptions,
                 max_symbols=lim.max_symbols,
                 control_rate_per_s=lim.control_rate_per_s,
@@ -115,6 +116,7 @@ class Gateway:
         # each feed went down (readiness grace), key ids seen, the strobe (serve --strobe)
         self._variants_seen: dict[str, tuple[int, int]] = {}
         self._feed_events_seen: dict[str, tuple[int, int]] = {}
+        self._invalid_seen: dict[str, int] = {}
         self._feed_down_since: dict[str, float] = {}
         self._key_ids_seen: set[str] = set()
         self.strobe: Prober | None = None
@@ -306,6 +308,9 @@ class Gateway:
             m.feed_events.labels(ds, "up").inc(feed.ups - ups)
             m.feed_events.labels(ds, "down").inc(feed.downs - downs)
             self._feed_events_seen[ds] = (feed.ups, feed.downs)
+            invalid = self._invalid_seen.get(ds, 0)
+            m.feed_events.labels(ds, "invalid").inc(feed.invalid_inputs - invalid)
+            self._invalid_seen[ds] = feed.invalid_inputs
             if feed.connected:
                 self._feed_down_since.pop(ds, None)
             else:

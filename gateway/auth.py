@@ -65,16 +65,14 @@ class Authenticator:
     def acquire(self, entry: KeyEntry, dataset: str, known_datasets: set[str]) -> None:
         """Admit one session of ``entry`` on ``dataset`` or raise AuthError with the reason."""
         if dataset not in known_datasets:
-            raise AuthError(
-                f"Unknown dataset {dataset[:40]}: this gateway serves "
-                f"{', '.join(sorted(known_datasets)) or 'no datasets'}"
-            )
+            raise AuthError(f"Unknown dataset {dataset[:40]}", "unknown_dataset")
         if not entry.allows(dataset):
-            raise AuthError(f"API key {entry.key_id} is not entitled to dataset {dataset}")
+            raise AuthError(f"API key is not entitled to dataset {dataset}", "not_entitled")
         if entry.active >= entry.max_sessions:
             raise AuthError(
-                f"Connection limit exceeded: API key {entry.key_id} already has "
-                f"{entry.active} of {entry.max_sessions} sessions"
+                f"Connection limit exceeded: this API key already has "
+                f"{entry.active} of {entry.max_sessions} sessions",
+                "session_limit",
             )
         entry.active += 1
 

@@ -54,6 +54,8 @@ class LimitsConfig(_Base):
     max_connections: int = 20_000
     max_unauthenticated: int = 2_000
     handshake_timeout_s: float = 30.0
+    #: an authenticated session that has not sent start_session by then is ended
+    start_timeout_s: float = 120.0
     max_line_bytes: int = 128 * 1024
     max_subscriptions: int = 1_000
     max_symbols: int = 100_000
@@ -285,6 +287,8 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"limits.{name}: must be >= 1")
     if lim.handshake_timeout_s <= 0 or lim.control_rate_per_s <= 0:
         raise ConfigError("limits: handshake_timeout_s and control_rate_per_s must be > 0")
+    if not 0 < lim.start_timeout_s < float("inf"):
+        raise ConfigError("limits.start_timeout_s: must be a positive number of seconds")
     sr = cfg.slow_reader
     if not 0 < sr.write_low_water <= sr.write_high_water <= sr.hard_cap_bytes:
         raise ConfigError(

@@ -91,8 +91,8 @@ def _convert(fields: dict[str, str], kind: type[_T], what: str) -> _T:
 
 def _field_message(exc: msgspec.ValidationError) -> str:
     text = str(exc)
-    msg, _, where = text.rpartition(" - at `$.")
-    if where:
+    msg, sep, where = text.rpartition(" - at `$.")
+    if sep:
         field = where.rstrip("`")
         if msg.startswith("Object missing required field"):
             return f"missing field {field}"

@@ -52,7 +52,13 @@ class LimitExceeded(ProtocolError):
 
 
 class AuthError(GatewayError):
-    """Authentication failed or the key is not entitled to what it asked."""
+    """Authentication failed or the key is not entitled to what it asked; ``reason``
+    names why (bad_key, unknown_dataset, not_entitled, session_limit: a metrics label).
+    The message is what the client is told: it names no other dataset or key."""
+
+    def __init__(self, message: str, reason: str = "bad_key") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class DbnError(GatewayError):

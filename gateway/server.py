@@ -265,24 +265,25 @@ class ClientConnection(asyncio.Protocol):
         assert session is not None
         state = self.state
         req = event.request
+        key_id = ""
         try:
             key = state.authenticator.check(session.challenge, req.auth)
+            key_id = key.key_id
             state.authenticator.acquire(key, req.dataset, set(state.feeds))
         except AuthError as exc:
             text = str(exc)
-            reason = (
-                "bad_key"
-                if text.startswith("Authentication failed")
-                else "unknown_dataset"
-                if text.startswith("Unknown dataset")
-                else "not_entitled"
-                if "not entitled" in text
-                else "session_limit"
-            )
+            reason = exc.reason
             state.metrics.auth_failures.labels(reason).inc()
             if reason == "session_limit":
                 state.metrics.limit_hits.labels("sessions_per_key").inc()
-            log.info("auth refused peer=%s reason=%s", self.peer, reason)
+            # The client gets a generic reason; the log names the key and the dataset.
+            log.info(
+                "auth refused peer=%s reason=%s key_id=%s dataset=%r",
+                self.peer,
+                reason,
+                key_id,
+                req.dataset[:40],
+            )
             self._fail(session.reject(text, kind=reason))
             return
         self.key = key
@@ -297,7 +298,7 @@ class ClientConnection(asyncio.Protocol):
         self.slow.lossless = self.feed.backpressure
         state.unauthenticated -= 1
         self._counted_unauth = False
-        session.accept(self.session_id)
+        session.accept(self.session_id, state.clock())
         self._set_gauge("authenticated")
         log.info(
             "session start session_id=%d peer=%s dataset=%s key_id=%s compression=%s "
@@ -353,6 +354,7 @@ class ClientConnection(asyncio.Protocol):
             "max_subscriptions",
             "control_rate",
             "handshake_timeout",
+            "start_timeout",
         ):
             state.metrics.limit_hits.labels(event.kind).inc()
         if event.after_auth:
@@ -399,8 +401,20 @@ class ClientConnection(asyncio.Protocol):
         self.last_write = self.state.clock()
 
     def send_gateway_records(self, records: list[bytes]) -> None:
-        if records and self.metadata_sent and not self.closing:
-            self._write_control(b"", records)
+        if not records or not self.metadata_sent or self.closing:
+            return
+        transport = self.transport
+        if transport is not None:
+            # The session's own records count against its cap like market data does.
+            size = sum(map(len, records))
+            if transport.get_write_buffer_size() + size > self.state.slow.hard_cap_bytes:
+                self.cut(
+                    "slow_reader_cap",
+                    f"slow reader: more than {self.state.slow.hard_cap_bytes}"
+                    " bytes buffered; disconnecting",
+                )
+                return
+        self._write_control(b"", records)
 
     def deliver(self, data: Payload, records: int) -> None:
         transport = self.transport
@@ -577,7 +591,7 @@ class ClientConnection(asyncio.Protocol):
         session = self.session
         if session is None or self.closing:
             return
-        if session.state is State.AWAIT_AUTH:
+        if session.state in (State.AWAIT_AUTH, State.AUTHENTICATED):
             events = session.handle_timer(now)
             if events:
                 self._handle(events)

@@ -57,6 +57,8 @@ class State(enum.IntEnum):
 class Limits:
     max_line_bytes: int = 128 * 1024
     handshake_timeout_s: float = 30.0
+    #: an authenticated session must send start_session within this (it holds a slot)
+    start_timeout_s: float = 120.0
     max_subscriptions: int = 1_000
     max_symbols: int = 100_000
     control_rate_per_s: float = 100.0
@@ -163,20 +165,32 @@ class Session:
         self.state = State.CLOSED
 
     def handle_timer(self, now: float) -> list[Event]:
-        if self._deadline is not None and now >= self._deadline and self.state is State.AWAIT_AUTH:
+        if self._deadline is None or now < self._deadline:
+            return []
+        if self.state is State.AWAIT_AUTH:
             return [self._fail("authentication timed out", kind="handshake_timeout")]
+        if self.state is State.AUTHENTICATED:
+            return [
+                self._fail(
+                    f"start_session not received within {self.limits.start_timeout_s:g} s "
+                    "of authentication",
+                    kind="start_timeout",
+                )
+            ]
         return []
 
     def next_deadline(self) -> float | None:
-        return self._deadline if self.state is State.AWAIT_AUTH else None
+        if self.state in (State.AWAIT_AUTH, State.AUTHENTICATED):
+            return self._deadline
+        return None
 
     # --- answers from the adapter ------------------------------------------------
 
-    def accept(self, session_id: int) -> None:
+    def accept(self, session_id: int, now: float | None = None) -> None:
         assert self.state is State.AWAIT_AUTH and self._waiting_auth
         self._waiting_auth = False
         self.state = State.AUTHENTICATED
-        self._deadline = None
+        self._deadline = None if now is None else now + self.limits.start_timeout_s
         self._out += control.auth_success(session_id)
 
     def reject(self, reason: str, kind: str = "auth") -> Failed:
@@ -250,6 +264,7 @@ class Session:
                         "start_session before the last chunk (is_last=1) of a subscription"
                     )
                 self.state = State.STREAMING
+                self._deadline = None
                 return [StartRequested()]
             if "schema" not in fields:
                 raise ProtocolError("expected a subscription (schema=...) or start_session")

@@ -165,19 +165,21 @@ _Job = _Emit | _Resolve | _CatchUp | _Activate | _Announce
 
 #: how many symbols one coalesced resolution ErrorMsg names at most (its text fits 301 bytes)
 _ERROR_TEXT = 301
-_MAX_SYMBOL_IN_ERROR = 64
+_MAX_SYMBOL_IN_ERROR = _ERROR_TEXT - len("Failed to resolve symbols: ")
 
 
 def resolution_errors(now: int, symbols: list[str]) -> list[bytes]:
     """SYMBOL_RESOLUTION_FAILED ErrorMsgs for ``symbols``, coalesced: "Failed to resolve
     symbol: X" for one, else "Failed to resolve symbols: X, Y, Z" with as many as fit in
-    one record's text (symbols over 64 characters are cut, with "..."); is_last on the
-    final record only."""
+    one record's text (a symbol too long for one on its own is cut, with "..."); is_last
+    on the final record only."""
     texts: list[str] = []
     names: list[str] = []
     size = 0
     for symbol in symbols:
-        name = symbol if len(symbol) <= _MAX_SYMBOL_IN_ERROR else symbol[:61] + "..."
+        if len(symbol) > _MAX_SYMBOL_IN_ERROR:
+            symbol = symbol[: _MAX_SYMBOL_IN_ERROR - 3] + "..."
+        name = symbol
         if names and len("Failed to resolve symbols: ") + size + 2 + len(name) > _ERROR_TEXT:
             texts.append(_resolution_text(names))
             names, size = [], 0
@@ -441,7 +443,7 @@ class Feed:
             self._run_member(member, interest, before, collect=False)
             used += before - self._last_left
             self._flush_dirty(member, interest)
-            if interest.jobs:
+            if interest.jobs and member in self._work:
                 # round robin: to the back of the line
                 self._work.pop(member, None)
                 self._work[member] = None
@@ -582,6 +584,9 @@ class Feed:
             interest.jobs.append(_CatchUp(stype))
 
     def _flush_dirty(self, member: FeedMember, interest: _Interest) -> None:
+        if self._interests.get(member) is not interest:
+            self._work.pop(member, None)  # it left (or was cut) while being written to
+            return
         if interest.dirty:
             interest.dirty = False
             self._regroup(member, interest)

@@ -139,6 +139,8 @@ class FileSource:
                 await self._replay_once()
             except Exception as exc:
                 self.failures += 1
+                if isinstance(exc, (DbnError, zstandard.ZstdError)):
+                    feed.invalid_inputs += 1
                 reason = public_reason(exc)
                 if reason == "internal error":
                     log.exception("feed %s: file %s failed", feed.dataset, self.path)

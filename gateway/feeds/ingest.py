@@ -320,6 +320,7 @@ class _Publisher(asyncio.Protocol):
                 raise self.decoder.error
         except DbnError as exc:
             self.source.errors += 1
+            feed.invalid_inputs += 1
             log.error("feed %s: publisher %s sent invalid DBN: %s", feed.dataset, self.peer, exc)
             self.drop(f"publisher sent invalid DBN; {_WAITING}")
         except Exception:

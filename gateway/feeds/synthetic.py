@@ -234,6 +234,7 @@ class SyntheticSource:
         self.options = options
         self.generator = SyntheticGenerator(options)
         self._task: asyncio.Task[None] | None = None
+        feed.schemas = frozenset(options.schemas)  # other schemas are never served
 
     async def start(self) -> None:
         self.feed.learn_many(self.generator.instruments)

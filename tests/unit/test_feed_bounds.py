@@ -262,9 +262,12 @@ def test_resolution_errors_are_coalesced_and_bounded():
     assert [decode(r)[0].err for r in resolution_errors(1, ["NOPE"])] == [
         "Failed to resolve symbol: NOPE"
     ]
-    long = ["Z" * 200, "Y" * 10]
+    long = ["Z" * 200, "Y" * 10, "X" * 400]
     texts = [decode(r)[0].err for r in resolution_errors(1, long)]
-    assert texts == ["Failed to resolve symbols: " + "Z" * 61 + "..., " + "Y" * 10]
+    assert texts == [
+        "Failed to resolve symbols: " + "Z" * 200 + ", " + "Y" * 10,
+        "Failed to resolve symbol: " + "X" * 271 + "...",
+    ]
     many = [f"SYM{i:05d}" for i in range(100_000)]
     recs = resolution_errors(1, many)
     decoded = [decode(r)[0] for r in recs]
@@ -295,3 +298,31 @@ def test_schema_the_feed_never_carries_gets_a_non_fatal_error():
     )
     (ok,) = [decode(r)[0] for r in feed.subscribe(member, sub([ALL_SYMBOLS], "tbbo", sub_id=2))]
     assert ok.code == d.SystemCode.SUBSCRIPTION_ACK
+
+
+class CuttingMember(Member):
+    """A session the adapter cuts (leaves the feed) while the feed is writing to it."""
+
+    def __init__(self, feed: Feed) -> None:
+        super().__init__()
+        self.feed = feed
+
+    def send_gateway_records(self, records: list[bytes]) -> None:
+        super().send_gateway_records(records)
+        self.feed.leave(self)
+
+
+def test_member_cut_while_written_to_is_not_put_back():
+    loop = Loop()
+    feed = new_feed(loop)
+    feed.learn_many([(f"I{i}", i) for i in range(3 * SLICE)])
+    member = CuttingMember(feed)
+    feed.join(member)
+    member.send_gateway_records(feed.subscribe(member, sub([ALL_SYMBOLS], sub_id=1)))
+    while loop.run_one():
+        pass
+    feed.learn_many([("NEW", 99_999)])
+    while loop.run_one():
+        pass
+    assert feed.fanout.spec_of(member) is None
+    assert member not in feed.members and feed._work == {}
