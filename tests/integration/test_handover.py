@@ -15,7 +15,10 @@ import databento_dbn as dbn
 from tests.integration.helpers import (
     KEY,
     OfficialSession,
+    RawClient,
     data_records,
+    error_texts,
+    split_records,
     start_gateway,
 )
 
@@ -148,3 +151,24 @@ def test_official_client_without_a_reconnect_policy_sees_the_reason() -> None:
         gw.stop()
         gw.cleanup()
     assert raised == "Gateway shutting down"
+
+
+def test_sigterm_tells_a_session_still_subscribing_why() -> None:
+    """Authenticated, not started: the Metadata header and the ErrorMsg, then a clean EOF."""
+    gw = start_gateway(feeds=FEEDS)
+    try:
+        c = RawClient(gw.port)
+        assert c.handshake().startswith("success=1")
+        c.send(b"schema=trades|stype_in=raw_symbol|symbols=ALL_SYMBOLS\n")
+        gw.proc.send_signal(signal.SIGTERM)
+        c.sock.settimeout(10)
+        data = c.buf
+        while chunk := c.sock.recv(65536):  # a reset raises
+            data += chunk
+        c.close()
+        assert gw.proc.wait(20) == 0
+    finally:
+        gw.stop()
+        gw.cleanup()
+    _, records = split_records(data)
+    assert error_texts(records) == [(6, "Gateway shutting down")]
