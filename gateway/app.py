@@ -157,7 +157,7 @@ class Gateway:
         self.port = self.server.sockets[0].getsockname()[1]
         sharing = transport.other_listeners(self.server.sockets)
         if sharing:
-            log.info(
+            log.warning(
                 "port %d is shared with %d other listener(s) (SO_REUSEPORT): new connections "
                 "are spread over them until they stop (hand-over: stop the old gateway now)",
                 self.port,
@@ -407,20 +407,20 @@ class Gateway:
             return False
         sockets = list(server.sockets)
         successor = transport.other_listeners(sockets) > 0
-        queued = []
+        text = HANDOVER_TEXT if successor else SHUTDOWN_TEXT
+        queued = 0
         if not (successor and transport.migrates_accept_queue()):
             for sock in sockets:
-                queued += transport.drain_accept_queue(sock)
+                queued += transport.drain_accept_queue(
+                    sock, lambda conn: refuse_queued(self.state, conn, text)
+                )
         server.close()
-        text = HANDOVER_TEXT if successor else SHUTDOWN_TEXT
-        for conn in queued:
-            refuse_queued(self.state, conn, text)
         log.info(
             "listener closed port=%d successor=%d sessions=%d refused_from_queue=%d",
             self.port,
             int(successor),
             len(self.state.connections),
-            len(queued),
+            queued,
         )
         return successor
 

@@ -34,7 +34,7 @@ import shutil
 import socket
 import struct
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -734,18 +734,21 @@ def migrates_accept_queue() -> bool:
         return False
 
 
-def drain_accept_queue(listener: Any, limit: int = 65536) -> list[socket.socket]:
-    """Accept, without waiting, the connections already queued on a listening socket (one the
-    event loop owns: through a duplicate of its descriptor). Called just before the listener
-    is closed, so that they are answered instead of reset."""
-    out: list[socket.socket] = []
+def drain_accept_queue(
+    listener: Any, handle: Callable[[socket.socket], None], limit: int = 65536
+) -> int:
+    """Accept, without waiting, the connections queued on a listening socket that the event
+    loop owns (through a duplicate of its descriptor), handing each to ``handle`` at once (one
+    descriptor at a time). Called just before the listener is closed, so that they are
+    answered instead of reset. Returns how many were taken."""
+    count = 0
     try:
         dup = socket.socket(fileno=os.dup(listener.fileno()))
     except OSError:
-        return out
+        return count
     with dup:
         dup.setblocking(False)
-        while len(out) < limit:
+        while count < limit:
             try:
                 conn, _ = dup.accept()
             except (BlockingIOError, InterruptedError):
@@ -753,8 +756,9 @@ def drain_accept_queue(listener: Any, limit: int = 65536) -> list[socket.socket]
             except OSError as exc:  # EMFILE, ECONNABORTED, ...: leave the rest to the kernel
                 log.warning("draining the accept queue stopped: %s", exc)
                 break
-            out.append(conn)
-    return out
+            count += 1
+            handle(conn)
+    return count
 
 
 # --- detection -----------------------------------------------------------------------------
