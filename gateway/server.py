@@ -514,7 +514,7 @@ class ClientConnection(asyncio.Protocol):
         transport = self.transport
         if transport is not None:
             asyncio.get_running_loop().call_later(
-                self.state.conn_limits.cut_grace_s, _abort_if_open, transport
+                self.state.conn_limits.cut_grace_s, _abort_if_undrained, transport
             )
 
     def shutdown(self, handover: bool = False) -> None:
@@ -777,8 +777,10 @@ def peer_of_socket(sock: socket.socket) -> str:
     return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
 
 
-def _abort_if_open(transport: asyncio.Transport) -> None:
-    if not transport.is_closing() or transport.get_write_buffer_size():
+def _abort_if_undrained(transport: asyncio.Transport) -> None:
+    """A cut session still holding unsent bytes after its grace is reset; one that has
+    drained is left to its lingering close (it may still be reading its last bytes)."""
+    if transport.get_write_buffer_size():
         reset(transport)
 
 
