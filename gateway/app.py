@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import os
 import re
 import signal
 import sys
@@ -183,6 +184,7 @@ class Gateway:
             from gateway.probe import start_strobe
 
             self.strobe = await start_strobe(self)
+        transport.notify_service_manager(f"READY=1\nMAINPID={os.getpid()}")
         log.info(
             "gateway %s listening on %s:%d (loop=%s, datasets=%s)",
             __version__,
@@ -359,6 +361,7 @@ class Gateway:
         is queued for it, stop feeds, wait for the sessions to go (``shutdown_grace_s``)."""
         state = self.state
         state.accepting = False
+        transport.notify_service_manager("STOPPING=1")
         handover = self._stop_listening()
         for conn in list(state.connections):
             conn.shutdown(handover)

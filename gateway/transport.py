@@ -58,6 +58,7 @@ __all__ = [
     "drain_accept_queue",
     "io_uring_fds",
     "mapped_libraries",
+    "notify_service_manager",
     "maybe_relaunch",
     "migrates_accept_queue",
     "open_fds",
@@ -732,6 +733,24 @@ def migrates_accept_queue() -> bool:
         return Path("/proc/sys/net/ipv4/tcp_migrate_req").read_text().strip() == "1"
     except OSError:
         return False
+
+
+def notify_service_manager(state: str) -> bool:
+    """Tell systemd (``Type=notify``; ``$NOTIFY_SOCKET``) about this process: ``READY=1``
+    once listening (with ``MAINPID=``, so that a successor started by ``ExecReload=`` becomes
+    the unit's main process where ``NotifyAccess=all``), ``STOPPING=1`` on the way out.
+    Returns whether a message was sent; without a service manager it does nothing."""
+    path = os.environ.get("NOTIFY_SOCKET", "")
+    if not path or path[0] not in "/@":
+        return False
+    address = "\0" + path[1:] if path[0] == "@" else path
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.sendto(state.encode(), address)
+    except OSError as exc:
+        log.warning("could not notify the service manager (%s): %s", state.split("\n")[0], exc)
+        return False
+    return True
 
 
 def drain_accept_queue(

@@ -5,8 +5,10 @@ new process. Without a successor, SIGTERM still ends sessions with an ErrorMsg."
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
+import tempfile
 import time
 from typing import Any
 
@@ -172,3 +174,25 @@ def test_sigterm_tells_a_session_still_subscribing_why() -> None:
         gw.cleanup()
     _, records = split_records(data)
     assert error_texts(records) == [(6, "Gateway shutting down")]
+
+
+def test_systemd_is_told_ready_with_the_main_pid_and_stopping() -> None:
+    """Type=notify: READY=1 once listening (MAINPID= lets a successor started by ExecReload
+    become the unit's main process), STOPPING=1 on SIGTERM."""
+    with tempfile.TemporaryDirectory(prefix="gw-notify-") as tmp:
+        path = os.path.join(tmp, "notify")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        sock.bind(path)
+        sock.settimeout(10)
+        gw = start_gateway(feeds=FEEDS, env={"NOTIFY_SOCKET": path})
+        try:
+            ready = sock.recv(4096).decode()
+            gw.proc.send_signal(signal.SIGTERM)
+            stopping = sock.recv(4096).decode()
+            assert gw.proc.wait(20) == 0
+        finally:
+            sock.close()
+            gw.stop()
+            gw.cleanup()
+    assert ready == f"READY=1\nMAINPID={gw.proc.pid}"
+    assert stopping == "STOPPING=1"
