@@ -288,6 +288,11 @@ class Feed:
         self._schedule = schedule
         self._work: dict[FeedMember, None] = {}
         self._drain_pending = False
+        # A burst of mappings larger than a slice is learnt slice by slice while the source
+        # is paused and its chunks are held, so records never overtake their mappings.
+        self._learning: deque[tuple[str, int]] = deque()
+        self._held: deque[ChunkIndex] = deque()
+        self._flow_paused = False
         #: slices run and the most units any one slice handled (observability, tests)
         self.slices = 0
         self.max_slice_units = 0
@@ -332,22 +337,28 @@ class Feed:
             if member in self._blocked and member in self._work:
                 self._request_drain()
             self._blocked.discard(member)
-        if not self.backpressure:
-            return
-        if self._blocked and self.paused_since is None:
+        self._update_flow()
+
+    def _update_flow(self) -> None:
+        """Tell the source to stop reading while a lossless feed has a session over its
+        high-water mark (counted as a pause) or a mapping burst is being learnt."""
+        lossless = self.backpressure and bool(self._blocked)
+        if lossless and self.paused_since is None:
             self.paused_since = time.monotonic()
             self.pauses += 1
-            for listener in self.flow_listeners:
-                listener(True)
-        elif not self._blocked and self.paused_since is not None:
+        elif not lossless and self.paused_since is not None:
             self.paused_total_s += time.monotonic() - self.paused_since
             self.paused_since = None
+        want = lossless or bool(self._learning) or bool(self._held)
+        if want != self._flow_paused:
+            self._flow_paused = want
             for listener in self.flow_listeners:
-                listener(False)
+                listener(want)
 
     @property
     def paused(self) -> bool:
-        return self.paused_since is not None
+        """The source should not read now (see ``_update_flow``)."""
+        return self._flow_paused
 
     def serves(self, schema: str) -> bool:
         """False when this feed is known never to carry ``schema``: its source declared
@@ -415,11 +426,14 @@ class Feed:
                 schedule = asyncio.get_running_loop().call_soon
             except RuntimeError:
                 # No loop (unit tests, tools): do it all now.
-                while self._work and not self._work.keys() <= self._blocked:
+                while self._has_work():
                     self.drain_slice()
                 return
         self._drain_pending = True
         schedule(self._scheduled_drain)
+
+    def _has_work(self) -> bool:
+        return bool(self._learning) or any(m not in self._blocked for m in self._work)
 
     def _scheduled_drain(self) -> None:
         self._drain_pending = False
@@ -430,6 +444,14 @@ class Feed:
         the members that have some (blocked members wait); schedule the next slice."""
         budget = self.slice_size
         used = 0
+        if self._learning:
+            take = min(budget, len(self._learning))
+            self._learn_now([self._learning.popleft() for _ in range(take)])
+            used += take
+        while self._held and not self._learning:
+            self._publish_now(self._held.popleft())
+        if not self._learning and not self._held:
+            self._update_flow()
         for member in list(self._work):
             if used >= budget:
                 break
@@ -449,7 +471,7 @@ class Feed:
                 self._work[member] = None
         self.slices += 1
         self.max_slice_units = max(self.max_slice_units, used)
-        if any(m not in self._blocked for m in self._work):
+        if self._has_work():
             self._request_drain()
 
     _last_left = 0
@@ -613,8 +635,9 @@ class Feed:
 
     # --- symbology ----------------------------------------------------------------------
 
-    def on_metadata(self, metadata: object) -> None:
-        """Learn the feed's schema (tbbo vs mbp-1) and its symbol mappings."""
+    def on_metadata(self, metadata: object, mappings: list[tuple[str, int]] | None = None) -> None:
+        """Learn the feed's schema (tbbo vs mbp-1) and its symbol mappings (``mappings``
+        when the source read them from the raw header, else from the decoded Metadata)."""
         schema = getattr(metadata, "schema", None)
         name = str(getattr(schema, "value", schema) or "") if schema is not None else ""
         self._metadata_seen = True
@@ -625,9 +648,12 @@ class Feed:
             self.schema_rtype["mbp-1"] = -1 if tbbo else 0x01
             for member, interest in list(self._interests.items()):
                 self._regroup(member, interest)
-        mappings = getattr(metadata, "mappings", None) or {}
+        if mappings is not None:
+            self.learn_many(mappings)
+            return
+        decoded = getattr(metadata, "mappings", None) or {}
         learned: list[tuple[str, int]] = []
-        for symbol, intervals in mappings.items():
+        for symbol, intervals in decoded.items():
             if not intervals:
                 continue
             target = str(intervals[-1].get("symbol", ""))
@@ -638,7 +664,26 @@ class Feed:
     def learn_many(self, pairs: list[tuple[str, int]]) -> None:
         """Learn mappings; queue a SymbolMappingMsg for every session that named the symbol
         (or its instrument id) or follows ALL_SYMBOLS: work proportional to what is new and
-        who asked for it, done in bounded slices."""
+        who asked for it, done in bounded slices. A burst larger than a slice is itself
+        learnt in slices (the source paused, its chunks held until it is done)."""
+        if self._learning or (len(pairs) > self.slice_size and self._can_defer()):
+            self._learning.extend(pairs)
+            self._update_flow()
+            self._request_drain()
+            return
+        self._learn_now(pairs)
+        self.drain_slice()
+
+    def _can_defer(self) -> bool:
+        if self._schedule is not None:
+            return True
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return False
+        return True
+
+    def _learn_now(self, pairs: list[tuple[str, int]]) -> None:
         directory = self.directory
         changed: list[tuple[str, int]] = []
         for symbol, iid in pairs:
@@ -666,7 +711,6 @@ class Feed:
             for stype in interest.all_cursor:
                 self._queue_catch_up(interest, stype)
             self._work[member] = None
-        self.drain_slice()
 
     # --- data -----------------------------------------------------------------------------
 
@@ -680,10 +724,20 @@ class Feed:
         stats.chunks_in += 1
         stats.last_ts_event = int(index.ts_events[-1])
         stats.last_record_at = time.time()
+        if self._learning or self._held:
+            self._held.append(index)  # after the mappings being learnt (source paused)
+            return
+        self._publish_now(index)
+
+    def _publish_now(self, index: ChunkIndex) -> None:
         present = index.rtype_set
         if present & (GATEWAY_RTYPES | {RTYPE_DEF}):
             index = self._take_symbology(index)
             if index.count == 0:
+                return
+            if self._learning:
+                self._held.appendleft(index)  # its definitions are being learnt
+                self._update_flow()
                 return
         self.fanout.publish(index)
 

@@ -179,7 +179,7 @@ class FileSource:
             total += len(block)
             chunks = decoder.feed(block)
             if wall0 is None and decoder.metadata is not None:
-                feed.on_metadata(decoder.metadata)
+                feed.on_metadata(decoder.metadata, decoder.mappings)
                 if not feed.connected:
                     log.info("feed %s: replaying %s", feed.dataset, self.path)
                 feed.set_state(True, "replaying")

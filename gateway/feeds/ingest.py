@@ -312,7 +312,7 @@ class _Publisher(asyncio.Protocol):
                         f"publisher Metadata is for dataset {meta_dataset}, "
                         f"this feed serves {feed.dataset}"
                     )
-                feed.on_metadata(self.decoder.metadata)
+                feed.on_metadata(self.decoder.metadata, self.decoder.mappings)
                 feed.set_state(True, "publisher connected")
             for index in chunks:
                 feed.publish(index)

@@ -81,8 +81,17 @@ def test_short_mbp1_record_never_reaches_official_clients() -> None:
         # one line with the reason (beside the feed's state change)
         assert sum("shorter than the 80 bytes" in line for line in log.splitlines()) == 1
         assert not [n for n in RUST_NOISE if n in log]
-        samples = metric_samples(gw.metrics_port)
-        assert metric(samples, "gateway_feed_events_total", dataset="ING.M", event="invalid") == 1
+        assert _wait(  # exported on the metrics tick
+            lambda: (
+                metric(
+                    metric_samples(gw.metrics_port),
+                    "gateway_feed_events_total",
+                    dataset="ING.M",
+                    event="invalid",
+                )
+                == 1
+            )
+        )
 
 
 def _v1_metadata(dataset: str) -> bytes:
@@ -112,8 +121,16 @@ def test_v1_file_with_a_short_record_fails_cleanly() -> None:
             code, body = http_get(gw.metrics_port, "/readyz")
             assert "starting" not in body
             assert str(path) not in http_get(gw.metrics_port, "/status.json")[1]
-            samples = metric_samples(gw.metrics_port)
-            assert metric(samples, "gateway_feed_records_in_total", dataset="FILE.V1") == 50
+            assert _wait(
+                lambda: (
+                    metric(
+                        metric_samples(gw.metrics_port),
+                        "gateway_feed_records_in_total",
+                        dataset="FILE.V1",
+                    )
+                    == 50
+                )
+            )
             log = gw.log()
             assert not [n for n in RUST_NOISE if n in log]
             assert sum("shorter than the 80 bytes" in line for line in log.splitlines()) == 1
