@@ -138,7 +138,9 @@ class Gateway:
                 backpressure=spec.backpressure,
             )
             self.feeds[dataset] = feed
-            source = build_source(spec, feed)
+            source = build_source(
+                spec, feed, reuse_port=cfg.transport.reuse_port_for(spec.port)
+            )
             try:
                 await source.start()
             except (OSError, GatewayError) as exc:
@@ -153,7 +155,7 @@ class Gateway:
             cfg.host,
             cfg.port,
             backlog=4096,
-            reuse_port=cfg.transport.reuse_port or None,
+            reuse_port=cfg.transport.reuse_port_for(cfg.port) or None,
         )
         self.port = self.server.sockets[0].getsockname()[1]
         sharing = transport.other_listeners(self.server.sockets)
@@ -174,7 +176,11 @@ class Gateway:
             from gateway.status import StatusServer
 
             self._http = StatusServer(self)
-            self.metrics_port = await self._http.start(cfg.metrics_host, cfg.metrics_port)
+            self.metrics_port = await self._http.start(
+                cfg.metrics_host,
+                cfg.metrics_port,
+                reuse_port=cfg.transport.reuse_port_for(cfg.metrics_port),
+            )
         self._fit_connections_under_fd_limit()
         self.metrics.info.info({"version": __version__, "loop": _loop_name()})
         self.metrics.start_time.set(self.started_at)

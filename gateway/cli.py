@@ -145,8 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tr.add_argument(
         "--reuse-port",
-        action="store_true",
-        help="listen with SO_REUSEPORT (several gateway processes on one port)",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="listen with SO_REUSEPORT, so a successor can take over without downtime "
+        "(default: on for fixed ports, off for port 0)",
     )
     st = serve.add_argument_group("uptime strobe (see README: Operating it)")
     st.add_argument(
@@ -202,8 +204,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
             raise ConfigError(
                 f"--cpu-affinity {args.cpu_affinity!r}: expected CPU numbers such as 2 or 2,3"
             ) from None
-    if args.reuse_port:
-        t.reuse_port = True
+    if args.reuse_port is not None:
+        t.reuse_port = args.reuse_port
     if args.heartbeat_interval is not None:
         cfg.default_heartbeat_s = args.heartbeat_interval
     if args.strobe:

@@ -92,7 +92,14 @@ class TransportConfig(_Base):
     rcvbuf: int | None = None
     busy_poll_us: int | None = None
     cpu_affinity: list[int] | None = None
-    reuse_port: bool = False
+    #: SO_REUSEPORT on every listener (client, ingest, metrics): a successor gateway can
+    #: bind them while this one runs, for a restart without downtime (README: hand-over).
+    #: Unset: on for listeners with a fixed port, off for port 0 (nothing can succeed a
+    #: port picked at random, and the kernel may hand one out twice to reuse-port sockets)
+    reuse_port: bool | None = None
+
+    def reuse_port_for(self, port: int) -> bool:
+        return self.reuse_port if self.reuse_port is not None else port != 0
 
 
 class StrobeConfig(_Base):

@@ -135,8 +135,10 @@ class StatusServer:
             return self._prober
         return getattr(self.gateway, "strobe", None)
 
-    async def start(self, host: str, port: int) -> int:
-        self._server = await asyncio.start_server(self._handle, host, port)
+    async def start(self, host: str, port: int, reuse_port: bool = False) -> int:
+        self._server = await asyncio.start_server(
+            self._handle, host, port, reuse_port=reuse_port or None
+        )
         if self.gateway is not None:
             self._sampling = asyncio.get_running_loop().create_task(self._sample_forever())
         return int(self._server.sockets[0].getsockname()[1])

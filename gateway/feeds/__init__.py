@@ -181,11 +181,13 @@ def parse_feed_uri(dataset: str, uri: str) -> FeedSpec:
     return spec
 
 
-def build_source(spec: FeedSpec, feed: Feed) -> Source:
+def build_source(spec: FeedSpec, feed: Feed, *, reuse_port: bool = False) -> Source:
     if spec.kind == "synthetic":
         assert spec.synthetic is not None
         return SyntheticSource(feed, spec.synthetic)
     if spec.kind == "file":
         assert spec.path is not None
         return FileSource(feed, spec.path, spec.pace, spec.loop)
-    return IngestSource(feed, spec.host, spec.port, spec.idle_timeout_s, spec.allow)
+    return IngestSource(
+        feed, spec.host, spec.port, spec.idle_timeout_s, spec.allow, reuse_port=reuse_port
+    )

@@ -122,8 +122,11 @@ class IngestSource:
         port: int,
         idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
         allow: tuple[Network, ...] = DEFAULT_ALLOW,
+        reuse_port: bool = False,
     ) -> None:
         self.feed = feed
+        #: bind with SO_REUSEPORT, so a successor gateway can bind it too (hand-over)
+        self.reuse_port = reuse_port
         self.host = host
         self.port = port
         self.idle_timeout_s = idle_timeout_s
@@ -154,7 +157,9 @@ class IngestSource:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        self.server = await loop.create_server(lambda: _Publisher(self), self.host, self.port)
+        self.server = await loop.create_server(
+            lambda: _Publisher(self), self.host, self.port, reuse_port=self.reuse_port or None
+        )
         sock = self.server.sockets[0].getsockname()
         self.port = sock[1]
         self.feed.set_state(False, _WAITING, notify=False)

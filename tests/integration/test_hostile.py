@@ -302,3 +302,38 @@ def test_publisher_header_garbage_never_reaches_sessions(length_words: int) -> N
         pub.close()
         assert s.stop() is None
         assert [bytes(r) for r in data_records(s.records)] == good
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_successor_binds_every_fixed_port_by_default() -> None:
+    """Client, ingest and metrics ports are all shared with a successor (SO_REUSEPORT is
+    on by default for fixed ports), so a deployment with an ingest feed and metrics can
+    hand over; the successor takes the publisher once the old one stops."""
+    port, metrics_port, ingest = _free_port(), _free_port(), _free_port()
+    args = ("--port", str(port), "--metrics-port", str(metrics_port))
+    feeds = {"ING.R": f"ingest://127.0.0.1:{ingest}"}
+    symbols, recs = _records("trades", 20, seed=8)
+    with gateway(*args, feeds=feeds) as old, gateway(*args, feeds=feeds) as new:
+        assert (old.port, new.port) == (port, port)
+        assert old.ingest_ports["ING.R"] == new.ingest_ports["ING.R"] == ingest
+        assert old.stop() == 0
+        c = RawClient(port)
+        assert c.handshake(dataset="ING.R").startswith("success=1")
+        c.send(b"schema=trades|symbols=ALL_SYMBOLS\nstart_session\n")
+        pub = socket.create_connection(("127.0.0.1", ingest))
+        pub.sendall(encode_publisher_metadata("ING.R", time.time_ns(), symbols) + b"".join(recs))
+        data = b""
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            data += c.recv_some(5)
+            if len(data) > 8 and sum(r[1] == 0 for r in split_records(_whole(data))[1]) >= 20:
+                break
+        pub.close()
+        c.close()
+        assert [r for r in split_records(_whole(data))[1] if r[1] == 0] == recs
+        assert http_get(new.metrics_port, "/healthz")[0] == 200
