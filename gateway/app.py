@@ -138,9 +138,7 @@ class Gateway:
                 backpressure=spec.backpressure,
             )
             self.feeds[dataset] = feed
-            source = build_source(
-                spec, feed, reuse_port=cfg.transport.reuse_port_for(spec.port)
-            )
+            source = build_source(spec, feed, reuse_port=cfg.transport.reuse_port_for(spec.port))
             try:
                 await source.start()
             except (OSError, GatewayError) as exc:
