@@ -188,7 +188,7 @@ class ClientConnection(asyncio.Protocol):
         state.connections.add(self)
         state.unauthenticated += 1
         self._counted_unauth = True
-        state.metrics.connections.labels("accepted", "").inc()
+        state.metrics.connections.labels("accepted", "none").inc()
         lim = state.conn_limits
         transport.set_write_buffer_limits(high=lim.write_high_water, low=lim.write_low_water)
         if state.tune_socket is not None:

@@ -974,8 +974,8 @@ def apply_report(report: TransportReport, cfg: Config, metrics: Metrics) -> None
             "vendor": report.vendor,
             "requested": str(int(report.requested)),
             "loaded": str(int(report.loaded)),
-            "library": report.library,
-            "profile": report.profile,
+            "library": report.library or "none",
+            "profile": report.profile or "none",
             "loop": report.loop,
             "io_uring": report.io_uring,
         }

@@ -337,3 +337,20 @@ def test_successor_binds_every_fixed_port_by_default() -> None:
         c.close()
         assert [r for r in split_records(_whole(data))[1] if r[1] == 0] == recs
         assert http_get(new.metrics_port, "/healthz")[0] == 200
+
+
+def test_no_metric_has_an_empty_label_value() -> None:
+    with gateway("--metrics-port", "0", feeds={"DEMO.SYNTH": "synthetic:"}) as gw:
+        c = RawClient(gw.port)
+        assert c.handshake().startswith("success=1")
+        c.close()
+        body = ""
+
+        def accepted_exported() -> bool:
+            nonlocal body
+            body = http_get(gw.metrics_port, "/metrics")[1]
+            return 'result="accepted"' in body
+
+        assert _wait(accepted_exported)
+        empty = [line for line in body.splitlines() if '=""' in line]
+        assert empty == []
