@@ -212,8 +212,13 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # plots are a nicety; never lose the numbers over them
         doc["plots"] = []
         print(f"plots failed: {exc}", file=sys.stderr)
+    if args.quick:
+        for t in doc["targets"]:
+            if t["status"] == "n/a" and "not run" in t["detail"]:
+                t["detail"] = "not measured by --quick (make bench measures it)"
     write_json(outdir / "results.json", doc)
     write_markdown(outdir / "RESULTS.md", doc)
+    print(summary_table(doc["results"]))
     for t in doc["targets"]:
         print(
             f"target {t['status']:>6}: {t['target']}: {t['measured']}"
@@ -230,6 +235,26 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gateway: {len(gateway_bad)} case(s) lost records or failed", file=sys.stderr)
         return 1
     return 0
+
+
+def summary_table(results: list[dict[str, Any]]) -> str:
+    """Every case on one line, as a terminal table (the full tables are in RESULTS.md)."""
+    rows = [("scenario", "system", "N", "result", "complete")]
+    for r in results:
+        complete = "yes" if r.get("loss_free") else ("-" if r.get("status") != "ok" else "NO")
+        rows.append(
+            (
+                str(r.get("scenario", "")),
+                str(r.get("system", "")),
+                str(r.get("n", "")),
+                summary_line(r)[:90],
+                complete,
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
 
 
 def pyspy_path() -> str:
