@@ -18,7 +18,14 @@ from typing import Any, TextIO
 
 from bench.peers import ensure_peers, versions
 from bench.procs import machine_info, raise_nofile
-from bench.report import evaluate_targets, loss_summary, write_json, write_markdown, write_plots
+from bench.report import (
+    evaluate_targets,
+    loss_summary,
+    plot_caption,
+    write_json,
+    write_markdown,
+    write_plots,
+)
 from bench.scenarios import (
     SCENARIO_SYSTEMS,
     SCENARIOS,
@@ -208,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     doc["targets"] = evaluate_targets(doc["results"])
     doc["loss"] = loss_summary(doc["results"])
     try:
-        doc["plots"] = write_plots(outdir, doc["results"])
+        doc["plots"] = write_plots(outdir, doc["results"], plot_caption(meta))
     except Exception as exc:  # plots are a nicety; never lose the numbers over them
         doc["plots"] = []
         print(f"plots failed: {exc}", file=sys.stderr)

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Final
 
-__all__ = ["evaluate_targets", "write_json", "write_markdown", "write_plots"]
+__all__ = ["evaluate_targets", "plot_caption", "write_json", "write_markdown", "write_plots"]
 
 SYSTEM_ORDER: Final = ("raw", "gateway", "nats", "redis", "zmq")
 SYSTEM_NAMES: Final = {
@@ -16,6 +16,14 @@ SYSTEM_NAMES: Final = {
     "nats": "NATS",
     "redis": "Redis pub/sub",
     "zmq": "ZeroMQ (XPUB, byte-counting subscribers)",
+}
+#: one colour per system in every plot
+SYSTEM_COLORS: Final = {
+    "raw": "#7f7f7f",
+    "gateway": "#1f77b4",
+    "nats": "#2ca02c",
+    "redis": "#d62728",
+    "zmq": "#ff7f0e",
 }
 
 
@@ -512,7 +520,17 @@ def _connect_table(results: list[dict[str, Any]]) -> list[str]:
 # --- plots ------------------------------------------------------------------------------
 
 
-def write_plots(outdir: Path, results: list[dict[str, Any]]) -> list[str]:
+def plot_caption(meta: dict[str, Any]) -> str:
+    """Which machine and which run a plot comes from (figures mean nothing without it)."""
+    m = meta.get("machine") or {}
+    mode = " (quick)" if meta.get("quick") else ""
+    return (
+        f"run {meta.get('run_id', '?')}{mode} on {m.get('cores', '?')}-core "
+        f"{m.get('cpu_model', '?')}, {m.get('memory_gib', '?')} GiB, kernel {m.get('kernel', '?')}"
+    )
+
+
+def write_plots(outdir: Path, results: list[dict[str, Any]], caption: str = "") -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -532,7 +550,13 @@ def write_plots(outdir: Path, results: list[dict[str, Any]]) -> list[str]:
             ]
             if pts:
                 pts.sort()
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=SYSTEM_NAMES[s])
+                ax.plot(
+                    [p[0] for p in pts],
+                    [p[1] for p in pts],
+                    marker="o",
+                    label=SYSTEM_NAMES[s],
+                    color=SYSTEM_COLORS[s],
+                )
         ax.set_xscale("log")
         ax.set_xticks(ns, [str(n) for n in ns])
         if scenario == "filtered":
@@ -543,7 +567,8 @@ def write_plots(outdir: Path, results: list[dict[str, Any]]) -> list[str]:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
         name = f"{scenario}_throughput.png"
-        fig.tight_layout()
+        _caption(fig, caption)
+        fig.tight_layout(rect=(0, 0.04, 1, 1))
         fig.savefig(outdir / name, dpi=110)
         plt.close(fig)
         made.append(name)
@@ -559,18 +584,32 @@ def write_plots(outdir: Path, results: list[dict[str, Any]]) -> list[str]:
                 lat = ((c or {}).get("latency") or {}).get("probe")
                 if not lat:
                     continue
-                xs = [max(1, v) for _, v in lat["cdf"]]
-                ys = [p / 100 for p, _ in lat["cdf"]]
-                ax.plot(xs, ys, label=SYSTEM_NAMES[s].split(" (")[0])
+                # The tail on a log axis: the fraction of samples slower than x, so p99
+                # and p99.9 are as far apart as p50 and p90.
+                pts = [(max(1, v), 1 - p / 100) for p, v in lat["cdf"] if p < 100]
+                if not pts:
+                    continue
+                ax.plot(
+                    [x for x, _ in pts],
+                    [y for _, y in pts],
+                    label=SYSTEM_NAMES[s].split(" (")[0],
+                    color=SYSTEM_COLORS[s],
+                )
             ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_ylim(1e-4, 1)
+            ax.set_yticks(
+                [1, 0.5, 0.1, 0.01, 0.001, 0.0001], ["p0", "p50", "p90", "p99", "p99.9", "p99.99"]
+            )
             ax.set_title(f"N={n}, {rate // 1000}k rec/s (last subscriber)", fontsize=9)
             ax.set_xlabel("latency µs")
-            ax.set_ylabel("fraction ≤ x")
+            ax.set_ylabel("slower than x (log tail)")
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=7)
         for ax in list(axes.flat)[len(keys) :]:
             ax.axis("off")
-        fig.tight_layout()
+        _caption(fig, caption)
+        fig.tight_layout(rect=(0, 0.04, 1, 1))
         fig.savefig(outdir / "latency_cdf.png", dpi=110)
         plt.close(fig)
         made.append("latency_cdf.png")
@@ -591,8 +630,14 @@ def write_plots(outdir: Path, results: list[dict[str, Any]]) -> list[str]:
         ax.set_title("zstd: gateway CPU cost")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
-        fig.tight_layout()
+        _caption(fig, caption)
+        fig.tight_layout(rect=(0, 0.04, 1, 1))
         fig.savefig(outdir / "zstd_cpu.png", dpi=110)
         plt.close(fig)
         made.append("zstd_cpu.png")
     return made
+
+
+def _caption(fig: Any, caption: str) -> None:
+    if caption:
+        fig.text(0.5, 0.005, caption, ha="center", va="bottom", fontsize=7, color="#555555")
