@@ -18,12 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import TEST_LOOP
+from tests.conftest import DBN_SAMPLES, TEST_LOOP
 
 KEY = "db-TESTKEY0000000000000000000000"
 OTHER_KEY = "db-OTHERKEY000000000000000000000"
 ROOT = Path(__file__).resolve().parents[2]
-DATA = Path(os.environ.get("GATEWAY_TEST_DATA", ROOT.parent / "shared" / "data" / "dbn"))
+DATA = DBN_SAMPLES  # the DBN sample files, inside the repository (tests/data/dbn)
 
 
 @dataclass

@@ -14,8 +14,8 @@ import zstandard
 
 from gateway.dbn import encode_publisher_metadata
 from gateway.feeds.synthetic import SyntheticGenerator, SyntheticOptions
+from tests.conftest import dbn_sample_files
 from tests.integration.helpers import (
-    DATA,
     KEY,
     OTHER_KEY,
     OfficialSession,
@@ -23,7 +23,7 @@ from tests.integration.helpers import (
     gateway,
 )
 
-SAMPLES = sorted(DATA.glob("*/*.dbn.zst"))
+SAMPLES = dbn_sample_files()
 
 
 def _file_records(path: Path) -> tuple[object, list[bytes]]:

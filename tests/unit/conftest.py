@@ -18,9 +18,10 @@ import numpy as np
 import zstandard
 
 from gateway.session import Limits, Session
+from tests.conftest import DBN_SAMPLES, dbn_sample_files
 
-DATA = Path("/work/shared/data/dbn")
-SAMPLE_FILES = sorted(DATA.glob("*/*.dbn.zst"))
+DATA = DBN_SAMPLES
+SAMPLE_FILES = dbn_sample_files()
 LIVE_SAMPLE = DATA / "LIVE" / "test_data.live.dbn.zst"
 NOW_NS = 1_700_000_000_123_456_789
 
@@ -45,7 +46,9 @@ def sample_decoded(path: Path) -> tuple[Any, tuple[bytes, ...]]:
 
 
 def sample_path(dataset: str, schema: str) -> Path:
-    return DATA / dataset / f"test_data.{schema}.dbn.zst"
+    path = DATA / dataset / f"test_data.{schema}.dbn.zst"
+    assert path.is_file(), f"missing DBN sample {path}"
+    return path
 
 
 def sample_records(dataset: str, schema: str) -> tuple[bytes, ...]:
