@@ -8,7 +8,7 @@
 # verifies from inside that libonload is mapped and answers, and fails start-up if not.
 #
 # usage: launch-onload.sh [--dry-run] [--profile=NAME] [--env-file=FILE] [--python=PATH]
-#                         [--wrapper=PATH] [gateway serve options...]
+#                         [--wrapper=PATH] [--wait-driver=SECONDS] [gateway serve options...]
 #
 #   --dry-run        run the checks, print the exact argv and environment, exec nothing
 #                    (exit 0, or 1 when a check failed)
@@ -18,6 +18,10 @@
 #   --python=PATH    the gateway's interpreter (default /opt/gateway/venv/bin/python;
 #                    also GATEWAY_PYTHON)
 #   --wrapper=PATH   the onload wrapper (default: onload on PATH; also ONLOAD_WRAPPER)
+#   --wait-driver=SECONDS
+#                    wait up to SECONDS for the onload driver (/sys/module/onload and
+#                    /dev/onload) before checking it, saying so once; for a driver that loads
+#                    late in boot (default 0: check at once)
 #
 # API keys: in the config file's [[api_keys]] or --api-key-file FILE (a root-only file, e.g.
 # a systemd credential: LoadCredential= and --api-key-file %d/NAME), never --api-key KEY: a
@@ -26,7 +30,7 @@
 # Checks (a failure stops the launch): the wrapper and interpreter exist; the onload driver is
 # loaded (/sys/module/onload) and /dev/onload, /dev/onload_epoll exist -- skipped, like the
 # wrapper's own check, with ONLOAD_DRIVERCHECK=false; the env file parses. Warnings: no huge
-# pages reserved, a memlock limit.
+# pages reserved, a memlock limit (read from /proc/self/limits).
 set -eu
 
 dry_run=0
@@ -34,6 +38,7 @@ profile=${GATEWAY_ONLOAD_PROFILE:-latency}
 env_file=
 python=${GATEWAY_PYTHON:-/opt/gateway/venv/bin/python}
 wrapper=${ONLOAD_WRAPPER:-onload}
+wait_driver=0
 
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -42,6 +47,7 @@ while [ $# -gt 0 ]; do
     --env-file=*) env_file=${1#--env-file=} ;;
     --python=*) python=${1#--python=} ;;
     --wrapper=*) wrapper=${1#--wrapper=} ;;
+    --wait-driver=*) wait_driver=${1#--wait-driver=} ;;
     *) break ;;  # the rest goes to `gateway serve`
   esac
   shift
@@ -61,6 +67,22 @@ else
   fail "the onload wrapper '$wrapper' is not on PATH (install Onload, or --wrapper=PATH)"
 fi
 if [ -x "$python" ]; then ok "python $python"; else fail "no executable interpreter at $python (--python=PATH)"; fi
+case "$wait_driver" in
+  '' | *[!0-9]*)
+    echo "launch-onload: --wait-driver expects a whole number of seconds, got '$wait_driver'" >&2
+    exit 2
+    ;;
+esac
+driver_present() { [ -d /sys/module/onload ] && [ -c /dev/onload ] && [ -c /dev/onload_epoll ]; }
+if [ "${ONLOAD_DRIVERCHECK:-true}" != false ] && [ "$wait_driver" -gt 0 ] && ! driver_present; then
+  echo "launch-onload: waiting up to $wait_driver s for the onload driver (/sys/module/onload, /dev/onload, /dev/onload_epoll)" >&2
+  waited=0
+  while ! driver_present && [ "$waited" -lt "$wait_driver" ]; do
+    sleep 1
+    waited=$((waited + 1))
+  done
+  if driver_present; then ok "onload driver appeared after $waited s"; else fail "the onload driver did not load within $wait_driver s"; fi
+fi
 if [ "${ONLOAD_DRIVERCHECK:-true}" != false ]; then
   if [ -d /sys/module/onload ]; then ok "onload driver loaded"; else fail "the onload driver is not loaded (/sys/module/onload missing: modprobe onload, or onload_tool reload)"; fi
   for dev in /dev/onload /dev/onload_epoll; do
@@ -69,8 +91,9 @@ if [ "${ONLOAD_DRIVERCHECK:-true}" != false ]; then
 fi
 hugepages=$(cat /proc/sys/vm/nr_hugepages 2>/dev/null || echo 0)
 if [ "$hugepages" -gt 0 ]; then ok "vm.nr_hugepages=$hugepages"; else warn "no huge pages reserved (vm.nr_hugepages=0): Onload falls back to small pages unless EF_USE_HUGE_PAGES=2"; fi
-memlock=$(ulimit -l 2>/dev/null || echo unknown)
-if [ "$memlock" = unlimited ]; then ok "memlock unlimited"; else warn "memlock limit is $memlock KiB (LimitMEMLOCK=infinity in the unit)"; fi
+# `ulimit -l` is not POSIX sh; the limits file is (awk inherits this shell's limits)
+memlock=$(awk '/^Max locked memory/ { print $4 }' /proc/self/limits 2>/dev/null || true)
+if [ "$memlock" = unlimited ]; then ok "memlock unlimited"; else warn "memlock limit is ${memlock:-unknown} bytes (LimitMEMLOCK=infinity in the unit)"; fi
 
 for arg in "$@"; do
   case "$arg" in
