@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 PORT   ?= 13000
 DEMO_KEY ?= db-DEMO0000000000000000000000000
 
-.PHONY: install run test test-uvloop test-asyncio lint types fmt bench bench-quick soak clean
+.PHONY: install run test test-deps test-uvloop test-asyncio lint types fmt bench bench-quick soak clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,15 +17,22 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 ## make run: start the gateway on the embedded synthetic demo feed
+## More `gateway serve` options go in ARGS: make run ARGS="--metrics-port 9313"
 ## The key goes through a file (mode 600, under .venv), not the command line: the demo key is
 ## public, but `make run DEMO_KEY=<a real key>` must not show that key in ps either.
 run: $(STAMP)
 	@(umask 077 && printf '%s\n' '$(DEMO_KEY)' > $(VENV)/demo.key)
 	$(PY) -m gateway serve --host 127.0.0.1 --port $(PORT) --api-key-file $(VENV)/demo.key \
-		--feed DEMO.SYNTH=synthetic: --print-connect-help
+		--feed DEMO.SYNTH=synthetic: --print-connect-help $(ARGS)
+
+## make test-deps: install the programs the tests use (chromium, nats-server, redis-server,
+## promtool, shellcheck, systemd-analyze) with apt-get where it can (root); never fails, and
+## only runs `command -v` when everything is there. Tests skip, saying why, without them.
+test-deps:
+	@sh .ci/test-deps
 
 ## make test: install and run the whole suite, once on uvloop and once on the stdlib loop
-test: $(STAMP)
+test: $(STAMP) test-deps
 	GATEWAY_TEST_LOOP=uvloop $(PY) -m pytest -q -p no:cacheprovider
 	GATEWAY_TEST_LOOP=asyncio $(PY) -m pytest -q -p no:cacheprovider tests/unit tests/integration
 
