@@ -5,6 +5,11 @@ weighs the same; a window with no strobe has no figure rather than 100 %). The f
 survives restarts, so the 7 d and 30 d figures mean what they say; rows older than
 ``RETENTION_S`` are pruned as new ones arrive.
 
+One file may hold the strobes of several targets (a probe pointed at another host or
+dataset, a gateway moved to another port): every figure is computed over the strobes of
+one target (``host:port/dataset``), never mixed. A window longer than the target's data
+says how much of it the data covers.
+
 Every method is synchronous and thread-safe: the probe calls them from a worker thread
 (``asyncio.to_thread``) so the event loop never waits for the disk.
 """
@@ -58,6 +63,7 @@ CREATE TABLE IF NOT EXISTS strobes (
     freshness_s REAL
 );
 CREATE INDEX IF NOT EXISTS strobes_ts ON strobes (ts);
+CREATE INDEX IF NOT EXISTS strobes_target_ts ON strobes (target, ts);
 """
 
 
@@ -92,6 +98,8 @@ class StrobeRecord:
 class WindowStats:
     strobes: int
     failures: int
+    #: how much of the window the target's data covers (its first strobe to now), seconds
+    covers_s: float = 0.0
 
     @property
     def ratio(self) -> float | None:
@@ -101,16 +109,22 @@ class WindowStats:
 
 @dataclass
 class HistorySummary:
-    """What the status page and the metrics need, computed in one go."""
+    """What the status page and the metrics need for one target, computed in one go."""
 
     computed_at: float = 0.0
+    target: str = ""
     total: int = 0
     first_ts: float | None = None
     uptime: dict[str, WindowStats] = field(default_factory=dict)
     #: window label -> step -> percentile label ("p50") -> seconds
     latency: dict[str, dict[str, dict[str, float | None]]] = field(default_factory=dict)
+    #: window label -> step -> how many latencies the percentiles are taken over
+    samples: dict[str, dict[str, int]] = field(default_factory=dict)
     recent: list[StrobeRecord] = field(default_factory=list)
     failures_by_step: dict[str, int] = field(default_factory=dict)
+    #: other targets in the same file and their strobes (counted in no figure here)
+    other_targets: int = 0
+    other_strobes: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -121,9 +135,12 @@ class HistorySummary:
                 label: {"ratio": s.ratio, "strobes": s.strobes, "failures": s.failures}
                 for label, s in self.uptime.items()
             },
+            "window_covers_s": {label: s.covers_s for label, s in self.uptime.items()},
             "latency_s": self.latency,
+            "latency_samples": self.samples,
             "failures_by_step_24h": self.failures_by_step,
             "recent": [r.as_dict() for r in self.recent],
+            "other_targets": {"targets": self.other_targets, "strobes": self.other_strobes},
         }
 
 
@@ -178,26 +195,53 @@ class History:
                 self._db.execute("DELETE FROM strobes WHERE ts < ?", (rec.ts - RETENTION_S,))
                 self._last_prune = rec.ts
 
-    def count(self) -> int:
+    def count(self, target: str | None = None) -> int:
+        """Rows in the file (``target=None``) or of one target."""
         with self._lock:
-            row = self._db.execute("SELECT COUNT(*) FROM strobes").fetchone()
+            if target is None:
+                row = self._db.execute("SELECT COUNT(*) FROM strobes").fetchone()
+            else:
+                row = self._db.execute(
+                    "SELECT COUNT(*) FROM strobes WHERE target = ?", (target,)
+                ).fetchone()
         return int(row[0])
 
-    def window(self, seconds: float, now: float | None = None) -> WindowStats:
-        now = time.time() if now is None else now
+    def targets(self) -> dict[str, int]:
+        """Every target the file holds strobes of, with its row count."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT target, COUNT(*) FROM strobes GROUP BY target ORDER BY target"
+            ).fetchall()
+        return {str(t): int(n) for t, n in rows}
+
+    def first(self, target: str) -> float | None:
+        """Time of the target's oldest strobe on record."""
         with self._lock:
             row = self._db.execute(
-                "SELECT COUNT(*), COALESCE(SUM(1 - ok), 0) FROM strobes WHERE ts > ? AND ts <= ?",
-                (now - seconds, now),
+                "SELECT MIN(ts) FROM strobes WHERE target = ?", (target,)
             ).fetchone()
-        return WindowStats(strobes=int(row[0]), failures=int(row[1]))
+        return None if row[0] is None else float(row[0])
 
-    def recent(self, limit: int = 20) -> list[StrobeRecord]:
+    def window(self, target: str, seconds: float, now: float | None = None) -> WindowStats:
+        """Strobes and failures of ``target`` in the ``seconds`` before ``now``."""
+        now = time.time() if now is None else now
+        with self._lock:
+            count, failures, first = self._db.execute(
+                "SELECT COUNT(*), COALESCE(SUM(1 - ok), 0), "
+                "(SELECT MIN(ts) FROM strobes WHERE target = ?1) "
+                "FROM strobes WHERE target = ?1 AND ts > ?2 AND ts <= ?3",
+                (target, now - seconds, now),
+            ).fetchone()
+        covers = 0.0 if first is None else max(0.0, min(seconds, now - float(first)))
+        return WindowStats(strobes=int(count), failures=int(failures), covers_s=covers)
+
+    def recent(self, target: str, limit: int = 20) -> list[StrobeRecord]:
+        """The target's last ``limit`` strobes, newest first."""
         with self._lock:
             rows = self._db.execute(
                 "SELECT ts, ok, step, error, target, connect_s, auth_s, first_record_s, "
-                "total_s, freshness_s FROM strobes ORDER BY ts DESC LIMIT ?",
-                (limit,),
+                "total_s, freshness_s FROM strobes WHERE target = ? ORDER BY ts DESC LIMIT ?",
+                (target, limit),
             ).fetchall()
         return [
             StrobeRecord(
@@ -215,14 +259,16 @@ class History:
             for r in rows
         ]
 
-    def latencies(self, seconds: float, now: float | None = None) -> dict[str, list[float]]:
-        """Per step, the latencies of successful strobes in the window."""
+    def latencies(
+        self, target: str, seconds: float, now: float | None = None
+    ) -> dict[str, list[float]]:
+        """Per step, the latencies of the target's successful strobes in the window."""
         now = time.time() if now is None else now
         with self._lock:
             rows = self._db.execute(
                 "SELECT connect_s, auth_s, first_record_s, total_s FROM strobes "
-                "WHERE ok = 1 AND ts > ? AND ts <= ?",
-                (now - seconds, now),
+                "WHERE target = ? AND ok = 1 AND ts > ? AND ts <= ?",
+                (target, now - seconds, now),
             ).fetchall()
         out: dict[str, list[float]] = {step: [] for step in LATENCY_STEPS}
         for row in rows:
@@ -231,39 +277,49 @@ class History:
                     out[step].append(float(value))
         return out
 
-    def failures_by_step(self, seconds: float, now: float | None = None) -> dict[str, int]:
+    def failures_by_step(
+        self, target: str, seconds: float, now: float | None = None
+    ) -> dict[str, int]:
         now = time.time() if now is None else now
         with self._lock:
             rows = self._db.execute(
-                "SELECT step, COUNT(*) FROM strobes WHERE ok = 0 AND ts > ? AND ts <= ? "
+                "SELECT step, COUNT(*) FROM strobes "
+                "WHERE target = ? AND ok = 0 AND ts > ? AND ts <= ? "
                 "GROUP BY step ORDER BY step",
-                (now - seconds, now),
+                (target, now - seconds, now),
             ).fetchall()
         return {str(step): int(n) for step, n in rows}
 
     def summary(
         self,
+        target: str,
         now: float | None = None,
         latency_windows: Sequence[str] = ("1h", "24h"),
         recent: int = 20,
     ) -> HistorySummary:
+        """Every figure of one target; strobes of other targets count nowhere."""
         now = time.time() if now is None else now
         windows = dict(WINDOWS)
-        with self._lock:
-            total, first = self._db.execute("SELECT COUNT(*), MIN(ts) FROM strobes").fetchone()
+        targets = self.targets()
         latency: dict[str, dict[str, dict[str, float | None]]] = {}
+        samples: dict[str, dict[str, int]] = {}
         for label in latency_windows:
-            values = self.latencies(windows[label], now)
+            values = self.latencies(target, windows[label], now)
             latency[label] = {
                 step: {f"p{p}": percentile(vals, p) for p in PERCENTILES}
                 for step, vals in values.items()
             }
+            samples[label] = {step: len(vals) for step, vals in values.items()}
         return HistorySummary(
             computed_at=now,
-            total=int(total),
-            first_ts=first,
-            uptime={label: self.window(sec, now) for label, sec in WINDOWS},
+            target=target,
+            total=targets.get(target, 0),
+            first_ts=self.first(target),
+            uptime={label: self.window(target, sec, now) for label, sec in WINDOWS},
             latency=latency,
-            recent=self.recent(recent),
-            failures_by_step=self.failures_by_step(windows["24h"], now),
+            samples=samples,
+            recent=self.recent(target, recent),
+            failures_by_step=self.failures_by_step(target, windows["24h"], now),
+            other_targets=sum(1 for t in targets if t != target),
+            other_strobes=sum(n for t, n in targets.items() if t != target),
         )

@@ -226,7 +226,16 @@ class Prober:
 
     async def load(self) -> None:
         """Read the figures the history already holds (before the first strobe)."""
-        self.summary = await asyncio.to_thread(self.history.summary)
+        self.summary = await asyncio.to_thread(self.history.summary, self.target.name)
+        if self.summary.other_strobes:
+            log.info(
+                "probe history %s also holds %d strobe(s) of %d other target(s); "
+                "figures count only target=%s",
+                self.history.path,
+                self.summary.other_strobes,
+                self.summary.other_targets,
+                self.target.name,
+            )
         self._export_uptime()
 
     async def run_once(self) -> StrobeRecord:
@@ -263,7 +272,7 @@ class Prober:
 
     def _store(self, rec: StrobeRecord) -> HistorySummary:
         self.history.record(rec)
-        return self.history.summary()
+        return self.history.summary(self.target.name)
 
     def _observe(self, rec: StrobeRecord) -> None:
         m = self.metrics

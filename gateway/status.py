@@ -249,9 +249,11 @@ class StatusServer:
         gw = self.gateway
         if gw is not None:
             data.update(_gateway_part(gw, now))
+            # samples are taken on the monotonic clock; scripts and the page want wall time
+            offset = now - time.monotonic()
             data["throughput"] = {
                 "windows": {label: self.sampler.rates(sec) for label, sec in RATE_WINDOWS},
-                "series": self.sampler.series(),
+                "series": [[round(t + offset, 3), a, b] for t, a, b in self.sampler.series()],
             }
         prober = self.prober
         if prober is not None:
@@ -386,11 +388,20 @@ th,td{text-align:left;padding:6px 8px;border-bottom:1px solid var(--line);vertic
 th{font-size:.8rem;color:var(--muted);font-weight:600}
 td.num,th.num{text-align:right}
 ul.reasons{margin:6px 0 0;padding-left:20px}
-.strip{display:flex;flex-wrap:wrap;gap:3px;margin:8px 0 0}
+.strip{display:flex;flex-wrap:wrap;gap:3px;margin:4px 0 0}
 .strip span{width:12px;height:22px;border-radius:3px}
 .strip .s-ok{background:var(--ok)}.strip .s-bad{background:var(--bad)}
 .spark{width:100%;height:70px;display:block;margin-top:10px}
 .spark .in{stroke:var(--accent)}.spark .out{stroke:var(--ok)}
+.spark .tick{stroke:var(--line);stroke-width:1;vector-effect:non-scaling-stroke}
+.axis{position:relative;height:18px;overflow:hidden;font-size:.75rem;color:var(--muted);
+font-variant-numeric:tabular-nums;border-top:1px solid var(--line)}
+.axis .tl{position:absolute;top:1px;transform:translateX(-50%);white-space:nowrap}
+.axis .tl.start{transform:none}.axis .tl.end{transform:translateX(-100%)}
+.strobes{display:inline-block;max-width:100%;margin-top:4px}
+.strip-axis{display:flex;justify-content:space-between;gap:8px;font-size:.75rem;
+color:var(--muted);font-variant-numeric:tabular-nums;margin-top:2px}
+.covers{font-weight:400;font-size:.78rem;color:var(--muted)}
 .legend{font-size:.8rem;color:var(--muted)}
 .legend i{display:inline-block;width:10px;height:3px;margin:0 4px 3px 8px}
 footer{font-size:.82rem;color:var(--muted);padding:4px 2px 24px}
@@ -472,7 +483,8 @@ def _table(headers: Iterable[tuple[str, bool]], rows: Iterable[str], stack: bool
 def _uptime_section(probe: dict[str, Any]) -> str:
     tiles = []
     uptime = probe.get("uptime") or {}
-    for label, _ in WINDOWS:
+    covers = probe.get("window_covers_s") or {}
+    for label, seconds in WINDOWS:
         w = uptime.get(label) or {"ratio": None, "strobes": 0, "failures": 0}
         ratio = w["ratio"]
         cls = (
@@ -484,7 +496,8 @@ def _uptime_section(probe: dict[str, Any]) -> str:
             else f"{w['failures']} of {w['strobes']} strobes failed"
         )
         tiles.append(
-            f'<div class="tile"><div class="label">{_e(WINDOW_NAMES[label])}</div>'
+            f'<div class="tile"><div class="label">{_e(WINDOW_NAMES[label])}'
+            f"{_covers_note(seconds, w['strobes'], covers.get(label))}</div>"
             f'<div class="value"><span class="{cls}" data-window="{label}">'
             f"{_e(fmt_pct(ratio))}</span></div>"
             f'<div class="note">{_e(note)}</div></div>'
@@ -498,6 +511,42 @@ def _uptime_section(probe: dict[str, Any]) -> str:
         f"{_e(probe['schema'])} {_e(probe['symbol'])} on {_e(probe['dataset'])} and wait for "
         f"the first record, every {_e(interval)} s "
         f"({_e(probe['strobes_total'])} strobes on record{_e(since)}).</p></section>"
+    )
+
+
+def _covers_note(window_s: float, strobes: int, covers_s: float | None) -> str:
+    """ " (data covers 35 s)" when the target's data is shorter than the window."""
+    if not strobes or covers_s is None or covers_s >= window_s * 0.999:
+        return ""
+    return f' <span class="covers">(data covers {_e(_duration(covers_s))})</span>'
+
+
+def _clock(ts: float, date: bool = False) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S" if date else "%H:%M:%S", time.gmtime(ts))
+
+
+def _strip(recent: list[dict[str, Any]], interval_s: float) -> str:
+    """One square per recent strobe, oldest first, each labelled with its time and result;
+    the times of the first and last square written under the row."""
+    if not recent:
+        return ""
+    squares = []
+    for r in reversed(recent):
+        outcome = f"ok, {_ms(r.get('total_s'))}" if r["ok"] else f"failed at {r['step']}"
+        label = f"{_clock(r['ts'], date=True)} UTC: {outcome}"
+        squares.append(
+            f'<span class="{"s-ok" if r["ok"] else "s-bad"}" role="img" '
+            f'data-ts="{r["ts"]:.3f}" title="{_e(label)}" aria-label="{_e(label)}"></span>'
+        )
+    oldest, newest = recent[-1]["ts"], recent[0]["ts"]
+    date = time.gmtime(oldest)[:3] != time.gmtime(newest)[:3]
+    return (
+        '<div class="strobes"><div class="strip" role="group" '
+        f'aria-label="recent strobes, oldest first">{"".join(squares)}</div>'
+        f'<div class="strip-axis"><span>{_e(_clock(oldest, date))}</span>'
+        f"<span>{_e(_clock(newest, date))} UTC</span></div></div>"
+        f'<p class="legend">The last {len(recent)} strobes (one every {interval_s:g} s), '
+        "oldest first; hover a square for its time and result.</p>"
     )
 
 
@@ -519,9 +568,14 @@ def _probe_section(probe: dict[str, Any], now: float) -> str:
                 f"last strobe {ago} ago: <span class=detail>{_e(last['error'])}</span></p>"
             )
     latency = probe.get("latency_s") or {}
+    samples = probe.get("latency_samples") or {}
+    covers = probe.get("window_covers_s") or {}
+    uptime = probe.get("uptime") or {}
+    windows = dict(WINDOWS)
     tables = []
     for window in ("1h", "24h"):
         steps = latency.get(window) or {}
+        counts = samples.get(window) or {}
         rows = []
         for step, name in (
             ("connect", "connect"),
@@ -535,21 +589,27 @@ def _probe_section(probe: dict[str, Any], now: float) -> str:
                 + "".join(
                     f'<td class="num">{_e(_ms(p.get(k)))}</td>' for k in ("p50", "p90", "p99")
                 )
+                + f'<td class="num" data-samples="{step}">{_e(counts.get(step, 0))}</td>'
                 + "</tr>"
             )
+        strobes = (uptime.get(window) or {}).get("strobes") or 0
+        note = _covers_note(windows[window], strobes, covers.get(window))
         tables.append(
-            f"<div><h3>{_e(WINDOW_NAMES[window])}</h3>"
+            f'<div data-latency="{window}"><h3>{_e(WINDOW_NAMES[window])}{note}</h3>'
             + _table(
-                [("step", False), ("p50", True), ("p90", True), ("p99", True)],
+                [("step", False), ("p50", True), ("p90", True), ("p99", True), ("n", True)],
                 rows,
                 stack=False,
             )
             + "</div>"
         )
-    strip = "".join(
-        f'<span class="{"s-ok" if r["ok"] else "s-bad"}" title="'
-        f'{_e(_utc(r["ts"]))}: {_e("ok" if r["ok"] else "failed at " + r["step"])}"></span>'
-        for r in reversed(probe.get("recent") or [])
+    strip = _strip(probe.get("recent") or [], float(probe["interval_s"]))
+    other = probe.get("other_targets") or {}
+    other_text = (
+        f" The history file also holds {_e(other['strobes'])} strobe(s) of "
+        f"{_e(other['targets'])} other target(s), counted in no figure here."
+        if other.get("strobes")
+        else ""
     )
     failures = probe.get("failures_by_step_24h") or {}
     fail_text = (
@@ -558,8 +618,10 @@ def _probe_section(probe: dict[str, Any], now: float) -> str:
     return (
         f'<section id="probe"><h2>Probe <span class="muted">{_e(probe["target"])}</span></h2>'
         f'{status}<div class="cols">{"".join(tables)}</div>'
-        f'<div class="strip" aria-label="recent strobes, oldest first">{strip}</div>'
-        f'<p class="muted">Failures in the last 24 hours by step: {fail_text}.</p></section>'
+        '<p class="muted">Percentiles over the successful strobes in the window; n: how '
+        f"many.</p>{strip}"
+        f'<p class="muted">Failures in the last 24 hours by step: {fail_text}.{other_text}</p>'
+        "</section>"
     )
 
 
@@ -588,7 +650,25 @@ def _sessions_section(sessions: dict[str, Any]) -> str:
     )
 
 
+#: candidate steps between two time-axis ticks, seconds
+_TICK_STEPS = (5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600)
+
+
+def _ticks(t0: float, t1: float, most: int = 6) -> list[float]:
+    """Round wall-clock times inside [t0, t1], at most ``most`` of them."""
+    span = t1 - t0
+    step = next((s for s in _TICK_STEPS if span / s <= most), _TICK_STEPS[-1])
+    first = -(-t0 // step) * step
+    out: list[float] = []
+    t = first
+    while t <= t1 and len(out) < most + 1:
+        out.append(t)
+        t += step
+    return out
+
+
 def _spark(series: list[list[float]]) -> str:
+    """Records in and out per second over wall-clock time, with a time axis in UTC."""
     if len(series) < 2:
         return ""
     width, height = 600.0, 70.0
@@ -596,20 +676,39 @@ def _spark(series: list[list[float]]) -> str:
     span = max(t1 - t0, 1e-9)
     top = max(max(p[1], p[2]) for p in series) or 1.0
 
+    def x(t: float) -> float:
+        return (t - t0) / span * width
+
     def line(i: int) -> str:
         return " ".join(
-            f"{(p[0] - t0) / span * width:.1f},{height - 2 - p[i] / top * (height - 6):.1f}"
-            for p in series
+            f"{x(p[0]):.1f},{height - 2 - p[i] / top * (height - 6):.1f}" for p in series
         )
 
+    ticks = _ticks(t0, t1)
+    grid = "".join(
+        f'<line class="tick" x1="{x(t):.1f}" x2="{x(t):.1f}" y1="0" y2="{height:.0f}"/>'
+        for t in ticks
+    )
+    labels = []
+    for t in ticks:
+        pct = (t - t0) / span * 100
+        # keep the labels at the ends inside the chart's box
+        align = " start" if pct < 8 else " end" if pct > 92 else ""
+        labels.append(
+            f'<span class="tl{align}" style="left:{pct:.2f}%">'
+            f"{_e(time.strftime('%H:%M:%S', time.gmtime(t)))}</span>"
+        )
     return (
         f'<svg class="spark" viewBox="0 0 {width:.0f} {height:.0f}" preserveAspectRatio="none"'
         ' role="img" aria-label="records per second in and out">'
+        f"{grid}"
         f'<polyline class="in" fill="none" stroke-width="2" points="{line(1)}"/>'
         f'<polyline class="out" fill="none" stroke-width="2" points="{line(2)}"/></svg>'
+        f'<div class="axis" aria-label="time (UTC)">{"".join(labels)}</div>'
         '<div class="legend"><i style="background:var(--accent)"></i>records in'
         '<i style="background:var(--ok)"></i>records out (all sessions)'
-        f" · last {_duration(t1 - t0)}, peak {_rate(top, 'rec/s')}</div>"
+        f" · {_e(_clock(t0))} to {_e(_clock(t1))} UTC ({_duration(t1 - t0)}), "
+        f"peak {_rate(top, 'rec/s')}</div>"
     )
 
 

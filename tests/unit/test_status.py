@@ -152,3 +152,135 @@ def test_probe_only_page() -> None:
     assert page.count("66.67%") == 3 and "no data" in page
     assert "failed at first_record" in page and "timed out after 10 s" in page
     assert 'id="feeds"' not in page and 'id="sessions"' not in page
+
+
+NOW = 1_800_000_000.0  # 2027-01-15 08:00:00 UTC
+
+
+def _text(page: str) -> str:
+    """What a reader sees: tags dropped, entities decoded, spaces collapsed."""
+    return " ".join(html.unescape(re.sub(r"<[^>]+>", " ", page)).split()).replace(" )", ")")
+
+
+def _young_probe() -> dict[str, Any]:
+    """A gateway 35 s old, strobing every 5 s; all seven strobes passed."""
+    recent = [
+        {
+            "ts": NOW - 5 * k - 1,
+            "ok": k != 3,
+            "step": "ok" if k != 3 else "auth",
+            "error": "",
+            "total_s": 0.012 if k != 3 else 1.0,
+            "freshness_s": 0.01,
+        }
+        for k in range(7)
+    ]
+    steps = ("connect", "auth", "first_record", "total")
+    return {
+        "target": "127.0.0.1:13000/D",
+        "dataset": "D",
+        "schema": "trades",
+        "symbol": "ALL_SYMBOLS",
+        "interval_s": 5.0,
+        "strobes_total": 7,
+        "first_strobe_at": NOW - 35,
+        "last": recent[0],
+        "uptime": dict.fromkeys(
+            ("1h", "24h", "7d", "30d"), {"ratio": 6 / 7, "strobes": 7, "failures": 1}
+        ),
+        "window_covers_s": dict.fromkeys(("1h", "24h", "7d", "30d"), 35.0),
+        "latency_s": {
+            w: {s: {"p50": 0.01, "p90": 0.011, "p99": 0.012} for s in steps} for w in ("1h", "24h")
+        },
+        "latency_samples": {w: dict.fromkeys(steps, 6) for w in ("1h", "24h")},
+        "failures_by_step_24h": {"auth": 1},
+        "recent": recent,
+        "other_targets": {"targets": 1, "strobes": 40},
+    }
+
+
+def _page(probe: dict[str, Any], **over: Any) -> str:
+    d = _data(generated_at=NOW, probe=probe, **over)
+    d["state"], d["reasons"] = assess(d)
+    return render_html(d)
+
+
+def test_windows_longer_than_the_data_say_how_much_they_cover() -> None:
+    probe = _young_probe()
+    text = _text(_page(probe))
+    for name in ("Last hour", "Last 24 hours", "Last 7 days", "Last 30 days"):
+        assert f"{name} (data covers 35.0 s)" in text, text
+    # the latency tables say it too
+    assert text.count("(data covers 35.0 s)") == 6
+    # a window the data fills says nothing; an empty one has no figure to qualify
+    probe["window_covers_s"]["1h"] = 3600.0
+    probe["uptime"]["30d"] = {"ratio": None, "strobes": 0, "failures": 0}
+    text = _text(_page(probe))
+    assert "Last hour (data covers" not in text and "Last 30 days (data covers" not in text
+    assert "Last 24 hours (data covers 35.0 s)" in text
+    # the uptime figure itself stays a bare percentage
+    assert re.findall(r'data-window="1h">([^<]*)<', _page(probe)) == ["85.71%"]
+
+
+def test_latency_percentiles_show_their_sample_counts() -> None:
+    probe = _young_probe()
+    probe["latency_samples"]["24h"] = dict.fromkeys(("connect", "auth", "first_record", "total"), 2)
+    page = _page(probe)
+    for window, n in (("1h", "6"), ("24h", "2")):
+        part = page.split(f'data-latency="{window}"', 1)[1].split("</table>", 1)[0]
+        assert "<th class=num>n</th>" in part
+        assert re.findall(r'data-samples="(\w+)">(\d+)<', part) == [
+            ("connect", n),
+            ("auth", n),
+            ("first_record", n),
+            ("total", n),
+        ]
+    assert "n: how many" in _text(page)
+
+
+def test_strobe_squares_carry_their_times() -> None:
+    page = _page(_young_probe())
+    squares = re.findall(r'<span class="(s-ok|s-bad)"[^>]*title="([^"]*)"', page)
+    # oldest first, each with its time and its result
+    assert [html.unescape(t) for _, t in squares] == [
+        f"2027-01-15 07:59:{59 - 5 * k:02d} UTC: " + ("failed at auth" if k == 3 else "ok, 12.0 ms")
+        for k in range(6, -1, -1)
+    ]
+    assert [c for c, _ in squares].count("s-bad") == 1
+    assert len(re.findall(r'<span class="s-(?:ok|bad)"[^>]*aria-label="2027-01-15', page)) == 7
+    # visible labels under the row: its first and last time
+    assert "07:59:29 07:59:59 UTC" in _text(page)
+    assert "The last 7 strobes (one every 5 s), oldest first" in _text(page)
+    # strobes of another target in the same file are mentioned, not counted
+    assert "also holds 40 strobe(s) of 1 other target(s), counted in no figure" in _text(page)
+
+
+def test_sparkline_has_a_time_axis() -> None:
+    series = [[NOW - 300 + 10 * k, 100.0 + k, 50.0] for k in range(31)]
+    tp = {"windows": {"1m": None, "5m": None, "15m": None}, "series": series}
+    page = _page(_young_probe(), throughput=tp)
+    axis = page.split('<div class="axis"', 1)[1].split("</div>", 1)[0]
+    labels = re.findall(r">(\d\d:\d\d:\d\d)<", axis)
+    assert labels == ["07:55:00", "07:56:00", "07:57:00", "07:58:00", "07:59:00", "08:00:00"]
+    assert re.findall(r"left:([\d.]+)%", axis) == [
+        "0.00",
+        "20.00",
+        "40.00",
+        "60.00",
+        "80.00",
+        "100.00",
+    ]
+    svg = page.split('<svg class="spark"', 1)[1].split("</svg>", 1)[0]
+    assert svg.count('class="tick"') == 6
+    assert "07:55:00 to 08:00:00 UTC (5 min)" in _text(page)
+    # a short series: ticks every 5 s, never more than seven labels
+    short = [[NOW - 20 + k, 1.0, 1.0] for k in range(21)]
+    tp = {"windows": {"1m": None, "5m": None, "15m": None}, "series": short}
+    axis = _page(_young_probe(), throughput=tp).split('<div class="axis"', 1)[1]
+    assert re.findall(r">(\d\d:\d\d:\d\d)<", axis.split("</div>", 1)[0]) == [
+        "07:59:40",
+        "07:59:45",
+        "07:59:50",
+        "07:59:55",
+        "08:00:00",
+    ]
