@@ -14,10 +14,12 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import msgspec
+
 from gateway import __version__, transport
 from gateway.aio import cancel_and_wait
 from gateway.auth import Authenticator, KeyEntry
-from gateway.config import Config
+from gateway.config import Config, LimitsConfig
 from gateway.errors import ConfigError, FeedError, GatewayError
 from gateway.fanout import FanOut
 from gateway.feeds import Feed, Source, build_source, parse_feed_uri
@@ -50,30 +52,13 @@ class Gateway:
         self.metrics = Metrics()
         self.feeds: dict[str, Feed] = {}
         self.sources: dict[str, Source] = {}
-        entries = [
-            KeyEntry(
-                key=k.key,
-                key_id=k.name or f"key-{k.key[-5:]}",
-                datasets=None if "*" in k.datasets else frozenset(k.datasets),
-                max_sessions=k.max_sessions,
-            )
-            for k in cfg.api_keys
-        ]
         lim, sr = cfg.limits, cfg.slow_reader
         self.state = ServerState(
             version=__version__,
-            authenticator=Authenticator(entries),
+            authenticator=Authenticator(key_entries(cfg)),
             feeds=self.feeds,
             metrics=self.metrics,
-            limits=Limits(
-                max_line_bytes=lim.max_line_bytes,
-                handshake_timeout_s=lim.handshake_timeout_s,
-                start_timeout_s=lim.start_timeout_s,
-                max_subscriptions=lim.max_subscriptions,
-                max_symbols=lim.max_symbols,
-                control_rate_per_s=lim.control_rate_per_s,
-                control_burst=lim.control_burst,
-            ),
+            limits=session_limits(lim),
             slow=SlowReaderLimits(
                 behind_bytes=sr.behind_bytes,
                 behind_age_s=sr.behind_age_s,
@@ -126,6 +111,8 @@ class Gateway:
         self.fd_limit: tuple[int, int] = (0, 0)
         #: called once listening (after the "listening" line), e.g. --print-connect-help
         self.on_listening: Callable[[Gateway], None] | None = None
+        #: SIGHUP: reads the config again (config file, key files, CLI overrides)
+        self.reloader: Callable[[], Config] | None = None
 
     async def start(self) -> None:
         cfg = self.cfg
@@ -431,16 +418,118 @@ class Gateway:
         )
         return successor
 
+    def reload(self) -> bool:
+        """SIGHUP: read the config again and apply its API keys and ``[limits]``.
+
+        Sessions of a revoked key, or of a key that lost their dataset, end with an ErrorMsg
+        (code 2) and a clean close; everyone else is untouched. Limits apply to sessions
+        and connections that start from now on. Other changes are logged as needing a
+        restart. A config that does not validate is refused (the log names the field) and
+        the running one kept."""
+        if self.reloader is None:
+            log.warning("config reload: no config to read again; nothing changed")
+            return False
+        try:
+            new = self.reloader()
+        except GatewayError as exc:
+            log.error("config reload refused: %s; keeping the running config", exc)
+            return False
+        old = self.cfg
+        restart = _changed_fields(
+            msgspec.to_builtins(old), msgspec.to_builtins(new), skip=("api_keys", "limits")
+        )
+        if restart:
+            log.warning(
+                "config reload: changes need a restart and are not applied fields=%s",
+                ",".join(restart),
+            )
+        added, revoked = self.state.authenticator.replace(key_entries(new))
+        gone = set(revoked)
+        ended = 0
+        for conn in list(self.state.connections):
+            key, feed = conn.key, conn.feed
+            if key is None or conn.closing:
+                continue
+            if key in gone:
+                conn.revoke("API key revoked", "api key revoked")
+            elif feed is not None and not key.allows(feed.dataset):
+                conn.revoke(
+                    f"API key is no longer entitled to dataset {feed.dataset}",
+                    "dataset revoked",
+                )
+            else:
+                continue
+            ended += 1
+        lim = new.limits
+        self.state.limits = session_limits(lim)
+        self.state.conn_limits = dataclasses.replace(
+            self.state.conn_limits,
+            max_connections=lim.max_connections,
+            max_unauthenticated=lim.max_unauthenticated,
+            per_ip_rate=lim.per_ip_rate,
+            per_ip_burst=lim.per_ip_burst,
+            exempt_loopback=lim.exempt_loopback,
+        )
+        if self.server is not None:  # start() fits it otherwise
+            self._fit_connections_under_fd_limit()
+        old.api_keys, old.limits = new.api_keys, new.limits
+        log.info(
+            "config reloaded keys=%d added=%d revoked=%d sessions_ended=%d",
+            len(new.api_keys),
+            len(added),
+            len(revoked),
+            ended,
+        )
+        return True
+
     async def serve(self) -> None:
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         # Before start(): a signal right after the "listening" line still shuts down cleanly.
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
         await self.start()
         await stop.wait()
         log.info("signal received: shutting down")
         await self.shutdown()
+
+
+def key_entries(cfg: Config) -> list[KeyEntry]:
+    return [
+        KeyEntry(
+            key=k.key,
+            key_id=k.name or f"key-{k.key[-5:]}",
+            datasets=None if "*" in k.datasets else frozenset(k.datasets),
+            max_sessions=k.max_sessions,
+        )
+        for k in cfg.api_keys
+    ]
+
+
+def session_limits(lim: LimitsConfig) -> Limits:
+    return Limits(
+        max_line_bytes=lim.max_line_bytes,
+        handshake_timeout_s=lim.handshake_timeout_s,
+        start_timeout_s=lim.start_timeout_s,
+        max_subscriptions=lim.max_subscriptions,
+        max_symbols=lim.max_symbols,
+        control_rate_per_s=lim.control_rate_per_s,
+        control_burst=lim.control_burst,
+    )
+
+
+def _changed_fields(old: Any, new: Any, skip: tuple[str, ...] = (), at: str = "") -> list[str]:
+    """Dotted names of the fields that differ between two configs as plain data."""
+    if isinstance(old, dict) and isinstance(new, dict) and at != "feeds":
+        out: list[str] = []
+        for name in sorted(old.keys() | new.keys()):
+            if name in skip:
+                continue
+            path = f"{at}.{name}" if at else name
+            out += _changed_fields(old.get(name), new.get(name), at=path)
+        return out
+    return [] if old == new else [at]
 
 
 def _loop_name() -> str:
@@ -517,12 +606,19 @@ def setup_logging(fmt: str, level: str) -> None:
     root.setLevel(level.upper())
 
 
-def run(cfg: Config, on_listening: Callable[[Gateway], None] | None = None) -> int:
+def run(
+    cfg: Config,
+    on_listening: Callable[[Gateway], None] | None = None,
+    reload: Callable[[], Config] | None = None,
+) -> int:
+    from gateway.cli import print_error
+
     setup_logging(cfg.log_format, cfg.log_level)
     try:
         loop_name = transport.choose_loop(cfg)
         gateway = Gateway(cfg, loop_name=loop_name)
         gateway.on_listening = on_listening
+        gateway.reloader = reload
         if loop_name == "uvloop":
             import uvloop
 
@@ -530,9 +626,9 @@ def run(cfg: Config, on_listening: Callable[[Gateway], None] | None = None) -> i
         else:
             asyncio.run(gateway.serve())
     except GatewayError as exc:
-        print(f"gateway: error: {exc}", file=sys.stderr)
+        print_error(str(exc), cfg.log_format)
         return 2
     except OSError as exc:
-        print(f"gateway: error: cannot listen: {exc}", file=sys.stderr)
+        print_error(f"cannot listen: {exc}", cfg.log_format)
         return 2
     return 0

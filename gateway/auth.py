@@ -51,6 +51,36 @@ class Authenticator:
         for entry in entries:
             self._by_bucket.setdefault(entry.key[-5:], []).append(entry)
 
+    @property
+    def entries(self) -> list[KeyEntry]:
+        return [e for bucket in self._by_bucket.values() for e in bucket]
+
+    def replace(self, entries: list[KeyEntry]) -> tuple[list[KeyEntry], list[KeyEntry]]:
+        """Serve ``entries`` from now on (a reload); returns (added, revoked).
+
+        A key kept keeps its ``KeyEntry`` -- its open sessions and their count -- with
+        the new datasets, session limit and name: a lower ``max_sessions`` applies to new
+        sessions only. A revoked entry is no longer found by ``check``; its sessions are
+        for the caller to end (``release`` still counts them down).
+        """
+        old = {e.key: e for e in self.entries}
+        kept: list[KeyEntry] = []
+        added: list[KeyEntry] = []
+        for new in entries:
+            entry = old.pop(new.key, None)
+            if entry is None:
+                added.append(new)
+                kept.append(new)
+                continue
+            entry.key_id = new.key_id
+            entry.datasets = new.datasets
+            entry.max_sessions = new.max_sessions
+            kept.append(entry)
+        self._by_bucket = {}
+        for entry in kept:
+            self._by_bucket.setdefault(entry.key[-5:], []).append(entry)
+        return added, list(old.values())
+
     def check(self, challenge: str, response: str) -> KeyEntry:
         """The key that produced ``response``; AuthError("Authentication failed.") if none."""
         digest, sep, bucket = response.rpartition("-")

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -12,6 +14,7 @@ from gateway import __version__
 from gateway.config import (
     ApiKeyConfig,
     Config,
+    dump_config,
     key_file_warning,
     load_config,
     read_key_file,
@@ -22,7 +25,15 @@ from gateway.errors import ConfigError
 if TYPE_CHECKING:
     from gateway.app import Gateway
 
-__all__ = ["DEMO_KEY", "build_parser", "config_from_args", "connect_help", "main"]
+__all__ = [
+    "DEMO_KEY",
+    "build_parser",
+    "check_config",
+    "config_from_args",
+    "connect_help",
+    "main",
+    "print_error",
+]
 
 #: the public demo key of ``make run`` (the Makefile's DEMO_KEY); the only key
 #: ``--print-connect-help`` ever prints
@@ -103,7 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="event loop (default auto: uvloop when installed)",
     )
     serve.add_argument("--log-format", choices=("text", "json"), help="log line format")
-    serve.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    serve.add_argument(
+        "--log-level",
+        choices=("debug", "info", "warning", "error"),
+        help="least severe log lines written to stderr (default info; debug is verbose)",
+    )
     serve.add_argument(
         "--heartbeat-interval",
         type=int,
@@ -172,11 +187,78 @@ def build_parser() -> argparse.ArgumentParser:
         help="strobe a gateway like a customer (connect, auth, subscribe, first record)",
         description="Connect, authenticate, subscribe and wait for a record, like a customer; "
         "export the results as Prometheus metrics and keep an uptime history.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     from gateway.probe import add_arguments
 
     add_arguments(probe)
+    check = sub.add_parser(
+        "check-config",
+        help="validate a config file and print the effective config (keys masked)",
+        description="Validate a TOML config file as `gateway serve --config FILE` would and "
+        "print the effective config (defaults filled in, API keys masked). Exits 0 when it "
+        "is valid, 2 naming the bad field when it is not.",
+    )
+    check.add_argument("file", type=Path, metavar="FILE", help="TOML config file")
+    check.add_argument(
+        "--format",
+        choices=("toml", "json"),
+        default="toml",
+        help="how to print the effective config (default toml)",
+    )
     return parser
+
+
+def print_error(text: str, fmt: str = "text", level: str = "error") -> None:
+    """A fatal error or a warning on stderr: ``gateway: error: ...``, or one JSON line
+    (``--log-format json``: every stderr line is JSON)."""
+    if fmt == "json":
+        doc = {
+            "ts": round(time.time(), 6),
+            "level": level,
+            "logger": "gateway",
+            "msg": text,
+            "event": "fatal" if level == "error" else level,
+        }
+        line = json.dumps(doc)
+    else:
+        line = f"gateway: {level}: {text}"
+    print(line, file=sys.stderr, flush=True)
+
+
+def _log_format(args: argparse.Namespace) -> str:
+    """The log format asked for, also when the config file itself is what failed: the
+    flag, else ``log_format`` read leniently from the file, else text."""
+    if getattr(args, "log_format", None):
+        return str(args.log_format)
+    path = getattr(args, "config", None)
+    if path is None:
+        return "text"
+    import msgspec
+
+    try:
+        doc = msgspec.toml.decode(path.read_bytes())
+    except (OSError, msgspec.DecodeError):
+        return "text"
+    value = doc.get("log_format") if isinstance(doc, dict) else None
+    return "json" if value == "json" else "text"
+
+
+def check_config(path: Path, fmt: str = "toml") -> int:
+    """``gateway check-config FILE``: 0 and the effective config on stdout, or 2 and the
+    error (naming the field) on stderr."""
+    try:
+        cfg = validate(load_config(path))
+    except ConfigError as exc:
+        print(f"gateway: error: {exc}", file=sys.stderr)
+        return 2
+    sys.stdout.write(dump_config(cfg, "json" if fmt == "json" else "toml"))
+    if not cfg.api_keys:
+        print(
+            f"gateway: note: {path} lists no API keys: serve needs --api-key-file FILE",
+            file=sys.stderr,
+        )
+    return 0
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -251,13 +333,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         except GatewayError as exc:
             print(f"gateway probe: error: {exc}", file=sys.stderr)
             return 2
+    if args.command == "check-config":
+        return check_config(args.file, args.format)
     if args.command != "serve":
         parser.print_help()
         return 0 if args.command is None else 2
     try:
         cfg = config_from_args(args)
     except ConfigError as exc:
-        print(f"gateway: error: {exc}", file=sys.stderr)
+        print_error(str(exc), _log_format(args))
         return 2
     from gateway import transport
     from gateway.app import run
@@ -265,18 +349,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:  # a bypass transport execs here (same pid), once, before anything is printed
         transport.maybe_relaunch(cfg, sys.argv if argv is None else ["gateway", *argv])
     except ConfigError as exc:
-        print(f"gateway: error: {exc}", file=sys.stderr)
+        print_error(str(exc), cfg.log_format)
         return 2
     for path in args.api_key_file:
         warning = key_file_warning(path, "--api-key-file")
         if warning is not None:
-            print(f"gateway: warning: {warning}", file=sys.stderr)
+            print_error(warning, cfg.log_format, "warning")
 
     def print_connect_help(gw: Gateway) -> None:
         print(connect_help(cfg, gw.port), flush=True)
 
     # printed once listening, with the bound port (--port 0; a port in use prints nothing)
-    return run(cfg, on_listening=print_connect_help if args.print_connect_help else None)
+    # SIGHUP: the config file and key files read again, the same way (keys and limits apply)
+    return run(
+        cfg,
+        on_listening=print_connect_help if args.print_connect_help else None,
+        reload=lambda: config_from_args(args),
+    )
 
 
 def connect_help(cfg: Config, port: int) -> str:

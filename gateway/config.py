@@ -8,11 +8,14 @@ read here too. Errors about keys name the flag, file and line, never the key.
 
 from __future__ import annotations
 
+import difflib
+import json
+import math
 import os
 import stat
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -26,8 +29,11 @@ __all__ = [
     "StrobeConfig",
     "TransportConfig",
     "api_key_problem",
+    "dump_config",
     "key_file_warning",
     "load_config",
+    "masked",
+    "parse_config",
     "read_key_file",
     "resolve_probe_key",
     "validate",
@@ -41,42 +47,61 @@ class _Base(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     pass
 
 
+# Range checks live in the types (msgspec.Meta), so that the file, CLI overrides and a
+# reload all get the same message, naming the field: ``limits.max_symbols: Expected int >= 1``.
+#: a port number (0: the kernel picks one)
+Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
+#: at least one
+Count = Annotated[int, msgspec.Meta(ge=1)]
+#: zero or more (bytes, a rate, a burst)
+NonNegInt = Annotated[int, msgspec.Meta(ge=0)]
+NonNegFloat = Annotated[float, msgspec.Meta(ge=0)]
+#: a rate per second
+Rate = Annotated[float, msgspec.Meta(gt=0)]
+#: a positive number of seconds, at most a day (a timeout; inf is refused)
+Seconds = Annotated[float, msgspec.Meta(gt=0, le=86_400)]
+#: a grace period: zero or more seconds, at most a day
+Grace = Annotated[float, msgspec.Meta(ge=0, le=86_400)]
+
+
 class ApiKeyConfig(_Base):
     key: str
     #: datasets this key may use; ["*"] for every dataset
     datasets: list[str] = msgspec.field(default_factory=lambda: ["*"])
-    max_sessions: int = 10
+    max_sessions: Count = 10
     #: shown in logs instead of the key (default: the key's last 5 characters)
     name: str | None = None
 
 
 class LimitsConfig(_Base):
-    max_connections: int = 20_000
-    max_unauthenticated: int = 2_000
-    handshake_timeout_s: float = 30.0
+    max_connections: Count = 20_000
+    max_unauthenticated: Count = 2_000
+    handshake_timeout_s: Seconds = 30.0
     #: an authenticated session that has not sent start_session by then is ended
-    start_timeout_s: float = 120.0
-    max_line_bytes: int = 128 * 1024
-    max_subscriptions: int = 1_000
-    max_symbols: int = 100_000
-    control_rate_per_s: float = 100.0
-    control_burst: int = 2_000
-    per_ip_rate: float = 20.0
-    per_ip_burst: int = 200
+    start_timeout_s: Seconds = 120.0
+    #: at least 64 KiB: the official clients send 500-symbol lines
+    max_line_bytes: Annotated[int, msgspec.Meta(ge=64 * 1024)] = 128 * 1024
+    max_subscriptions: Count = 1_000
+    max_symbols: Count = 100_000
+    control_rate_per_s: Rate = 100.0
+    control_burst: Count = 2_000
+    #: new connections per second per source IP (0: no limit)
+    per_ip_rate: NonNegFloat = 20.0
+    per_ip_burst: NonNegInt = 200
     exempt_loopback: bool = True
 
 
 class SlowReaderConfig(_Base):
-    behind_bytes: int = 4 * 1024 * 1024
-    behind_age_s: float = 2.0
-    resume_bytes: int = 512 * 1024
-    warning_interval_s: float = 1.0
-    hard_cap_bytes: int = 32 * 1024 * 1024
-    write_high_water: int = 1024 * 1024
-    write_low_water: int = 256 * 1024
-    stall_timeout_s: float = 10.0
+    behind_bytes: NonNegInt = 4 * 1024 * 1024
+    behind_age_s: Grace = 2.0
+    resume_bytes: NonNegInt = 512 * 1024
+    warning_interval_s: Grace = 1.0
+    hard_cap_bytes: Count = 32 * 1024 * 1024
+    write_high_water: Count = 1024 * 1024
+    write_low_water: Count = 256 * 1024
+    stall_timeout_s: Seconds = 10.0
     #: a cut session has this long to read what it was sent before it is reset
-    cut_grace_s: float = 5.0
+    cut_grace_s: Grace = 5.0
 
 
 class TransportConfig(_Base):
@@ -112,27 +137,28 @@ class StrobeConfig(_Base):
     dataset: str | None = None
     symbol: str = "ALL_SYMBOLS"
     schema: str = "trades"
-    interval_s: float = 10.0
+    interval_s: Seconds = 10.0
     #: limit for each step of a strobe
-    timeout_s: float = 10.0
+    timeout_s: Seconds = 10.0
     #: SQLite uptime history (default: $XDG_STATE_HOME/gateway/probe.sqlite)
     history: str | None = None
 
 
 class Config(_Base):
     host: str = "127.0.0.1"
-    port: int = 13000
+    port: Port = 13000
     metrics_host: str = "127.0.0.1"
-    metrics_port: int | None = None
+    metrics_port: Port | None = None
     loop: Literal["auto", "uvloop", "asyncio"] = "auto"
     log_format: Literal["text", "json"] = "text"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
-    zstd_level: int = 1
+    zstd_level: Annotated[int, msgspec.Meta(ge=1, le=22)] = 1
     #: shared: one independent frame per chunk per fan-out group (the design);
     #: per_session: one streaming compressor per session (the naive baseline, for benchmarks)
     zstd_mode: Literal["shared", "per_session"] = "shared"
-    default_heartbeat_s: int = 30
-    shutdown_grace_s: float = 5.0
+    #: 5-30 s: the official clients assume 30
+    default_heartbeat_s: Annotated[int, msgspec.Meta(ge=5, le=30)] = 30
+    shutdown_grace_s: Grace = 5.0
     api_keys: list[ApiKeyConfig] = msgspec.field(default_factory=list)
     #: dataset -> feed URI
     feeds: dict[str, str] = msgspec.field(default_factory=dict)
@@ -140,19 +166,49 @@ class Config(_Base):
     slow_reader: SlowReaderConfig = msgspec.field(default_factory=SlowReaderConfig)
     transport: TransportConfig = msgspec.field(default_factory=TransportConfig)
     #: /readyz waits this long for a feed that is not connected (at start or after a drop)
-    feed_grace_s: float = 10.0
+    feed_grace_s: Grace = 10.0
     #: export per-API-key series (gateway_key_sessions{key_id}); off: labels stay bounded
     metrics_per_key: bool = False
     strobe: StrobeConfig = msgspec.field(default_factory=StrobeConfig)
 
 
+_UNKNOWN = "Object contains unknown field `"
+
+
+def _fields_at(path: str) -> tuple[str, ...]:
+    """The field names of the struct at ``path`` (``limits``, ``api_keys[0]``; "": the
+    top level), for "did you mean" hints."""
+    typ: Any = Config
+    for part in filter(None, path.split(".")):
+        name = part.split("[", 1)[0]
+        hints = {f.name: f.type for f in msgspec.structs.fields(typ)}
+        if name not in hints:
+            return ()
+        typ = hints[name]
+        if "[" in part:  # api_keys[0]: the element type of list[ApiKeyConfig]
+            args = getattr(typ, "__args__", ())
+            typ = args[0] if args else typ
+    try:
+        return tuple(f.name for f in msgspec.structs.fields(typ))
+    except TypeError:
+        return ()
+
+
 def _where(exc: msgspec.ValidationError) -> str:
+    """msgspec's message as ``field: what is wrong`` (``limits.max_symbols: Expected int
+    >= 1``; ``metric_port: unknown field (did you mean metrics_port?)``)."""
     text = str(exc)
-    msg, _, path = text.rpartition(" - at `$")
-    if not path:
-        return text
-    field = path.rstrip("`").lstrip(".")
-    return f"{field or 'config'}: {msg}"
+    msg, sep, path = text.rpartition(" - at `$")
+    if not sep:
+        msg, path = text, ""
+    path = path.rstrip("`").lstrip(".")
+    if msg.startswith(_UNKNOWN):
+        name = msg[len(_UNKNOWN) :].rstrip("`")
+        field = f"{path}.{name}" if path else name
+        close = difflib.get_close_matches(name, _fields_at(path), n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        return f"{field}: unknown field{hint}"
+    return f"{path or 'config'}: {msg.replace('`', '')}"
 
 
 def load_config(path: Path) -> Config:
@@ -160,12 +216,17 @@ def load_config(path: Path) -> Config:
         data = path.read_bytes()
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    return parse_config(data, str(path))
+
+
+def parse_config(data: bytes | str, where: str = "config") -> Config:
+    """A Config from TOML text; ConfigError prefixed with ``where`` and naming the field."""
     try:
         cfg = msgspec.toml.decode(data, type=Config)
     except msgspec.ValidationError as exc:
-        raise ConfigError(f"{path}: {_where(exc)}") from None
+        raise ConfigError(f"{where}: {_where(exc)}") from None
     except msgspec.DecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+        raise ConfigError(f"{where}: not valid TOML: {exc}") from None
     return cfg
 
 
@@ -256,16 +317,24 @@ def resolve_probe_key(
 
 
 def validate(cfg: Config) -> Config:
-    """Checks types cannot express; raises ConfigError naming the field."""
-    for name in ("port",):
-        if not 0 <= getattr(cfg, name) <= 65535:
-            raise ConfigError(f"{name}: must be 0-65535")
-    if cfg.metrics_port is not None and not 0 <= cfg.metrics_port <= 65535:
-        raise ConfigError("metrics_port: must be 0-65535")
-    if not 1 <= cfg.zstd_level <= 22:
-        raise ConfigError("zstd_level: must be 1-22")
-    if not 5 <= cfg.default_heartbeat_s <= 30:
-        raise ConfigError("default_heartbeat_s: must be 5-30 (clients assume 30)")
+    """Checks types cannot express; raises ConfigError naming the field.
+
+    The range checks (``msgspec.Meta`` in the types) run again here, so that values set
+    after decoding (CLI overrides) are held to them too, with the same message.
+    """
+    tr = cfg.transport
+    # Socket options come mostly from flags: messages that say what omitting them means.
+    for name in ("sndbuf", "rcvbuf"):
+        if getattr(tr, name) is not None and getattr(tr, name) <= 0:
+            raise ConfigError(f"transport.{name}: must be > 0 bytes (omit it for the default)")
+    if tr.busy_poll_us is not None and tr.busy_poll_us < 0:
+        raise ConfigError("transport.busy_poll_us: must be >= 0 (0 or omitted: off)")
+    if tr.cpu_affinity is not None and (not tr.cpu_affinity or min(tr.cpu_affinity) < 0):
+        raise ConfigError("transport.cpu_affinity: expected CPU numbers such as [2] or [2, 3]")
+    try:
+        msgspec.convert(msgspec.to_builtins(cfg), type=Config)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(_where(exc)) from None
     seen: set[str] = set()
     for i, k in enumerate(cfg.api_keys):
         if api_key_problem(k.key) is not None:
@@ -276,50 +345,16 @@ def validate(cfg: Config) -> Config:
         if k.key in seen:
             raise ConfigError(f"api_keys[{i}].key: duplicate key")
         seen.add(k.key)
-        if k.max_sessions < 1:
-            raise ConfigError(f"api_keys[{i}].max_sessions: must be >= 1")
-    lim = cfg.limits
-    if lim.max_line_bytes < 64 * 1024:
-        raise ConfigError(
-            "limits.max_line_bytes: must be at least 65536 (clients send 500-symbol lines)"
-        )
-    for name in (
-        "max_connections",
-        "max_unauthenticated",
-        "max_subscriptions",
-        "max_symbols",
-        "control_burst",
-    ):
-        if getattr(lim, name) < 1:
-            raise ConfigError(f"limits.{name}: must be >= 1")
-    if lim.handshake_timeout_s <= 0 or lim.control_rate_per_s <= 0:
-        raise ConfigError("limits: handshake_timeout_s and control_rate_per_s must be > 0")
-    if not 0 < lim.start_timeout_s < float("inf"):
-        raise ConfigError("limits.start_timeout_s: must be a positive number of seconds")
     sr = cfg.slow_reader
-    if not 0 < sr.write_low_water <= sr.write_high_water <= sr.hard_cap_bytes:
-        raise ConfigError(
-            "slow_reader: need 0 < write_low_water <= write_high_water <= hard_cap_bytes"
-        )
+    if not sr.write_low_water <= sr.write_high_water <= sr.hard_cap_bytes:
+        raise ConfigError("slow_reader: need write_low_water <= write_high_water <= hard_cap_bytes")
     if not sr.resume_bytes <= sr.behind_bytes <= sr.hard_cap_bytes:
         raise ConfigError("slow_reader: need resume_bytes <= behind_bytes <= hard_cap_bytes")
-    tr = cfg.transport
-    for name in ("sndbuf", "rcvbuf"):
-        if getattr(tr, name) is not None and getattr(tr, name) <= 0:
-            raise ConfigError(f"transport.{name}: must be > 0 bytes (omit it for the default)")
-    if tr.busy_poll_us is not None and tr.busy_poll_us < 0:
-        raise ConfigError("transport.busy_poll_us: must be >= 0 (0 or omitted: off)")
-    if tr.cpu_affinity is not None and (not tr.cpu_affinity or min(tr.cpu_affinity) < 0):
-        raise ConfigError("transport.cpu_affinity: expected CPU numbers such as [2] or [2, 3]")
     from gateway.feeds import parse_feed_uri
 
     for dataset, uri in cfg.feeds.items():
         parse_feed_uri(dataset, uri)
-    if cfg.feed_grace_s < 0:
-        raise ConfigError("feed_grace_s: must be >= 0")
     st = cfg.strobe
-    if st.interval_s <= 0 or st.timeout_s <= 0:
-        raise ConfigError("strobe: interval_s and timeout_s must be > 0")
     if st.enabled:
         from gateway.dbn import SCHEMAS
 
@@ -330,3 +365,70 @@ def validate(cfg: Config) -> Config:
         if st.dataset is not None and st.dataset not in cfg.feeds:
             raise ConfigError(f"strobe.dataset: {st.dataset!r} is not one of the feeds")
     return cfg
+
+
+#: shown instead of a key's first 27 characters by ``dump_config``
+MASK = "*" * 27
+
+
+def _mask(key: str) -> str:
+    return MASK + key[-5:] if len(key) >= 5 else MASK
+
+
+def masked(cfg: Config) -> dict[str, Any]:
+    """The config as plain data with every API key masked (its last 5 characters kept:
+    they name it in the logs as ``key-XXXXX``)."""
+    doc: dict[str, Any] = msgspec.to_builtins(cfg)
+    for entry in doc.get("api_keys", []):
+        entry["key"] = _mask(entry["key"])
+    strobe = doc.get("strobe", {})
+    if strobe.get("key") is not None:
+        strobe["key"] = _mask(strobe["key"])
+    return doc
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        return repr(value) if math.isfinite(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a TOML basic string
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {type(value).__name__} as TOML")
+
+
+def _toml_key(key: str) -> str:
+    bare = key.replace("_", "").replace("-", "").isalnum() and key.isascii()
+    return key if bare else json.dumps(key)
+
+
+def _toml_table(doc: dict[str, Any]) -> list[str]:
+    return [
+        f"{_toml_key(k)} = {_toml_value(v)}"
+        for k, v in doc.items()
+        if v is not None
+        and not isinstance(v, dict)
+        and not (isinstance(v, list) and v and isinstance(v[0], dict))
+    ]
+
+
+def dump_config(cfg: Config, fmt: Literal["toml", "json"] = "toml") -> str:
+    """The effective config (defaults filled in, keys masked) as TOML or JSON. Unset
+    optional fields are left out of the TOML (it has no null)."""
+    doc = masked(cfg)
+    if fmt == "json":
+        return json.dumps(doc, indent=2) + "\n"
+    lines = _toml_table(doc)
+    for name, value in doc.items():
+        if isinstance(value, dict):
+            lines += ["", f"[{name}]", *_toml_table(value)]
+        elif isinstance(value, list) and value and isinstance(value[0], dict):
+            for item in value:
+                lines += ["", f"[[{name}]]", *_toml_table(item)]
+    return "\n".join(lines) + "\n"

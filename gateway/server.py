@@ -545,6 +545,29 @@ class ClientConnection(asyncio.Protocol):
         # start_session (the official clients raise the reason only once started).
         self._linger(fin_now=streaming or self.key is None)
 
+    def revoke(self, text: str, reason: str) -> None:
+        """A reload took this session's key (or its dataset) away: an ErrorMsg (code 2,
+        ``API_KEY_DEACTIVATED``) after what is queued for it -- a session still subscribing
+        gets the Metadata header first -- then a lingering close. ``reason`` is for the
+        log and the disconnect metric."""
+        if self.closing or self.key is None:
+            return
+        self.end_reason = reason
+        streaming = self.metadata_sent
+        head = b"" if self.metadata_sent else self._metadata()
+        self.metadata_sent = True
+        self._write_control(
+            head, [dbn.encode_error(time.time_ns(), text, ErrorCode.API_KEY_DEACTIVATED)]
+        )
+        log.info(
+            "session revoked session_id=%d peer=%s key_id=%s reason=%s",
+            self.session_id,
+            self.peer,
+            self.key.key_id,
+            reason,
+        )
+        self._linger(fin_now=streaming)
+
     def close(self) -> None:
         """A lingering close, after a fatal error (ErrorMsg or ``success=0|error=``).
 

@@ -115,7 +115,7 @@ def test_connect_help_is_printed_by_the_listening_hook(
     """Nothing is printed before the gateway listens; the hook prints the bound port."""
     seen: dict[str, Any] = {}
 
-    def fake_run(cfg: Any, on_listening: Any = None) -> int:
+    def fake_run(cfg: Any, on_listening: Any = None, reload: Any = None) -> int:
         seen["printed_before"] = capsys.readouterr().out
         seen["hook"] = on_listening
         return 0
