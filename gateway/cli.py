@@ -209,20 +209,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def print_error(text: str, fmt: str = "text", level: str = "error") -> None:
+def print_error(text: str, fmt: str = "text", level: str = "error", prog: str = "gateway") -> None:
     """A fatal error or a warning on stderr: ``gateway: error: ...``, or one JSON line
     (``--log-format json``: every stderr line is JSON)."""
     if fmt == "json":
         doc = {
             "ts": round(time.time(), 6),
             "level": level,
-            "logger": "gateway",
+            "logger": prog.replace(" ", "."),
             "msg": text,
             "event": "fatal" if level == "error" else level,
         }
         line = json.dumps(doc)
     else:
-        line = f"gateway: {level}: {text}"
+        line = f"{prog}: {level}: {text}"
     print(line, file=sys.stderr, flush=True)
 
 
@@ -331,7 +331,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             return run_probe(args)
         except GatewayError as exc:
-            print(f"gateway probe: error: {exc}", file=sys.stderr)
+            print_error(str(exc), getattr(args, "log_format", "text"), prog="gateway probe")
             return 2
     if args.command == "check-config":
         return check_config(args.file, args.format)

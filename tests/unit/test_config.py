@@ -194,3 +194,22 @@ def test_reload_diff_names_only_the_fields_that_need_a_restart() -> None:
     )
     changed = app._changed_fields(old, new, skip=("api_keys", "limits"))
     assert changed == ["transport.sndbuf", "zstd_level"]
+
+
+def test_probe_fatal_error_is_json_in_json_mode(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    missing = tmp_path / "no-such-key-file"
+    res = subprocess.run(
+        [sys.executable, "-m", "gateway", "probe", "--dataset", "X", "--once"]
+        + ["--log-format", "json", "--key-file", str(missing)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    assert res.returncode == 2
+    lines = res.stderr.splitlines()
+    assert lines and all(json.loads(line)["level"] for line in lines), res.stderr
+    assert "--key-file" in json.loads(lines[-1])["msg"]
