@@ -6,9 +6,11 @@ configured not to drop: NATS with a 1 GB ``max_pending`` and a long write deadli
 with ``client-output-buffer-limit pubsub 0 0 0`` and no persistence; ZeroMQ needs no
 server (the publisher's XPUB socket is it) and the raw limit is the raw sender itself.
 
-``ensure_peers`` finds ``nats-server`` and ``redis-server``; when they are missing and the
-harness runs as root it installs the Debian packages with apt-get, else the peer is
-skipped with the reason recorded for the results table.
+``ensure_peers`` finds ``nats-server`` and ``redis-server``. ``make test-deps`` installs
+them (as root, from Debian's registry) for ``make test`` and ``make bench-quick``, which never
+install anything themselves: a missing peer is skipped with the reason recorded for the results
+table. Only a full ``make bench`` (without ``--no-install``), run as root, apt-gets a missing
+peer itself.
 """
 
 from __future__ import annotations
@@ -97,10 +99,11 @@ def ensure_peers(wanted: list[str], install: bool, log: IO[str]) -> dict[str, Pe
             path = _which(PEER_BINARIES[peer])
             if not path:
                 why = (
-                    "not installed (run as root to let the harness apt-get it, or "
-                    f"apt-get install {APT_PACKAGES[peer]})"
+                    f"{PEER_BINARIES[peer]} is not installed (run the full bench as root to let "
+                    f"it apt-get {APT_PACKAGES[peer]}, or `make test-deps` as root)"
                     if install
-                    else "not installed (quick mode does not install peers)"
+                    else f"{PEER_BINARIES[peer]} is not installed (`make test-deps` as root "
+                    f"installs it: Debian package {APT_PACKAGES[peer]}); this run installs nothing"
                 )
                 status[peer] = PeerStatus(peer, False, reason=why)
                 continue
