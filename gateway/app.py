@@ -473,6 +473,12 @@ class Gateway:
         if self.server is not None:  # start() fits it otherwise
             self._fit_connections_under_fd_limit()
         old.api_keys, old.limits = new.api_keys, new.limits
+        strobe = self.strobe
+        if strobe is not None and new.api_keys:
+            # The strobe logs in as strobe.key or the first key: follow the reloaded list.
+            strobe_key = old.strobe.key or new.api_keys[0].key
+            if strobe_key != strobe.target.key:
+                strobe.target = dataclasses.replace(strobe.target, key=strobe_key)
         log.info(
             "config reloaded keys=%d added=%d revoked=%d sessions_ended=%d",
             len(new.api_keys),

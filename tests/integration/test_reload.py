@@ -210,3 +210,36 @@ def test_changes_other_than_keys_and_limits_are_logged_as_needing_a_restart(
     _, records = split_records(_stream_to_eof(c))
     c.close()
     assert any("at most 7" in text for _, text in error_texts(records)), error_texts(records)
+
+
+def test_the_strobe_follows_a_reload_that_revokes_its_key(tmp_path: Path) -> None:
+    """``serve --strobe`` logs in with the first key; revoked, it moves to the new first key
+    instead of failing until a restart."""
+    from tests.integration.helpers import metric, metric_samples
+
+    gw = start_gateway(
+        "--metrics-port",
+        "0",
+        "--strobe",
+        "--strobe-interval",
+        "0.2",
+        "--strobe-history",
+        str(tmp_path / "probe.sqlite"),
+        feeds=FEEDS,
+        keys=[KEY, OTHER_KEY],
+    )
+
+    def count(result: str) -> float:
+        return metric(metric_samples(gw.metrics_port), "gateway_probe_strobes_total", result=result)
+
+    try:
+        _poll(lambda: count("success") >= 1, "a first successful strobe")
+        _reload(gw, _keys((OTHER_KEY, "")), "config reloaded")
+        after = count("success")
+        _poll(lambda: count("success") >= after + 3, "strobes succeeding after the reload")
+        assert count("failure") == 0, gw.log()[-3000:]
+    finally:
+        rc = gw.stop()
+        tail = gw.log()[-4000:]
+        gw.cleanup()
+    assert rc == 0, tail
