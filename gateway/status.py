@@ -684,16 +684,18 @@ def _spark(series: list[list[float]]) -> str:
             f"{x(p[0]):.1f},{height - 2 - p[i] / top * (height - 6):.1f}" for p in series
         )
 
-    ticks = _ticks(t0, t1)
+    # round times inside the chart, and both ends (a round time close to an end gives way)
+    ticks = [t for t in _ticks(t0, t1) if 0.1 * span <= t - t0 <= 0.9 * span]
+    ticks = [t0, *ticks, t1]
     grid = "".join(
         f'<line class="tick" x1="{x(t):.1f}" x2="{x(t):.1f}" y1="0" y2="{height:.0f}"/>'
-        for t in ticks
+        for t in ticks[1:-1]
     )
     labels = []
     for t in ticks:
         pct = (t - t0) / span * 100
-        # keep the labels at the ends inside the chart's box
-        align = " start" if pct < 8 else " end" if pct > 92 else ""
+        # the labels at the ends stay inside the chart's box
+        align = " start" if t == t0 else " end" if t == t1 else ""
         labels.append(
             f'<span class="tl{align}" style="left:{pct:.2f}%">'
             f"{_e(time.strftime('%H:%M:%S', time.gmtime(t)))}</span>"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import signal
 import socket
 import sqlite3
@@ -327,13 +328,27 @@ async def test_cli_once_success_failure_and_history_survive_restarts(tmp_path: P
                 *_probe_cmd(lying, "--once", "--timeout", "2", "--history", str(history))
             )
         assert rc == 1 and "probe failed at step auth" in out and "Authentication failed" in out
+        # the live gateway refusing a key: a failure of the same target as the first two
+        rc, out, err = await _run_cli(
+            *_probe_cmd(gw.port, "--once", "--history", str(history), key=OTHER_KEY)
+        )
+        assert rc == 1 and "probe failed at step auth" in out, (out, err)
 
-        # Four results so far, kept in the file by four processes (read it without our code).
+        # Five results so far, kept in the file by five processes (read it without our code).
         with contextlib.closing(sqlite3.connect(history)) as db:
-            rows = db.execute("SELECT ok, step FROM strobes ORDER BY ts").fetchall()
-        assert rows == [(1, "ok"), (1, "ok"), (0, "connect"), (0, "auth")]
+            rows = db.execute("SELECT ok, step, target FROM strobes ORDER BY ts").fetchall()
+        own = f"127.0.0.1:{gw.port}/DEMO.SYNTH"
+        assert [r[:2] for r in rows] == [
+            (1, "ok"),
+            (1, "ok"),
+            (0, "connect"),
+            (0, "auth"),
+            (0, "auth"),
+        ]
+        assert [r[2] == own for r in rows] == [True, True, False, False, True]
 
-        # A long-running probe started later reports uptime over all of them.
+        # A long-running probe started later reports uptime over its target's strobes (the
+        # three above and its own), not over the stopped and the lying gateways'.
         proc = await asyncio.create_subprocess_exec(
             *_probe_cmd(
                 gw.port, "--interval", "3600", "--metrics-port", "0", "--history", str(history)
@@ -349,18 +364,20 @@ async def test_cli_once_success_failure_and_history_survive_restarts(tmp_path: P
             mport = int(line.strip().split("=")[1])
             status = await _wait_status(mport, lambda s: s["probe"]["last"] is not None)
             probe = status["probe"]
-            assert probe["strobes_total"] == 5
-            assert probe["uptime"]["1h"] == {"ratio": 0.6, "strobes": 5, "failures": 2}
-            assert probe["uptime"]["30d"] == {"ratio": 0.6, "strobes": 5, "failures": 2}
-            assert probe["failures_by_step_24h"] == {"auth": 1, "connect": 1}
+            assert probe["strobes_total"] == 4
+            assert probe["uptime"]["1h"] == {"ratio": 0.75, "strobes": 4, "failures": 1}
+            assert probe["uptime"]["30d"] == {"ratio": 0.75, "strobes": 4, "failures": 1}
+            assert probe["failures_by_step_24h"] == {"auth": 1}
+            assert probe["other_targets"] == {"targets": 2, "strobes": 2}
+            assert [r["target"] for r in probe["recent"]] == [own] * 4
             assert status["state"] == "degraded"  # last strobe fine, failures this hour
             m = await asyncio.to_thread(metric_samples, mport)
-            assert metric(m, "gateway_probe_uptime_ratio", window="24h") == pytest.approx(0.6)
+            assert metric(m, "gateway_probe_uptime_ratio", window="24h") == pytest.approx(0.75)
             assert metric(m, "gateway_probe_up") == 1
             assert metric(m, "gateway_probe_strobes_total", result="success") == 1
             assert metric(m, "gateway_probe_latency_seconds_count", step="first_record") == 1
             code, page = await asyncio.to_thread(http_get, mport, "/status")
-            assert code == 200 and "60.00%" in page and "Gateway probe status" in page
+            assert code == 200 and "75.00%" in page and "Gateway probe status" in page
         finally:
             if proc.returncode is None:
                 proc.send_signal(signal.SIGTERM)
@@ -392,7 +409,9 @@ async def test_cli_rejects_bad_arguments() -> None:
 
 async def test_strobe_inside_the_gateway_and_its_history_across_restarts(tmp_path: Path) -> None:
     history = tmp_path / "strobe.sqlite"
-    args = ("--metrics-port", "0", "--strobe", "--strobe-history", str(history))
+    # the same port both times: the history is kept per target (host:port/dataset)
+    port = str(_free_port())
+    args = ("--port", port, "--metrics-port", "0", "--strobe", "--strobe-history", str(history))
     with gateway(*args, "--strobe-interval", "0.2", feeds=SYNTH) as gw:
         data = await _wait_status(
             gw.metrics_port, lambda s: (s["probe"]["uptime"]["1h"]["strobes"] or 0) >= 3
@@ -418,3 +437,53 @@ async def test_strobe_inside_the_gateway_and_its_history_across_restarts(tmp_pat
             "strobes": kept + 1,
             "failures": 0,
         }
+
+
+async def test_a_new_gateway_shows_only_its_own_strobes(tmp_path: Path) -> None:
+    """The report: "Degraded, 57.14 %, connect: 3" on a 35-second-old gateway whose own
+    strobes all passed, because its history file held another target's failures."""
+    history = tmp_path / "strobe.sqlite"
+    stopped = _free_port()
+    for _ in range(3):  # a probe of something else, earlier, into the same file
+        rc, out, err = await _run_cli(*_probe_cmd(stopped, "--once", "--history", str(history)))
+        assert rc == 1 and "probe failed at step connect" in out, (out, err)
+    args = ("--metrics-port", "0", "--strobe", "--strobe-history", str(history))
+    with gateway(*args, "--strobe-interval", "0.3", feeds=SYNTH) as gw:
+        data = await _wait_status(
+            gw.metrics_port,
+            lambda s: (
+                s["probe"]["uptime"]["1h"]["strobes"] >= 4 and len(s["throughput"]["series"]) >= 3
+            ),
+            timeout=30,
+        )
+        code, page = await asyncio.to_thread(http_get, gw.metrics_port, "/status")
+        m = await asyncio.to_thread(metric_samples, gw.metrics_port)
+    probe = data["probe"]
+    assert data["state"] == "operational", data["reasons"]
+    strobes = probe["uptime"]["1h"]["strobes"]
+    for window in ("1h", "24h", "7d", "30d"):
+        assert probe["uptime"][window] == {"ratio": 1.0, "strobes": strobes, "failures": 0}
+    assert probe["failures_by_step_24h"] == {}
+    assert probe["strobes_total"] == strobes
+    assert probe["other_targets"] == {"targets": 1, "strobes": 3}
+    assert {r["target"] for r in probe["recent"]} == {f"127.0.0.1:{gw.port}/DEMO.SYNTH"}
+    assert metric(m, "gateway_probe_uptime_ratio", window="24h") == 1.0
+    # the windows are far longer than the data, and say so
+    covers = probe["window_covers_s"]
+    assert 0 < covers["1h"] == covers["30d"] < 60, covers
+    assert probe["latency_samples"]["1h"]["total"] == strobes
+    # the throughput series is on the wall clock (as the page's time axis)
+    assert abs(data["throughput"]["series"][-1][0] - data["generated_at"]) < 5
+
+    assert code == 200
+    assert "Operational" in page and "connect: 3" not in page and "100.00%" in page
+    assert page.count("(data covers ") >= 4
+    assert "also holds 3 strobe(s) of 1 other target(s)" in page
+    assert len(re.findall(r'data-samples="total">\d+<', page)) == 2
+    # the page was read a little later than the JSON: it may show a strobe or two more
+    squares = re.findall(
+        r'<span class="s-(ok|bad)"[^>]*title="(\d{4}-\d\d-\d\d [\d:]{8}) UTC: ', page
+    )
+    assert 4 <= len(squares) <= 20 and {ok for ok, _ in squares} == {"ok"}, squares
+    axis = page.split('<div class="axis"', 1)[1].split("</div>", 1)[0]
+    assert re.findall(r">(\d\d:\d\d:\d\d)<", axis), axis

@@ -271,7 +271,7 @@ def test_sparkline_has_a_time_axis() -> None:
         "100.00",
     ]
     svg = page.split('<svg class="spark"', 1)[1].split("</svg>", 1)[0]
-    assert svg.count('class="tick"') == 6
+    assert svg.count('class="tick"') == 4  # grid lines inside the chart, not at its ends
     assert "07:55:00 to 08:00:00 UTC (5 min)" in _text(page)
     # a short series: ticks every 5 s, never more than seven labels
     short = [[NOW - 20 + k, 1.0, 1.0] for k in range(21)]
@@ -283,4 +283,12 @@ def test_sparkline_has_a_time_axis() -> None:
         "07:59:50",
         "07:59:55",
         "08:00:00",
+    ]
+    # a few seconds (a gateway just started): no round time inside, the ends are labelled
+    brief = [[NOW - 3.4 + k, 1.0, 1.0] for k in range(4)]
+    tp = {"windows": {"1m": None, "5m": None, "15m": None}, "series": brief}
+    axis = _page(_young_probe(), throughput=tp).split('<div class="axis"', 1)[1]
+    assert re.findall(r">(\d\d:\d\d:\d\d)<", axis.split("</div>", 1)[0]) == [
+        "07:59:56",
+        "07:59:59",
     ]
