@@ -237,7 +237,8 @@ def test_the_strobe_follows_a_reload_that_revokes_its_key(tmp_path: Path) -> Non
         _reload(gw, _keys((OTHER_KEY, "")), "config reloaded")
         after = count("success")
         _poll(lambda: count("success") >= after + 3, "strobes succeeding after the reload")
-        assert count("failure") == 0, gw.log()[-3000:]
+        # at most the one strobe in flight at the reload, whose session was ended
+        assert count("failure") <= 1, gw.log()[-3000:]
     finally:
         rc = gw.stop()
         tail = gw.log()[-4000:]
