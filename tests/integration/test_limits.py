@@ -190,7 +190,7 @@ def test_unknown_config_field_is_named() -> None:
     )
     path.unlink()
     assert out.returncode == 2
-    assert "limits: Object contains unknown field `max_symbol`" in out.stderr
+    assert "limits.max_symbol: unknown field (did you mean max_symbols?)" in out.stderr
 
 
 def test_socket_is_closed_cleanly_after_an_error() -> None:
