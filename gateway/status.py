@@ -417,6 +417,8 @@ text-align:right}
 table.stack td::before{content:attr(data-label);color:var(--muted);text-align:left;
 font-size:.85rem}
 table.stack td.num{text-align:right}
+.cols th,.cols td{padding:5px 4px}.cols td.num{white-space:nowrap}
+.axis .tl.mid{display:none}
 }
 """
 
@@ -515,10 +517,11 @@ def _uptime_section(probe: dict[str, Any]) -> str:
 
 
 def _covers_note(window_s: float, strobes: int, covers_s: float | None) -> str:
-    """ " (data covers 35 s)" when the target's data is shorter than the window."""
+    """The note "(data covers 35 s)" when the target's data is shorter than the window."""
     if not strobes or covers_s is None or covers_s >= window_s * 0.999:
         return ""
-    return f' <span class="covers">(data covers {_e(_duration(covers_s))})</span>'
+    span = f"{covers_s:.0f} s" if 10 <= covers_s < 120 else _duration(covers_s)
+    return f' <span class="covers">(data covers {_e(span)})</span>'
 
 
 def _clock(ts: float, date: bool = False) -> str:
@@ -685,7 +688,7 @@ def _spark(series: list[list[float]]) -> str:
         )
 
     # round times inside the chart, and both ends (a round time close to an end gives way)
-    ticks = [t for t in _ticks(t0, t1) if 0.1 * span <= t - t0 <= 0.9 * span]
+    ticks = [t for t in _ticks(t0, t1, most=5) if 0.12 * span <= t - t0 <= 0.88 * span]
     ticks = [t0, *ticks, t1]
     grid = "".join(
         f'<line class="tick" x1="{x(t):.1f}" x2="{x(t):.1f}" y1="0" y2="{height:.0f}"/>'
@@ -695,7 +698,7 @@ def _spark(series: list[list[float]]) -> str:
     for t in ticks:
         pct = (t - t0) / span * 100
         # the labels at the ends stay inside the chart's box
-        align = " start" if t == t0 else " end" if t == t1 else ""
+        align = " start" if t == t0 else " end" if t == t1 else " mid"
         labels.append(
             f'<span class="tl{align}" style="left:{pct:.2f}%">'
             f"{_e(time.strftime('%H:%M:%S', time.gmtime(t)))}</span>"
