@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
+import inspect
 import os
 import re
 import signal
@@ -13,10 +15,10 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from tests.conftest import DBN_SAMPLES, TEST_LOOP
 
@@ -340,3 +342,61 @@ def metric(
         if n == name and all(d.get(k) == val for k, val in labels.items()):
             total += v
     return total
+
+
+# --- waiting for a condition ----------------------------------------------------------------
+
+_T = TypeVar("_T")
+
+
+def _poll_failed(what: str, predicate: Any, timeout: float, last: Any) -> AssertionError:
+    name = what or getattr(predicate, "__qualname__", repr(predicate))
+    return AssertionError(f"timed out after {timeout:g} s waiting for {name}; last value: {last!r}")
+
+
+def poll_until(
+    predicate: Callable[[], _T], timeout: float = 15.0, interval: float = 0.02, what: str = ""
+) -> _T:
+    """Call ``predicate`` until it returns something truthy and return that; AssertionError
+    naming ``what`` (and the last value) after ``timeout`` s. The one wait loop of the suite:
+    tests poll for the condition they need instead of sleeping a fixed time."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise _poll_failed(what, predicate, timeout, value)
+        time.sleep(interval)
+
+
+async def apoll_until(
+    predicate: Callable[[], _T | Awaitable[_T]],
+    timeout: float = 15.0,
+    interval: float = 0.02,
+    what: str = "",
+) -> _T:
+    """poll_until for a test running on the event loop: waits with ``asyncio.sleep`` so the
+    test's own clients keep running. ``predicate`` may return an awaitable (a coroutine, or
+    ``asyncio.to_thread(...)`` for blocking work such as an HTTP scrape of a busy gateway)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        value = await result if inspect.isawaitable(result) else result
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise _poll_failed(what, predicate, timeout, value)
+        await asyncio.sleep(interval)
+
+
+def metric_at_least(
+    port: int, name: str, want: float, timeout: float = 15.0, **labels: str
+) -> float:
+    """Poll /metrics until ``name`` (summed over ``labels``) reaches ``want``; its value."""
+
+    def reached() -> tuple[float] | None:
+        value = metric(metric_samples(port), name, **labels)
+        return (value,) if value >= want else None
+
+    return poll_until(reached, timeout, 0.05, f"{name}{labels or ''} >= {want}")[0]

@@ -13,7 +13,14 @@ import numpy as np
 from gateway.client import LiveClient
 from gateway.dbn import GATEWAY_RTYPES, encode_publisher_metadata
 from gateway.feeds.synthetic import SyntheticGenerator, SyntheticOptions
-from tests.integration.helpers import KEY, error_texts, gateway, metric, metric_samples
+from tests.integration.helpers import (
+    KEY,
+    apoll_until,
+    error_texts,
+    gateway,
+    metric,
+    metric_samples,
+)
 
 SESSIONS = 20
 GATEWAY_RECORD_TYPES = np.array(sorted(GATEWAY_RTYPES), dtype=np.uint8)
@@ -104,15 +111,6 @@ async def _connect_all(port: int, dataset: str) -> list[LiveClient]:
     return clients
 
 
-async def _wait(predicate, timeout: float) -> bool:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        await asyncio.sleep(0.05)
-    return False
-
-
 CONFIG = """
 [slow_reader]
 stall_timeout_s = 2.0
@@ -145,12 +143,18 @@ async def _lossless_scenario(gw, clients, symbols, first, second) -> None:  # ty
     )
     pub.start()
     everyone = [*readers, slow]
-    assert await _wait(lambda: all(len(r.data) >= len(first) for r in everyone), 90)
+    await apoll_until(lambda: all(len(r.data) >= len(first) for r in everyone), 90)
     assert all(bytes(r.data) == first for r in everyone)  # every record, in order
     assert pub.blocked > 0  # the publisher's writes blocked: TCP slowed it
-    await asyncio.sleep(0.6)  # metrics are exported every 0.5 s
-    m = metric_samples(gw.metrics_port)
-    assert metric(m, "gateway_feed_pauses_total", dataset="L.FEED") > 0
+    # feed metrics are exported on the gateway's tick: wait for the pauses to show
+    m = await apoll_until(
+        lambda: (
+            (m := metric_samples(gw.metrics_port))
+            and metric(m, "gateway_feed_pauses_total", dataset="L.FEED") > 0
+            and m
+        ),
+        what="gateway_feed_pauses_total > 0",
+    )
     assert metric(m, "gateway_records_skipped_total") == 0
     # No slow-reader warning (SystemMsg code 2) and no ErrorMsg (skip notice) to anyone.
     for r in everyone:
@@ -170,12 +174,12 @@ async def _lossless_scenario(gw, clients, symbols, first, second) -> None:  # ty
             cut = True
             break
     assert cut, "the stalled session was never disconnected"
-    assert await _wait(lambda: all(len(r.data) >= total for r in readers), 90)
+    await apoll_until(lambda: all(len(r.data) >= total for r in readers), 90)
     for r in readers:
         assert len(r.data) == total and bytes(r.data[: len(first)]) == first
         assert not error_texts(r.gateway_records)
     slow.reading.set()
-    assert await _wait(lambda: slow.ended, 30)
+    await apoll_until(lambda: slow.ended, 30)
     errors = error_texts(slow.gateway_records)
     assert errors and "stalled a lossless feed for more than 2 s" in errors[-1][1]
     pub.sock.close()
@@ -203,13 +207,30 @@ async def _default_scenario(gw, clients, symbols, first) -> None:  # type: ignor
         rate=4e6,
     )
     pub.start()
-    assert await _wait(lambda: all(len(r.data) >= len(first) for r in readers), 90)
+    await apoll_until(lambda: all(len(r.data) >= len(first) for r in readers), 90)
     assert all(bytes(r.data) == first for r in readers)
-    await asyncio.sleep(0.6)  # metrics are exported every 0.5 s
-    m = metric_samples(gw.metrics_port)
+    # feed metrics are exported on the gateway's tick: once the export counts every record
+    # in, it has also counted any pause
+    n_records = len(first) // 80
+    m = await apoll_until(
+        lambda: (
+            (m := metric_samples(gw.metrics_port))
+            and metric(m, "gateway_feed_records_in_total", dataset="D.FEED") >= n_records
+            and m
+        ),
+        what=f"gateway_feed_records_in_total >= {n_records}",
+    )
     assert metric(m, "gateway_feed_pauses_total", dataset="D.FEED") == 0  # never slowed
     stalled.reading.set()
-    await asyncio.sleep(1.5)  # let it catch up and be told what it missed
+
+    def caught_up() -> bool:
+        # every record either reached the stalled reader or was skipped, and it was told
+        skipped = metric(metric_samples(gw.metrics_port), "gateway_records_skipped_total")
+        return bool(
+            error_texts(stalled.gateway_records) and len(stalled.data) + skipped * 80 == len(first)
+        )
+
+    await apoll_until(caught_up, 30, 0.05, what="the stalled reader caught up and told")
     got = len(stalled.data)
     notices = error_texts(stalled.gateway_records)
     skipped = metric(metric_samples(gw.metrics_port), "gateway_records_skipped_total")
