@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gateway import __version__
-from gateway.aio import cancel_and_wait
 from gateway.client import LiveClient
 from gateway.config import key_file_warning, resolve_probe_key
 from gateway.dbn import GATEWAY_RTYPES, KNOWN_RTYPES, RTYPE_ERROR, SCHEMAS, ErrorCode
@@ -223,6 +222,7 @@ class Prober:
         self.summary = HistorySummary()
         self.last: StrobeRecord | None = None
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
 
     async def load(self) -> None:
         """Read the figures the history already holds (before the first strobe)."""
@@ -252,14 +252,25 @@ class Prober:
         return self._task
 
     async def stop(self) -> None:
-        await cancel_and_wait(self._task)
+        # Python 3.11's wait_for can swallow a cancellation that lands as the awaited step
+        # completes (the strobe then went on for ever and SIGTERM never ended the gateway):
+        # the loop also checks a flag, and the cancel is repeated until the task is done.
+        self._stopping = True
+        task = self._task
+        for _ in range(100):
+            if task is None or task.done():
+                break
+            task.cancel()
+            await asyncio.wait({task}, timeout=0.1)
+        if task is not None and task.done() and not task.cancelled():
+            task.exception()  # retrieved: a stopped strobe's error is not news
         self._task = None
         await asyncio.to_thread(self.history.close)
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         due = loop.time()
-        while True:
+        while not self._stopping:
             try:
                 await self.run_once()
             except Exception:  # pragma: no cover - a bug must not stop the probe
