@@ -34,7 +34,12 @@ test-deps:
 ## make test: install and run the whole suite, once on uvloop and once on the stdlib loop
 test: $(STAMP) test-deps
 	GATEWAY_TEST_LOOP=uvloop $(PY) -m pytest -q -p no:cacheprovider
-	GATEWAY_TEST_LOOP=asyncio $(PY) -m pytest -q -p no:cacheprovider tests/unit tests/integration
+	GATEWAY_TEST_LOOP=asyncio $(PY) -m pytest -q -p no:cacheprovider -m "not slow_e2e" tests/unit tests/integration
+
+## make test-fast: the unit tests without the slow ones (seconds; no gateway process, no tools)
+.PHONY: test-fast
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider -m "not slow_e2e" tests/unit
 
 test-uvloop: $(STAMP)
 	GATEWAY_TEST_LOOP=uvloop $(PY) -m pytest -q

@@ -236,6 +236,7 @@ def gw() -> Iterator[GatewayProcess]:
         assert rc == 0
 
 
+@pytest.mark.slow_e2e  # a hypothesis search for invariant breaks, not a loop check
 def test_hostile_clients_and_publishers_together(gw: GatewayProcess) -> None:
     watcher = OfficialSession(
         gw.port, "DEMO.SYNTH", [{"schema": "trades", "symbols": "ALL_SYMBOLS"}]

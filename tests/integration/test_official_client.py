@@ -84,6 +84,7 @@ def test_unknown_dataset_is_refused() -> None:
         assert s.error is not None and "Unknown dataset NOPE.DATA" in str(s.error)
 
 
+@pytest.mark.slow_e2e  # file replay of every sample: the same bytes on any loop
 def test_every_sample_schema_through_file_feeds() -> None:
     """Every real sample file, replayed in a loop, arrives byte-exact at the official client."""
     feeds = {f"T{i:02d}": f"file:{p}?pace=1000000&loop=1" for i, p in enumerate(SAMPLES)}

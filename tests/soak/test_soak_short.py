@@ -14,6 +14,8 @@ import pytest
 
 from tests.soak.soak import SoakConfig, SoakReport, run
 
+pytestmark = pytest.mark.slow_e2e  # minutes of load, run once (uvloop) by make test
+
 SHORT = SoakConfig(
     duration=15.0,
     sessions=24,

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import databento_dbn as d
+import pytest
 
 from gateway import dbn
 from gateway.control import ALL_SYMBOLS
@@ -105,6 +106,7 @@ def bystander_of(feed: Feed) -> Member:
     return member
 
 
+@pytest.mark.slow_e2e  # 10x the issue's sizes, sans-I/O: no event loop involved
 def test_unknown_symbols_then_a_metadata_burst_is_sliced():
     """200,000 named symbols (10x the 20,000 of the issue), all unknown, then a burst
     that maps every one: no slice does more than SLICE units, data flows in between,
@@ -166,6 +168,7 @@ def test_records_of_an_instrument_never_precede_its_mapping():
             assert last not in ids or seen_mapping
 
 
+@pytest.mark.slow_e2e  # 10x the issue's sizes, sans-I/O: no event loop involved
 def test_many_sessions_many_symbols_and_a_definition_burst():
     """1,000 sessions x 500 symbols, then 50,000 new definitions (10x the issue's case):
     the work is the mappings owed, in slices, not sessions x symbols x definitions."""
