@@ -406,9 +406,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--symbol", default="ALL_SYMBOLS", help="symbol to subscribe to")
     parser.add_argument("--schema", default="trades", help="schema to subscribe to")
     parser.add_argument("--interval", type=float, default=10.0, help="seconds between strobes")
-    parser.add_argument(
-        "--timeout", type=float, default=10.0, help="seconds each step may take (default 10)"
-    )
+    parser.add_argument("--timeout", type=float, default=10.0, help="seconds each step may take")
     parser.add_argument("--once", action="store_true", help="one strobe; exit 0 on success")
     parser.add_argument(
         "--json", action="store_true", help="with --once: print the result as one JSON line"
@@ -416,7 +414,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--history",
         metavar="FILE",
-        help=f"SQLite uptime history (default {default_history_path()})",
+        default=str(default_history_path()),
+        help="SQLite uptime history, one file for any number of targets",
     )
     parser.add_argument(
         "--no-history", action="store_true", help="keep no history (figures from this run only)"
@@ -428,10 +427,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="serve /metrics, /status and /status.json on this port (0 picks one)",
     )
     parser.add_argument("--metrics-host", default="127.0.0.1", help="address for the metrics port")
-    parser.add_argument("--loop", choices=("auto", "uvloop", "asyncio"), default="auto")
-    parser.add_argument("--log-format", choices=("text", "json"), default="text")
     parser.add_argument(
-        "--log-level", choices=("debug", "info", "warning", "error"), default="info"
+        "--loop",
+        choices=("auto", "uvloop", "asyncio"),
+        default="auto",
+        help="event loop (auto: uvloop when installed)",
+    )
+    parser.add_argument(
+        "--log-format", choices=("text", "json"), default="text", help="log line format"
+    )
+    parser.add_argument(
+        "--log-level",
+        choices=("debug", "info", "warning", "error"),
+        default="info",
+        help="the least severe log lines written",
     )
 
 
