@@ -60,7 +60,7 @@ def test_publisher_dies_mid_record_then_another_one_carries_on() -> None:
         pub = socket.create_connection(("127.0.0.1", port))
         pub.sendall(encode_publisher_metadata("ING.F", time.time_ns(), symbols) + b"".join(second))
         assert s.wait_for(lambda r: len(data_records(r)) >= len(first) + len(second))
-        time.sleep(0.2)
+        time.sleep(0.2)  # deliberate: time for any record too many to arrive
         pub.close()
         assert s.stop() is None
     got = [bytes(r) for r in data_records(s.records)]

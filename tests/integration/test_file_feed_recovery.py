@@ -8,14 +8,13 @@ import json
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import databento_dbn as dbn
 
 from gateway.dbn import encode_publisher_metadata
 from gateway.feeds.synthetic import SyntheticGenerator, SyntheticOptions
-from tests.integration.helpers import OfficialSession, data_records, gateway, http_get
+from tests.integration.helpers import OfficialSession, data_records, gateway, http_get, poll_until
 
 
 def _dbn_file(n: int, seed: int) -> tuple[bytes, list[bytes]]:
@@ -32,15 +31,6 @@ def _system_texts(records: list[object]) -> list[str]:
         for r in records
         if isinstance(r, dbn.SystemMsg) and r.code != dbn.SystemCode.SUBSCRIPTION_ACK
     ]
-
-
-def _until(cond: Callable[[], bool], timeout: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.05)
-    return cond()
 
 
 def _ready_feeds(metrics_port: int) -> tuple[int, dict[str, str]]:
@@ -79,7 +69,7 @@ def test_looping_file_that_goes_away_is_retried_and_served_again() -> None:
                 )
             ), _system_texts(s.records)
             assert s.wait_for(lambda r: len(data_records(r)) >= seen + 3 * len(recs))
-            assert _until(lambda: _ready_feeds(gw.metrics_port)[0] == 200)
+            assert poll_until(lambda: _ready_feeds(gw.metrics_port)[0] == 200)
             assert s.stop() is None
             log = gw.log()
     finally:
@@ -116,11 +106,11 @@ def test_empty_and_truncated_files_are_reported_with_their_reason() -> None:
                 "FILE.E": "down: file replay failed: the file is empty; retrying",
                 "FILE.T": "down: file replay failed: truncated Metadata header",
             }
-            assert _until(lambda: _ready_feeds(gw.metrics_port) == (503, want)), _ready_feeds(
+            assert poll_until(lambda: _ready_feeds(gw.metrics_port) == (503, want)), _ready_feeds(
                 gw.metrics_port
             )
             # the empty looping file is retried with backoff (0.5 s, 1 s, ...), not spun on
-            assert _until(lambda: gw.log().count("empty.dbn is empty") >= 3)
+            assert poll_until(lambda: gw.log().count("empty.dbn is empty") >= 3)
             assert time.monotonic() - started >= 1.4
             log = gw.log()
     finally:

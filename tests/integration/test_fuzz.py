@@ -22,7 +22,7 @@ from collections import Counter
 from gateway.client import LiveClient
 from gateway.dbn import RTYPE_SYMBOL_MAPPING, RTYPE_SYSTEM, encode_publisher_metadata
 from gateway.feeds.synthetic import SyntheticGenerator, SyntheticOptions
-from tests.integration.helpers import KEY, gateway, metric, metric_samples
+from tests.integration.helpers import KEY, apoll_until, gateway, metric, metric_samples
 from tests.soak.soak import (
     HOSTILE_ACTIONS,
     Env,
@@ -39,15 +39,6 @@ CONFIG = """
 [limits]
 handshake_timeout_s = 2.0
 """
-
-
-async def _until(predicate, timeout: float) -> bool:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        await asyncio.sleep(0.1)
-    return bool(predicate())
 
 
 async def _fuzz(port: int) -> list[tuple[int, str, str, bool]]:
@@ -135,7 +126,7 @@ async def test_fuzz_then_the_gateway_serves_normally() -> None:
         watching = asyncio.get_running_loop().create_task(watcher.run())
         try:
             assert await asyncio.wait_for(asyncio.shield(watcher.started), 10)
-            await asyncio.sleep(0.3)
+            await apoll_until(lambda: watcher.tracker.data_records > 0, 10, what="watcher fed")
             baseline = fd_count(pid)
             before = watcher.tracker.data_records
 
@@ -152,7 +143,7 @@ async def test_fuzz_then_the_gateway_serves_normally() -> None:
             )
             assert set(summary) == set(HOSTILE_ACTIONS)
             # every hostile connection is gone: no fd is left behind
-            assert await _until(lambda: fd_count(pid) <= baseline, 15), (
+            assert await apoll_until(lambda: fd_count(pid) <= baseline, 15), (
                 f"fds: {fd_count(pid)} after the fuzz, {baseline} before"
             )
             assert fd_count(pid) == baseline
@@ -172,11 +163,11 @@ async def test_fuzz_then_the_gateway_serves_normally() -> None:
             await asyncio.sleep(0.3)
 
             await _byte_exact_session(gw.port, ingest)
-            assert await _until(lambda: fd_count(pid) <= baseline, 10)
+            assert await apoll_until(lambda: fd_count(pid) <= baseline, 10)
             assert fd_count(pid) == baseline
 
             # the healthy session beside it all: still streaming, every record in order
-            assert await _until(lambda: watcher.tracker.data_records > before + 5000, 10)
+            assert await apoll_until(lambda: watcher.tracker.data_records > before + 5000, 10)
         finally:
             watcher.env.stop.set()
             await asyncio.wait_for(watching, 30)

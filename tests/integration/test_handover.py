@@ -9,7 +9,6 @@ import os
 import signal
 import socket
 import tempfile
-import time
 from typing import Any
 
 import databento_dbn as dbn
@@ -20,6 +19,7 @@ from tests.integration.helpers import (
     RawClient,
     data_records,
     error_texts,
+    poll_until,
     split_records,
     start_gateway,
 )
@@ -30,15 +30,6 @@ TRADES = [{"schema": "trades", "symbols": "ALL_SYMBOLS"}]
 
 def _errors(records: list[Any]) -> list[tuple[int, str]]:
     return [(int(r.code), r.err) for r in records if isinstance(r, dbn.ErrorMsg)]
-
-
-def _poll(predicate: Any, timeout: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def test_official_client_follows_a_hand_over_and_is_told_the_gap() -> None:
@@ -58,7 +49,7 @@ def test_official_client_follows_a_hand_over_and_is_told_the_gap() -> None:
         assert new.port == old.port
         old.proc.send_signal(signal.SIGTERM)
         assert old.proc.wait(20) == 0
-        assert _poll(lambda: bool(gaps)), "the reconnect callback did not fire"
+        poll_until(lambda: bool(gaps), 20, what="the reconnect callback")
         at = gaps[0][2]
         # Records keep flowing after the hand-over, from the new process.
         assert s.wait_for(lambda r: len(data_records(r[at:])) >= 20)

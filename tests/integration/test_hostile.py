@@ -25,6 +25,7 @@ from tests.integration.helpers import (
     http_get,
     metric,
     metric_samples,
+    poll_until,
     split_records,
 )
 
@@ -41,15 +42,6 @@ def _records(schema: str, n: int, seed: int) -> tuple[dict[str, int], list[bytes
 def _short(record: bytes, words: int) -> bytes:
     """The record cut to ``words`` 4-byte words, its length byte saying so."""
     return bytes([words]) + record[1 : words * 4]
-
-
-def _wait(predicate, timeout: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def test_short_mbp1_record_never_reaches_official_clients() -> None:
@@ -81,7 +73,7 @@ def test_short_mbp1_record_never_reaches_official_clients() -> None:
         # one line with the reason (beside the feed's state change)
         assert sum("shorter than the 80 bytes" in line for line in log.splitlines()) == 1
         assert not [n for n in RUST_NOISE if n in log]
-        assert _wait(  # exported on the metrics tick
+        assert poll_until(  # exported on the metrics tick
             lambda: (
                 metric(
                     metric_samples(gw.metrics_port),
@@ -117,11 +109,13 @@ def test_v1_file_with_a_short_record_fails_cleanly() -> None:
         path = Path(tmp) / "bad-v1.dbn"
         path.write_bytes(_v1_metadata("FILE.V1") + b"".join(good) + _short(mbp[0], 12))
         with gateway("--metrics-port", "0", feeds={"FILE.V1": f"file:{path}?pace=max"}) as gw:
-            assert _wait(lambda: "invalid DBN" in http_get(gw.metrics_port, "/status.json")[1], 20)
+            assert poll_until(
+                lambda: "invalid DBN" in http_get(gw.metrics_port, "/status.json")[1], 20
+            )
             code, body = http_get(gw.metrics_port, "/readyz")
             assert "starting" not in body
             assert str(path) not in http_get(gw.metrics_port, "/status.json")[1]
-            assert _wait(
+            assert poll_until(
                 lambda: (
                     metric(
                         metric_samples(gw.metrics_port),
@@ -252,8 +246,8 @@ def test_subscription_the_feed_never_serves_gets_a_non_fatal_error() -> None:
         _tbbo_file(path)
         feeds = {"FILE.TBBO": f"file:{path}?pace=max&loop=1"}
         with gateway("--metrics-port", "0", feeds=feeds) as gw:
-            assert _wait(lambda: http_get(gw.metrics_port, "/readyz")[0] == 200)
-            assert _wait(
+            assert poll_until(lambda: http_get(gw.metrics_port, "/readyz")[0] == 200)
+            assert poll_until(
                 lambda: (
                     metric(
                         metric_samples(gw.metrics_port),
@@ -351,6 +345,6 @@ def test_no_metric_has_an_empty_label_value() -> None:
             body = http_get(gw.metrics_port, "/metrics")[1]
             return 'result="accepted"' in body
 
-        assert _wait(accepted_exported)
+        assert poll_until(accepted_exported)
         empty = [line for line in body.splitlines() if '=""' in line]
         assert empty == []

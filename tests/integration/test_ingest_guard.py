@@ -12,7 +12,7 @@ import databento_dbn as dbn
 
 from gateway.dbn import encode_publisher_metadata
 from gateway.feeds.synthetic import SyntheticGenerator, SyntheticOptions
-from tests.integration.helpers import OfficialSession, data_records, gateway
+from tests.integration.helpers import OfficialSession, data_records, gateway, poll_until
 
 
 def _trades(n: int, seed: int) -> tuple[dict[str, int], list[bytes]]:
@@ -38,16 +38,6 @@ def _closed_by_gateway(sock: socket.socket, timeout: float) -> bool:
         return True
     except TimeoutError:
         return False
-
-
-def _until(cond: object, timeout: float = 10.0) -> bool:
-    assert callable(cond)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.02)
-    return bool(cond())
 
 
 def _session(port: int, dataset: str) -> OfficialSession:
@@ -134,7 +124,7 @@ def test_publishers_stuck_before_or_inside_their_metadata_are_dropped_or_replace
         stalled.sendall(b"DBN\x03" + (60 << 20).to_bytes(4, "little") + bytes(1000))
         assert _closed_by_gateway(stalled, 10), "a publisher stalled in its Metadata kept it"
         stalled.close()
-        assert _until(lambda: gw.log().count("inside its Metadata header") >= 2)
+        assert poll_until(lambda: gw.log().count("inside its Metadata header") >= 2)
         # 3. trickles its Metadata (a byte every 200 ms: never idle for 1 s): once it has
         #    connected more than idle_timeout_s ago, a newcomer replaces it
         trickler = socket.create_connection(("127.0.0.1", port), timeout=10)
@@ -185,7 +175,7 @@ def test_address_outside_the_allow_list_is_refused_and_logged() -> None:
         # closed at once: the default idle timeout is 30 s
         assert _closed_by_gateway(refused, 5)
         refused.close()
-        assert _until(lambda: "address not in the ingest allow-list" in gw.log())
+        assert poll_until(lambda: "address not in the ingest allow-list" in gw.log())
         # the same address is served where the allow-list names it
         ok = _session(gw.port, "ING.OK")
         pub = socket.create_connection(("127.0.0.1", gw.ingest_ports["ING.OK"]), timeout=10)

@@ -9,7 +9,6 @@ import re
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from tests.conftest import TEST_LOOP
@@ -22,6 +21,7 @@ from tests.integration.helpers import (
     RawClient,
     data_records,
     gateway,
+    poll_until,
 )
 
 SYNTH = {"DEMO.SYNTH": "synthetic:?rate=2000"}
@@ -44,15 +44,13 @@ def _cmdline(pid: int) -> bytes:
 
 def _wait_for_help(gw: GatewayProcess, timeout: float = 15.0) -> str:
     """stdout once the connect help (which ends with "Stop with Ctrl-C.") is complete."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+
+    def complete() -> str:
         text = "".join(gw.lines)
-        if "Stop with Ctrl-C." in text:
-            return text
-        if gw.proc.poll() is not None:
-            break
-        time.sleep(0.02)
-    raise AssertionError(f"no connect help on stdout: {''.join(gw.lines)!r}")
+        assert "Stop with Ctrl-C." in text or gw.proc.poll() is None, f"exited: {text!r}"
+        return text if "Stop with Ctrl-C." in text else ""
+
+    return poll_until(complete, timeout, what="the connect help on stdout")
 
 
 def _env_without_key(**extra: str) -> dict[str, str]:

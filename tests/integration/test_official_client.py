@@ -21,6 +21,7 @@ from tests.integration.helpers import (
     OfficialSession,
     data_records,
     gateway,
+    poll_until,
 )
 
 SAMPLES = dbn_sample_files()
@@ -165,9 +166,8 @@ def test_ingest_fans_out_byte_exact_to_three_subscription_styles() -> None:
         )
         # First publisher: only the Metadata (so raw symbols resolve), then the sessions start.
         pub = _publish(gw.ingest_ports["ING.TEST"], payload[: payload.index(records[0])])
-        deadline = time.monotonic() + 10
-        while "feed ING.TEST up" not in gw.log() and time.monotonic() < deadline:
-            time.sleep(0.02)  # the gateway has read the Metadata and learnt the symbols
+        # the gateway has read the Metadata and learnt the symbols
+        poll_until(lambda: "feed ING.TEST up" in gw.log(), 10, what="feed ING.TEST up")
         for s in (raw, by_id, everything):
             s.start()
         assert raw.wait_for(lambda r: any(isinstance(x, dbn.SymbolMappingMsg) for x in r))
@@ -176,7 +176,7 @@ def test_ingest_fans_out_byte_exact_to_three_subscription_styles() -> None:
         want_id = [r for r in records if _iid(r) == ids[names[2]]]
         for s, want in ((raw, want_raw), (by_id, want_id), (everything, records)):
             assert s.wait_for(lambda r, w=want: len(data_records(r)) >= len(w)), len(want)
-        time.sleep(0.2)
+        time.sleep(0.2)  # deliberate: time for any record too many to arrive
         pub.close()
         for s in (raw, by_id, everything):
             assert s.stop() is None
@@ -271,7 +271,7 @@ def test_key_value_is_never_logged() -> None:
         s = OfficialSession(gw.port, "DEMO.SYNTH", [{"schema": "trades", "symbols": "AAPL"}])
         s.start()
         s.stop()
-        time.sleep(0.2)
+        poll_until(lambda: "session end" in gw.log(), what="the session end logged")
         log = gw.log()
     assert "session start" in log and "session end" in log
     assert KEY not in log and KEY[3:] not in log

@@ -8,7 +8,6 @@ import asyncio
 import ipaddress
 import socket
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -21,6 +20,7 @@ from gateway.feeds.base import Feed
 from gateway.feeds.file import FileSource, public_reason
 from gateway.feeds.ingest import DEFAULT_ALLOW, IngestSource, address_allowed, parse_allow
 from gateway.feeds.synthetic import MAX_RATE, SyntheticOptions, SyntheticSource
+from tests.integration.helpers import apoll_until
 
 # --- URI parsing ------------------------------------------------------------------------
 
@@ -123,15 +123,6 @@ def test_build_source_passes_the_ingest_options() -> None:
 # --- ingest guards over real sockets, in process --------------------------------------
 
 
-async def _until(cond: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        await asyncio.sleep(0.02)
-    return cond()
-
-
 async def _closed(reader: asyncio.StreamReader, timeout: float) -> bool:
     try:
         return await asyncio.wait_for(reader.read(100), timeout) == b""
@@ -161,7 +152,7 @@ async def test_publisher_socket_gets_tcp_keepalive() -> None:
     await source.start()
     try:
         _, writer = await asyncio.open_connection("127.0.0.1", source.port)
-        assert await _until(lambda: source.active is not None)
+        assert await apoll_until(lambda: source.active is not None)
         assert source.active is not None and source.active.transport is not None
         sock = source.active.transport.get_extra_info("socket")
         assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
@@ -182,7 +173,7 @@ async def test_idle_clock_stops_while_backpressure_pauses_the_publisher() -> Non
     try:
         reader, writer = await asyncio.open_connection("127.0.0.1", source.port)
         writer.write(encode_publisher_metadata("ING.P", time.time_ns(), {"AAPL": 1}))
-        assert await _until(lambda: feed.connected)
+        assert await apoll_until(lambda: feed.connected)
         feed.member_blocked(blocker, True)  # type: ignore[arg-type]  # reading paused
         # Three idle timeouts pass while the gateway itself is not reading: not dropped.
         assert not await _closed(reader, 1.0)
@@ -218,7 +209,7 @@ async def test_empty_looping_file_is_reported_down_and_retried_with_backoff(
     started = time.monotonic()
     await source.start()
     try:
-        assert await _until(lambda: source.failures >= 3)
+        assert await apoll_until(lambda: source.failures >= 3)
         # 0.5 s then 1 s between the first three attempts: no busy loop
         assert time.monotonic() - started >= 1.4
         assert not feed.connected
@@ -235,7 +226,7 @@ async def test_truncated_metadata_header_is_named_so(tmp_path: Path) -> None:
     source = FileSource(feed, path, None, loop=False)
     await source.start()
     try:
-        assert await _until(lambda: feed.state_detail != "starting")
+        assert await apoll_until(lambda: feed.state_detail != "starting")
         assert feed.state_detail == "file replay failed: truncated Metadata header"
         assert not feed.connected
     finally:
@@ -274,7 +265,7 @@ async def test_file_task_that_dies_marks_the_feed_down(tmp_path: Path) -> None:
     source._replay_once = panic  # type: ignore[method-assign]
     await source.start()
     try:
-        assert await _until(lambda: feed.state_detail != "starting")
+        assert await apoll_until(lambda: feed.state_detail != "starting")
         assert feed.state_detail == "file replay failed: internal error"
         assert not feed.connected
     finally:
@@ -292,7 +283,7 @@ async def test_synthetic_task_that_dies_marks_the_feed_down() -> None:
     await source.start()
     try:
         assert feed.connected
-        assert await _until(lambda: not feed.connected)
+        assert await apoll_until(lambda: not feed.connected)
         assert feed.state_detail == "synthetic feed stopped (internal error)"
     finally:
         await source.stop()

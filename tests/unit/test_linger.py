@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
 from gateway import server
 from gateway.server import _Linger
+from tests.integration.helpers import apoll_until
 
 
 class _Conn:
@@ -45,15 +45,6 @@ async def pair() -> AsyncIterator[tuple[asyncio.Transport, socket.socket]]:
         theirs.close()
 
 
-async def _until(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        await asyncio.sleep(0.01)
-    return predicate()
-
-
 async def _read_to_eof(sock: socket.socket, timeout: float = 10.0) -> bytes:
     loop = asyncio.get_running_loop()
     out = bytearray()
@@ -83,7 +74,7 @@ async def test_buffered_data_goes_out_before_the_fin(pair: Any) -> None:
     transport.set_protocol(_Linger(conn, transport, fin_now=True))  # type: ignore[arg-type]
     assert await _read_to_eof(client) == payload
     client.shutdown(socket.SHUT_WR)  # the client's EOF ends the linger at once
-    assert await _until(lambda: conn.lost == [None])
+    assert await apoll_until(lambda: conn.lost == [None])
 
 
 async def test_the_fin_waits_for_start_session_and_late_bytes_are_discarded(
@@ -101,14 +92,14 @@ async def test_the_fin_waits_for_start_session_and_late_bytes_are_discarded(
     assert await loop.sock_recv(client, 100) == b"the error\n"
     assert await _no_eof_for(client, 0.3)  # still subscribing: the write side stays open
     await loop.sock_sendall(client, b"schema=trades|symbols=B\nstart_se")
-    assert await _until(lambda: linger.discarded >= 24_000 + 32)
+    assert await apoll_until(lambda: linger.discarded >= 24_000 + 32)
     assert not linger.fin_sent
     await loop.sock_sendall(client, b"ssion\n")  # split across reads: still seen
     assert await _read_to_eof(client) == b""
     assert linger.fin_sent and linger.discarded == 24_000 + 24 + 8 + 6
     assert conn.lost == []  # it keeps reading until the client's EOF (or the bound)
     client.shutdown(socket.SHUT_WR)
-    assert await _until(lambda: conn.lost == [None])
+    assert await apoll_until(lambda: conn.lost == [None])
 
 
 async def test_the_fin_comes_when_the_client_is_quiet(
@@ -122,7 +113,7 @@ async def test_the_fin_comes_when_the_client_is_quiet(
     transport.set_protocol(_Linger(conn, transport, fin_now=False))  # type: ignore[arg-type]
     assert await _read_to_eof(client) == b""
     # The client never closes: the connection is closed after LINGER_DRAIN_S anyway.
-    assert await _until(lambda: conn.lost == [None])
+    assert await apoll_until(lambda: conn.lost == [None])
 
 
 async def test_a_client_that_keeps_sending_is_cut_off_at_the_byte_bound(
@@ -135,5 +126,5 @@ async def test_a_client_that_keeps_sending_is_cut_off_at_the_byte_bound(
     transport.set_protocol(linger)
     loop = asyncio.get_running_loop()
     await loop.sock_sendall(client, b"x" * 20_000)
-    assert await _until(lambda: len(conn.lost) == 1)
+    assert await apoll_until(lambda: len(conn.lost) == 1)
     assert linger.discarded > 10_000
