@@ -21,6 +21,7 @@ from tests.integration.helpers import (
     gateway,
     metric,
     metric_samples,
+    poll_until,
     split_records,
 )
 
@@ -77,27 +78,29 @@ def test_a_lingering_connection_still_counts_and_is_released_once() -> None:
         other.close()
         # Everything is released exactly once: a new session with the same key (one
         # session allowed) authenticates, and the end was counted once.
-        deadline = time.monotonic() + 10
-        reply = ""
-        while time.monotonic() < deadline:
+
+        def authenticates() -> bool:
             c = RawClient(gw.port)
-            first = c.line()
-            if first.startswith("lsg_version="):
+            try:
+                first = c.line()
+                if not first.startswith("lsg_version="):
+                    return False
                 c.buf = (first + "\n").encode() + c.buf
-                reply = c.handshake()
+                return c.handshake().startswith("success=1")
+            finally:
                 c.close()
-                if reply.startswith("success=1"):
-                    break
-            else:
-                c.close()
-            time.sleep(0.05)
-        assert reply.startswith("success=1"), reply
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            m = metric_samples(gw.metrics_port)
-            if metric(m, "gateway_disconnects_total", reason="client_closed") >= 1:
-                break
-            time.sleep(0.05)
+
+        poll_until(authenticates, 10, 0.05, what="a new session with the same key")
+        m = poll_until(
+            lambda: (
+                (m := metric_samples(gw.metrics_port))
+                and metric(m, "gateway_disconnects_total", reason="client_closed") >= 1
+                and m
+            ),
+            10,
+            0.05,
+            what="client_closed counted",
+        )
         assert metric(m, "gateway_disconnects_total", reason="not_supported") == 1
         assert metric(m, "gateway_connections_total", result="rejected", reason="max_connections")
 

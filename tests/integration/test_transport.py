@@ -43,6 +43,7 @@ from tests.integration.helpers import (
     gateway,
     metric,
     metric_samples,
+    poll_until,
 )
 
 FAKES = ROOT / "tests" / "transport_fakes"
@@ -116,9 +117,7 @@ def check_byte_exact_fanout(gw: GatewayProcess) -> None:
     first = payload.index(records[0])
     with socket.create_connection(("127.0.0.1", gw.ingest_ports["ING.T"]), timeout=10) as pub:
         pub.sendall(payload[:first])  # the Metadata first: raw symbols resolve from it
-        deadline = time.monotonic() + 10
-        while "feed ING.T up" not in gw.log() and time.monotonic() < deadline:
-            time.sleep(0.02)
+        poll_until(lambda: "feed ING.T up" in gw.log(), 10, what="feed ING.T up")
         some = OfficialSession(
             gw.port, "ING.T", [{"schema": "trades", "symbols": names[:2], "stype_in": "raw_symbol"}]
         )
