@@ -1,4 +1,4 @@
-"""A short soak for ``make test``: the harness of ``tests/soak/soak.py`` for 15 s.
+"""A short soak for ``make test``: the harness of ``tests/soak/soak.py`` for 18 s.
 
 The gateway runs as a real process with the synthetic feed; 24 session slots join and
 leave at random (4 of them stalled readers), 2 hostile clients keep poking. Slow-reader
@@ -17,7 +17,10 @@ from tests.soak.soak import SoakConfig, SoakReport, run
 pytestmark = pytest.mark.slow_e2e  # minutes of load, run once (uvloop) by make test
 
 SHORT = SoakConfig(
-    duration=15.0,
+    # 18 s, not 15: the late-resume slot needs ~14 s left when it starts (pre + cut + the
+    # 5 s cut grace + drain); on a busy machine the reader processes start a second or more
+    # late, and with 15 s that scenario silently fell back to a healthy session
+    duration=18.0,
     sessions=24,
     stalled=4,
     hostile=2,
