@@ -31,7 +31,7 @@ run: $(STAMP)
 test-deps:
 	@sh .ci/test-deps
 
-## make test: install and run the whole suite, once on uvloop and once on the stdlib loop
+## make test: install and run the whole suite, on uvloop and again on the stdlib loop (slow_e2e once)
 test: $(STAMP) test-deps
 	GATEWAY_TEST_LOOP=uvloop $(PY) -m pytest -q -p no:cacheprovider
 	GATEWAY_TEST_LOOP=asyncio $(PY) -m pytest -q -p no:cacheprovider -m "not slow_e2e" tests/unit tests/integration

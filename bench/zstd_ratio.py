@@ -1,6 +1,6 @@
 """Compression ratio and CPU: shared independent frames vs one stream per session.
 
-    python -m bench.zstd_ratio [--level 1] [--data ../shared/data/dbn]
+    python -m bench.zstd_ratio [--level 1] [--data tests/data/dbn]
 
 Two inputs: the gateway's synthetic feed (trades + MBP-1, price walk, Zipf-skewed names) and
 a realistic replay (every record of the real DBN samples, concatenated in file order, the
@@ -73,7 +73,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.zstd_ratio", description=__doc__)
     parser.add_argument("--level", type=int, default=1)
     parser.add_argument(
-        "--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data" / "dbn"
+        "--data", type=Path, default=Path(__file__).resolve().parents[1] / "tests" / "data" / "dbn"
     )
     args = parser.parse_args()
     inputs = {"synthetic feed": synthetic_records()}
