@@ -400,3 +400,18 @@ def metric_at_least(
         return (value,) if value >= want else None
 
     return poll_until(reached, timeout, 0.05, f"{name}{labels or ''} >= {want}")[0]
+
+
+def synthetic_records(schema: str, n: int, seed: int) -> tuple[dict[str, int], list[bytes]]:
+    """(raw symbol -> instrument_id, ``n`` records of ``schema``) from the synthetic
+    generator: what a test publisher sends to an ingest feed."""
+    from gateway.feeds.synthetic import SyntheticGenerator, SyntheticOptions
+
+    gen = SyntheticGenerator(SyntheticOptions(instruments=4, seed=seed, schemas=(schema,)))
+    blob = b"".join(gen.make(n, time.time_ns(), 1_000_000))
+    size = blob[0] * 4
+    return dict(gen.instruments), [blob[i : i + size] for i in range(0, len(blob), size)]
+
+
+def synthetic_trades(n: int, seed: int) -> tuple[dict[str, int], list[bytes]]:
+    return synthetic_records("trades", n, seed)

@@ -13,7 +13,6 @@ import databento_dbn as dbn
 import numpy as np
 
 from gateway.dbn import encode_publisher_metadata
-from gateway.feeds.synthetic import SyntheticGenerator, SyntheticOptions
 from tests.integration.helpers import (
     DATA,
     OfficialSession,
@@ -23,13 +22,8 @@ from tests.integration.helpers import (
     gateway,
     split_records,
     start_gateway,
+    synthetic_trades,
 )
-
-
-def _trades(n: int, seed: int) -> tuple[dict[str, int], list[bytes]]:
-    gen = SyntheticGenerator(SyntheticOptions(instruments=4, seed=seed, schemas=("trades",)))
-    blob = b"".join(gen.make(n, time.time_ns(), 1_000_000))
-    return dict(gen.instruments), [blob[i : i + 48] for i in range(0, len(blob), 48)]
 
 
 def _system_texts(records: list[object]) -> list[str]:
@@ -41,8 +35,8 @@ def _system_texts(records: list[object]) -> list[str]:
 
 
 def test_publisher_dies_mid_record_then_another_one_carries_on() -> None:
-    symbols, first = _trades(200, seed=1)
-    _, second = _trades(300, seed=2)
+    symbols, first = synthetic_trades(200, seed=1)
+    _, second = synthetic_trades(300, seed=2)
     with gateway(feeds={"ING.F": "ingest://127.0.0.1:0"}) as gw:
         port = gw.ingest_ports["ING.F"]
         s = OfficialSession(gw.port, "ING.F", [{"schema": "trades", "symbols": "ALL_SYMBOLS"}])
@@ -74,7 +68,7 @@ def test_publisher_dies_mid_record_then_another_one_carries_on() -> None:
 
 
 def test_publisher_sending_garbage_is_dropped_and_sessions_are_told() -> None:
-    symbols, recs = _trades(100, seed=3)
+    symbols, recs = synthetic_trades(100, seed=3)
     with gateway(feeds={"ING.G": "ingest://127.0.0.1:0"}) as gw:
         port = gw.ingest_ports["ING.G"]
         s = OfficialSession(gw.port, "ING.G", [{"schema": "trades", "symbols": "ALL_SYMBOLS"}])

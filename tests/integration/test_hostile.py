@@ -14,7 +14,6 @@ import databento_dbn as dbn
 import pytest
 
 from gateway.dbn import encode_publisher_metadata
-from gateway.feeds.synthetic import SyntheticGenerator, SyntheticOptions
 from tests.integration.helpers import (
     KEY,
     OfficialSession,
@@ -27,16 +26,10 @@ from tests.integration.helpers import (
     metric_samples,
     poll_until,
     split_records,
+    synthetic_records,
 )
 
 RUST_NOISE = ("panicked", "stack backtrace", "RUST_BACKTRACE", "PanicException", "Traceback")
-
-
-def _records(schema: str, n: int, seed: int) -> tuple[dict[str, int], list[bytes]]:
-    gen = SyntheticGenerator(SyntheticOptions(instruments=4, seed=seed, schemas=(schema,)))
-    blob = b"".join(gen.make(n, time.time_ns(), 1_000_000))
-    size = blob[0] * 4
-    return dict(gen.instruments), [blob[i : i + size] for i in range(0, len(blob), size)]
 
 
 def _short(record: bytes, words: int) -> bytes:
@@ -48,8 +41,8 @@ def test_short_mbp1_record_never_reaches_official_clients() -> None:
     """An mbp-1 record of 48 bytes (length 12) instead of 80 would make every official
     mbp-1 subscriber panic. The good records before it are delivered, the publisher is
     dropped with one clear log line, sessions are told, and the next publisher goes on."""
-    symbols, good = _records("mbp-1", 300, seed=1)
-    _, more = _records("mbp-1", 200, seed=2)
+    symbols, good = synthetic_records("mbp-1", 300, seed=1)
+    _, more = synthetic_records("mbp-1", 200, seed=2)
     with gateway("--metrics-port", "0", feeds={"ING.M": "ingest://127.0.0.1:0"}) as gw:
         port = gw.ingest_ports["ING.M"]
         s = OfficialSession(gw.port, "ING.M", [{"schema": "mbp-1", "symbols": "ALL_SYMBOLS"}])
@@ -103,8 +96,8 @@ def test_v1_file_with_a_short_record_fails_cleanly() -> None:
     """The DBN v1 -> v3 upgrade used to panic inside databento_dbn: the replay task died
     silently and the feed stayed "starting" for ever. Now: the good records are published,
     the feed is down with a reason, one log line, no backtrace."""
-    _, good = _records("trades", 50, seed=3)
-    _, mbp = _records("mbp-1", 1, seed=4)
+    _, good = synthetic_records("trades", 50, seed=3)
+    _, mbp = synthetic_records("mbp-1", 1, seed=4)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "bad-v1.dbn"
         path.write_bytes(_v1_metadata("FILE.V1") + b"".join(good) + _short(mbp[0], 12))
@@ -227,7 +220,7 @@ def test_clients_are_not_told_other_datasets_or_key_names() -> None:
 
 
 def _tbbo_file(path: Path) -> None:
-    symbols, recs = _records("mbp-1", 20, seed=5)
+    symbols, recs = synthetic_records("mbp-1", 20, seed=5)
     meta = bytes(
         dbn.Metadata(
             dataset="FILE.TBBO",
@@ -281,7 +274,7 @@ def test_subscription_the_feed_never_serves_gets_a_non_fatal_error() -> None:
 
 @pytest.mark.parametrize("length_words", [0, 2, 3])
 def test_publisher_header_garbage_never_reaches_sessions(length_words: int) -> None:
-    symbols, good = _records("trades", 10, seed=6)
+    symbols, good = synthetic_records("trades", 10, seed=6)
     with gateway(feeds={"ING.G": "ingest://127.0.0.1:0"}) as gw:
         s = OfficialSession(gw.port, "ING.G", [{"schema": "trades", "symbols": "ALL_SYMBOLS"}])
         s.start()
@@ -311,7 +304,7 @@ def test_successor_binds_every_fixed_port_by_default() -> None:
     port, metrics_port, ingest = _free_port(), _free_port(), _free_port()
     args = ("--port", str(port), "--metrics-port", str(metrics_port))
     feeds = {"ING.R": f"ingest://127.0.0.1:{ingest}"}
-    symbols, recs = _records("trades", 20, seed=8)
+    symbols, recs = synthetic_records("trades", 20, seed=8)
     with gateway(*args, feeds=feeds) as old, gateway(*args, feeds=feeds) as new:
         assert (old.port, new.port) == (port, port)
         assert old.ingest_ports["ING.R"] == new.ingest_ports["ING.R"] == ingest

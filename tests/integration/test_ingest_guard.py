@@ -11,14 +11,13 @@ import time
 import databento_dbn as dbn
 
 from gateway.dbn import encode_publisher_metadata
-from gateway.feeds.synthetic import SyntheticGenerator, SyntheticOptions
-from tests.integration.helpers import OfficialSession, data_records, gateway, poll_until
-
-
-def _trades(n: int, seed: int) -> tuple[dict[str, int], list[bytes]]:
-    gen = SyntheticGenerator(SyntheticOptions(instruments=4, seed=seed, schemas=("trades",)))
-    blob = b"".join(gen.make(n, time.time_ns(), 1_000_000))
-    return dict(gen.instruments), [blob[i : i + 48] for i in range(0, len(blob), 48)]
+from tests.integration.helpers import (
+    OfficialSession,
+    data_records,
+    gateway,
+    poll_until,
+    synthetic_trades,
+)
 
 
 def _system_texts(records: list[object]) -> list[str]:
@@ -47,8 +46,8 @@ def _session(port: int, dataset: str) -> OfficialSession:
 
 
 def test_silent_publisher_is_dropped_and_a_new_one_is_served() -> None:
-    symbols, first = _trades(2, seed=1)
-    _, second = _trades(50, seed=2)
+    symbols, first = synthetic_trades(2, seed=1)
+    _, second = synthetic_trades(50, seed=2)
     with gateway(feeds={"ING.S": "ingest://127.0.0.1:0?idle_timeout_s=1"}) as gw:
         port = gw.ingest_ports["ING.S"]
         s = _session(gw.port, "ING.S")
@@ -74,7 +73,7 @@ def test_silent_publisher_is_dropped_and_a_new_one_is_served() -> None:
 
 
 def test_newcomer_is_refused_while_the_publisher_is_live() -> None:
-    symbols, recs = _trades(400, seed=3)
+    symbols, recs = synthetic_trades(400, seed=3)
     with gateway(feeds={"ING.L": "ingest://127.0.0.1:0?idle_timeout_s=3"}) as gw:
         port = gw.ingest_ports["ING.L"]
         s = _session(gw.port, "ING.L")
@@ -111,7 +110,7 @@ def test_newcomer_is_refused_while_the_publisher_is_live() -> None:
 
 
 def test_publishers_stuck_before_or_inside_their_metadata_are_dropped_or_replaced() -> None:
-    symbols, recs = _trades(30, seed=4)
+    symbols, recs = synthetic_trades(30, seed=4)
     with gateway(feeds={"ING.M": "ingest://127.0.0.1:0?idle_timeout_s=1"}) as gw:
         port = gw.ingest_ports["ING.M"]
         s = _session(gw.port, "ING.M")
@@ -164,7 +163,7 @@ def test_publishers_stuck_before_or_inside_their_metadata_are_dropped_or_replace
 
 
 def test_address_outside_the_allow_list_is_refused_and_logged() -> None:
-    symbols, recs = _trades(10, seed=5)
+    symbols, recs = synthetic_trades(10, seed=5)
     feeds = {
         "ING.A": "ingest://127.0.0.1:0?allow=10.0.0.0/8",
         "ING.OK": "ingest://127.0.0.1:0?allow=127.0.0.1,10.0.0.0/8",
@@ -193,7 +192,7 @@ def test_address_outside_the_allow_list_is_refused_and_logged() -> None:
 
 
 def test_sessions_never_see_a_publishers_address() -> None:
-    symbols, recs = _trades(20, seed=6)
+    symbols, recs = synthetic_trades(20, seed=6)
     with gateway(feeds={"ING.D": "ingest://127.0.0.1:0?idle_timeout_s=1"}) as gw:
         port = gw.ingest_ports["ING.D"]
         s = _session(gw.port, "ING.D")
