@@ -8,12 +8,12 @@ metrics use ``KeyEntry.key_id``.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import secrets
 import string
 from dataclasses import dataclass, field
 
+from gateway.control import cram_response
 from gateway.errors import AuthError
 
 __all__ = ["Authenticator", "KeyEntry", "cram_response", "new_challenge"]
@@ -24,11 +24,6 @@ _ALPHABET = string.ascii_letters + string.digits
 def new_challenge() -> str:
     """32 random alphanumeric characters (one urandom call, not 32 choice() calls)."""
     return "".join(_ALPHABET[b % len(_ALPHABET)] for b in secrets.token_bytes(32))
-
-
-def cram_response(challenge: str, key: str) -> str:
-    digest = hashlib.sha256(f"{challenge}|{key}".encode()).hexdigest()
-    return f"{digest}-{key[-5:]}"
 
 
 @dataclass(eq=False)
@@ -103,6 +98,7 @@ class Authenticator:
                 f"Connection limit exceeded: this API key already has "
                 f"{entry.active} of {entry.max_sessions} sessions",
                 "session_limit",
+                limit="sessions_per_key",
             )
         entry.active += 1
 

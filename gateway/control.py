@@ -7,6 +7,7 @@ typed with msgspec (``heartbeat_interval_s`` arrives as ``"10"`` and becomes ``1
 
 from __future__ import annotations
 
+import hashlib
 from typing import Final, Literal, TypeVar
 
 import msgspec
@@ -21,6 +22,7 @@ __all__ = [
     "auth_failure",
     "auth_success",
     "challenge_line",
+    "cram_response",
     "greeting_line",
     "parse_auth",
     "parse_fields",
@@ -160,3 +162,13 @@ def auth_success(session_id: int) -> bytes:
 def auth_failure(reason: str) -> bytes:
     clean = reason.replace("|", "/").replace("\n", " ").replace("\r", " ")
     return f"success=0|error={clean}\n".encode("ascii", "replace")
+
+
+def cram_response(challenge: str, key: str) -> str:
+    """The client's answer to ``cram=<challenge>``: ``sha256_hex(challenge|key)-<key[-5:]>``.
+
+    The one implementation: the gateway checks answers with it (``auth.Authenticator``)
+    and the client, bench, soak and test helpers send it.
+    """
+    digest = hashlib.sha256(f"{challenge}|{key}".encode()).hexdigest()
+    return f"{digest}-{key[-5:]}"

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 
 import pytest
 
-from gateway import control
+from gateway import auth, control
 from gateway.control import AuthRequest, parse_auth, parse_fields, parse_subscription
 from gateway.errors import NotSupportedError, ProtocolError
 
@@ -322,3 +323,15 @@ def test_auth_failure_is_always_one_parseable_line(reason):
     assert set(got) == {"success", "error"}
     assert got["success"] == "0"
     assert got["error"]
+
+
+# --- client lines (the one wire codec) -------------------------------------------------
+
+
+def test_cram_response_is_sha256_of_challenge_bar_key_then_bucket():
+    key = "db-" + "k" * 27 + "AbC12"
+    challenge = "c" * 32
+    digest = hashlib.sha256(f"{challenge}|{key}".encode()).hexdigest()
+    assert control.cram_response(challenge, key) == f"{digest}-AbC12"
+    # The gateway checks answers with the same function (one implementation).
+    assert auth.cram_response is control.cram_response
