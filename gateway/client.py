@@ -17,7 +17,6 @@ independent frames, and a heartbeat timeout (interval + 10 s of silence).
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import socket
 from collections.abc import AsyncGenerator, Iterator, Sequence
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from typing import Any
 
 import databento_dbn as dbn
 
+from gateway import control
 from gateway.compress import FrameDecompressor
 from gateway.dbn import (
     PRELUDE_LEN,
@@ -37,7 +37,7 @@ from gateway.errors import GatewayError
 
 __all__ = ["ClientError", "FrameDecompressor", "LiveClient", "RecordBatch"]
 
-SYMBOL_CHUNK = 500
+SYMBOL_CHUNK = control.SYMBOL_CHUNK
 CLIENT_TIMEOUT_MARGIN_S = 10.0
 _READ_SIZE = 256 * 1024
 
@@ -82,11 +82,6 @@ class RecordBatch:
         decoder = dbn.DBNDecoder(has_metadata=False, ts_out=ts_out, input_version=3)
         decoder.write(bytes(self.index.data))
         return list(decoder.decode())
-
-
-def _auth_reply(challenge: str, key: str) -> str:
-    digest = hashlib.sha256(f"{challenge}|{key}".encode()).hexdigest()
-    return f"{digest}-{key[-5:]}"
 
 
 class LiveClient:
@@ -190,19 +185,17 @@ class LiveClient:
         if "cram" not in challenge:
             reason = challenge.get("error", str(challenge))
             raise ClientError(f"no challenge from the gateway: {reason}")
-        fields = [
-            f"auth={_auth_reply(challenge['cram'], key)}",
-            f"dataset={dataset}",
-            "encoding=dbn",
-            f"ts_out={int(self.ts_out)}",
-            f"compression={self.compression}",
-        ]
-        if self.heartbeat_interval_s is not None:
-            fields.append(f"heartbeat_interval_s={self.heartbeat_interval_s}")
-        if slow is not None:
-            fields.append(f"slow_reader_behavior={slow}")
-        fields.append(f"client={name}")
-        self._writer.write(("|".join(fields) + "\n").encode())
+        self._writer.write(
+            control.encode_auth(
+                control.cram_response(challenge["cram"], key),
+                dataset,
+                ts_out=self.ts_out,
+                compression=self.compression,
+                heartbeat_interval_s=self.heartbeat_interval_s,
+                slow_reader_behavior=slow,
+                client=name,
+            )
+        )
         reply = await self._line()
         if reply.get("success") != "1":
             raise ClientError(f"authentication failed: {reply.get('error', reply)}")
@@ -215,19 +208,14 @@ class LiveClient:
         stype_in: str = "raw_symbol",
         sub_id: int | None = None,
     ) -> int:
-        items = [symbols] if isinstance(symbols, str) else list(symbols)
         if sub_id is None:
             self._sub_id += 1
             sub_id = self._sub_id
-        chunks = [items[i : i + SYMBOL_CHUNK] for i in range(0, len(items), SYMBOL_CHUNK)] or [[]]
-        lines = []
-        for n, chunk in enumerate(chunks):
-            last = int(n == len(chunks) - 1)
-            lines.append(
-                f"schema={schema}|stype_in={stype_in}|symbols={','.join(chunk)}"
-                f"|snapshot=0|id={sub_id}|is_last={last}\n"
+        self._writer.write(
+            control.encode_subscriptions(
+                schema, symbols, stype_in=stype_in, sub_id=sub_id, chunk=SYMBOL_CHUNK
             )
-        self._writer.write("".join(lines).encode())
+        )
         await self._writer.drain()
         return sub_id
 
@@ -236,7 +224,7 @@ class LiveClient:
         if self.started:
             raise ClientError("start() was already called")
         self.started = True
-        self._writer.write(b"start_session\n")
+        self._writer.write(control.START_SESSION)
         await self._writer.drain()
 
         async def read_metadata() -> Any:

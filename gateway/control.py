@@ -1,13 +1,24 @@
 """Control lines of the Live Raw API: ``key=value|key=value\\n`` <-> typed messages.
 
+The one wire codec for the text phase, both directions. The gateway parses what clients
+send (``parse_fields``, ``parse_auth``, ``parse_subscription``) and writes its own lines
+(``greeting_line`` ...); the project's client, the bench, the soak and the test helpers
+write theirs with ``encode_auth``, ``encode_subscription(s)``, ``START_SESSION`` and
+``cram_response``, so the CRAM answer and the key order live in one place.
+
 Lines are parsed by key, never by position (each official client orders keys its own
 way); values are split on the first ``=`` only; unknown keys are ignored. Values are
 typed with msgspec (``heartbeat_interval_s`` arrives as ``"10"`` and becomes ``10``).
+Encoders write keys in the order the project's client always has (auth: ``auth dataset
+encoding ts_out compression heartbeat_interval_s slow_reader_behavior client``;
+subscription: ``schema stype_in symbols snapshot id is_last``) and leave out a key
+whose value is None.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping, Sequence
 from typing import Final, Literal, TypeVar
 
 import msgspec
@@ -17,12 +28,18 @@ from gateway.errors import NotSupportedError, ProtocolError
 
 __all__ = [
     "ALL_SYMBOLS",
+    "START_SESSION",
+    "SYMBOL_CHUNK",
     "AuthRequest",
     "SubscriptionRequest",
     "auth_failure",
     "auth_success",
     "challenge_line",
     "cram_response",
+    "encode_auth",
+    "encode_fields",
+    "encode_subscription",
+    "encode_subscriptions",
     "greeting_line",
     "parse_auth",
     "parse_fields",
@@ -32,8 +49,11 @@ __all__ = [
 ALL_SYMBOLS: Final = "ALL_SYMBOLS"
 HEARTBEAT_MIN_S: Final = 5
 HEARTBEAT_MAX_S: Final = 1800
+#: symbols per subscription line when a client splits a long list (the official clients' 500)
+SYMBOL_CHUNK: Final = 500
+#: the line that ends the control phase (the gateway also accepts ``start_session=0``/``=1``)
+START_SESSION: Final = b"start_session\n"
 
-SlowReaderBehavior = Literal["warn", "skip"]
 _T = TypeVar("_T")
 
 
@@ -105,6 +125,12 @@ def _field_message(exc: msgspec.ValidationError) -> str:
 
 
 def parse_auth(fields: dict[str, str]) -> AuthRequest:
+    """The authentication request in ``fields``; ProtocolError naming the bad field.
+
+    ``encoding`` must be ``dbn`` (NotSupportedError otherwise), ``heartbeat_interval_s``
+    within 5..1800 s, and ``slow_reader_behavior`` one of the three behaviours ``warn``,
+    ``skip`` or ``drop`` (``drop`` means ``skip``; see ``slowreader.effective_behavior``).
+    """
     if "auth" not in fields:
         raise ProtocolError("expected an authentication request: missing field auth")
     req = _convert(fields, AuthRequest, "authentication request")
@@ -118,7 +144,7 @@ def parse_auth(fields: dict[str, str]) -> AuthRequest:
         )
     srb = req.slow_reader_behavior
     if srb is not None and srb not in ("warn", "skip", "drop"):
-        raise ProtocolError(f"slow_reader_behavior={srb} is invalid (warn or skip)")
+        raise ProtocolError(f"slow_reader_behavior={srb} is invalid (warn, skip or drop)")
     return req
 
 
@@ -172,3 +198,101 @@ def cram_response(challenge: str, key: str) -> str:
     """
     digest = hashlib.sha256(f"{challenge}|{key}".encode()).hexdigest()
     return f"{digest}-{key[-5:]}"
+
+
+FieldValue = str | int | bool | None
+
+
+def encode_fields(fields: Mapping[str, FieldValue]) -> bytes:
+    """One control line (with its ``\\n``) from ``fields`` in their order.
+
+    A None value leaves its key out; a bool is written ``0``/``1``. Raises ValueError,
+    naming the field, for a key or value that would not read back as that one field (a
+    ``|`` or line break anywhere, an ``=`` or nothing in a key).
+    """
+    parts = []
+    for key, value in fields.items():
+        if value is None:
+            continue
+        if not key or any(c in key for c in "|=\n\r"):
+            raise ValueError(f"control field name {key!r:.40} is not a plain key")
+        text = str(int(value)) if isinstance(value, bool) else str(value)
+        if any(c in text for c in "|\n\r"):
+            raise ValueError(f"control field {key} has a '|' or a line break in {text!r:.60}")
+        parts.append(f"{key}={text}")
+    return ("|".join(parts) + "\n").encode()
+
+
+def encode_auth(
+    auth: str,
+    dataset: str,
+    *,
+    encoding: str = "dbn",
+    ts_out: bool | None = False,
+    compression: str | None = "none",
+    heartbeat_interval_s: int | None = None,
+    slow_reader_behavior: str | None = None,
+    extra: Mapping[str, FieldValue] | None = None,
+    client: str | None = None,
+) -> bytes:
+    """The authentication request; ``auth`` is ``cram_response(challenge, key)``.
+
+    ``extra`` fields (tests that send what no client would) go just before ``client``.
+    """
+    fields: dict[str, FieldValue] = {
+        "auth": auth,
+        "dataset": dataset,
+        "encoding": encoding,
+        "ts_out": ts_out,
+        "compression": compression,
+        "heartbeat_interval_s": heartbeat_interval_s,
+        "slow_reader_behavior": slow_reader_behavior,
+    }
+    for key, value in (extra or {}).items():
+        fields.pop(key, None)
+        fields[key] = value
+    fields["client"] = client
+    return encode_fields(fields)
+
+
+def encode_subscription(
+    schema: str,
+    symbols: Sequence[str] | str,
+    *,
+    stype_in: str | None = "raw_symbol",
+    snapshot: bool | None = False,
+    sub_id: int | None = None,
+    is_last: bool | None = True,
+) -> bytes:
+    """One subscription line; ``symbols`` a list (joined with ``,``) or one string."""
+    text = symbols if isinstance(symbols, str) else ",".join(symbols)
+    return encode_fields(
+        {
+            "schema": schema,
+            "stype_in": stype_in,
+            "symbols": text,
+            "snapshot": snapshot,
+            "id": sub_id,
+            "is_last": is_last,
+        }
+    )
+
+
+def encode_subscriptions(
+    schema: str,
+    symbols: Sequence[str] | str,
+    *,
+    stype_in: str = "raw_symbol",
+    sub_id: int,
+    chunk: int = SYMBOL_CHUNK,
+) -> bytes:
+    """A subscription as lines of at most ``chunk`` symbols, ``is_last=1`` on the final
+    one (one line with no symbols for an empty list), as the project's client sends it."""
+    items = [symbols] if isinstance(symbols, str) else list(symbols)
+    parts = [items[i : i + chunk] for i in range(0, len(items), chunk)] or [[]]
+    return b"".join(
+        encode_subscription(
+            schema, part, stype_in=stype_in, sub_id=sub_id, is_last=n == len(parts) - 1
+        )
+        for n, part in enumerate(parts)
+    )

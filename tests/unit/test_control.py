@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import re
 
 import pytest
 
@@ -335,3 +336,183 @@ def test_cram_response_is_sha256_of_challenge_bar_key_then_bucket():
     assert control.cram_response(challenge, key) == f"{digest}-AbC12"
     # The gateway checks answers with the same function (one implementation).
     assert auth.cram_response is control.cram_response
+
+
+KEY = "db-" + "k" * 27 + "AbC12"
+
+
+def _old_client_auth(challenge, key, dataset, ts_out, compression, hb, slow, name):
+    """The authentication line exactly as gateway/client.py built it by hand before."""
+    digest = hashlib.sha256(f"{challenge}|{key}".encode()).hexdigest()
+    fields = [
+        f"auth={digest}-{key[-5:]}",
+        f"dataset={dataset}",
+        "encoding=dbn",
+        f"ts_out={int(ts_out)}",
+        f"compression={compression}",
+    ]
+    if hb is not None:
+        fields.append(f"heartbeat_interval_s={hb}")
+    if slow is not None:
+        fields.append(f"slow_reader_behavior={slow}")
+    fields.append(f"client={name}")
+    return ("|".join(fields) + "\n").encode()
+
+
+def _old_client_subscribe(schema, items, stype_in, sub_id):
+    """The subscription lines exactly as gateway/client.py built them by hand before."""
+    chunks = [items[i : i + 500] for i in range(0, len(items), 500)] or [[]]
+    lines = []
+    for n, chunk in enumerate(chunks):
+        last = int(n == len(chunks) - 1)
+        lines.append(
+            f"schema={schema}|stype_in={stype_in}|symbols={','.join(chunk)}"
+            f"|snapshot=0|id={sub_id}|is_last={last}\n"
+        )
+    return "".join(lines).encode()
+
+
+@pytest.mark.parametrize(
+    ("ts_out", "compression", "hb", "slow", "name"),
+    [
+        (False, "none", None, None, "gateway-client"),
+        (True, "zstd", 10, "skip", "probe"),
+        (False, "none", None, "warn", "bench"),
+        (True, "none", 1800, None, "x=y/1.0 Linux"),
+    ],
+)
+def test_encode_auth_is_the_bytes_the_client_sent(ts_out, compression, hb, slow, name):
+    challenge = "Q" * 32
+    got = control.encode_auth(
+        control.cram_response(challenge, KEY),
+        "GLBX.MDP3",
+        ts_out=ts_out,
+        compression=compression,
+        heartbeat_interval_s=hb,
+        slow_reader_behavior=slow,
+        client=name,
+    )
+    assert got == _old_client_auth(challenge, KEY, "GLBX.MDP3", ts_out, compression, hb, slow, name)
+    req = parse_auth(parse_fields(got[:-1]))
+    assert req == AuthRequest(
+        auth=control.cram_response(challenge, KEY),
+        dataset="GLBX.MDP3",
+        ts_out=ts_out,
+        compression=compression,
+        heartbeat_interval_s=hb,
+        slow_reader_behavior=slow,
+        client=name,
+    )
+
+
+def test_encode_auth_optional_keys_and_extra():
+    line = control.encode_auth(
+        "r", "D", ts_out=None, compression=None, extra={"heartbeat_interval_s": 2}, client="t"
+    )
+    assert line == b"auth=r|dataset=D|encoding=dbn|heartbeat_interval_s=2|client=t\n"
+    assert control.encode_auth("r", "D") == (
+        b"auth=r|dataset=D|encoding=dbn|ts_out=0|compression=none\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("schema", "items", "stype_in", "sub_id"),
+    [
+        ("trades", ["AAPL", "MSFT"], "raw_symbol", 1),
+        ("mbp-1", ["ALL_SYMBOLS"], "instrument_id", 7),
+        ("trades", [], "raw_symbol", 2),
+        ("mbp-10", [f"S{i}" for i in range(1001)], "raw_symbol", 3),
+        ("ohlcv-1s", [f"S{i}" for i in range(500)], "raw_symbol", 4),
+    ],
+)
+def test_encode_subscriptions_is_the_bytes_the_client_sent(schema, items, stype_in, sub_id):
+    got = control.encode_subscriptions(schema, items, stype_in=stype_in, sub_id=sub_id)
+    assert got == _old_client_subscribe(schema, items, stype_in, sub_id)
+    lines = got.split(b"\n")[:-1]
+    assert len(lines) == max(1, -(-len(items) // 500))
+    reqs = [parse_subscription(parse_fields(line)) for line in lines]
+    assert [s for r in reqs for s in r.symbol_list] == items
+    assert [r.is_last for r in reqs] == [False] * (len(reqs) - 1) + [True]
+    assert {(r.schema, r.stype_in, r.id, r.snapshot) for r in reqs} == {
+        (schema, stype_in, sub_id, False)
+    }
+
+
+def test_encode_subscription_string_symbols_and_left_out_keys():
+    assert control.encode_subscription("trades", "ALL_SYMBOLS", snapshot=None, is_last=None) == (
+        b"schema=trades|stype_in=raw_symbol|symbols=ALL_SYMBOLS\n"
+    )
+    line = control.encode_subscription("mbp-1", ["A", "B"], sub_id=0, is_last=False)
+    assert line == b"schema=mbp-1|stype_in=raw_symbol|symbols=A,B|snapshot=0|id=0|is_last=0\n"
+    assert parse_subscription(parse_fields(line[:-1])).id == 0
+
+
+def test_start_session_line_parses():
+    assert control.START_SESSION == b"start_session\n"
+    assert list(parse_fields(control.START_SESSION[:-1])) == ["start_session"]
+
+
+@pytest.mark.parametrize(
+    ("fields_in", "named"),
+    [
+        ({"symbols": "A|B"}, "symbols"),
+        ({"client": "two\nlines"}, "client"),
+        ({"client": "cr\r"}, "client"),
+        ({"a=b": "1"}, "a=b"),
+        ({"": "1"}, "''"),
+    ],
+)
+def test_encode_fields_refuses_what_would_not_read_back(fields_in, named):
+    with pytest.raises(ValueError, match=re.escape(named)):
+        control.encode_fields(fields_in)
+
+
+def test_encode_fields_round_trips_through_parse_fields():
+    src = {"a": "1", "b": "x=y", "c": "", "d": True, "e": 0, "f": None}
+    line = control.encode_fields(src)
+    assert line == b"a=1|b=x=y|c=|d=1|e=0\n"
+    assert parse_fields(line[:-1]) == {"a": "1", "b": "x=y", "c": "", "d": "1", "e": "0"}
+
+
+async def test_live_client_sends_the_codec_bytes():
+    """What LiveClient writes on a real socket: the same bytes as before the codec."""
+    import asyncio
+
+    from gateway.client import LiveClient
+
+    got = bytearray()
+    done = asyncio.Event()
+
+    async def serve(reader, writer):
+        writer.write(b"lsg_version=0.1.0\ncram=" + b"Z" * 32 + b"\n")
+        got.extend(await reader.readline())
+        writer.write(b"success=1|session_id=9\n")
+        while b"start_session\n" not in got:
+            more = await reader.read(65536)
+            if not more:
+                break
+            got.extend(more)
+        done.set()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        client = await LiveClient.connect(
+            "127.0.0.1", port, KEY, "DEMO.SYNTH", heartbeat_interval_s=15, ts_out=True
+        )
+        symbols = [f"S{i}" for i in range(600)]
+        assert await client.subscribe("trades", symbols) == 1
+        client.started = True  # the fake server sends no Metadata: write start by hand
+        client._writer.write(control.START_SESSION)
+        await asyncio.wait_for(done.wait(), 10)
+        await client.close()
+    finally:
+        server.close()
+        await server.wait_closed()
+    expected = (
+        _old_client_auth("Z" * 32, KEY, "DEMO.SYNTH", True, "none", 15, None, "gateway-client")
+        + _old_client_subscribe("trades", symbols, "raw_symbol", 1)
+        + b"start_session\n"
+    )
+    assert bytes(got) == expected
