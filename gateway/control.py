@@ -210,6 +210,10 @@ def encode_fields(fields: Mapping[str, FieldValue]) -> bytes:
     naming the field, for a key or value that would not read back as that one field (a
     ``|`` or line break anywhere, an ``=`` or nothing in a key).
     """
+    return ("|".join(_field_parts(fields)) + "\n").encode()
+
+
+def _field_parts(fields: Mapping[str, FieldValue]) -> list[str]:
     parts = []
     for key, value in fields.items():
         if value is None:
@@ -220,7 +224,7 @@ def encode_fields(fields: Mapping[str, FieldValue]) -> bytes:
         if any(c in text for c in "|\n\r"):
             raise ValueError(f"control field {key} has a '|' or a line break in {text!r:.60}")
         parts.append(f"{key}={text}")
-    return ("|".join(parts) + "\n").encode()
+    return parts
 
 
 def encode_auth(
@@ -237,22 +241,23 @@ def encode_auth(
 ) -> bytes:
     """The authentication request; ``auth`` is ``cram_response(challenge, key)``.
 
-    ``extra`` fields (tests that send what no client would) go just before ``client``.
+    ``extra`` fields (tests that send what no client would) go as given just before
+    ``client``, even a key already written (the gateway keeps the last one).
     """
-    fields: dict[str, FieldValue] = {
-        "auth": auth,
-        "dataset": dataset,
-        "encoding": encoding,
-        "ts_out": ts_out,
-        "compression": compression,
-        "heartbeat_interval_s": heartbeat_interval_s,
-        "slow_reader_behavior": slow_reader_behavior,
-    }
-    for key, value in (extra or {}).items():
-        fields.pop(key, None)
-        fields[key] = value
-    fields["client"] = client
-    return encode_fields(fields)
+    parts = _field_parts(
+        {
+            "auth": auth,
+            "dataset": dataset,
+            "encoding": encoding,
+            "ts_out": ts_out,
+            "compression": compression,
+            "heartbeat_interval_s": heartbeat_interval_s,
+            "slow_reader_behavior": slow_reader_behavior,
+        }
+    )
+    parts += _field_parts(extra or {})
+    parts += _field_parts({"client": client})
+    return ("|".join(parts) + "\n").encode()
 
 
 def encode_subscription(

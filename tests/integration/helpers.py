@@ -2,25 +2,48 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import hashlib
-import inspect
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from tests.conftest import DBN_SAMPLES, TEST_LOOP
+from tests.support import wire as _wire
+from tests.support.prometheus import Samples, metric, parse_samples
+from tests.support.waiting import apoll_until, poll_until
+from tests.support.wire import error_texts, split_records
+
+__all__ = [
+    "DATA",
+    "KEY",
+    "OTHER_KEY",
+    "ROOT",
+    "GatewayProcess",
+    "OfficialSession",
+    "RawClient",
+    "apoll_until",
+    "data_records",
+    "error_texts",
+    "gateway",
+    "http_get",
+    "metric",
+    "metric_at_least",
+    "metric_samples",
+    "poll_until",
+    "split_records",
+    "start_gateway",
+    "synthetic_records",
+    "synthetic_trades",
+]
 
 KEY = "db-TESTKEY0000000000000000000000"
 OTHER_KEY = "db-OTHERKEY000000000000000000000"
@@ -158,83 +181,11 @@ def gateway(*args: str, **kwargs: Any) -> Iterator[GatewayProcess]:
 # --- raw protocol helpers (for hostile and precise tests) -------------------------------
 
 
-class RawClient:
-    def __init__(self, port: int, timeout: float = 10.0) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-        self.buf = b""
-
-    def line(self) -> str:
-        while b"\n" not in self.buf:
-            data = self.sock.recv(65536)
-            if not data:
-                raise EOFError(f"closed; have {self.buf!r}")
-            self.buf += data
-        line, _, self.buf = self.buf.partition(b"\n")
-        return line.decode()
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def read_all(self, limit: float = 10.0) -> bytes:
-        """Everything until the gateway closes the connection."""
-        self.sock.settimeout(limit)
-        out = self.buf
-        self.buf = b""
-        while True:
-            try:
-                data = self.sock.recv(65536)
-            except (ConnectionResetError, TimeoutError):
-                break
-            if not data:
-                break
-            out += data
-        return out
-
-    def recv_some(self, limit: float = 5.0) -> bytes:
-        self.sock.settimeout(limit)
-        if self.buf:
-            out, self.buf = self.buf, b""
-            return out
-        return self.sock.recv(1 << 20)
+class RawClient(_wire.RawClient):
+    """``tests.support.wire.RawClient`` whose handshake defaults to the suite's ``KEY``."""
 
     def handshake(self, key: str = KEY, dataset: str = "DEMO.SYNTH", extra: str = "") -> str:
-        assert self.line().startswith("lsg_version=")
-        cram = self.line()
-        assert cram.startswith("cram=")
-        challenge = cram[5:]
-        digest = hashlib.sha256(f"{challenge}|{key}".encode()).hexdigest()
-        self.send(
-            f"auth={digest}-{key[-5:]}|dataset={dataset}|encoding=dbn|ts_out=0|"
-            f"compression=none{extra}|client=test\n".encode()
-        )
-        return self.line()
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-def split_records(data: bytes) -> tuple[bytes, list[bytes]]:
-    """(Metadata header, records) of an uncompressed DBN stream."""
-    assert data[:3] == b"DBN", data[:40]
-    length = int.from_bytes(data[4:8], "little")
-    head, rest = data[: 8 + length], data[8 + length :]
-    records = []
-    off = 0
-    while off < len(rest):
-        size = rest[off] * 4
-        records.append(rest[off : off + size])
-        off += size
-    assert off == len(rest)
-    return head, records
-
-
-def error_texts(records: list[bytes]) -> list[tuple[int, str]]:
-    """(code, text) of every ErrorMsg record."""
-    out = []
-    for rec in records:
-        if rec[1] == 0x15:
-            out.append((rec[318], rec[16:318].split(b"\0", 1)[0].decode()))
-    return out
+        return super().handshake(key, dataset, extra)
 
 
 # --- the official client ------------------------------------------------------------------
@@ -319,75 +270,11 @@ def http_get(port: int, path: str, timeout: float = 5.0) -> tuple[int, str]:
         return exc.code, body
 
 
-def metric_samples(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+def metric_samples(port: int) -> Samples:
     """Every sample of /metrics, parsed with prometheus-client's own parser."""
-    from prometheus_client.parser import text_string_to_metric_families
-
     status, text = http_get(port, "/metrics")
     assert status == 200
-    out = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return out
-
-
-def metric(
-    samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str
-) -> float:
-    """Sum of the samples of ``name`` whose labels include ``labels``."""
-    total = 0.0
-    for (n, lab), v in samples.items():
-        d = dict(lab)
-        if n == name and all(d.get(k) == val for k, val in labels.items()):
-            total += v
-    return total
-
-
-# --- waiting for a condition ----------------------------------------------------------------
-
-_T = TypeVar("_T")
-
-
-def _poll_failed(what: str, predicate: Any, timeout: float, last: Any) -> AssertionError:
-    name = what or getattr(predicate, "__qualname__", repr(predicate))
-    return AssertionError(f"timed out after {timeout:g} s waiting for {name}; last value: {last!r}")
-
-
-def poll_until(
-    predicate: Callable[[], _T], timeout: float = 15.0, interval: float = 0.02, what: str = ""
-) -> _T:
-    """Call ``predicate`` until it returns something truthy and return that; AssertionError
-    naming ``what`` (and the last value) after ``timeout`` s. The one wait loop of the suite:
-    tests poll for the condition they need instead of sleeping a fixed time."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise _poll_failed(what, predicate, timeout, value)
-        time.sleep(interval)
-
-
-async def apoll_until(
-    predicate: Callable[[], _T | Awaitable[_T]],
-    timeout: float = 15.0,
-    interval: float = 0.02,
-    what: str = "",
-) -> _T:
-    """poll_until for a test running on the event loop: waits with ``asyncio.sleep`` so the
-    test's own clients keep running. ``predicate`` may return an awaitable (a coroutine, or
-    ``asyncio.to_thread(...)`` for blocking work such as an HTTP scrape of a busy gateway)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        value = await result if inspect.isawaitable(result) else result
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise _poll_failed(what, predicate, timeout, value)
-        await asyncio.sleep(interval)
+    return parse_samples(text)
 
 
 def metric_at_least(

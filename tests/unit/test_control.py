@@ -516,3 +516,9 @@ async def test_live_client_sends_the_codec_bytes():
         + b"start_session\n"
     )
     assert bytes(got) == expected
+
+
+def test_encode_auth_extra_keeps_a_repeated_key_where_it_is_given():
+    line = control.encode_auth("r", "D", extra={"ts_out": 1}, client="t")
+    assert line == b"auth=r|dataset=D|encoding=dbn|ts_out=0|compression=none|ts_out=1|client=t\n"
+    assert parse_auth(parse_fields(line[:-1])).ts_out is True
