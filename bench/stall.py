@@ -20,7 +20,6 @@ with this environment's Python: before/after figures on one machine in one run.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import socket
 import subprocess
@@ -29,9 +28,14 @@ import threading
 import time
 from pathlib import Path
 
+from gateway import control
 from gateway.dbn import encode_publisher_metadata
 
 KEY = "db-STALLBENCH00000000000000000000"[:32]
+#: ALL_SYMBOLS trades with only the keys the gateway needs (no snapshot, id, is_last)
+_ALL_TRADES = control.encode_subscription(
+    "trades", control.ALL_SYMBOLS, snapshot=None, is_last=None
+)
 
 
 class Reader(threading.Thread):
@@ -74,10 +78,7 @@ def handshake(port: int, dataset: str) -> socket.socket:
     while buf.count(b"\n") < 2:
         buf += sock.recv(4096)
     challenge = buf.split(b"cram=", 1)[1].split(b"\n", 1)[0].decode()
-    digest = hashlib.sha256(f"{challenge}|{KEY}".encode()).hexdigest()
-    sock.sendall(
-        f"auth={digest}-{KEY[-5:]}|dataset={dataset}|encoding=dbn|compression=none\n".encode()
-    )
+    sock.sendall(control.encode_auth(control.cram_response(challenge, KEY), dataset, ts_out=None))
     reply = b""
     while not reply.endswith(b"\n"):
         reply += sock.recv(1)
@@ -115,7 +116,7 @@ def start_gateway(tree: Path, feeds: dict[str, str]) -> tuple[subprocess.Popen[s
 
 def bystander(port: int) -> Reader:
     sock = handshake(port, "BYST")
-    sock.sendall(b"schema=trades|stype_in=raw_symbol|symbols=ALL_SYMBOLS\nstart_session\n")
+    sock.sendall(_ALL_TRADES + control.START_SESSION)
     reader = Reader(sock)
     reader.start()
     return reader
@@ -138,8 +139,13 @@ def unknown_then_metadata(tree: Path, n: int) -> tuple[float, float]:
         for i in range(0, n, 5000):
             last = int(i + 5000 >= n)
             part = ",".join(names[i : i + 5000])
-            victim.sendall(f"schema=trades|id=1|is_last={last}|symbols={part}\n".encode())
-        victim.sendall(b"start_session\n")
+            # id and is_last before symbols: a key order no client uses, parsed by key
+            victim.sendall(
+                control.encode_fields(
+                    {"schema": "trades", "id": 1, "is_last": last, "symbols": part}
+                )
+            )
+        victim.sendall(control.START_SESSION)
         drain = Reader(victim)
         drain.start()
         wait_quiet(drain)
@@ -169,9 +175,7 @@ def all_symbols_flood(tree: Path, lines: int) -> tuple[float, float]:
         drain = Reader(victim)
         drain.start()
         start = time.monotonic()
-        victim.sendall(
-            b"schema=trades|stype_in=raw_symbol|symbols=ALL_SYMBOLS\n" * lines + b"start_session\n"
-        )
+        victim.sendall(_ALL_TRADES * lines + control.START_SESSION)
         wait_quiet(drain, after=100_000 * 176, limit=120)
         end = time.monotonic() + 0.5
         time.sleep(0.5)

@@ -17,7 +17,6 @@ The harness drives a worker over a pipe::
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import select
 import socket
@@ -53,6 +52,7 @@ from bench.records import (
     symbol_of,
     zmq_topic,
 )
+from gateway import control
 
 __all__ = ["ConnResult", "ConnSpec", "ReadyReport", "WorkerConfig", "WorkerResult", "worker_main"]
 
@@ -203,18 +203,17 @@ class _Conn:
             cram = lines[1].decode()
             if not cram.startswith("cram="):
                 raise ParseError(f"gateway: expected cram=, got {cram[:60]!r}")
-            challenge = cram[5:]
-            digest = hashlib.sha256(f"{challenge}|{API_KEY}".encode()).hexdigest()
-            auth = (
-                f"auth={digest}-{API_KEY[-5:]}|dataset={DATASET}|encoding=dbn|ts_out=0|"
-                f"compression={'zstd' if spec.zstd else 'none'}|"
-                "slow_reader_behavior=warn|client=bench"
+            auth = control.encode_auth(
+                control.cram_response(cram[5:], API_KEY),
+                DATASET,
+                compression="zstd" if spec.zstd else "none",
+                heartbeat_interval_s=spec.heartbeat_s or None,
+                slow_reader_behavior="warn",
+                client="bench",
             )
-            if spec.heartbeat_s:
-                auth += f"|heartbeat_interval_s={spec.heartbeat_s}"
             self.inbuf = b"\n".join(lines[2:])
             self.state = "auth"
-            return auth.encode() + b"\n"
+            return auth
         if self.state == "auth":
             if len(lines) < 2:
                 return b""
@@ -223,18 +222,18 @@ class _Conn:
                 raise ParseError(f"gateway refused the session: {reply[:200]}")
             self.inbuf = b"\n".join(lines[1:])
             if spec.instruments is None:
-                subs = "schema=mbp-1|stype_in=instrument_id|symbols=ALL_SYMBOLS"
+                out = control.encode_subscription(
+                    "mbp-1", control.ALL_SYMBOLS, stype_in="instrument_id", sub_id=1
+                )
             else:
-                symbols = ",".join(symbol_of(i) for i in spec.instruments)
-                subs = f"schema=mbp-1|stype_in=raw_symbol|symbols={symbols}"
-            out = f"{subs}|snapshot=0|id=1|is_last=1\n"
+                symbols = [symbol_of(i) for i in spec.instruments]
+                out = control.encode_subscription("mbp-1", symbols, sub_id=1)
             if spec.distinct_tag is not None:
-                out += (
-                    f"schema=trades|stype_in=instrument_id|symbols={spec.distinct_tag}"
-                    "|snapshot=0|id=2|is_last=1\n"
+                out += control.encode_subscription(
+                    "trades", str(spec.distinct_tag), stype_in="instrument_id", sub_id=2
                 )
             self.state = "streaming"
-            return (out + "start_session\n").encode()
+            return out + control.START_SESSION
         return b""
 
     def _nats_handshake(self) -> bytes:

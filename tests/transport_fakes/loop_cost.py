@@ -26,7 +26,6 @@ Not part of the test suite (no timed assertions in tests); prints one line per r
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import re
@@ -39,6 +38,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from gateway import control
 
 KEY = "db-BENCHKEY000000000000000000000"
 ROOT = Path(__file__).resolve().parents[2]
@@ -146,13 +147,11 @@ def _subscribe(port: int) -> socket.socket:
     buf = bytearray()
     _line(sock, buf)
     challenge = _line(sock, buf)[len("cram=") :]
-    digest = hashlib.sha256(f"{challenge}|{KEY}".encode()).hexdigest()
-    sock.sendall(
-        f"auth={digest}-{KEY[-5:]}|dataset=BENCH.MBP|encoding=dbn|ts_out=0|"
-        "compression=none|client=loop_cost\n".encode()
-    )
+    auth = control.cram_response(challenge, KEY)
+    sock.sendall(control.encode_auth(auth, "BENCH.MBP", client="loop_cost"))
     assert _line(sock, buf).startswith("success=1"), "auth failed"
-    sock.sendall(b"schema=mbp-1|stype_in=raw_symbol|symbols=ALL_SYMBOLS\nstart_session\n")
+    sub = control.encode_subscription("mbp-1", control.ALL_SYMBOLS, snapshot=None, is_last=None)
+    sock.sendall(sub + control.START_SESSION)
     return sock
 
 
