@@ -11,8 +11,9 @@ import pytest
 from gateway import dbn
 from gateway.control import ALL_SYMBOLS
 from gateway.fanout import FanOut
-from gateway.feeds.base import Feed, resolution_errors
+from gateway.feeds.base import Feed
 from gateway.session import Subscription
+from gateway.subscriptions import resolution_errors
 
 from .conftest import NOW_NS, decode, split_records, trade
 
@@ -270,9 +271,9 @@ def test_leave_drops_queued_work_and_index_entries():
     feed.leave(member)
     while loop.run_one():
         pass
-    assert feed._want_raw == {}
+    assert feed.subscriptions.want_raw == {}
     feed.learn_many([("S1", 1)])
-    assert feed._work == {}
+    assert feed.subscriptions.work == {}
 
 
 def test_resolution_errors_are_coalesced_and_bounded():
@@ -344,4 +345,4 @@ def test_member_cut_while_written_to_is_not_put_back():
     while loop.run_one():
         pass
     assert feed.fanout.spec_of(member) is None
-    assert member not in feed.members and feed._work == {}
+    assert member not in feed.members and feed.subscriptions.work == {}
