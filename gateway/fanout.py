@@ -73,7 +73,7 @@ class Group:
     _filters: list[tuple[int, npt.NDArray[np.uint32]]] = field(default_factory=list)
     _all_array: npt.NDArray[np.uint8] = field(default_factory=lambda: np.zeros(0, np.uint8))
     _filter_lists: list[tuple[int, list[int]]] = field(default_factory=list)
-    #: variants written to members (each write of the shared object counts once)
+    #: writes of this group's variants (one per member per chunk) and variants it built
     writes: int = 0
     builds: int = 0
 
@@ -212,7 +212,6 @@ class FanOut:
         self._plan: _FilterPlan | None = None
         self._plan_stale = False
         self._plan_built_at = float("-inf")
-        self.plan_builds = 0
 
     # --- membership -------------------------------------------------------------------
 
@@ -291,7 +290,6 @@ class FanOut:
         self._plan = plan = _FilterPlan.build(self.groups)
         self._plan_stale = False
         self._plan_built_at = now
-        self.plan_builds += 1
         return plan
 
     def _variant(

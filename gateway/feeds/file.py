@@ -99,7 +99,6 @@ class FileSource:
         self._resume = asyncio.Event()
         self._resume.set()
         feed.flow_listeners.append(self._on_flow)
-        self.passes = 0
         self.failures = 0
 
     def _on_flow(self, paused: bool) -> None:
@@ -159,7 +158,6 @@ class FileSource:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RETRY_MAX_S)
                 continue
-            self.passes += 1
             delay = RETRY_FIRST_S
             if not self.loop:
                 log.info("feed %s: replay of %s finished", feed.dataset, self.path)

@@ -134,8 +134,6 @@ class IngestSource:
         self.server: asyncio.Server | None = None
         self.active: _Publisher | None = None
         self.publishers_seen = 0
-        #: publishers dropped for invalid DBN
-        self.errors = 0
         #: connections refused because their address is not in ``allow``
         self.refused = 0
         #: newcomers refused because a live publisher holds the slot
@@ -324,12 +322,10 @@ class _Publisher(asyncio.Protocol):
             if self.decoder.error is not None:
                 raise self.decoder.error
         except DbnError as exc:
-            self.source.errors += 1
             feed.invalid_inputs += 1
             log.error("feed %s: publisher %s sent invalid DBN: %s", feed.dataset, self.peer, exc)
             self.drop(f"publisher sent invalid DBN; {_WAITING}")
         except Exception:
-            self.source.errors += 1
             log.exception("feed %s: publisher %s dropped: internal error", feed.dataset, self.peer)
             self.drop(f"publisher dropped (internal error); {_WAITING}")
 

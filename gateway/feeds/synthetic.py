@@ -3,7 +3,8 @@
 Records are generated with numpy structured arrays (one array per schema per tick), so
 the feed costs a few vectorised operations per tick however high the rate. The same
 seed gives the same instruments, prices and sizes; timestamps are wall-clock.
-Every record carries a per-feed ``sequence`` number, which tests use to check order.
+Every trade and MBP-1 record carries a per-feed ``sequence`` number, which tests use to
+check order.
 
 ``rate`` is at most ``MAX_RATE`` (1,000,000 records/s): far above what one gateway core
 fans out, and small enough that a tick's arrays stay a few MB. After a stall the feed
@@ -89,7 +90,9 @@ SCHEMAS: Final = ("trades", "mbp-1", "ohlcv-1s")
 
 @dataclass(frozen=True)
 class SyntheticOptions:
-    rate: float = 2000.0  # records per second, trades + mbp-1
+    #: trades and mbp-1 records per second (a quarter of them trades when both are on);
+    #: ohlcv-1s bars come on top, one per traded instrument a second
+    rate: float = 2000.0
     instruments: int = 50
     seed: int = 7
     tick_s: float = 0.01
@@ -107,7 +110,7 @@ def instrument_table(count: int) -> list[tuple[str, int]]:
 
 
 class SyntheticGenerator:
-    """Pure generator: ``make(n, now_ns)`` returns chunks of whole records."""
+    """Pure generator: ``make(n, now_ns, span_ns)`` returns chunks of whole records."""
 
     def __init__(self, options: SyntheticOptions) -> None:
         self.options = options
