@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import dataclasses
 import multiprocessing
 import os
@@ -59,9 +58,11 @@ from typing import Any
 
 import numpy as np
 
+from gateway import control
 from gateway.client import FrameDecompressor
 from gateway.feeds.synthetic import instrument_table
 from gateway.server import ConnectionLimits
+from tests.support.wire import AsyncRawClient, error_records
 
 CUT_GRACE_S = ConnectionLimits().cut_grace_s  # the default, which the soak does not change
 
@@ -93,6 +94,7 @@ SYS_WARNING = 2
 SKIP_TEXT = re.compile(r"Skipped (\d+) records after slow reading")
 MASK64 = (1 << 64) - 1
 UNKNOWN_SYMBOL = "NOSUCH.SYM"
+SOAK_CLIENT = "soak"
 
 
 # --- configuration ------------------------------------------------------------------------
@@ -223,13 +225,17 @@ class Plan:
                 half = len(symbols) // 2
                 chunks = [symbols[:half], symbols[half:]]
             for n, chunk in enumerate(chunks):
-                last = int(n == len(chunks) - 1)
                 out.append(
-                    f"schema={schema}|stype_in={self.stype}|symbols={','.join(chunk)}"
-                    f"|snapshot=0|id={sub_id}|is_last={last}\n"
+                    control.encode_subscription(
+                        schema,
+                        chunk,
+                        stype_in=self.stype,
+                        sub_id=sub_id,
+                        is_last=n == len(chunks) - 1,
+                    )
                 )
-        out.append(self.start_line + "\n")
-        return "".join(out).encode()
+        out.append(self.start_line.encode() + b"\n")
+        return b"".join(out)
 
     def record_bytes(self, rate: float) -> float:
         """Bytes per second the subscription receives at ``rate`` (ALL_SYMBOLS only)."""
@@ -586,15 +592,23 @@ class Env:
 
 
 def auth_line(
-    challenge: str, key: str, dataset: str, *, ts_out: bool = False, extra: str = ""
+    challenge: str,
+    key: str,
+    dataset: str,
+    *,
+    ts_out: bool = False,
+    compression: str | None = None,
+    slow_reader_behavior: str | None = None,
 ) -> bytes:
-    import hashlib
-
-    digest = hashlib.sha256(f"{challenge}|{key}".encode()).hexdigest()
-    return (
-        f"auth={digest}-{key[-5:]}|dataset={dataset}|encoding=dbn|ts_out={int(ts_out)}"
-        f"{extra}|client=soak\n"
-    ).encode()
+    """The soak's authentication request (no ``compression`` key unless given)."""
+    return control.encode_auth(
+        control.cram_response(challenge, key),
+        dataset,
+        ts_out=ts_out,
+        compression=compression,
+        slow_reader_behavior=slow_reader_behavior,
+        client=SOAK_CLIENT,
+    )
 
 
 class SoakSession(asyncio.Protocol):
@@ -722,10 +736,14 @@ class SoakSession(asyncio.Protocol):
             elif self.phase == 1:
                 if not line.startswith("cram="):
                     raise StreamError(f"no challenge: {line!r}")
-                extra = f"|compression={'zstd' if plan.zstd else 'none'}"
-                if plan.behavior is not None:
-                    extra += f"|slow_reader_behavior={plan.behavior}"
-                out = auth_line(line[5:], env.key, env.dataset, ts_out=plan.ts_out, extra=extra)
+                out = auth_line(
+                    line[5:],
+                    env.key,
+                    env.dataset,
+                    ts_out=plan.ts_out,
+                    compression="zstd" if plan.zstd else "none",
+                    slow_reader_behavior=plan.behavior,
+                )
                 if plan.pipelined:
                     out += plan.lines()
                 assert self.transport is not None
@@ -930,145 +948,22 @@ HOSTILE_ACTIONS = (
 )
 
 
-@dataclass
-class Hostile:
-    port: int
-    key: str
-    dataset: str
-    rng: random.Random
-    max_line: int = 128 * 1024
-    limit_s: float = 8.0
-    sock: socket.socket | None = None
-    buf: bytes = b""
+class Hostile(AsyncRawClient):
+    """A raw client that misbehaves on purpose (``tests.support.wire.AsyncRawClient``
+    plus random garbage)."""
 
-    @property
-    def loop(self) -> asyncio.AbstractEventLoop:
-        return asyncio.get_running_loop()
-
-    async def open(self, rcvbuf: int | None = None) -> None:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock = sock
-        if rcvbuf:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        sock.setblocking(False)
-        await asyncio.wait_for(self.loop.sock_connect(sock, (HOST, self.port)), 5)
-
-    async def send(self, data: bytes) -> bool:
-        assert self.sock is not None
-        try:
-            await asyncio.wait_for(self.loop.sock_sendall(self.sock, data), self.limit_s)
-        except (ConnectionError, BrokenPipeError):
-            return False
-        return True
-
-    async def recv(self, limit: float | None = None) -> bytes | None:
-        """Some bytes; b"" at EOF; None on reset or timeout (``self.ended`` tells)."""
-        assert self.sock is not None
-        try:
-            data = await asyncio.wait_for(
-                self.loop.sock_recv(self.sock, 1 << 18), limit or self.limit_s
-            )
-        except (ConnectionResetError, ConnectionAbortedError):
-            self.ended = "reset"
-            return None
-        except TimeoutError:
-            self.ended = "timeout"
-            return None
-        if not data:
-            self.ended = "eof"
-        return data
-
-    ended: str = ""
-
-    async def line(self) -> str | None:
-        while b"\n" not in self.buf:
-            data = await self.recv()
-            if not data:
-                return None
-            self.buf += data
-        line, _, self.buf = self.buf.partition(b"\n")
-        return line.decode("ascii", "replace")
-
-    async def to_end(self, limit: float | None = None, cap: int = 64 << 20) -> bytes:
-        """Everything until the gateway closes (``ended`` is eof, reset or timeout)."""
-        out = [self.buf]
-        self.buf = b""
-        size = 0
-        deadline = time.monotonic() + (limit or self.limit_s)
-        while size < cap:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                self.ended = "timeout"
-                break
-            data = await self.recv(left)
-            if not data:
-                break
-            out.append(data)
-            size += len(data)
-        return b"".join(out)
-
-    async def greeting(self) -> str | None:
-        if await self.line() is None:
-            return None
-        cram = await self.line()
-        return cram[5:] if cram and cram.startswith("cram=") else None
-
-    async def authed(self) -> bool:
-        challenge = await self.greeting()
-        if challenge is None:
-            return False
-        await self.send(auth_line(challenge, self.key, self.dataset))
-        reply = await self.line()
-        return bool(reply and reply.startswith("success=1"))
-
-    async def streaming(self, schema: str = "mbp-1") -> bool:
-        if not await self.authed():
-            return False
-        await self.send(f"schema={schema}|stype_in=raw_symbol|symbols=ALL_SYMBOLS\n".encode())
-        await self.send(b"start_session\n")
-        data = await self.recv()
-        if not data:
-            return False
-        self.buf = data
-        return data[:3] == b"DBN"
-
-    def reset(self) -> None:
-        if self.sock is not None:
-            with contextlib.suppress(OSError):
-                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            self.sock.close()
-
-    def half_close(self) -> None:
-        assert self.sock is not None
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_WR)
+    def __init__(
+        self, port: int, key: str, dataset: str, rng: random.Random, max_line: int = 128 * 1024
+    ) -> None:
+        super().__init__(port, key, dataset, host=HOST, client_name=SOAK_CLIENT)
+        self.rng = rng
+        self.max_line = max_line
 
     def garbage(self, size: int, newline: bool) -> bytes:
         data = self.rng.randbytes(size)
         if not newline:
             return data.replace(b"\n", b" ")
         return data + b"\n"
-
-    def close(self) -> None:
-        if self.sock is not None:
-            self.sock.close()
-
-
-def _error_records(stream: bytes) -> list[tuple[int, str]] | None:
-    """(code, text) of the ErrorMsgs of an uncompressed stream; None if it is not DBN."""
-    if stream[:3] != b"DBN" or len(stream) < 8:
-        return None
-    off = 8 + int.from_bytes(stream[4:8], "little")
-    out = []
-    while off < len(stream):
-        size = stream[off] * 4
-        if size < 16 or off + size > len(stream):
-            break
-        if stream[off + 1] == RTYPE_ERROR:
-            rec = stream[off : off + size]
-            out.append((rec[318], rec[16:318].split(b"\0", 1)[0].decode("utf-8", "replace")))
-        off += size
-    return out
 
 
 async def _hostile_action(h: Hostile, action: str) -> tuple[str, bool]:
@@ -1140,7 +1035,7 @@ async def _hostile_action(h: Hostile, action: str) -> tuple[str, bool]:
         if not reply or not reply.startswith("success=1"):
             return f"auth reply {reply!r}", False
         stream = await h.to_end()
-        errors = _error_records(stream)
+        errors = error_records(stream)
         ok = bool(errors) and errors[-1][0] == ERR_INVALID and h.ended != "timeout"  # type: ignore[index]
         return f"errors={errors} {h.ended}", ok
     if action == "post_start_garbage":
@@ -1148,7 +1043,7 @@ async def _hostile_action(h: Hostile, action: str) -> tuple[str, bool]:
             return "did not stream", False
         await h.send(h.garbage(rng.randint(0, 200), newline=True))
         stream = await h.to_end()
-        errors = _error_records(stream)
+        errors = error_records(stream)
         ok = bool(errors) and errors[-1][0] == ERR_INVALID and h.ended != "timeout"  # type: ignore[index]
         return f"errors={errors and errors[-1]} {h.ended}", ok
     if action == "stream_reset":
@@ -1179,7 +1074,10 @@ async def _hostile_action(h: Hostile, action: str) -> tuple[str, bool]:
         if challenge is None:
             return "no greeting", False
         data = auth_line(challenge, h.key, h.dataset)
-        data += b"schema=trades|stype_in=raw_symbol|symbols=ALL_SYMBOLS\nstart_session\n"
+        data += control.encode_subscription(
+            "trades", control.ALL_SYMBOLS, snapshot=None, is_last=None
+        )
+        data += control.START_SESSION
         i = 0
         while i < len(data):
             n = rng.randint(1, 9)
@@ -1212,11 +1110,16 @@ async def _hostile_action(h: Hostile, action: str) -> tuple[str, bool]:
         if not await h.authed():
             return "auth failed", False
         lines = b"".join(
-            f"schema={rng.choice(['trades', 'mbp-1', 'ohlcv-1s'])}|stype_in=raw_symbol|"
-            f"symbols={h.garbage(3, False).hex().upper()},AAPL|id={i}\n".encode()
+            control.encode_subscription(
+                rng.choice(["trades", "mbp-1", "ohlcv-1s"]),
+                [h.garbage(3, False).hex().upper(), "AAPL"],
+                snapshot=None,
+                sub_id=i,
+                is_last=None,
+            )
             for i in range(rng.randint(1, 40))
         )
-        await h.send(lines + b"start_session\n")
+        await h.send(lines + control.START_SESSION)
         head = await h.recv()
         h.close()
         return "subscribed", bool(head) and head[:3] == b"DBN"  # type: ignore[index]
