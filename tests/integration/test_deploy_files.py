@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -176,14 +177,15 @@ def test_onload_unit_waits_for_a_late_driver_instead_of_being_skipped() -> None:
 def test_launch_script_says_it_waits_for_the_driver_and_fails_clearly(tmp_path: Path) -> None:
     if Path("/sys/module/onload").exists():
         pytest.skip("this host has the onload driver loaded")
-    env = {**os.environ, "ONLOAD_WRAPPER": "/bin/true"}
+    # the launcher runs on the gateway's interpreter: this one
+    env = {**os.environ, "ONLOAD_WRAPPER": "/bin/true", "GATEWAY_PYTHON": sys.executable}
     out = _run(
         [
             "sh",
             str(DEPLOY / "launch-onload.sh"),
             "--dry-run",
             "--wait-driver=1",
-            "--python=/bin/sh",
+            f"--python={sys.executable}",
         ],
         env=env,
     )

@@ -4,7 +4,7 @@ the not-loaded policy, io_uring under a preload, socket tuning, and deploy/launc
 No bypass NIC is needed: an interposer library built here with gcc stands in for libonload
 (tests/transport_fakes/interposer.c, which counts the socket calls it wraps), and a fake
 ``onload`` wrapper with the real one's option handling goes first on PATH
-(tests/transport_fakes/onload). Both are described in shared/ONLOAD.md §6.
+(tests/transport_fakes/onload); each file's header says what it mimics.
 """
 
 from __future__ import annotations
