@@ -6,9 +6,10 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from gateway import __version__
 from gateway.config import (
@@ -27,6 +28,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEMO_KEY",
+    "SERVE_FLAGS",
+    "Flag",
     "build_parser",
     "check_config",
     "config_from_args",
@@ -56,6 +59,225 @@ Stop with Ctrl-C.
 """
 
 
+def _cpu_list(text: str) -> list[int]:
+    try:
+        return [int(c) for c in text.split(",") if c.strip()]
+    except ValueError:
+        raise ConfigError(
+            f"--cpu-affinity {text!r}: expected CPU numbers such as 2 or 2,3"
+        ) from None
+
+
+@dataclass(frozen=True)
+class Flag:
+    """One ``gateway serve`` option: how argparse reads it and which config field it
+    overrides. A row with a ``path`` is applied by :func:`config_from_args` when the option is
+    given; ``--config``, the key and feed options (added to lists, with their own checks) and
+    ``--print-connect-help`` have none."""
+
+    name: str
+    help: str
+    #: the config field it overrides: ``port``, ``transport.kind``, ``strobe.enabled``
+    path: str | None = None
+    #: argparse ``type``: turns the option's text into a value
+    value_type: Callable[[str], Any] | None = None
+    metavar: str | None = None
+    choices: tuple[str, ...] | None = None
+    #: argparse action: ``append`` (a list, default []), ``store_const`` (``const`` or None),
+    #: ``store_true``, ``argparse.BooleanOptionalAction``
+    action: str | type[argparse.Action] | None = None
+    const: Any = None
+    #: the parsed value -> the field's value (a ConfigError names the flag)
+    convert: Callable[[Any], Any] | None = None
+    #: the --help section (None: the options)
+    group: str | None = None
+
+    @property
+    def dest(self) -> str:
+        return self.name.lstrip("-").replace("-", "_")
+
+    def argparse_kwargs(self) -> dict[str, Any]:
+        kw: dict[str, Any] = {"help": self.help}
+        if self.value_type is not None:
+            kw["type"] = self.value_type
+        for key in ("metavar", "choices", "action", "const"):
+            if getattr(self, key) is not None:
+                kw[key] = getattr(self, key)
+        if self.action == "append":
+            kw["default"] = []
+        elif self.action is argparse.BooleanOptionalAction:
+            kw["default"] = None
+        return kw
+
+
+TRANSPORT = "transport (see README: Kernel bypass)"
+STROBE = "uptime strobe (see README: Operating it)"
+
+#: every ``gateway serve`` option, in --help order: adding an override is one row
+SERVE_FLAGS: tuple[Flag, ...] = (
+    Flag(
+        "--config", "TOML config file (see README: Configuration)", value_type=Path, metavar="FILE"
+    ),
+    Flag("--host", "address to listen on for clients (default 127.0.0.1)", "host"),
+    Flag("--port", "client port (default 13000; 0 picks one)", "port", value_type=int),
+    Flag(
+        "--metrics-port",
+        "serve /metrics, /healthz, /readyz, /status on this port (default: off)",
+        "metrics_port",
+        value_type=int,
+        metavar="P",
+    ),
+    Flag("--metrics-host", "address for the metrics port (default 127.0.0.1)", "metrics_host"),
+    Flag(
+        "--api-key-file",
+        "accept the API keys in FILE for every dataset: one 32-character key per line, "
+        "blank lines and # comments ignored (repeatable; keys are never logged)",
+        action="append",
+        metavar="FILE",
+    ),
+    Flag(
+        "--api-key",
+        "accept this API key for every dataset (repeatable). For local demos only: "
+        "a key on the command line shows in ps; use --api-key-file or the config file",
+        action="append",
+        metavar="KEY",
+    ),
+    Flag(
+        "--feed",
+        "serve DATASET from URI (repeatable)",
+        action="append",
+        metavar="DATASET=URI",
+    ),
+    Flag(
+        "--loop",
+        "event loop (default auto: uvloop when installed)",
+        "loop",
+        choices=("auto", "uvloop", "asyncio"),
+    ),
+    Flag("--log-format", "log line format", "log_format", choices=("text", "json")),
+    Flag(
+        "--log-level",
+        "least severe log lines written to stderr (default info; debug is verbose)",
+        "log_level",
+        choices=("debug", "info", "warning", "error"),
+    ),
+    Flag(
+        "--heartbeat-interval",
+        "default heartbeat interval in seconds (5-30, default 30)",
+        "default_heartbeat_s",
+        value_type=int,
+        metavar="S",
+    ),
+    Flag(
+        "--transport",
+        "plain (default), onload, vma, exasock or preload:PATH",
+        "transport.kind",
+        metavar="KIND",
+        group=TRANSPORT,
+    ),
+    Flag(
+        "--transport-profile",
+        "vendor profile for a bypass transport (onload default: latency)",
+        "transport.profile",
+        metavar="NAME",
+        group=TRANSPORT,
+    ),
+    Flag(
+        "--env-file",
+        "KEY=VALUE file (e.g. EF_* overrides) that wins over the profile",
+        "transport.env_file",
+        metavar="FILE",
+        group=TRANSPORT,
+    ),
+    Flag(
+        "--bypass-required",
+        "when a bypass transport is requested but not loaded: fail (true, default) or only "
+        "warn (false)",
+        "transport.bypass_required",
+        choices=("true", "false"),
+        convert=lambda value: value == "true",
+        group=TRANSPORT,
+    ),
+    Flag(
+        "--sndbuf",
+        "SO_SNDBUF for client sockets",
+        "transport.sndbuf",
+        value_type=int,
+        metavar="BYTES",
+        group=TRANSPORT,
+    ),
+    Flag(
+        "--rcvbuf",
+        "SO_RCVBUF for client sockets",
+        "transport.rcvbuf",
+        value_type=int,
+        metavar="BYTES",
+        group=TRANSPORT,
+    ),
+    Flag(
+        "--busy-poll-us",
+        "SO_BUSY_POLL for client sockets (needs CAP_NET_ADMIN to raise)",
+        "transport.busy_poll_us",
+        value_type=int,
+        metavar="US",
+        group=TRANSPORT,
+    ),
+    Flag(
+        "--cpu-affinity",
+        "pin the event-loop thread to these CPUs, e.g. 2 or 2,3",
+        "transport.cpu_affinity",
+        metavar="CPUS",
+        convert=_cpu_list,
+        group=TRANSPORT,
+    ),
+    Flag(
+        "--reuse-port",
+        "listen with SO_REUSEPORT, so a successor can take over without downtime "
+        "(default: on for fixed ports, off for port 0)",
+        "transport.reuse_port",
+        action=argparse.BooleanOptionalAction,
+        group=TRANSPORT,
+    ),
+    Flag(
+        "--strobe",
+        "probe this gateway like a customer every few seconds (metrics, /status)",
+        "strobe.enabled",
+        action="store_const",
+        const=True,
+        group=STROBE,
+    ),
+    Flag(
+        "--strobe-interval",
+        "seconds between strobes",
+        "strobe.interval_s",
+        value_type=float,
+        metavar="S",
+        group=STROBE,
+    ),
+    Flag(
+        "--strobe-history",
+        "SQLite uptime history (default $XDG_STATE_HOME/gateway/probe.sqlite)",
+        "strobe.history",
+        metavar="FILE",
+        group=STROBE,
+    ),
+    Flag(
+        "--print-connect-help",
+        "print how to connect once listening (used by make run)",
+        action="store_true",
+    ),
+)
+
+
+def set_path(cfg: Config, path: str, value: Any) -> None:
+    """Set the config field at a dotted ``path`` (``transport.kind``)."""
+    *parents, name = path.split(".")
+    target: Any = cfg
+    for part in parents:
+        target = getattr(target, part)
+    setattr(target, name, value)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gateway",
@@ -73,115 +295,11 @@ def build_parser() -> argparse.ArgumentParser:
         "  file:PATH[?pace=realtime|max|FACTOR&loop=1]    replay a .dbn/.dbn.zst file\n"
         "  ingest://HOST:PORT[?backpressure=1]            listen for a DBN publisher\n",
     )
-    serve.add_argument(
-        "--config", type=Path, metavar="FILE", help="TOML config file (see README: Configuration)"
-    )
-    serve.add_argument("--host", help="address to listen on for clients (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, help="client port (default 13000; 0 picks one)")
-    serve.add_argument(
-        "--metrics-port",
-        type=int,
-        metavar="P",
-        help="serve /metrics, /healthz, /readyz, /status on this port (default: off)",
-    )
-    serve.add_argument("--metrics-host", help="address for the metrics port (default 127.0.0.1)")
-    serve.add_argument(
-        "--api-key-file",
-        action="append",
-        default=[],
-        metavar="FILE",
-        help="accept the API keys in FILE for every dataset: one 32-character key per line, "
-        "blank lines and # comments ignored (repeatable; keys are never logged)",
-    )
-    serve.add_argument(
-        "--api-key",
-        action="append",
-        default=[],
-        metavar="KEY",
-        help="accept this API key for every dataset (repeatable). For local demos only: "
-        "a key on the command line shows in ps; use --api-key-file or the config file",
-    )
-    serve.add_argument(
-        "--feed",
-        action="append",
-        default=[],
-        metavar="DATASET=URI",
-        help="serve DATASET from URI (repeatable)",
-    )
-    serve.add_argument(
-        "--loop",
-        choices=("auto", "uvloop", "asyncio"),
-        help="event loop (default auto: uvloop when installed)",
-    )
-    serve.add_argument("--log-format", choices=("text", "json"), help="log line format")
-    serve.add_argument(
-        "--log-level",
-        choices=("debug", "info", "warning", "error"),
-        help="least severe log lines written to stderr (default info; debug is verbose)",
-    )
-    serve.add_argument(
-        "--heartbeat-interval",
-        type=int,
-        metavar="S",
-        help="default heartbeat interval in seconds (5-30, default 30)",
-    )
-    tr = serve.add_argument_group("transport (see README: Kernel bypass)")
-    tr.add_argument(
-        "--transport", metavar="KIND", help="plain (default), onload, vma, exasock or preload:PATH"
-    )
-    tr.add_argument(
-        "--transport-profile",
-        metavar="NAME",
-        help="vendor profile for a bypass transport (onload default: latency)",
-    )
-    tr.add_argument(
-        "--env-file",
-        metavar="FILE",
-        help="KEY=VALUE file (e.g. EF_* overrides) that wins over the profile",
-    )
-    tr.add_argument(
-        "--bypass-required",
-        choices=("true", "false"),
-        help="when a bypass transport is requested but not loaded: fail (true, "
-        "default) or only warn (false)",
-    )
-    tr.add_argument("--sndbuf", type=int, metavar="BYTES", help="SO_SNDBUF for client sockets")
-    tr.add_argument("--rcvbuf", type=int, metavar="BYTES", help="SO_RCVBUF for client sockets")
-    tr.add_argument(
-        "--busy-poll-us",
-        type=int,
-        metavar="US",
-        help="SO_BUSY_POLL for client sockets (needs CAP_NET_ADMIN to raise)",
-    )
-    tr.add_argument(
-        "--cpu-affinity",
-        metavar="CPUS",
-        help="pin the event-loop thread to these CPUs, e.g. 2 or 2,3",
-    )
-    tr.add_argument(
-        "--reuse-port",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="listen with SO_REUSEPORT, so a successor can take over without downtime "
-        "(default: on for fixed ports, off for port 0)",
-    )
-    st = serve.add_argument_group("uptime strobe (see README: Operating it)")
-    st.add_argument(
-        "--strobe",
-        action="store_true",
-        help="probe this gateway like a customer every few seconds (metrics, /status)",
-    )
-    st.add_argument("--strobe-interval", type=float, metavar="S", help="seconds between strobes")
-    st.add_argument(
-        "--strobe-history",
-        metavar="FILE",
-        help="SQLite uptime history (default $XDG_STATE_HOME/gateway/probe.sqlite)",
-    )
-    serve.add_argument(
-        "--print-connect-help",
-        action="store_true",
-        help="print how to connect once listening (used by make run)",
-    )
+    groups: dict[str | None, argparse._ActionsContainer] = {None: serve}
+    for flag in SERVE_FLAGS:
+        if flag.group not in groups:
+            groups[flag.group] = serve.add_argument_group(flag.group)
+        groups[flag.group].add_argument(flag.name, **flag.argparse_kwargs())
     probe = sub.add_parser(
         "probe",
         help="strobe a gateway like a customer (connect, auth, subscribe, first record)",
@@ -262,40 +380,13 @@ def check_config(path: Path, fmt: str = "toml") -> int:
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
+    """The config file (if any), then every option given (:data:`SERVE_FLAGS`), the API keys
+    and feeds added; validated."""
     cfg = load_config(args.config) if args.config else Config()
-    for name in ("host", "port", "metrics_port", "metrics_host", "loop", "log_format", "log_level"):
-        value = getattr(args, name)
-        if value is not None:
-            setattr(cfg, name, value)
-    t = cfg.transport
-    if args.transport is not None:
-        t.kind = args.transport
-    if args.transport_profile is not None:
-        t.profile = args.transport_profile
-    if args.env_file is not None:
-        t.env_file = args.env_file
-    if args.bypass_required is not None:
-        t.bypass_required = args.bypass_required == "true"
-    for name in ("sndbuf", "rcvbuf", "busy_poll_us"):
-        if getattr(args, name) is not None:
-            setattr(t, name, getattr(args, name))
-    if args.cpu_affinity is not None:
-        try:
-            t.cpu_affinity = [int(c) for c in args.cpu_affinity.split(",") if c.strip()]
-        except ValueError:
-            raise ConfigError(
-                f"--cpu-affinity {args.cpu_affinity!r}: expected CPU numbers such as 2 or 2,3"
-            ) from None
-    if args.reuse_port is not None:
-        t.reuse_port = args.reuse_port
-    if args.heartbeat_interval is not None:
-        cfg.default_heartbeat_s = args.heartbeat_interval
-    if args.strobe:
-        cfg.strobe.enabled = True
-    if args.strobe_interval is not None:
-        cfg.strobe.interval_s = args.strobe_interval
-    if args.strobe_history is not None:
-        cfg.strobe.history = args.strobe_history
+    for flag in SERVE_FLAGS:
+        value = getattr(args, flag.dest)
+        if flag.path is not None and value is not None:
+            set_path(cfg, flag.path, flag.convert(value) if flag.convert else value)
     for key in args.api_key:
         cfg.api_keys.append(ApiKeyConfig(key=key))
     for path in args.api_key_file:

@@ -10,7 +10,15 @@ from typing import Any
 import pytest
 
 from gateway import app
-from gateway.cli import DEMO_KEY, build_parser, config_from_args, connect_help, main
+from gateway.cli import (
+    DEMO_KEY,
+    SERVE_FLAGS,
+    Flag,
+    build_parser,
+    config_from_args,
+    connect_help,
+    main,
+)
 from gateway.config import read_key_file, resolve_probe_key
 from gateway.errors import ConfigError
 
@@ -128,3 +136,69 @@ def test_connect_help_is_printed_by_the_listening_hook(
     assert "port=40001)" in capsys.readouterr().out
     assert main(argv[:-1]) == 0
     assert seen["hook"] is None
+
+
+#: a value for every overriding row of SERVE_FLAGS (argv after the flag, the field's value)
+OVERRIDES: dict[str, tuple[list[str], Any]] = {
+    "--host": (["0.0.0.0"], "0.0.0.0"),
+    "--port": (["13001"], 13001),
+    "--metrics-port": (["9313"], 9313),
+    "--metrics-host": (["::1"], "::1"),
+    "--loop": (["asyncio"], "asyncio"),
+    "--log-format": (["json"], "json"),
+    "--log-level": (["debug"], "debug"),
+    "--heartbeat-interval": (["7"], 7),
+    "--transport": (["vma"], "vma"),
+    "--transport-profile": (["none"], "none"),
+    "--env-file": (["/etc/gateway/onload.env"], "/etc/gateway/onload.env"),
+    "--bypass-required": (["false"], False),
+    "--sndbuf": (["262144"], 262144),
+    "--rcvbuf": (["131072"], 131072),
+    "--busy-poll-us": (["50"], 50),
+    "--cpu-affinity": (["2,3"], [2, 3]),
+    "--reuse-port": ([], True),
+    "--strobe": ([], True),
+    "--strobe-interval": (["2.5"], 2.5),
+    "--strobe-history": (["/tmp/h.sqlite"], "/tmp/h.sqlite"),
+}
+
+
+def _field(cfg: Any, path: str) -> Any:
+    for part in path.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+@pytest.mark.parametrize("flag", [f for f in SERVE_FLAGS if f.path], ids=lambda f: f.name)
+def test_each_serve_flag_row_overrides_its_config_field(flag: Flag) -> None:
+    assert flag.path is not None and flag.name in OVERRIDES, "add the new row to OVERRIDES"
+    argv, want = OVERRIDES[flag.name]
+    default = config_from_args(build_parser().parse_args(["serve", "--api-key", KEY_A]))
+    assert _field(default, flag.path) != want
+    cfg = config_from_args(
+        build_parser().parse_args(["serve", "--api-key", KEY_A, flag.name, *argv])
+    )
+    assert _field(cfg, flag.path) == want
+
+
+def test_the_flag_table_is_the_serve_parser() -> None:
+    assert set(OVERRIDES) == {f.name for f in SERVE_FLAGS if f.path}
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    serve = getattr(sub, "choices", {})["serve"]
+    options = [a.option_strings[0] for a in serve._actions if a.option_strings][1:]  # less -h
+    assert options == [f.name for f in SERVE_FLAGS]
+    groups = {
+        g.title: [a.option_strings[0] for a in g._group_actions] for g in serve._action_groups
+    }
+    assert groups["transport (see README: Kernel bypass)"][0] == "--transport"
+    assert groups["uptime strobe (see README: Operating it)"] == [
+        "--strobe",
+        "--strobe-interval",
+        "--strobe-history",
+    ]
+
+
+def test_a_bad_cpu_list_names_the_flag() -> None:
+    args = build_parser().parse_args(["serve", "--api-key", KEY_A, "--cpu-affinity", "2,x"])
+    with pytest.raises(ConfigError, match=r"^--cpu-affinity '2,x': expected CPU numbers"):
+        config_from_args(args)
