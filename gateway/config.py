@@ -1,9 +1,13 @@
-"""One typed configuration: a TOML file validated with msgspec, then CLI overrides.
+"""One typed configuration: a TOML file validated with msgspec, then CLI overrides (one
+table of them: ``gateway.cli.SERVE_FLAGS``).
 
 Every error names the bad field (``limits.max_line_bytes: Expected int ...``).
-Nothing else in the gateway reads files or ``os.environ`` for settings; API key files
-(``serve --api-key-file``, ``probe --key-file``) and the probe's ``DATABENTO_API_KEY`` are
-read here too. Errors about keys name the flag, file and line, never the key.
+Settings are read here and nowhere else: the config file, API key files (``serve
+--api-key-file``, ``probe --key-file``) and the probe's ``DATABENTO_API_KEY``. (What else
+reads the environment reads the process's, not settings: the preload, the launch marker and
+``NOTIFY_SOCKET`` in ``gateway.transport``, ``XDG_STATE_HOME`` for the default probe history;
+``transport.env_file`` is passed to the bypass library, never read as settings.) Errors
+about keys name the flag, file and line, never the key.
 """
 
 from __future__ import annotations
