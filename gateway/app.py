@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import logging
 import os
-import re
 import signal
-import sys
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import msgspec
 
@@ -24,6 +21,17 @@ from gateway.errors import ConfigError, FeedError, GatewayError
 from gateway.fanout import FanOut
 from gateway.feeds import Feed, Source, build_source, parse_feed_uri
 from gateway.metrics import Metrics
+from gateway.ops.collector import GatewayCollector
+from gateway.ops.http import StatusServer
+from gateway.ops.logs import print_error, setup_logging
+from gateway.ops.probe import Prober, start_strobe
+from gateway.ops.snapshot import (
+    ConnectionFacts,
+    GatewayInfo,
+    GatewaySnapshot,
+    feed_snapshot,
+    sessions_snapshot,
+)
 from gateway.server import (
     HANDOVER_TEXT,
     SHUTDOWN_TEXT,
@@ -35,13 +43,12 @@ from gateway.server import (
 )
 from gateway.session import Limits, SlowReaderLimits
 
-if TYPE_CHECKING:
-    from gateway.probe import Prober
-
 __all__ = ["Gateway", "run"]
 
 log = logging.getLogger("gateway")
 
+#: how often connections are ticked (handshake deadlines, heartbeats, lossless stalls),
+#: the event-loop lag measured and the feeds' up/down times noted
 TICK_S = 0.5
 
 
@@ -87,26 +94,20 @@ class Gateway:
             self.state.tune_socket = lambda sock: transport.tune_socket(sock, cfg)
         self.state.zstd_per_session = cfg.zstd_mode == "per_session"
         self.state.zstd_level = cfg.zstd_level
-        self.transport_report: transport.TransportReport | None = None
         self.server: asyncio.Server | None = None
         self.port = 0
         self.metrics_port = 0
         self._ticker: asyncio.Task[None] | None = None
-        self._http: Any = None
-        self._stopped = asyncio.Event()
-        self._published: dict[str, tuple[int, int, int, int]] = {}
-        self._paused_seen: dict[str, float] = {}
-        self._pauses_seen: dict[str, int] = {}
+        self._http: StatusServer | None = None
         self.started_at = time.time()
-        # observability: what was already exported per connection / fan-out group, when
-        # each feed went down (readiness grace), key ids seen, the strobe (serve --strobe)
-        self._variants_seen: dict[str, tuple[int, int]] = {}
-        self._feed_events_seen: dict[str, tuple[int, int]] = {}
-        self._invalid_seen: dict[str, int] = {}
+        #: when each feed went down (monotonic; readiness grace), noted every tick
         self._feed_down_since: dict[str, float] = {}
-        self._key_ids_seen: set[str] = set()
+        #: the in-gateway probe (serve --strobe)
         self.strobe: Prober | None = None
-        self._compression_seen: list[float] = [0, 0, 0, 0, 0.0]
+        # /metrics reads the feeds' and sessions' totals when scraped, via snapshot()
+        self.metrics.registry.register(
+            GatewayCollector(self.snapshot, per_key=cfg.metrics_per_key, created=self.started_at)
+        )
         #: RLIMIT_NOFILE (soft, hard) after raising the soft limit at start
         self.fd_limit: tuple[int, int] = (0, 0)
         #: called once listening (after the "listening" line), e.g. --print-connect-help
@@ -156,11 +157,8 @@ class Gateway:
         report = transport.startup_report(cfg, _loop_name(), self.server.sockets)
         report.socket_options = sockopts
         transport.apply_report(report, cfg, self.metrics)
-        self.transport_report = report
         if cfg.metrics_port is not None:
-            from gateway.status import StatusServer
-
-            self._http = StatusServer(self)
+            self._http = StatusServer(self, registry=self.metrics.registry)
             self.metrics_port = await self._http.start(
                 cfg.metrics_host,
                 cfg.metrics_port,
@@ -169,11 +167,9 @@ class Gateway:
         self._fit_connections_under_fd_limit()
         self.metrics.info.info({"version": __version__, "loop": _loop_name()})
         self.metrics.start_time.set(self.started_at)
-        self._export_feed_metrics()
+        self._note_feed_states()
         self._ticker = loop.create_task(self._tick())
         if cfg.strobe.enabled:
-            from gateway.probe import start_strobe
-
             self.strobe = await start_strobe(self)
         transport.notify_service_manager(f"READY=1\nMAINPID={os.getpid()}")
         log.info(
@@ -256,95 +252,66 @@ class Gateway:
             expected = now + TICK_S
             for conn in list(self.state.connections):
                 conn.tick(now)
-            self._export_feed_metrics()
-            self._export_compression_metrics()
+            self._note_feed_states()
 
-    def _export_feed_metrics(self) -> None:
-        m = self.metrics
-        now_ns = time.time_ns()
+    def _note_feed_states(self) -> None:
+        """When each feed went down (readiness gives it ``feed_grace_s`` from then)."""
+        mono = time.monotonic()
         for ds, feed in self.feeds.items():
-            fo = feed.fanout
-            rec_in, bytes_in, rec_out, bytes_out = self._published.get(ds, (0, 0, 0, 0))
-            m.records_in.labels(ds).inc(feed.stats.records_in - rec_in)
-            m.bytes_in.labels(ds).inc(feed.stats.bytes_in - bytes_in)
-            m.records_out.labels(ds).inc(fo.records_out - rec_out)
-            self._published[ds] = (
-                feed.stats.records_in,
-                feed.stats.bytes_in,
-                fo.records_out,
-                fo.bytes_out,
-            )
-            m.fanout_groups.labels(ds).set(len(fo.groups))
-            m.feed_up.labels(ds).set(1 if feed.connected else 0)
-            if feed.stats.last_ts_event:
-                m.feed_lag.labels(ds).set(max(0.0, (now_ns - feed.stats.last_ts_event) / 1e9))
-            paused = feed.paused_total_s + (
-                time.monotonic() - feed.paused_since if feed.paused_since else 0.0
-            )
-            m.feed_paused_seconds.labels(ds).inc(max(0.0, paused - self._paused_seen.get(ds, 0)))
-            self._paused_seen[ds] = paused
-            m.feed_pauses.labels(ds, "session_high_water").inc(
-                feed.pauses - self._pauses_seen.get(ds, 0)
-            )
-            self._pauses_seen[ds] = feed.pauses
-        self._export_observability()
-
-    def _export_observability(self) -> None:
-        """Feed freshness and state, bytes out per session, fan-out reuse, connections."""
-        m = self.metrics
-        now, mono = time.time(), time.monotonic()
-        for ds, feed in self.feeds.items():
-            if feed.stats.last_record_at:
-                m.feed_last_record_age.labels(ds).set(max(0.0, now - feed.stats.last_record_at))
-            m.feed_paused.labels(ds).set(1 if feed.paused else 0)
-            ups, downs = self._feed_events_seen.get(ds, (0, 0))
-            m.feed_events.labels(ds, "up").inc(feed.ups - ups)
-            m.feed_events.labels(ds, "down").inc(feed.downs - downs)
-            self._feed_events_seen[ds] = (feed.ups, feed.downs)
-            invalid = self._invalid_seen.get(ds, 0)
-            m.feed_events.labels(ds, "invalid").inc(feed.invalid_inputs - invalid)
-            self._invalid_seen[ds] = feed.invalid_inputs
             if feed.connected:
                 self._feed_down_since.pop(ds, None)
             else:
                 self._feed_down_since.setdefault(ds, mono)
-        live = self.state.connections
-        # Fan-out: variants built vs shared variants written (writes per build = reuse).
-        for ds, feed in self.feeds.items():
-            builds, writes = self._variants_seen.get(ds, (0, 0))
-            m.variant_builds.inc(feed.fanout.variant_builds - builds)
-            m.variant_writes.inc(feed.fanout.variant_writes - writes)
-            self._variants_seen[ds] = (feed.fanout.variant_builds, feed.fanout.variant_writes)
-        m.connections_open.set(len(live))
-        m.connections_unauthenticated.set(self.state.unauthenticated)
-        if self.cfg.metrics_per_key:
-            counts = dict.fromkeys(self._key_ids_seen, 0)
-            for conn in live:
-                if conn.key is not None and conn.feed is not None:
-                    counts[conn.key.key_id] = counts.get(conn.key.key_id, 0) + 1
-            for key_id, n in counts.items():
-                m.key_sessions.labels(key_id).set(n)
-            self._key_ids_seen.update(counts)
-        m.ready.set(1 if self.ready()[0] else 0)
 
-    def _export_compression_metrics(self) -> None:
-        """zstd: bytes before/after, frames built vs written (the reuse factor), CPU time."""
-        m = self.metrics
-        totals = [0, 0, 0, 0, 0.0]
-        for feed in self.feeds.values():
-            fo = feed.fanout
-            totals[0] += fo.bytes_compressed_in
-            totals[1] += fo.bytes_compressed_out
-            totals[2] += fo.frames_built
-            totals[3] += fo.frames_written
-            totals[4] += fo.compress_seconds
-        seen = self._compression_seen
-        m.bytes_before_compression.inc(totals[0] - seen[0])
-        m.bytes_after_compression.inc(totals[1] - seen[1])
-        m.frames_built.inc(totals[2] - seen[2])
-        m.frames_written.inc(totals[3] - seen[3])
-        m.compress_seconds.inc(max(0.0, totals[4] - seen[4]))
-        self._compression_seen = totals
+    def snapshot(self) -> GatewaySnapshot:
+        """The gateway's figures now: what /metrics, /status and /status.json report."""
+        now, mono = time.time(), time.monotonic()
+        ready, detail = self.ready()
+        sessions, per_key = sessions_snapshot(
+            self._connection_facts(),
+            (k.key_id for k in self.state.authenticator.entries),
+        )
+        return GatewaySnapshot(
+            taken_at=now,
+            gateway=GatewayInfo(
+                version=__version__,
+                started_at=self.started_at,
+                uptime_s=round(now - self.started_at, 3),
+                ready=ready,
+                accepting=self.state.accepting,
+                port=self.port,
+                loop=self.loop_name,
+            ),
+            sessions=sessions,
+            feeds=[
+                feed_snapshot(feed, detail.get(ds, ""), now, mono)
+                for ds, feed in self.feeds.items()
+            ],
+            connections_unauthenticated=self.state.unauthenticated,
+            key_sessions=per_key,
+            bytes_out=self._bytes_out(),
+        )
+
+    def _connection_facts(self) -> Iterator[ConnectionFacts]:
+        """The one place that reads client connections for the snapshot."""
+        for conn in list(self.state.connections):
+            key, feed = conn.key, conn.feed
+            yield ConnectionFacts(
+                dataset=feed.dataset if feed is not None else None,
+                key_id=key.key_id if key is not None else None,
+                streaming=conn.metadata_sent,
+            )
+
+    def _bytes_out(self) -> dict[str, float]:
+        """Bytes written to sessions by "dataset/compression": the connections add them to
+        gateway_bytes_out themselves, so that counter is where the total is kept."""
+        out: dict[str, float] = {}
+        for family in self.metrics.bytes_out.collect():
+            for sample in family.samples:
+                if sample.name.endswith("_total"):
+                    labels = sample.labels
+                    out[f"{labels['dataset']}/{labels['compression']}"] = sample.value
+        return out
 
     async def shutdown(self) -> None:
         """Stop accepting (closing the listeners first, so that reconnecting clients land on
@@ -386,7 +353,6 @@ class Gateway:
                 st.records_in / st.chunks_in if st.chunks_in else 0.0,
             )
         log.info("gateway stopped")
-        self._stopped.set()
 
     def _stop_listening(self) -> bool:
         """Close the client listeners, all at once (no await: nothing else runs meanwhile);
@@ -543,82 +509,11 @@ def _loop_name() -> str:
     return "uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio"
 
 
-#: a %-placeholder, optionally named by the ``key=`` just before it ("peer=%s")
-_PLACEHOLDER = re.compile(
-    r"(?:(?<![\w.])([a-z_][a-z0-9_]*)=)?%(?:\([^)]*\))?[-#0 +]*(?:\d+|\*)?(?:\.(?:\d+|\*))?"
-    r"[hlL]?([diouxXeEfFgGcrsa%])"
-)
-_RECORD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
-    "message",
-    "asctime",
-    "taskName",
-}
-
-
-def log_fields(record: logging.LogRecord) -> dict[str, Any]:
-    """Structured fields of a log call: each ``key=%x`` of the format string with its
-    argument (typed: ints stay ints), the text before the first one as ``event``, and
-    anything passed with ``extra=``."""
-    out: dict[str, Any] = {}
-    args = record.args
-    if isinstance(record.msg, str) and isinstance(args, tuple) and args:
-        i = 0
-        first = None
-        for m in _PLACEHOLDER.finditer(record.msg):
-            if m.group(2) == "%":
-                continue
-            if i >= len(args):
-                break
-            if m.group(1):
-                value = args[i]
-                out[m.group(1)] = (
-                    value if isinstance(value, (int, float, bool, type(None))) else str(value)
-                )
-                if first is None:
-                    first = m.start()
-            i += 1
-        prefix = record.msg[:first].strip() if first is not None else ""
-        if prefix and "%" not in prefix:
-            out["event"] = prefix
-    for key, value in vars(record).items():
-        if key not in _RECORD_ATTRS and not key.startswith("_"):
-            out[key] = value
-    return out
-
-
-class _JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        doc: dict[str, Any] = {
-            "ts": round(record.created, 6),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
-        for key, value in log_fields(record).items():
-            doc.setdefault(key, value)
-        if record.exc_info:
-            doc["exc"] = self.formatException(record.exc_info)
-        return json.dumps(doc, default=str)
-
-
-def setup_logging(fmt: str, level: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    if fmt == "json":
-        handler.setFormatter(_JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-
-
 def run(
     cfg: Config,
     on_listening: Callable[[Gateway], None] | None = None,
     reload: Callable[[], Config] | None = None,
 ) -> int:
-    from gateway.cli import print_error
-
     setup_logging(cfg.log_format, cfg.log_level)
     try:
         loop_name = transport.choose_loop(cfg)

@@ -1,4 +1,10 @@
-"""Prometheus objects. Labels stay bounded: no per-session or per-key series."""
+"""Prometheus objects the data path and the probe update as things happen (connections,
+refusals, disconnects, bytes out, slow readers, heartbeats, limits, latency histograms).
+
+The feeds' and fan-out's running totals, the connection counts and readiness are not here:
+``gateway.ops.collector`` reads them when /metrics is scraped. Labels stay bounded: nothing
+per session or peer; the one per-key series, ``gateway_key_sessions{key_id}``, is
+exported only with ``metrics_per_key = true`` (bounded by the configured key list)."""
 
 from __future__ import annotations
 
@@ -35,76 +41,11 @@ class Metrics:
         self.disconnects = Counter(
             "gateway_disconnects", "Sessions ended, by reason", ["reason"], registry=r
         )
-        self.records_in = Counter(
-            "gateway_feed_records_in", "Records received from feeds", ["dataset"], registry=r
-        )
-        self.bytes_in = Counter(
-            "gateway_feed_bytes_in", "Bytes received from feeds", ["dataset"], registry=r
-        )
-        self.feed_up = Gauge(
-            "gateway_feed_up",
-            "1 while the feed is connected and delivering",
-            ["dataset"],
-            registry=r,
-        )
-        self.feed_events = Counter(
-            "gateway_feed_events",
-            "Feed disconnects, errors and recoveries",
-            ["dataset", "event"],
-            registry=r,
-        )
-        self.feed_lag = Gauge(
-            "gateway_feed_lag_seconds",
-            "Now minus the ts_event of the last record",
-            ["dataset"],
-            registry=r,
-        )
-        self.feed_paused_seconds = Counter(
-            "gateway_feed_paused_seconds",
-            "Time a lossless feed spent paused for its sessions",
-            ["dataset"],
-            registry=r,
-        )
-        self.feed_pauses = Counter(
-            "gateway_feed_pauses",
-            "Lossless feed pauses, by cause",
-            ["dataset", "cause"],
-            registry=r,
-        )
-        self.records_out = Counter(
-            "gateway_records_out", "Records written to sessions", ["dataset"], registry=r
-        )
         self.bytes_out = Counter(
             "gateway_bytes_out",
             "Bytes written to sessions (after compression)",
             ["dataset", "compression"],
             registry=r,
-        )
-        self.bytes_before_compression = Counter(
-            "gateway_zstd_bytes_before", "Bytes given to the zstd compressor", registry=r
-        )
-        self.bytes_after_compression = Counter(
-            "gateway_zstd_bytes_after", "Bytes produced by the zstd compressor", registry=r
-        )
-        self.frames_built = Counter(
-            "gateway_zstd_frames_built", "Shared zstd frames built", registry=r
-        )
-        self.frames_written = Counter(
-            "gateway_zstd_frames_written", "Shared zstd frames written to sessions", registry=r
-        )
-        self.compress_seconds = Counter(
-            "gateway_zstd_compress_seconds", "CPU time spent compressing", registry=r
-        )
-        self.variant_builds = Counter(
-            "gateway_fanout_variant_builds",
-            "Per-group variants built (gathers, stamps, frames)",
-            registry=r,
-        )
-        self.variant_writes = Counter(
-            "gateway_fanout_variant_writes", "Shared variants written to sessions", registry=r
-        )
-        self.fanout_groups = Gauge(
-            "gateway_fanout_groups", "Distinct output specs", ["dataset"], registry=r
         )
         self.slow_reader_events = Counter(
             "gateway_slow_reader_events",
@@ -149,38 +90,10 @@ class Metrics:
             ["vendor"],
             registry=r,
         )
-        self.connections_open = Gauge(
-            "gateway_connections_open", "Open client connections (any state)", registry=r
-        )
-        self.connections_unauthenticated = Gauge(
-            "gateway_connections_unauthenticated",
-            "Open client connections that have not authenticated yet",
-            registry=r,
-        )
-        self.feed_last_record_age = Gauge(
-            "gateway_feed_last_record_age_seconds",
-            "Seconds since the feed last delivered a record (the gateway's wall clock)",
-            ["dataset"],
-            registry=r,
-        )
-        self.feed_paused = Gauge(
-            "gateway_feed_paused",
-            "1 while a lossless feed is paused for a session over its high-water mark",
-            ["dataset"],
-            registry=r,
-        )
-        #: only filled when the config sets metrics_per_key = true (bounded by the key list)
-        self.key_sessions = Gauge(
-            "gateway_key_sessions",
-            "Authenticated sessions per API key id (metrics_per_key = true only)",
-            ["key_id"],
-            registry=r,
-        )
         self.info = Info("gateway", "Gateway version and event loop", registry=r)
         self.start_time = Gauge(
             "gateway_start_time_seconds", "Unix time the gateway started", registry=r
         )
-        self.ready = Gauge("gateway_ready", "1 while /readyz answers ready", registry=r)
         ProcessCollector(registry=r)
 
 

@@ -27,7 +27,7 @@ import pytest
 from gateway.client import ClientError, LiveClient
 from gateway.dbn import GATEWAY_RTYPES, encode_publisher_metadata
 from gateway.feeds.synthetic import SyntheticGenerator, SyntheticOptions
-from gateway.history import History, StrobeRecord
+from gateway.ops.history import History, StrobeRecord
 from tests.integration.helpers import (
     KEY,
     OTHER_KEY,
@@ -97,7 +97,7 @@ async def test_counters_move_by_the_expected_amounts_after_a_scripted_session() 
             await c.start()
         readers = [Counting(plain), Counting(zst)]
 
-        def streaming() -> Samples | None:  # the gauges are exported every 0.5 s
+        def streaming() -> Samples | None:
             m = metric_samples(gw.metrics_port)
             both = all(
                 metric(
@@ -124,6 +124,21 @@ async def test_counters_move_by_the_expected_amounts_after_a_scripted_session() 
             await asyncio.to_thread(pub.sendall, meta + blob)
             await apoll_until(lambda: all(r.records >= n for r in readers), what="n records each")
             received = {"none": plain.bytes_received, "zstd": zst.bytes_received}
+            # /metrics reads the totals when scraped, so the waits above may all end within
+            # one tick (every 0.5 s: the loop-lag and session-buffer samples): let one pass
+            # while both sessions are open
+            lag_count = metric(
+                await _samples(gw.metrics_port), "gateway_event_loop_lag_seconds_count"
+            )
+            await apoll_until(
+                lambda: (
+                    metric(metric_samples(gw.metrics_port), "gateway_event_loop_lag_seconds_count")
+                    > lag_count
+                ),
+                5,
+                0.05,
+                "a tick with both sessions open",
+            )
             for c in (plain, zst):
                 await c.close()
             for r in readers:

@@ -19,7 +19,7 @@ import databento_dbn as d
 import pytest
 
 from gateway.dbn import encode_error, encode_metadata, encode_system
-from gateway.probe import ProbeTarget, strobe
+from gateway.ops.probe import ProbeTarget, strobe
 from tests.conftest import TEST_LOOP
 from tests.integration.helpers import (
     KEY,

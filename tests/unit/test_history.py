@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gateway.history import RETENTION_S, History, StrobeRecord, percentile
+from gateway.ops.history import RETENTION_S, History, StrobeRecord, percentile
 
 NOW = 1_800_000_000.0
 TARGET = "h:1/D"

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 
 from gateway.metrics import ProbeMetrics
-from gateway.probe import Prober, ProbeTarget
+from gateway.ops.probe import Prober, ProbeTarget
 
 
 class History:

@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from gateway.status import Sample, ThroughputSampler, assess, render_html
+from gateway.ops.page import render_html
+from gateway.ops.status import Sample, ThroughputSampler, assess
 
 
 def _sampler(points: list[tuple[float, int, int, int, float]]) -> ThroughputSampler:

@@ -1,0 +1,180 @@
+"""The gateway's totals as Prometheus metrics, read when /metrics is scraped.
+
+Feeds, fan-out groups and the server keep plain cumulative totals; :class:`GatewayCollector`
+asks for a :class:`~gateway.ops.snapshot.GatewaySnapshot` at scrape time and yields
+counter and gauge families from it, so nothing is copied into Prometheus objects between
+scrapes and nothing remembers what was already exported. The names, types, labels and
+help texts are the ones the alert rules and dashboards in ``deploy/monitoring`` use.
+
+Labels stay bounded (datasets, event names); the one per-key family,
+``gateway_key_sessions{key_id}``, has samples only when the config sets
+``metrics_per_key = true`` (bounded by the configured key list).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from gateway.ops.snapshot import GatewaySnapshot
+
+__all__ = ["FEED_EVENTS", "GatewayCollector"]
+
+#: gateway_feed_events{event}: how each is counted from a feed's snapshot
+FEED_EVENTS = (("up", "ups"), ("down", "downs"), ("invalid", "invalid_inputs"))
+
+
+class GatewayCollector:
+    """A prometheus-client collector over ``snapshot()`` (register it on a registry)."""
+
+    def __init__(
+        self,
+        snapshot: Callable[[], GatewaySnapshot],
+        *,
+        per_key: bool = False,
+        created: float | None = None,
+    ) -> None:
+        self._snapshot = snapshot
+        self.per_key = per_key
+        #: the ``_created`` time of every counter (the gateway's start)
+        self.created = created
+
+    def describe(self) -> Iterator[Metric]:
+        """The families without samples (the registry checks names without a scrape)."""
+        return iter(_Families().all())
+
+    def collect(self) -> Iterator[Metric]:
+        snap = self._snapshot()
+        fams = _Families()
+        feed_totals = fams.feed_totals
+        for f in snap.feeds:
+            ds = [f.dataset]
+            feed_totals["records_in"].add_metric(ds, f.records_in, self.created)
+            feed_totals["bytes_in"].add_metric(ds, f.bytes_in, self.created)
+            feed_totals["records_out"].add_metric(ds, f.records_out, self.created)
+            feed_totals["paused_seconds"].add_metric(ds, f.paused_total_s, self.created)
+            fams.feed_pauses.add_metric([f.dataset, "session_high_water"], f.pauses, self.created)
+            for event, attr in FEED_EVENTS:
+                fams.feed_events.add_metric([f.dataset, event], getattr(f, attr), self.created)
+            fams.fanout_groups.add_metric(ds, f.fanout_groups)
+            fams.feed_up.add_metric(ds, 1 if f.connected else 0)
+            fams.feed_paused.add_metric(ds, 1 if f.paused else 0)
+            if f.lag_s is not None:
+                fams.feed_lag.add_metric(ds, max(0.0, f.lag_s))
+            if f.last_record_age_s is not None:
+                fams.feed_last_record_age.add_metric(ds, max(0.0, f.last_record_age_s))
+        sums = {
+            "variant_builds": sum(f.variant_builds for f in snap.feeds),
+            "variant_writes": sum(f.variant_writes for f in snap.feeds),
+            "zstd_bytes_before": sum(f.zstd_bytes_before for f in snap.feeds),
+            "zstd_bytes_after": sum(f.zstd_bytes_after for f in snap.feeds),
+            "zstd_frames_built": sum(f.zstd_frames_built for f in snap.feeds),
+            "zstd_frames_written": sum(f.zstd_frames_written for f in snap.feeds),
+            "zstd_compress_seconds": sum(f.zstd_compress_seconds for f in snap.feeds),
+        }
+        for attr, family in fams.totals.items():
+            family.add_metric([], sums[attr], self.created)
+        fams.connections_open.add_metric([], snap.sessions.connections_open)
+        fams.connections_unauthenticated.add_metric([], snap.connections_unauthenticated)
+        if self.per_key:
+            for key_id, n in sorted(snap.key_sessions.items()):
+                fams.key_sessions.add_metric([key_id], n)
+        fams.ready.add_metric([], 1 if snap.gateway.ready else 0)
+        return iter(fams.all())
+
+
+class _Families:
+    """One scrape's empty families, in the order they are exposed."""
+
+    def __init__(self) -> None:
+        def counter(name: str, doc: str, labels: tuple[str, ...] = ()) -> CounterMetricFamily:
+            return CounterMetricFamily(name, doc, labels=labels)
+
+        def gauge(name: str, doc: str, labels: tuple[str, ...] = ()) -> GaugeMetricFamily:
+            return GaugeMetricFamily(name, doc, labels=labels)
+
+        ds = ("dataset",)
+        self.feed_totals = {
+            "records_in": counter("gateway_feed_records_in", "Records received from feeds", ds),
+            "bytes_in": counter("gateway_feed_bytes_in", "Bytes received from feeds", ds),
+            "paused_seconds": counter(
+                "gateway_feed_paused_seconds",
+                "Time a lossless feed spent paused for its sessions",
+                ds,
+            ),
+            "records_out": counter("gateway_records_out", "Records written to sessions", ds),
+        }
+        self.feed_up = gauge("gateway_feed_up", "1 while the feed is connected and delivering", ds)
+        self.feed_events = counter(
+            "gateway_feed_events", "Feed disconnects, errors and recoveries", ("dataset", "event")
+        )
+        self.feed_lag = gauge(
+            "gateway_feed_lag_seconds", "Now minus the ts_event of the last record", ds
+        )
+        self.feed_pauses = counter(
+            "gateway_feed_pauses", "Lossless feed pauses, by cause", ("dataset", "cause")
+        )
+        self.totals = {
+            "zstd_bytes_before": counter(
+                "gateway_zstd_bytes_before", "Bytes given to the zstd compressor"
+            ),
+            "zstd_bytes_after": counter(
+                "gateway_zstd_bytes_after", "Bytes produced by the zstd compressor"
+            ),
+            "zstd_frames_built": counter("gateway_zstd_frames_built", "Shared zstd frames built"),
+            "zstd_frames_written": counter(
+                "gateway_zstd_frames_written", "Shared zstd frames written to sessions"
+            ),
+            "zstd_compress_seconds": counter(
+                "gateway_zstd_compress_seconds", "CPU time spent compressing"
+            ),
+            "variant_builds": counter(
+                "gateway_fanout_variant_builds",
+                "Per-group variants built (gathers, stamps, frames)",
+            ),
+            "variant_writes": counter(
+                "gateway_fanout_variant_writes", "Shared variants written to sessions"
+            ),
+        }
+        self.fanout_groups = gauge("gateway_fanout_groups", "Distinct output specs", ds)
+        self.connections_open = gauge(
+            "gateway_connections_open", "Open client connections (any state)"
+        )
+        self.connections_unauthenticated = gauge(
+            "gateway_connections_unauthenticated",
+            "Open client connections that have not authenticated yet",
+        )
+        self.feed_last_record_age = gauge(
+            "gateway_feed_last_record_age_seconds",
+            "Seconds since the feed last delivered a record (the gateway's wall clock)",
+            ds,
+        )
+        self.feed_paused = gauge(
+            "gateway_feed_paused",
+            "1 while a lossless feed is paused for a session over its high-water mark",
+            ds,
+        )
+        self.key_sessions = gauge(
+            "gateway_key_sessions",
+            "Authenticated sessions per API key id (metrics_per_key = true only)",
+            ("key_id",),
+        )
+        self.ready = gauge("gateway_ready", "1 while /readyz answers ready")
+
+    def all(self) -> list[Metric]:
+        return [
+            *self.feed_totals.values(),
+            self.feed_up,
+            self.feed_events,
+            self.feed_lag,
+            self.feed_pauses,
+            *self.totals.values(),
+            self.fanout_groups,
+            self.connections_open,
+            self.connections_unauthenticated,
+            self.feed_last_record_age,
+            self.feed_paused,
+            self.key_sessions,
+            self.ready,
+        ]

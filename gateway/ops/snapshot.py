@@ -1,0 +1,214 @@
+"""The gateway's figures at one instant, as typed, serialisable values.
+
+``Gateway.snapshot()`` returns a :class:`GatewaySnapshot`: the gateway itself, its
+sessions counted by dataset and phase (and by API key id), and one :class:`FeedSnapshot`
+per feed with the feed's cumulative totals (records and bytes in, records out, fan-out and
+zstd work, state changes). Everything the operations side shows is derived from it: the
+Prometheus collector (``gateway.ops.collector``) turns the totals into counters and gauges
+at scrape time, and the status page and ``/status.json`` (``gateway.ops.http``) show the
+parts of it that :class:`FeedStatus`, :class:`GatewayInfo` and :class:`SessionsSnapshot`
+name. The structs hold plain values only (``msgspec.json.encode`` round-trips them), so a
+supervisor can later add up the snapshots of worker processes.
+
+This module reads feeds (their ``stats``, fan-out counters and state) in one place,
+:func:`feed_snapshot`; it never sees a client connection: the gateway hands it one
+:class:`ConnectionFacts` per connection.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import msgspec
+
+if TYPE_CHECKING:
+    from gateway.feeds import Feed
+
+__all__ = [
+    "ConnectionFacts",
+    "FeedSnapshot",
+    "FeedStatus",
+    "GatewayInfo",
+    "GatewaySnapshot",
+    "SessionCounts",
+    "SessionsSnapshot",
+    "feed_snapshot",
+    "feed_status",
+    "sessions_snapshot",
+]
+
+
+class ConnectionFacts(NamedTuple):
+    """What the snapshot needs to know of one client connection."""
+
+    #: the dataset of an authenticated session, else None
+    dataset: str | None
+    #: the API key id of an authenticated session, else None
+    key_id: str | None
+    #: True once the session has started (its Metadata is sent)
+    streaming: bool
+
+
+class GatewayInfo(msgspec.Struct, kw_only=True):
+    """The gateway's own state (``/status.json`` ``gateway``)."""
+
+    version: str
+    started_at: float
+    uptime_s: float
+    ready: bool
+    accepting: bool
+    port: int
+    loop: str
+
+
+class SessionCounts(msgspec.Struct, kw_only=True):
+    streaming: int = 0
+    authenticated: int = 0
+
+
+class SessionsSnapshot(msgspec.Struct, kw_only=True):
+    """Authenticated sessions by dataset and phase (``/status.json`` ``sessions``)."""
+
+    total: int
+    by_dataset: dict[str, SessionCounts]
+    connections_open: int
+    #: open connections without an authenticated session
+    unauthenticated: int
+
+
+class FeedStatus(msgspec.Struct, kw_only=True):
+    """One feed as ``/status.json`` shows it (and in this order)."""
+
+    dataset: str
+    connected: bool
+    detail: str
+    paused: bool
+    paused_total_s: float
+    pauses: int
+    lossless: bool
+    #: now minus the ts_event of the last record (None before the first)
+    lag_s: float | None
+    #: seconds since the feed last delivered a record, on the wall clock
+    last_record_age_s: float | None
+    records_in: int
+    bytes_in: int
+    #: sessions joined to this feed
+    sessions: int
+    #: what /readyz says of it
+    readiness: str
+
+
+class FeedSnapshot(FeedStatus, kw_only=True):
+    """A feed's status and its cumulative totals (counters only grow)."""
+
+    ups: int
+    downs: int
+    invalid_inputs: int
+    records_out: int
+    fanout_groups: int
+    variant_builds: int
+    variant_writes: int
+    zstd_bytes_before: int
+    zstd_bytes_after: int
+    zstd_frames_built: int
+    zstd_frames_written: int
+    zstd_compress_seconds: float
+
+
+class GatewaySnapshot(msgspec.Struct, kw_only=True):
+    """Everything the operations side reports, taken at ``taken_at`` (Unix time)."""
+
+    taken_at: float
+    gateway: GatewayInfo
+    sessions: SessionsSnapshot
+    feeds: list[FeedSnapshot]
+    #: connections that have not authenticated yet (the server's own count)
+    connections_unauthenticated: int
+    #: authenticated sessions per API key id: every configured key, 0 when it has none
+    key_sessions: dict[str, int]
+    #: bytes written to sessions, by (dataset, compression) as "dataset/compression"
+    bytes_out: dict[str, float]
+
+    @property
+    def records_in(self) -> int:
+        return sum(f.records_in for f in self.feeds)
+
+    @property
+    def bytes_in(self) -> int:
+        return sum(f.bytes_in for f in self.feeds)
+
+    @property
+    def records_out(self) -> int:
+        return sum(f.records_out for f in self.feeds)
+
+    @property
+    def bytes_out_total(self) -> float:
+        return sum(self.bytes_out.values())
+
+
+def feed_snapshot(feed: Feed, readiness: str, now: float, mono: float) -> FeedSnapshot:
+    """One feed's figures at wall time ``now`` (monotonic ``mono``)."""
+    st = feed.stats
+    fo = feed.fanout
+    paused_since = feed.paused_since
+    paused_total = feed.paused_total_s + (mono - paused_since if paused_since is not None else 0)
+    return FeedSnapshot(
+        dataset=feed.dataset,
+        connected=feed.connected,
+        detail=feed.state_detail,
+        paused=feed.paused,
+        paused_total_s=max(0.0, paused_total),
+        pauses=feed.pauses,
+        lossless=feed.backpressure,
+        lag_s=(int(now * 1e9) - st.last_ts_event) / 1e9 if st.last_ts_event else None,
+        last_record_age_s=now - st.last_record_at if st.last_record_at else None,
+        records_in=st.records_in,
+        bytes_in=st.bytes_in,
+        sessions=fo.member_count,
+        readiness=readiness,
+        ups=feed.ups,
+        downs=feed.downs,
+        invalid_inputs=feed.invalid_inputs,
+        records_out=fo.records_out,
+        fanout_groups=len(fo.groups),
+        variant_builds=fo.variant_builds,
+        variant_writes=fo.variant_writes,
+        zstd_bytes_before=fo.bytes_compressed_in,
+        zstd_bytes_after=fo.bytes_compressed_out,
+        zstd_frames_built=fo.frames_built,
+        zstd_frames_written=fo.frames_written,
+        zstd_compress_seconds=fo.compress_seconds,
+    )
+
+
+def feed_status(feed: FeedSnapshot) -> dict[str, Any]:
+    """The ``/status.json`` part of a feed's snapshot (its totals left out)."""
+    out: dict[str, Any] = {name: getattr(feed, name) for name in FeedStatus.__struct_fields__}
+    out["paused_total_s"] = round(feed.paused_total_s, 3)
+    return out
+
+
+def sessions_snapshot(
+    facts: Iterable[ConnectionFacts], key_ids: Iterable[str]
+) -> tuple[SessionsSnapshot, dict[str, int]]:
+    """Sessions by dataset and phase, and per API key id (each of ``key_ids`` listed)."""
+    by_dataset: dict[str, SessionCounts] = {}
+    per_key = dict.fromkeys(key_ids, 0)
+    total = unauth = opened = 0
+    for conn in facts:
+        opened += 1
+        if conn.dataset is None or conn.key_id is None:
+            unauth += 1
+            continue
+        counts = by_dataset.setdefault(conn.dataset, SessionCounts())
+        if conn.streaming:
+            counts.streaming += 1
+        else:
+            counts.authenticated += 1
+        per_key[conn.key_id] = per_key.get(conn.key_id, 0) + 1
+        total += 1
+    sessions = SessionsSnapshot(
+        total=total, by_dataset=by_dataset, connections_open=opened, unauthenticated=unauth
+    )
+    return sessions, per_key
