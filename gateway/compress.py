@@ -31,11 +31,6 @@ class FrameDecompressor:
             self._obj = self._dctx.decompressobj()
         return b"".join(out)
 
-    @property
-    def at_frame_boundary(self) -> bool:
-        """False while a frame has started but not ended (a truncated stream, at EOF)."""
-        return not self._in_frame
-
     def finish(self) -> None:
         if self._in_frame:
             raise DbnError("zstd stream ends inside a frame (truncated file?)")
