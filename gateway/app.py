@@ -16,7 +16,7 @@ import msgspec
 from gateway import __version__, transport
 from gateway.aio import cancel_and_wait
 from gateway.auth import Authenticator, KeyEntry
-from gateway.config import Config, LimitsConfig
+from gateway.config import Config
 from gateway.errors import ConfigError, FeedError, GatewayError
 from gateway.fanout import FanOut
 from gateway.feeds import Feed, Source, build_source, parse_feed_uri
@@ -35,13 +35,11 @@ from gateway.ops.snapshot import (
 from gateway.server import (
     HANDOVER_TEXT,
     SHUTDOWN_TEXT,
-    ClientConnection,
-    ConnectionLimits,
     ServerState,
+    connection_factory,
     refuse_queued,
     reset,
 )
-from gateway.session import Limits, SlowReaderLimits
 
 __all__ = ["Gateway", "run"]
 
@@ -59,32 +57,14 @@ class Gateway:
         self.metrics = Metrics()
         self.feeds: dict[str, Feed] = {}
         self.sources: dict[str, Source] = {}
-        lim, sr = cfg.limits, cfg.slow_reader
         self.state = ServerState(
             version=__version__,
             authenticator=Authenticator(key_entries(cfg)),
             feeds=self.feeds,
             metrics=self.metrics,
-            limits=session_limits(lim),
-            slow=SlowReaderLimits(
-                behind_bytes=sr.behind_bytes,
-                behind_age_s=sr.behind_age_s,
-                resume_bytes=sr.resume_bytes,
-                warning_interval_s=sr.warning_interval_s,
-                hard_cap_bytes=sr.hard_cap_bytes,
-            ),
-            conn_limits=ConnectionLimits(
-                max_connections=lim.max_connections,
-                max_unauthenticated=lim.max_unauthenticated,
-                per_ip_rate=lim.per_ip_rate,
-                per_ip_burst=lim.per_ip_burst,
-                exempt_loopback=lim.exempt_loopback,
-                default_heartbeat_s=cfg.default_heartbeat_s,
-                write_high_water=sr.write_high_water,
-                write_low_water=sr.write_low_water,
-                stall_timeout_s=sr.stall_timeout_s,
-                cut_grace_s=sr.cut_grace_s,
-            ),
+            limits=cfg.limits,
+            slow=cfg.slow_reader,
+            default_heartbeat_s=cfg.default_heartbeat_s,
         )
         if (
             cfg.transport.sndbuf is not None
@@ -137,7 +117,7 @@ class Gateway:
                 print(f"ingest dataset={dataset} port={port}", flush=True)
         loop = asyncio.get_running_loop()
         self.server = await loop.create_server(
-            lambda: ClientConnection(self.state),
+            connection_factory(self.state),
             cfg.host,
             cfg.port,
             backlog=4096,
@@ -193,7 +173,7 @@ class Gateway:
         EOF, asyncio: a hang, neither logged)."""
         soft, hard = self.fd_limit
         in_use = transport.open_fds()
-        lim = self.state.conn_limits
+        lim = self.state.limits
         budget = transport.connection_budget(lim.max_connections, soft, in_use)
         if budget < 1:
             raise ConfigError(
@@ -212,13 +192,13 @@ class Gateway:
                 transport.FD_RESERVE,
                 budget,
             )
-            self.state.conn_limits = dataclasses.replace(lim, max_connections=budget)
+            self.state.limits = msgspec.structs.replace(lim, max_connections=budget)
         log.info(
             "descriptors nofile=%d hard=%d in_use=%d max_connections=%d",
             soft,
             hard,
             in_use,
-            self.state.conn_limits.max_connections,
+            self.state.limits.max_connections,
         )
 
     def ready(self) -> tuple[bool, dict[str, str]]:
@@ -426,16 +406,7 @@ class Gateway:
             else:
                 continue
             ended += 1
-        lim = new.limits
-        self.state.limits = session_limits(lim)
-        self.state.conn_limits = dataclasses.replace(
-            self.state.conn_limits,
-            max_connections=lim.max_connections,
-            max_unauthenticated=lim.max_unauthenticated,
-            per_ip_rate=lim.per_ip_rate,
-            per_ip_burst=lim.per_ip_burst,
-            exempt_loopback=lim.exempt_loopback,
-        )
+        self.state.limits = new.limits
         if self.server is not None:  # start() fits it otherwise
             self._fit_connections_under_fd_limit()
         old.api_keys, old.limits = new.api_keys, new.limits
@@ -477,18 +448,6 @@ def key_entries(cfg: Config) -> list[KeyEntry]:
         )
         for k in cfg.api_keys
     ]
-
-
-def session_limits(lim: LimitsConfig) -> Limits:
-    return Limits(
-        max_line_bytes=lim.max_line_bytes,
-        handshake_timeout_s=lim.handshake_timeout_s,
-        start_timeout_s=lim.start_timeout_s,
-        max_subscriptions=lim.max_subscriptions,
-        max_symbols=lim.max_symbols,
-        control_rate_per_s=lim.control_rate_per_s,
-        control_burst=lim.control_burst,
-    )
 
 
 def _changed_fields(old: Any, new: Any, skip: tuple[str, ...] = (), at: str = "") -> list[str]:

@@ -2,18 +2,26 @@
 
 Theory of operation
 -------------------
-The session takes bytes (``receive_data(data, now)``) and the clock as arguments and
-returns events; it never touches a socket, a timer or a metric. Its adapter
-(``server.ClientConnection``) writes ``data_to_send()`` and acts on the events.
+The session takes bytes (``receive_data(data, now)``), timer expiries
+(``handle_timer(now, last_write)``) and the adapter's answers (``accept``/``reject``,
+``stream_started``, ``end``) and returns events; text to write comes out of
+``data_to_send()`` and the one deadline to arm out of ``next_deadline()``. It never
+touches a socket, a timer or a metric. Its adapter (``connection.ClientConnection``) only
+moves bytes, keeps flow control and counts.
 
     AWAIT_AUTH ──AuthRequested→ adapter decides ──accept──▶ AUTHENTICATED ──start──▶ STREAMING
-        │ bad line / timeout / reject                           │ bad line            │
+        │ bad line / timeout / reject / end                     │ bad line / end      │
         └────────────────────────────▶ CLOSED ◀─────────────────┴─────────────────────┘
 
 Rule 1: before authentication succeeds the only way to report an error is a
 ``success=0|error=...`` line (clients parse nothing else yet). After it, errors must be
 ErrorMsg records, which need a Metadata header first: ``Failed.after_auth`` tells the
-adapter which form to use. Every error is fatal and ends in a clean close.
+adapter which form to use and ``Failed.metadata_first`` whether it must write the
+Metadata header before the ErrorMsg. Every error is fatal and ends in a clean close;
+``Failed.fin_now`` says whether the write side may be shut at once (a session still
+subscribing keeps it open until start_session: the official clients raise the error only
+once started). ``Failed.kind`` is the machine-readable reason, ``Failed.limit`` the limit
+hit (if one was).
 
 Rule 2: after ``success=1`` the session writes nothing itself: the binary stream starts
 only when the adapter answers ``StartRequested`` with the Metadata header (the Python
@@ -21,6 +29,16 @@ client hands any byte that shares a read with the auth line to its text parser).
 
 Rule 3: subscription chunks that share an ``id`` are buffered until ``is_last=1`` and
 surface as one ``SubscriptionReady``; they may arrive before or after start_session.
+Before it they are ``queued`` (the adapter does nothing with them yet) and come back in
+``StartRequested.subscriptions``, to be acted on right after the Metadata header.
+
+Rule 4: deadlines. Before start_session the deadline is the handshake timeout, then the
+start timeout (armed by ``accept(session_id, now)``); once the adapter reports the
+Metadata header written (``stream_started``) it is the next heartbeat: ``HeartbeatDue``
+when nothing was written for the heartbeat interval (``last_write``, the adapter's clock
+of its last write, is passed in at expiry so that writes cost the session nothing).
+
+The limits are the ``[limits]`` section of the config (``LimitsConfig``) as it is.
 """
 
 from __future__ import annotations
@@ -29,15 +47,17 @@ import enum
 from dataclasses import dataclass, field
 
 from gateway import control
+from gateway.config import LimitsConfig
 from gateway.control import ALL_SYMBOLS, AuthRequest, SubscriptionRequest
 from gateway.dbn import ErrorCode
 from gateway.errors import LimitExceeded, NotSupportedError, ProtocolError
 
 __all__ = [
+    "DEFAULT_HEARTBEAT_S",
     "AuthRequested",
     "Event",
     "Failed",
-    "Limits",
+    "HeartbeatDue",
     "Session",
     "StartRequested",
     "State",
@@ -45,24 +65,15 @@ __all__ = [
     "SubscriptionReady",
 ]
 
+#: heartbeat interval of a session whose auth line names none (``default_heartbeat_s``)
+DEFAULT_HEARTBEAT_S = 30.0
+
 
 class State(enum.IntEnum):
     AWAIT_AUTH = 0
     AUTHENTICATED = 1
     STREAMING = 2
     CLOSED = 3
-
-
-@dataclass(frozen=True)
-class Limits:
-    max_line_bytes: int = 128 * 1024
-    handshake_timeout_s: float = 30.0
-    #: an authenticated session must send start_session within this (it holds a slot)
-    start_timeout_s: float = 120.0
-    max_subscriptions: int = 1_000
-    max_symbols: int = 100_000
-    control_rate_per_s: float = 100.0
-    control_burst: int = 2_000
 
 
 @dataclass(frozen=True)
@@ -86,22 +97,40 @@ class AuthRequested:
 @dataclass(frozen=True)
 class SubscriptionReady:
     subscription: Subscription
+    #: before start_session: held by the session, returned in ``StartRequested``
+    queued: bool = False
 
 
 @dataclass(frozen=True)
 class StartRequested:
-    pass
+    """Write the Metadata header, then subscribe ``subscriptions`` (those made before)."""
+
+    subscriptions: tuple[Subscription, ...] = ()
+
+
+@dataclass(frozen=True)
+class HeartbeatDue:
+    """Nothing was written for the heartbeat interval: write a heartbeat record."""
 
 
 @dataclass(frozen=True)
 class Failed:
+    """The session is over; ``reason`` is the text the client is told."""
+
     reason: str
     after_auth: bool
     code: int = ErrorCode.INVALID_SUBSCRIPTION
+    #: machine-readable reason (a metrics label): protocol, not_supported, bad_key, ...
     kind: str = "protocol"
+    #: write the Metadata header before the ErrorMsg (after_auth, not yet streaming)
+    metadata_first: bool = False
+    #: the limit that was hit (``gateway_limit_hits_total`` label), if one was
+    limit: str | None = None
+    #: shut the write side at once (else: a lingering close that waits for the client)
+    fin_now: bool = False
 
 
-Event = AuthRequested | SubscriptionReady | StartRequested | Failed
+Event = AuthRequested | SubscriptionReady | StartRequested | HeartbeatDue | Failed
 
 
 @dataclass
@@ -112,12 +141,26 @@ class _Pending:
 
 
 class Session:
-    def __init__(self, *, challenge: str, version: str, limits: Limits, now: float) -> None:
+    def __init__(
+        self,
+        *,
+        challenge: str,
+        version: str,
+        limits: LimitsConfig,
+        now: float,
+        default_heartbeat_s: float = DEFAULT_HEARTBEAT_S,
+    ) -> None:
         self.state = State.AWAIT_AUTH
         self.challenge = challenge
         self.limits = limits
         self.auth: AuthRequest | None = None
         self.subscriptions: list[Subscription] = []
+        #: the Metadata header is (being) written: set with StartRequested, or with a
+        #: Failed that has ``metadata_first``
+        self.stream_open = False
+        self._default_heartbeat_s = default_heartbeat_s
+        self._heartbeat_at: float | None = None
+        self._queued: list[Subscription] = []
         self._pending: dict[int | None, _Pending] = {}
         self._symbol_count = 0
         self._buffer = bytearray()
@@ -138,20 +181,10 @@ class Session:
             nl = self._buffer.find(b"\n")
             if nl < 0:
                 if len(self._buffer) > self.limits.max_line_bytes:
-                    events.append(
-                        self._fail(
-                            f"control line longer than {self.limits.max_line_bytes} bytes",
-                            kind="line_too_long",
-                        )
-                    )
+                    events.append(self._line_too_long())
                 break
             if nl > self.limits.max_line_bytes:
-                events.append(
-                    self._fail(
-                        f"control line longer than {self.limits.max_line_bytes} bytes",
-                        kind="line_too_long",
-                    )
-                )
+                events.append(self._line_too_long())
                 break
             line = bytes(self._buffer[:nl])
             del self._buffer[: nl + 1]
@@ -161,27 +194,53 @@ class Session:
     def _parsing(self) -> bool:
         return self.state is not State.CLOSED and not self._waiting_auth
 
+    def _line_too_long(self) -> Failed:
+        limit = self.limits.max_line_bytes
+        return self._fail(
+            f"control line longer than {limit} bytes", kind="line_too_long", limit="line_too_long"
+        )
+
     def receive_eof(self) -> None:
         self.state = State.CLOSED
 
-    def handle_timer(self, now: float) -> list[Event]:
+    def handle_timer(self, now: float, last_write: float | None = None) -> list[Event]:
+        """The deadline of ``next_deadline()`` may have passed; ``last_write``: the clock
+        of the adapter's last write (heartbeats count from it)."""
+        if self.state is State.STREAMING:
+            due = self._heartbeat_at
+            if due is None or now < due:
+                return []
+            interval = self.heartbeat_s
+            if last_write is not None and now - last_write < interval:
+                self._heartbeat_at = last_write + interval  # written since: not idle yet
+                return []
+            self._heartbeat_at = now + interval
+            return [HeartbeatDue()]
         if self._deadline is None or now < self._deadline:
             return []
         if self.state is State.AWAIT_AUTH:
-            return [self._fail("authentication timed out", kind="handshake_timeout")]
+            return [
+                self._fail(
+                    "authentication timed out", kind="handshake_timeout", limit="handshake_timeout"
+                )
+            ]
         if self.state is State.AUTHENTICATED:
             return [
                 self._fail(
                     f"start_session not received within {self.limits.start_timeout_s:g} s "
                     "of authentication",
                     kind="start_timeout",
+                    limit="start_timeout",
                 )
             ]
         return []
 
     def next_deadline(self) -> float | None:
+        """When ``handle_timer`` is next due (None: no timer needed)."""
         if self.state in (State.AWAIT_AUTH, State.AUTHENTICATED):
             return self._deadline
+        if self.state is State.STREAMING:
+            return self._heartbeat_at
         return None
 
     # --- answers from the adapter ------------------------------------------------
@@ -193,9 +252,26 @@ class Session:
         self._deadline = None if now is None else now + self.limits.start_timeout_s
         self._out += control.auth_success(session_id)
 
-    def reject(self, reason: str, kind: str = "auth") -> Failed:
+    def reject(self, reason: str, kind: str = "auth", limit: str | None = None) -> Failed:
+        """The auth request is refused: a ``success=0|error=<reason>`` line, then closed."""
         self._waiting_auth = False
-        return self._fail(reason, kind=kind, after_auth=False)
+        return self._fail(reason, kind=kind, after_auth=False, limit=limit)
+
+    def stream_started(self, now: float) -> None:
+        """The adapter wrote the Metadata header at ``now``: heartbeats are due from it."""
+        if self.state is State.STREAMING:
+            self._heartbeat_at = now + self.heartbeat_s
+
+    def end(self, reason: str, *, kind: str, code: int) -> Failed | None:
+        """The gateway ends the session (shutdown, a revoked key, a slow reader): told as
+        ``success=0|error=<reason>`` before authentication, else as an ErrorMsg with
+        ``code``. None if it is already over."""
+        if self.state is State.CLOSED:
+            return None
+        if self.state is State.AWAIT_AUTH:
+            self._waiting_auth = False
+            return self._fail(reason, kind=kind, after_auth=False, fin_now=True)
+        return self._fail(reason, kind=kind, code=code, fin_now=self.stream_open)
 
     def resume(self, now: float) -> list[Event]:
         """Parse lines that arrived while the auth decision was pending."""
@@ -210,7 +286,13 @@ class Session:
 
     @property
     def heartbeat_interval_s(self) -> int | None:
+        """The interval the auth line asked for, if any."""
         return self.auth.heartbeat_interval_s if self.auth else None
+
+    @property
+    def heartbeat_s(self) -> float:
+        """The heartbeat interval in effect."""
+        return float(self.heartbeat_interval_s or self._default_heartbeat_s)
 
     # --- internals ----------------------------------------------------------------
 
@@ -221,14 +303,29 @@ class Session:
         kind: str = "protocol",
         after_auth: bool | None = None,
         code: int = ErrorCode.INVALID_SUBSCRIPTION,
+        limit: str | None = None,
+        fin_now: bool = False,
     ) -> Failed:
         if after_auth is None:
             after_auth = self.state in (State.AUTHENTICATED, State.STREAMING)
+        metadata_first = False
         if not after_auth:
             self._out += control.auth_failure(reason)
+        elif not self.stream_open:
+            metadata_first = self.stream_open = True  # an ErrorMsg needs the header first
         self.state = State.CLOSED
         self._buffer.clear()
-        return Failed(reason=reason, after_auth=after_auth, code=code, kind=kind)
+        self._queued.clear()
+        self._heartbeat_at = None
+        return Failed(
+            reason=reason,
+            after_auth=after_auth,
+            code=code,
+            kind=kind,
+            metadata_first=metadata_first,
+            limit=limit,
+            fin_now=fin_now,
+        )
 
     def _rate_ok(self, now: float) -> bool:
         lim = self.limits
@@ -248,6 +345,7 @@ class Session:
                 self._fail(
                     f"more than {self.limits.control_rate_per_s:g} control messages per second",
                     kind="control_rate",
+                    limit="control_rate",
                 )
             ]
         try:
@@ -264,19 +362,25 @@ class Session:
                         "start_session before the last chunk (is_last=1) of a subscription"
                     )
                 self.state = State.STREAMING
+                self.stream_open = True
                 self._deadline = None
-                return [StartRequested()]
+                queued = tuple(self._queued)
+                self._queued.clear()
+                return [StartRequested(queued)]
             if "schema" not in fields:
                 raise ProtocolError("expected a subscription (schema=...) or start_session")
             request = control.parse_subscription(fields)
             ready = self._add_chunk(request)
-            return [SubscriptionReady(ready)] if ready else []
-        except NotSupportedError as exc:
-            return [self._fail(str(exc), kind="not_supported")]
+            if ready is None:
+                return []
+            if self.state is State.STREAMING:
+                return [SubscriptionReady(ready)]
+            self._queued.append(ready)
+            return [SubscriptionReady(ready, queued=True)]
         except LimitExceeded as exc:
-            return [self._fail(str(exc), kind=exc.limit)]
-        except ProtocolError as exc:
-            return [self._fail(str(exc), kind="protocol")]
+            return [self._fail(str(exc), kind=exc.reason, limit=exc.limit)]
+        except (ProtocolError, NotSupportedError) as exc:
+            return [self._fail(str(exc), kind=exc.reason)]
 
     def _add_chunk(self, req: SubscriptionRequest) -> Subscription | None:
         symbols = req.symbol_list
@@ -313,105 +417,3 @@ class Session:
         sub = Subscription(pending.schema, pending.stype_in, unique, req.id)
         self.subscriptions.append(sub)
         return sub
-
-
-# --- slow readers ---------------------------------------------------------------------
-
-#: Schemas whose sessions may skip when behind (all others always behave as ``warn``).
-SKIP_SCHEMAS = frozenset({"mbp-1", "mbp-10", "bbo-1s", "bbo-1m", "cmbp-1", "cbbo-1s", "cbbo-1m"})
-
-
-@dataclass(frozen=True)
-class SlowReaderLimits:
-    #: a session is behind when more than this many bytes wait in its buffer ...
-    behind_bytes: int = 4 * 1024 * 1024
-    #: ... or when its buffer has not emptied for this long
-    behind_age_s: float = 2.0
-    #: skip mode resumes (and reports the skip) once the buffer is below this
-    resume_bytes: int = 512 * 1024
-    warning_interval_s: float = 1.0
-    #: no policy may hold more than this for one session: over it, the session is cut
-    hard_cap_bytes: int = 32 * 1024 * 1024
-
-
-def effective_behavior(requested: str | None, schemas: list[str]) -> str:
-    """``warn`` or ``skip`` for a session, per PROTOCOL.md §6.1 (``drop`` means skip)."""
-    all_skippable = bool(schemas) and all(s in SKIP_SCHEMAS for s in schemas)
-    if requested in ("skip", "drop"):
-        return "skip" if all_skippable else "warn"
-    if requested == "warn":
-        return "warn"
-    return "skip" if all_skippable else "warn"
-
-
-class Verdict(enum.IntEnum):
-    SEND = 0
-    SKIP = 1
-    CUT = 2
-
-
-@dataclass
-class SlowReader:
-    """Per-session slow-reader decisions: bytes and clock in, a verdict out.
-
-    ``notices`` collects what the session must be told, as (kind, count) pairs:
-    ("warning", 0) for a SLOW_READER_WARNING SystemMsg, ("skipped", n) for an ErrorMsg
-    SKIPPED_RECORDS_AFTER_SLOW_READING. The adapter writes them before the chunk.
-    """
-
-    limits: SlowReaderLimits
-    behavior: str = "warn"
-    lossless: bool = False
-    skipped: int = 0
-    skipped_total: int = 0
-    warnings: int = 0
-    _nonempty_since: float | None = None
-    _last_warning: float = float("-inf")
-    notices: list[tuple[str, int]] = field(default_factory=list)
-
-    def resume(self, now: float) -> None:
-        """Caught up after skipping: queue the notice and start the behind-clock afresh
-        (otherwise the age test would fire at once on a reader that just caught up)."""
-        self.notices.append(("skipped", self.skipped))
-        self.skipped = 0
-        self._nonempty_since = now
-
-    def mark_drained(self) -> None:
-        """The session's buffer is empty (the fan-out fast path)."""
-        self._nonempty_since = None
-
-    def behind(self, buffered: int, now: float) -> bool:
-        if buffered <= 0:
-            self._nonempty_since = None
-            return False
-        if self._nonempty_since is None:
-            self._nonempty_since = now
-        lim = self.limits
-        return buffered > lim.behind_bytes or now - self._nonempty_since > lim.behind_age_s
-
-    def on_chunk(self, buffered: int, size: int, records: int, now: float) -> Verdict:
-        lim = self.limits
-        if self.lossless:
-            # Lossless feeds wait for their sessions instead; stalls are cut by timer.
-            return Verdict.SEND
-        if buffered + size > lim.hard_cap_bytes:
-            return Verdict.CUT
-        behind = self.behind(buffered, now)
-        if self.behavior == "skip":
-            if self.skipped:
-                if buffered <= lim.resume_bytes:
-                    self.resume(now)
-                    return Verdict.SEND
-                self.skipped += records
-                self.skipped_total += records
-                return Verdict.SKIP
-            if behind:
-                self.skipped += records
-                self.skipped_total += records
-                return Verdict.SKIP
-            return Verdict.SEND
-        if behind and now - self._last_warning >= lim.warning_interval_s:
-            self._last_warning = now
-            self.warnings += 1
-            self.notices.append(("warning", 0))
-        return Verdict.SEND

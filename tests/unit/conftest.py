@@ -17,7 +17,8 @@ import databento_dbn as d
 import numpy as np
 import zstandard
 
-from gateway.session import Limits, Session
+from gateway.config import LimitsConfig
+from gateway.session import Session
 from tests.conftest import DBN_SAMPLES, dbn_sample_files
 
 DATA = DBN_SAMPLES
@@ -215,16 +216,16 @@ PY_AUTH = (
 
 
 def new_session(
-    limits: Limits | None = None,
+    limits: LimitsConfig | None = None,
     now: float = 0.0,
     challenge: str = CHALLENGE,
     version: str = "0.1.0",
 ) -> Session:
-    return Session(challenge=challenge, version=version, limits=limits or Limits(), now=now)
+    return Session(challenge=challenge, version=version, limits=limits or LimitsConfig(), now=now)
 
 
 def authed_session(
-    limits: Limits | None = None, now: float = 0.0, auth_line: bytes = PY_AUTH
+    limits: LimitsConfig | None = None, now: float = 0.0, auth_line: bytes = PY_AUTH
 ) -> Session:
     """A session past ``success=1`` with its output drained."""
     s = new_session(limits, now)

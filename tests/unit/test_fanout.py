@@ -400,7 +400,6 @@ def test_the_same_frame_object_reaches_every_session_transport():
     for _ in range(3):
         conn = ClientConnection(state)
         conn.transport = _FakeTransport()  # type: ignore[assignment]
-        conn.metadata_sent = True
         conn.zstd = True
         fo.place(conn, spec({TRADES: None}, zstd=True))
         conns.append(conn)

@@ -1,5 +1,5 @@
-"""The lingering close (gateway.server._Linger) over a real socketpair, on the loop under test
-(GATEWAY_TEST_LOOP): what is buffered goes out before the FIN, the FIN waits for the
+"""The lingering close (gateway.linger.LingeringClose) over a real socketpair, on the loop
+under test (GATEWAY_TEST_LOOP): what is buffered goes out before the FIN, the FIN waits for the
 client's start_session (or quiet), late client bytes are discarded, everything is bounded."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from gateway import server
-from gateway.server import _Linger
+from gateway import linger as linger_module
+from gateway.linger import LingeringClose as _Linger
 from tests.integration.helpers import apoll_until
 
 
@@ -80,8 +80,8 @@ async def test_buffered_data_goes_out_before_the_fin(pair: Any) -> None:
 async def test_the_fin_waits_for_start_session_and_late_bytes_are_discarded(
     pair: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(server, "LINGER_QUIET_S", 60.0)
-    monkeypatch.setattr(server, "LINGER_FIN_MAX_S", 60.0)
+    monkeypatch.setattr(linger_module, "LINGER_QUIET_S", 60.0)
+    monkeypatch.setattr(linger_module, "LINGER_FIN_MAX_S", 60.0)
     transport, client = pair
     loop = asyncio.get_running_loop()
     transport.write(b"the error\n")
@@ -105,9 +105,9 @@ async def test_the_fin_waits_for_start_session_and_late_bytes_are_discarded(
 async def test_the_fin_comes_when_the_client_is_quiet(
     pair: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(server, "LINGER_QUIET_S", 0.05)
-    monkeypatch.setattr(server, "LINGER_FIN_MAX_S", 60.0)
-    monkeypatch.setattr(server, "LINGER_DRAIN_S", 0.2)
+    monkeypatch.setattr(linger_module, "LINGER_QUIET_S", 0.05)
+    monkeypatch.setattr(linger_module, "LINGER_FIN_MAX_S", 60.0)
+    monkeypatch.setattr(linger_module, "LINGER_DRAIN_S", 0.2)
     transport, client = pair
     conn = _Conn()
     transport.set_protocol(_Linger(conn, transport, fin_now=False))  # type: ignore[arg-type]
@@ -119,7 +119,7 @@ async def test_the_fin_comes_when_the_client_is_quiet(
 async def test_a_client_that_keeps_sending_is_cut_off_at_the_byte_bound(
     pair: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(server, "LINGER_MAX_BYTES", 10_000)
+    monkeypatch.setattr(linger_module, "LINGER_MAX_BYTES", 10_000)
     transport, client = pair
     conn = _Conn()
     linger = _Linger(conn, transport, fin_now=True)  # type: ignore[arg-type]

@@ -5,13 +5,13 @@ from __future__ import annotations
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from gateway import control
+from gateway.config import LimitsConfig as Limits
 from gateway.control import parse_fields
 from gateway.dbn import SCHEMAS, index_records
 from gateway.errors import GatewayError, NotSupportedError, ProtocolError
 from gateway.session import (
     AuthRequested,
     Failed,
-    Limits,
     StartRequested,
     State,
     SubscriptionReady,

@@ -7,11 +7,11 @@ import string
 import pytest
 
 from gateway.auth import cram_response, new_challenge
+from gateway.config import LimitsConfig
 from gateway.control import parse_fields
 from gateway.session import (
     AuthRequested,
     Failed,
-    Limits,
     Session,
     StartRequested,
     State,
@@ -96,7 +96,7 @@ def assert_success0(out: bytes) -> str:
 
 def test_greeting_is_version_line_then_cram_line():
     challenge = new_challenge()
-    s = Session(challenge=challenge, version="0.1.0", limits=Limits(), now=0.0)
+    s = Session(challenge=challenge, version="0.1.0", limits=LimitsConfig(), now=0.0)
     out = s.data_to_send()
     assert out == b"lsg_version=0.1.0\ncram=" + challenge.encode() + b"\n"
     first, second = lines(out)
@@ -420,7 +420,7 @@ def test_greeting_then_auth_one_byte_at_a_time():
 
 # --- limits ------------------------------------------------------------------------------
 
-SMALL_LINES = Limits(max_line_bytes=200)
+SMALL_LINES = LimitsConfig(max_line_bytes=200)
 
 
 def test_line_under_limit_is_accepted():
@@ -485,7 +485,7 @@ def test_default_limit_accepts_a_full_500_symbol_chunk():
 
 
 def test_handshake_timeout():
-    s = new_session(Limits(handshake_timeout_s=5.0), now=100.0)
+    s = new_session(LimitsConfig(handshake_timeout_s=5.0), now=100.0)
     s.data_to_send()
     assert s.next_deadline() == 105.0
     assert s.handle_timer(104.9) == []
@@ -498,20 +498,20 @@ def test_handshake_timeout():
 
 
 def test_handshake_timer_stops_after_accept():
-    s = authed_session(Limits(handshake_timeout_s=5.0), now=0.0)
+    s = authed_session(LimitsConfig(handshake_timeout_s=5.0), now=0.0)
     assert s.next_deadline() is None
     assert s.handle_timer(1e9) == []
     assert s.state is State.AUTHENTICATED
 
 
 def test_partial_auth_line_does_not_stop_the_timeout():
-    s = new_session(Limits(handshake_timeout_s=5.0))
+    s = new_session(LimitsConfig(handshake_timeout_s=5.0))
     s.receive_data(PY_AUTH[:20], 1.0)
     assert only_failed(s.handle_timer(5.0)).kind == "handshake_timeout"
 
 
 def test_symbols_over_max_symbols():
-    s = authed_session(Limits(max_symbols=5))
+    s = authed_session(LimitsConfig(max_symbols=5))
     assert s.receive_data(sub_line(["A", "B", "C"], sub_id=1), 0.0)
     assert s.receive_data(sub_line(["D", "E"], sub_id=2), 0.0)
     failed = only_failed(s.receive_data(sub_line(["F"], sub_id=3), 0.0))
@@ -521,14 +521,14 @@ def test_symbols_over_max_symbols():
 
 
 def test_symbols_over_max_symbols_across_chunks():
-    s = authed_session(Limits(max_symbols=4))
+    s = authed_session(LimitsConfig(max_symbols=4))
     assert s.receive_data(sub_line(["A", "B", "C"], is_last=False), 0.0) == []
     failed = only_failed(s.receive_data(sub_line(["D", "E"]), 0.0))
     assert failed.kind == "max_symbols"
 
 
 def test_subscriptions_over_max_subscriptions():
-    s = authed_session(Limits(max_subscriptions=2))
+    s = authed_session(LimitsConfig(max_subscriptions=2))
     assert s.receive_data(sub_line(["A"], sub_id=1), 0.0)
     assert s.receive_data(sub_line(["B"], sub_id=2), 0.0)
     failed = only_failed(s.receive_data(sub_line(["C"], sub_id=3), 0.0))
@@ -536,7 +536,7 @@ def test_subscriptions_over_max_subscriptions():
 
 
 def test_control_rate_limit():
-    s = authed_session(Limits(control_rate_per_s=10.0, control_burst=5))
+    s = authed_session(LimitsConfig(control_rate_per_s=10.0, control_burst=5))
     events = []
     for i in range(10):
         events += s.receive_data(sub_line(["A"], sub_id=i), 0.0)
@@ -551,7 +551,7 @@ def test_control_rate_limit():
 
 
 def test_control_rate_within_budget_never_fails():
-    s = authed_session(Limits(control_rate_per_s=10.0, control_burst=5))
+    s = authed_session(LimitsConfig(control_rate_per_s=10.0, control_burst=5))
     now = 0.0
     for i in range(200):  # 5 per second, half the allowed rate
         now += 0.2

@@ -3,12 +3,13 @@ auth line names its missing field plainly."""
 
 from __future__ import annotations
 
-from gateway.session import Failed, Limits, StartRequested, State
+from gateway.config import LimitsConfig
+from gateway.session import Failed, StartRequested, State
 
 from .conftest import PY_AUTH, new_session
 
 
-def accepted(limits: Limits, now: float = 100.0):
+def accepted(limits: LimitsConfig, now: float = 100.0):
     s = new_session(limits, now)
     s.receive_data(PY_AUTH, now)
     s.accept(7, now)
@@ -17,7 +18,7 @@ def accepted(limits: Limits, now: float = 100.0):
 
 
 def test_start_deadline_is_armed_at_accept_and_fails_after_auth():
-    s = accepted(Limits(start_timeout_s=5.0))
+    s = accepted(LimitsConfig(start_timeout_s=5.0))
     assert s.next_deadline() == 105.0
     assert s.handle_timer(104.9) == []
     (failed,) = s.handle_timer(105.0)
@@ -29,7 +30,7 @@ def test_start_deadline_is_armed_at_accept_and_fails_after_auth():
 
 
 def test_start_session_disarms_the_deadline():
-    s = accepted(Limits(start_timeout_s=5.0))
+    s = accepted(LimitsConfig(start_timeout_s=5.0))
     events = s.receive_data(b"schema=trades|symbols=ALL_SYMBOLS\nstart_session\n", 101.0)
     assert isinstance(events[-1], StartRequested)
     assert s.next_deadline() is None

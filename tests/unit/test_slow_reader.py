@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.session import SlowReader, SlowReaderLimits, Verdict, effective_behavior
+from gateway.config import SlowReaderConfig
+from gateway.slowreader import SlowReader, Verdict, effective_behavior
 
 SKIPPABLE = ["mbp-1", "mbp-10", "bbo-1s", "bbo-1m", "cmbp-1", "cbbo-1s", "cbbo-1m"]
 NOT_SKIPPABLE = [
@@ -23,7 +24,7 @@ NOT_SKIPPABLE = [
     "tcbbo",
 ]
 
-LIM = SlowReaderLimits(
+LIM = SlowReaderConfig(
     behind_bytes=10_000,
     behind_age_s=2.0,
     resume_bytes=1_000,
