@@ -180,17 +180,15 @@ def test_malformed_line_after_auth(gw: GatewayProcess) -> None:
 
 def test_pipelined_handshake_in_one_write(gw: GatewayProcess) -> None:
     """auth, subscription and start_session in a single segment still work."""
-    import hashlib
-
+    from gateway.control import cram_response
     from tests.integration.helpers import KEY
 
     c = RawClient(gw.port)
     c.line()
     challenge = c.line()[5:]
-    digest = hashlib.sha256(f"{challenge}|{KEY}".encode()).hexdigest()
     c.send(
-        f"auth={digest}-{KEY[-5:]}|dataset=DEMO.SYNTH|encoding=dbn|ts_out=0|client=t\n"
-        "schema=trades|stype_in=raw_symbol|symbols=AAPL\nstart_session\n".encode()
+        f"auth={cram_response(challenge, KEY)}|dataset=DEMO.SYNTH|encoding=dbn|ts_out=0|"
+        "client=t\nschema=trades|stype_in=raw_symbol|symbols=AAPL\nstart_session\n".encode()
     )
     assert c.line().startswith("success=1")
     data = b""

@@ -21,6 +21,7 @@ from tests.integration.helpers import (
     RawClient,
     data_records,
     error_texts,
+    poll_until,
     split_records,
     start_gateway,
 )
@@ -37,12 +38,7 @@ def _keys(*entries: tuple[str, str]) -> str:
 
 
 def _poll(predicate: Callable[[], Any], what: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
+    poll_until(predicate, timeout, what=what)
 
 
 def _reload(gw: GatewayProcess, text: str, expect: str) -> None:
