@@ -86,7 +86,9 @@ def handshake(port: int, dataset: str) -> socket.socket:
     return sock
 
 
-def start_gateway(tree: Path, feeds: dict[str, str]) -> tuple[subprocess.Popen[str], int, dict]:
+def start_gateway(
+    tree: Path, feeds: dict[str, str]
+) -> tuple[subprocess.Popen[str], int, dict[str, int]]:
     config = tree / ".stall-bench.toml"
     config.write_text(
         "[limits]\nmax_symbols = 200000\ncontrol_burst = 5000\nmax_subscriptions = 1000\n"
@@ -100,15 +102,16 @@ def start_gateway(tree: Path, feeds: dict[str, str]) -> tuple[subprocess.Popen[s
     proc = subprocess.Popen(
         cmd, cwd=tree, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
     )
-    assert proc.stdout is not None
+    out = proc.stdout
+    assert out is not None
     ingest: dict[str, int] = {}
-    for line in proc.stdout:
+    for line in out:
         if line.startswith("ingest dataset="):
             parts = dict(p.split("=", 1) for p in line.split() if "=" in p)
             ingest[parts["dataset"]] = int(parts["port"])
         if line.startswith("listening"):
             port = int(line.split("port=", 1)[1].split()[0])
-            threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()
+            threading.Thread(target=lambda: [None for _ in out], daemon=True).start()
             config.unlink()
             return proc, port, ingest
     raise RuntimeError("gateway did not start")

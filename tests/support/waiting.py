@@ -46,7 +46,7 @@ async def apoll_until(
     deadline = time.monotonic() + timeout
     while True:
         result = predicate()
-        value: _T = await result if inspect.isawaitable(result) else result  # type: ignore[assignment]
+        value = await result if inspect.isawaitable(result) else result
         if value:
             return value
         if time.monotonic() >= deadline:

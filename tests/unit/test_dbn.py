@@ -519,8 +519,8 @@ def old_stream(version: int) -> tuple[bytes, list[bytes], list]:
     meta = d.Metadata(
         dataset="GLBX.MDP3",
         start=NOW_NS,
-        stype_in=d.SType.RAW_SYMBOL,
-        stype_out=d.SType.INSTRUMENT_ID,
+        stype_in=d.SType.RAW_SYMBOL,  # type: ignore[arg-type]  # stubs type enum members as str
+        stype_out=d.SType.INSTRUMENT_ID,  # type: ignore[arg-type]  # stubs type enum members as str
         schema=None,
         symbols=["ESZ4"],
         version=version,
@@ -540,7 +540,7 @@ def old_stream(version: int) -> tuple[bytes, list[bytes], list]:
     assert len(bytes(stat)) == 64
     assert len(bytes(system)) == (80 if version == 1 else 320)
     stream = bytes(meta) + b"".join(recs)
-    ref = d.DBNDecoder(upgrade_policy=d.VersionUpgradePolicy.UPGRADE_TO_V3)
+    ref = d.DBNDecoder(upgrade_policy=d.VersionUpgradePolicy.UPGRADE_TO_V3)  # type: ignore[arg-type]  # stubs type enum members as str
     ref.write(stream)
     upgraded = ref.decode()[1:]
     return stream, recs, upgraded

@@ -3,6 +3,8 @@ leaves the stream decoder, whatever a publisher or a file sends."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import databento_dbn as d
 import numpy as np
 import pytest
@@ -38,7 +40,7 @@ def meta(version: int = 3) -> bytes:
             dataset="GLBX.MDP3",
             start=NOW_NS,
             stype_in=None,
-            stype_out=d.SType.INSTRUMENT_ID,
+            stype_out=d.SType.INSTRUMENT_ID,  # type: ignore[arg-type]  # stubs type enum members as str
             schema=None,
             version=version,
         ).encode()
@@ -54,8 +56,8 @@ def mbp1(instrument_id: int, length_words: int | None = None) -> bytes:
                 ts_event=NOW_NS,
                 price=100,
                 size=1,
-                action=d.Action.ADD,
-                side=d.Side.BID,
+                action=d.Action.ADD,  # type: ignore[arg-type]  # stubs type enum members as str
+                side=d.Side.BID,  # type: ignore[arg-type]  # stubs type enum members as str
                 depth=0,
                 ts_recv=NOW_NS,
                 sequence=1,
@@ -68,7 +70,7 @@ def mbp1(instrument_id: int, length_words: int | None = None) -> bytes:
     return bytes(rec)
 
 
-def official_decode(stream: bytes) -> list[object]:
+def official_decode(stream: bytes) -> list[Any]:
     """What an official client does with the bytes (raises PanicException on a bad one)."""
     dec = d.DBNDecoder()
     dec.write(stream)
