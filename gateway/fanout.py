@@ -205,7 +205,6 @@ class FanOut:
         self.frames_built = 0
         self.frames_written = 0
         self.records_out = 0
-        self.bytes_out = 0
         #: variants built (gathers, stamps, frames) and shared variants written, all groups
         self.variant_builds = 0
         self.variant_writes = 0
@@ -275,7 +274,6 @@ class FanOut:
             group.writes += len(group.members)
             self.variant_writes += len(group.members)
             self.records_out += records * len(group.members)
-            self.bytes_out += len(data) * len(group.members)
             if group.spec.zstd and self.shared_frames:
                 self.frames_written += len(group.members)
 
