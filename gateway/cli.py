@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +19,8 @@ from gateway.config import (
     read_key_file,
     validate,
 )
-from gateway.errors import ConfigError
+from gateway.errors import ConfigError, GatewayError
+from gateway.ops.logs import print_error
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
@@ -307,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
         "export the results as Prometheus metrics and keep an uptime history.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    from gateway.probe import add_arguments
+    from gateway.ops.probe_cli import add_arguments
 
     add_arguments(probe)
     check = sub.add_parser(
@@ -325,23 +324,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="how to print the effective config (default toml)",
     )
     return parser
-
-
-def print_error(text: str, fmt: str = "text", level: str = "error", prog: str = "gateway") -> None:
-    """A fatal error or a warning on stderr: ``gateway: error: ...``, or one JSON line
-    (``--log-format json``: every stderr line is JSON)."""
-    if fmt == "json":
-        doc = {
-            "ts": round(time.time(), 6),
-            "level": level,
-            "logger": prog.replace(" ", "."),
-            "msg": text,
-            "event": "fatal" if level == "error" else level,
-        }
-        line = json.dumps(doc)
-    else:
-        line = f"{prog}: {level}: {text}"
-    print(line, file=sys.stderr, flush=True)
 
 
 def _log_format(args: argparse.Namespace) -> str:
@@ -416,8 +398,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "probe":
-        from gateway.errors import GatewayError
-        from gateway.probe import run_probe
+        from gateway.ops.probe_cli import run_probe
 
         try:
             return run_probe(args)
