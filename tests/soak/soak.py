@@ -52,7 +52,7 @@ import time
 from tests.soak.config import DATASET, SoakConfig, fd_count, rss_kib
 from tests.soak.controller import SoakReport, _control, _Run
 from tests.soak.hostile import HOSTILE_ACTIONS, hostile_once
-from tests.soak.plans import Plan
+from tests.soak.plans import Plan, reference_plan
 from tests.soak.session import Env, SoakSession
 from tests.soak.verify import _report
 
@@ -66,6 +66,7 @@ __all__ = [
     "fd_count",
     "hostile_once",
     "main",
+    "reference_plan",
     "rss_kib",
     "run",
 ]
