@@ -48,8 +48,8 @@ def choose_loop(cfg: Config) -> str:
     is refused if it cannot be. Under a bypass transport or library, ``auto`` also picks the
     stdlib asyncio loop, whose epoll calls all go through libc; an explicit ``uvloop`` is
     honoured (libuv then falls back to libc epoll_ctl, which the preload sees).
-    The stdlib loop cost nothing measurable in the fan-out benchmark
-    (tests/transport_fakes/loop_cost.py; figures in README: Kernel bypass)."""
+    What each choice costs on plain sockets is measured by
+    ``python -m tests.transport_fakes.loop_cost`` (uvloop, uvloop without io_uring, asyncio)."""
     kind = parse_kind(cfg.transport.kind)
     name = installed_loop(cfg.loop)
     bypass = kind.requested or bypass_mapped()
