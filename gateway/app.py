@@ -8,7 +8,9 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections import Counter
+from collections.abc import Callable
+from operator import attrgetter
 from typing import Any
 
 import msgspec
@@ -29,6 +31,7 @@ from gateway.ops.snapshot import (
     ConnectionFacts,
     GatewayInfo,
     GatewaySnapshot,
+    Totals,
     feed_snapshot,
     sessions_snapshot,
 )
@@ -42,6 +45,9 @@ from gateway.server import (
 )
 
 __all__ = ["Gateway", "run"]
+
+#: what the snapshot counts connections by: (feed, key, metadata sent)
+_CONNECTION_KIND = attrgetter("feed", "key", "metadata_sent")
 
 log = logging.getLogger("gateway")
 
@@ -272,15 +278,29 @@ class Gateway:
             bytes_out=self._bytes_out(),
         )
 
-    def _connection_facts(self) -> Iterator[ConnectionFacts]:
-        """The one place that reads client connections for the snapshot."""
-        for conn in list(self.state.connections):
-            key, feed = conn.key, conn.feed
-            yield ConnectionFacts(
+    def _connection_facts(self) -> Counter[ConnectionFacts]:
+        """How many connections there are of each kind: the one place that reads client
+        connections for the snapshot (counted in C: tens of thousands cost milliseconds)."""
+        kinds = Counter(map(_CONNECTION_KIND, self.state.connections))
+        out: Counter[ConnectionFacts] = Counter()
+        for (feed, key, streaming), n in kinds.items():
+            facts = ConnectionFacts(
                 dataset=feed.dataset if feed is not None else None,
                 key_id=key.key_id if key is not None else None,
-                streaming=conn.metadata_sent,
+                streaming=bool(streaming),
             )
+            out[facts] += n
+        return out
+
+    def totals(self) -> Totals:
+        """Records and bytes in and out so far (no connection is looked at)."""
+        feeds = self.feeds.values()
+        return Totals(
+            records_in=sum(f.stats.records_in for f in feeds),
+            bytes_in=sum(f.stats.bytes_in for f in feeds),
+            records_out=sum(f.fanout.records_out for f in feeds),
+            bytes_out=sum(self._bytes_out().values()),
+        )
 
     def _bytes_out(self) -> dict[str, float]:
         """Bytes written to sessions by "dataset/compression": the connections add them to

@@ -22,7 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from gateway.aio import cancel_and_wait
 from gateway.ops.page import render_html
-from gateway.ops.snapshot import GatewaySnapshot
+from gateway.ops.snapshot import GatewaySnapshot, Totals
 from gateway.ops.status import SAMPLE_S, Sample, ThroughputSampler, document
 
 __all__ = ["ProbeSource", "StatusServer", "StatusSource"]
@@ -40,6 +40,10 @@ class StatusSource(Protocol):
     """What the status port needs of a gateway."""
 
     def snapshot(self) -> GatewaySnapshot: ...
+
+    def totals(self) -> Totals:
+        """The cheap part of the snapshot (sampled every second)."""
+        ...
 
     def ready(self) -> tuple[bool, dict[str, str]]: ...
 
@@ -132,10 +136,10 @@ class StatusServer:
             body = json.dumps({"ready": ok, "feeds": detail}).encode()
             return ("200 OK" if ok else "503 Service Unavailable"), "application/json", body
         if path == "/status.json":
-            body = json.dumps(self.snapshot(), indent=1).encode()
+            body = json.dumps(self.document(), indent=1).encode()
             return "200 OK", "application/json", body
         if path in ("/status", "/status/", "/"):
-            return "200 OK", "text/html; charset=utf-8", render_html(self.snapshot()).encode()
+            return "200 OK", "text/html; charset=utf-8", render_html(self.document()).encode()
         return "404 Not Found", "text/plain", b"not found\n"
 
     # --- numbers -----------------------------------------------------------------------
@@ -147,9 +151,9 @@ class StatusServer:
 
     def sample(self) -> None:
         if self.gateway is not None:
-            self.sampler.add(Sample.of(self.gateway.snapshot(), time.monotonic()))
+            self.sampler.add(Sample.of(self.gateway.totals(), time.monotonic()))
 
-    def snapshot(self) -> dict[str, Any]:
+    def document(self) -> dict[str, Any]:
         """Everything /status shows, as plain data (also /status.json)."""
         gw = self.gateway
         snap = gw.snapshot() if gw is not None else None

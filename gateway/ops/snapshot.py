@@ -11,13 +11,14 @@ name. The structs hold plain values only (``msgspec.json.encode`` round-trips th
 supervisor can later add up the snapshots of worker processes.
 
 This module reads feeds (their ``stats``, fan-out counters and state) in one place,
-:func:`feed_snapshot`; it never sees a client connection: the gateway hands it one
-:class:`ConnectionFacts` per connection.
+:func:`feed_snapshot`; it never sees a client connection: the gateway hands it how many
+connections there are of each :class:`ConnectionFacts`. :class:`Totals` is the cheap part
+(no connection is looked at): what the status page's throughput rates are taken from.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import msgspec
@@ -33,6 +34,7 @@ __all__ = [
     "GatewaySnapshot",
     "SessionCounts",
     "SessionsSnapshot",
+    "Totals",
     "feed_snapshot",
     "feed_status",
     "sessions_snapshot",
@@ -40,7 +42,8 @@ __all__ = [
 
 
 class ConnectionFacts(NamedTuple):
-    """What the snapshot needs to know of one client connection."""
+    """What the snapshot needs to know of a client connection (connections alike in
+    these are counted together)."""
 
     #: the dataset of an authenticated session, else None
     dataset: str | None
@@ -130,21 +133,22 @@ class GatewaySnapshot(msgspec.Struct, kw_only=True):
     #: bytes written to sessions, by (dataset, compression) as "dataset/compression"
     bytes_out: dict[str, float]
 
-    @property
-    def records_in(self) -> int:
-        return sum(f.records_in for f in self.feeds)
+    def totals(self) -> Totals:
+        return Totals(
+            records_in=sum(f.records_in for f in self.feeds),
+            bytes_in=sum(f.bytes_in for f in self.feeds),
+            records_out=sum(f.records_out for f in self.feeds),
+            bytes_out=sum(self.bytes_out.values()),
+        )
 
-    @property
-    def bytes_in(self) -> int:
-        return sum(f.bytes_in for f in self.feeds)
 
-    @property
-    def records_out(self) -> int:
-        return sum(f.records_out for f in self.feeds)
+class Totals(msgspec.Struct, kw_only=True):
+    """Records and bytes in and out since the start, over every feed and session."""
 
-    @property
-    def bytes_out_total(self) -> float:
-        return sum(self.bytes_out.values())
+    records_in: int
+    bytes_in: int
+    records_out: int
+    bytes_out: float
 
 
 def feed_snapshot(feed: Feed, readiness: str, now: float, mono: float) -> FeedSnapshot:
@@ -190,24 +194,25 @@ def feed_status(feed: FeedSnapshot) -> dict[str, Any]:
 
 
 def sessions_snapshot(
-    facts: Iterable[ConnectionFacts], key_ids: Iterable[str]
+    connections: Mapping[ConnectionFacts, int], key_ids: Iterable[str]
 ) -> tuple[SessionsSnapshot, dict[str, int]]:
-    """Sessions by dataset and phase, and per API key id (each of ``key_ids`` listed)."""
+    """Sessions by dataset and phase, and per API key id (each of ``key_ids`` listed),
+    from how many connections there are of each kind."""
     by_dataset: dict[str, SessionCounts] = {}
     per_key = dict.fromkeys(key_ids, 0)
     total = unauth = opened = 0
-    for conn in facts:
-        opened += 1
+    for conn, n in connections.items():
+        opened += n
         if conn.dataset is None or conn.key_id is None:
-            unauth += 1
+            unauth += n
             continue
         counts = by_dataset.setdefault(conn.dataset, SessionCounts())
         if conn.streaming:
-            counts.streaming += 1
+            counts.streaming += n
         else:
-            counts.authenticated += 1
-        per_key[conn.key_id] = per_key.get(conn.key_id, 0) + 1
-        total += 1
+            counts.authenticated += n
+        per_key[conn.key_id] = per_key.get(conn.key_id, 0) + n
+        total += n
     sessions = SessionsSnapshot(
         total=total, by_dataset=by_dataset, connections_open=opened, unauthenticated=unauth
     )

@@ -17,7 +17,7 @@ import msgspec
 
 from gateway import __version__
 from gateway.ops.fmt import duration
-from gateway.ops.snapshot import GatewaySnapshot, feed_status
+from gateway.ops.snapshot import GatewaySnapshot, Totals, feed_status
 
 __all__ = [
     "KEEP_S",
@@ -47,9 +47,9 @@ class Sample:
     bytes_out: float
 
     @classmethod
-    def of(cls, snap: GatewaySnapshot, t: float) -> Sample:
-        """The totals of a snapshot, at monotonic time ``t``."""
-        return cls(t, snap.records_in, snap.bytes_in, snap.records_out, snap.bytes_out_total)
+    def of(cls, totals: Totals, t: float) -> Sample:
+        """``totals`` at monotonic time ``t``."""
+        return cls(t, totals.records_in, totals.bytes_in, totals.records_out, totals.bytes_out)
 
 
 class ThroughputSampler:

@@ -8,6 +8,7 @@ import asyncio
 import json
 import re
 import time
+from collections import Counter
 from typing import Any
 
 import msgspec
@@ -24,6 +25,7 @@ from gateway.ops.snapshot import (
     GatewayInfo,
     GatewaySnapshot,
     SessionCounts,
+    Totals,
     feed_status,
     sessions_snapshot,
 )
@@ -102,11 +104,13 @@ def _snapshot(feeds: list[FeedSnapshot] | None = None, **over: Any) -> GatewaySn
             loop="uvloop",
         ),
         "sessions": sessions_snapshot(
-            [
-                ConnectionFacts("A", "key-1", True),
-                ConnectionFacts("A", "key-1", False),
-                ConnectionFacts(None, None, False),
-            ],
+            Counter(
+                [
+                    ConnectionFacts("A", "key-1", True),
+                    ConnectionFacts("A", "key-1", False),
+                    ConnectionFacts(None, None, False),
+                ]
+            ),
             ["key-1", "key-2"],
         )[0],
         "feeds": feeds if feeds is not None else [_feed("A"), _feed("B", connected=False)],
@@ -194,33 +198,36 @@ def test_snapshot_round_trips_through_json() -> None:
     plain = json.loads(raw)
     assert plain["sessions"]["by_dataset"] == {"A": {"streaming": 1, "authenticated": 1}}
     assert plain["feeds"][0]["zstd_frames_written"] == 15
-    assert snap.records_in == 200 and snap.records_out == 600 and snap.bytes_out_total == 6000
+    assert snap.totals() == Totals(records_in=200, bytes_in=16000, records_out=600, bytes_out=6000)
 
 
 def test_sessions_are_counted_by_dataset_phase_and_key() -> None:
     sessions, per_key = sessions_snapshot(
-        [
-            ConnectionFacts("A", "k1", True),
-            ConnectionFacts("B", "k1", False),
-            ConnectionFacts(None, None, False),
-            ConnectionFacts("A", "gone", True),
-        ],
+        Counter(
+            [
+                ConnectionFacts("A", "k1", True),
+                ConnectionFacts("B", "k1", False),
+                ConnectionFacts(None, None, False),
+                ConnectionFacts("A", "gone", True),
+                ConnectionFacts("A", "gone", True),
+            ]
+        ),
         ["k1", "k2"],
     )
-    assert sessions.total == 3 and sessions.connections_open == 4 and sessions.unauthenticated == 1
+    assert sessions.total == 4 and sessions.connections_open == 5 and sessions.unauthenticated == 1
     assert sessions.by_dataset == {
-        "A": SessionCounts(streaming=2, authenticated=0),
+        "A": SessionCounts(streaming=3, authenticated=0),
         "B": SessionCounts(streaming=0, authenticated=1),
     }
     # every configured key is listed; a revoked key with a session left counts too
-    assert per_key == {"k1": 2, "k2": 0, "gone": 1}
+    assert per_key == {"k1": 2, "k2": 0, "gone": 2}
 
 
 def test_status_document_shows_the_status_fields_only() -> None:
     snap = _snapshot()
     sampler = ThroughputSampler()
     sampler.add(Sample(0.0, 0, 0, 0, 0.0))
-    sampler.add(Sample.of(snap, 2.0))
+    sampler.add(Sample.of(snap.totals(), 2.0))
     data = document(snap, sampler.throughput(snap.taken_at), None, snap.taken_at)
     assert list(data) == [
         "generated_at",
@@ -290,6 +297,9 @@ async def test_a_running_gateway_snapshot_counts_its_session() -> None:
         assert snap.key_sessions == {"key-SSSSS": 1}
         assert snap.gateway.port == gw.port and snap.feeds[0].connected
         assert msgspec.json.decode(msgspec.json.encode(snap), type=GatewaySnapshot) == snap
+        totals = gw.totals()
+        assert totals.records_out >= snap.feeds[0].records_out > 0
+        assert totals.bytes_out >= client.bytes_received > 0  # (less what it did not read)
         fams = _scrape(GatewayCollector(gw.snapshot))
         assert (
             _value(
