@@ -51,8 +51,8 @@ _CONNECTION_KIND = attrgetter("feed", "key", "metadata_sent")
 
 log = logging.getLogger("gateway")
 
-#: how often connections are ticked (handshake deadlines, heartbeats, lossless stalls),
-#: the event-loop lag measured and the feeds' up/down times noted
+#: how often connections are ticked (bytes out exported, write buffers sampled, slow-reader
+#: checks between chunks), the event-loop lag measured and the feeds' up/down times noted
 TICK_S = 0.5
 
 
