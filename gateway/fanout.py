@@ -1,14 +1,15 @@
-"""Fan-out: sessions grouped by output spec, each chunk's bytes built once per group.
+"""Fan-out: sessions grouped by output spec, each chunk's variants built once, shared.
 
 An output spec is (selection, ts_out, zstd). The selection says which records a group
 wants: for each rtype, either every instrument (``None``) or a set of instrument ids.
 For every chunk, ``FanOut.publish`` builds each distinct variant once and lazily:
 
 * the chunk itself (no copy) when a group wants every record in it,
-* one numpy gather per distinct selection (shared by the ts_out and zstd groups of
-  that selection),
-* one re-stamped copy per selection for ts_out groups (one send stamp per chunk, taken
-  just before that variant's first write),
+* one numpy gather per distinct selection, shared by the ts_out and zstd groups of
+  that selection (with four or more filter-only selections, one gather for all of them,
+  each selection a slice of it),
+* one re-stamped copy per selection for ts_out groups (its send stamp taken just before
+  that variant's first write),
 * one independent zstd frame per (selection, ts_out) for compressed groups,
 
 and hands the *same object* to every member of the group. Cost grows with the number of
