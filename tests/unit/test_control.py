@@ -522,3 +522,66 @@ def test_encode_auth_extra_keeps_a_repeated_key_where_it_is_given():
     line = control.encode_auth("r", "D", extra={"ts_out": 1}, client="t")
     assert line == b"auth=r|dataset=D|encoding=dbn|ts_out=0|compression=none|ts_out=1|client=t\n"
     assert parse_auth(parse_fields(line[:-1])).ts_out is True
+
+
+async def test_support_clients_send_the_bytes_they_built_by_hand():
+    """tests.support.wire writes with the codec: the same lines as the hand-built ones it
+    replaced (helpers' RawClient.handshake, the soak's hostile client)."""
+    import asyncio
+
+    from tests.support.waiting import apoll_until
+    from tests.support.wire import AsyncRawClient, RawClient
+
+    challenge = "Y" * 32
+    got: list[bytes] = []
+
+    async def serve(reader, writer):
+        writer.write(b"lsg_version=0.1.0\ncram=" + challenge.encode() + b"\n")
+        data = await reader.readline()
+        writer.write(b"success=1|session_id=1\n")
+        while not data.endswith(b"start_session\n"):
+            more = await reader.readline()
+            if not more:
+                break
+            data += more
+        got.append(data)
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    digest = hashlib.sha256(f"{challenge}|{KEY}".encode()).hexdigest()
+    try:
+
+        def raw() -> None:
+            c = RawClient(port)
+            assert c.handshake(KEY, "DS", extra="|heartbeat_interval_s=2").startswith("success=1")
+            c.start()
+            c.close()
+
+        await asyncio.to_thread(raw)
+        h = AsyncRawClient(port, KEY, "DS", client_name="soak")
+        await h.open()
+        assert await h.authed()
+        await h.send(
+            control.encode_subscription("trades", "ALL_SYMBOLS", snapshot=None, is_last=None)
+        )
+        await h.send(control.START_SESSION)
+        await apoll_until(lambda: len(got) == 2, timeout=10, what="both clients' lines")
+        h.close()
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert (
+        got[0]
+        == (
+            f"auth={digest}-{KEY[-5:]}|dataset=DS|encoding=dbn|ts_out=0|"
+            "compression=none|heartbeat_interval_s=2|client=test\nstart_session\n"
+        ).encode()
+    )
+    assert (
+        got[1]
+        == (
+            f"auth={digest}-{KEY[-5:]}|dataset=DS|encoding=dbn|ts_out=0|client=soak\n"
+            "schema=trades|stype_in=raw_symbol|symbols=ALL_SYMBOLS\nstart_session\n"
+        ).encode()
+    )
