@@ -71,6 +71,23 @@ class ServerState:
         default_factory=lambda: itertools.count(int(time.time()) * 1000)
     )
 
+    def admit(self, conn: ClientConnection, ip: str, now: float) -> bytes | None:
+        """Admit a new connection (counted as open and unauthenticated), or return the
+        ``success=0|error=`` line that refuses it (counted and logged)."""
+        refusal = self.admission.refusal(
+            ip,
+            now,
+            accepting=self.accepting,
+            open_connections=len(self.connections),
+            limits=self.limits,
+        )
+        if refusal is not None:
+            return self.admission.refuse(self.metrics, conn.peer, refusal)
+        self.connections.add(conn)
+        self.admission.unauthenticated.add(conn)
+        self.metrics.connections.labels("accepted", "none").inc()
+        return None
+
     @property
     def unauthenticated(self) -> int:
         """Connections admitted that have not authenticated yet."""

@@ -17,7 +17,9 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from gateway import dbn
 from gateway.config import SlowReaderConfig
+from gateway.dbn import ErrorCode, SystemCode
 
 __all__ = ["SKIP_SCHEMAS", "SlowReader", "Verdict", "effective_behavior"]
 
@@ -60,6 +62,22 @@ class SlowReader:
     _last_warning: float = float("-inf")
     _blocked_since: float | None = None
     notices: list[tuple[str, int]] = field(default_factory=list)
+
+    def notice_records(self, now_ns: int) -> list[tuple[str, str, bytes]]:
+        """The queued notices as gateway records, each with its ``(policy, event)``
+        metric labels; the queue is emptied."""
+        out = []
+        for kind, count in self.notices:
+            if kind == "warning":
+                text = "Warning: slow reading, falling behind real time"
+                record = dbn.encode_system(now_ns, text, SystemCode.SLOW_READER_WARNING)
+                out.append(("warn", "warning", record))
+            else:
+                text = f"Skipped {count} records after slow reading"
+                code = ErrorCode.SKIPPED_RECORDS_AFTER_SLOW_READING
+                out.append(("skip", "skipped", dbn.encode_error(now_ns, text, code)))
+        self.notices.clear()
+        return out
 
     def resume(self, now: float) -> None:
         """Caught up after skipping: queue the notice and start the behind-clock afresh
