@@ -286,9 +286,7 @@ def metric_at_least(
         value = metric(metric_samples(port), name, **labels)
         return (value,) if value >= want else None
 
-    got = poll_until(reached, timeout, 0.05, f"{name}{labels or ''} >= {want}")
-    assert got is not None  # poll_until returns a truthy value
-    return got[0]
+    return poll_until(reached, timeout, 0.05, f"{name}{labels or ''} >= {want}")[0]
 
 
 def synthetic_records(schema: str, n: int, seed: int) -> tuple[dict[str, int], list[bytes]]:

@@ -6,7 +6,7 @@ import asyncio
 import inspect
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar, overload
 
 __all__ = ["apoll_until", "poll_until"]
 
@@ -19,7 +19,10 @@ def _poll_failed(what: str, predicate: Any, timeout: float, last: Any) -> Assert
 
 
 def poll_until(
-    predicate: Callable[[], _T], timeout: float = 15.0, interval: float = 0.02, what: str = ""
+    predicate: Callable[[], _T | None | Literal[False]],
+    timeout: float = 15.0,
+    interval: float = 0.02,
+    what: str = "",
 ) -> _T:
     """Call ``predicate`` until it returns something truthy and return that; AssertionError
     naming ``what`` (and the last value) after ``timeout`` s. The one wait loop of the suite:
@@ -34,12 +37,30 @@ def poll_until(
         time.sleep(interval)
 
 
+@overload
 async def apoll_until(
-    predicate: Callable[[], _T | Awaitable[_T]],
+    predicate: Callable[[], Awaitable[_T | None | Literal[False]]],
+    timeout: float = ...,
+    interval: float = ...,
+    what: str = ...,
+) -> _T: ...
+
+
+@overload
+async def apoll_until(
+    predicate: Callable[[], _T | None | Literal[False]],
+    timeout: float = ...,
+    interval: float = ...,
+    what: str = ...,
+) -> _T: ...
+
+
+async def apoll_until(
+    predicate: Callable[[], Any],
     timeout: float = 15.0,
     interval: float = 0.02,
     what: str = "",
-) -> _T:
+) -> Any:
     """poll_until for a test running on the event loop: waits with ``asyncio.sleep`` so the
     test's own clients keep running. ``predicate`` may return an awaitable (a coroutine, or
     ``asyncio.to_thread(...)`` for blocking work such as an HTTP scrape of a busy gateway)."""
