@@ -77,7 +77,7 @@ class Gateway:
             or cfg.transport.rcvbuf is not None
             or (cfg.transport.busy_poll_us is not None)
         ):
-            self.state.tune_socket = lambda sock: transport.tune_socket(sock, cfg)
+            self.state.tune_socket = transport.SocketTuner(cfg)
         self.state.zstd_per_session = cfg.zstd_mode == "per_session"
         self.state.zstd_level = cfg.zstd_level
         self.server: asyncio.Server | None = None
@@ -499,12 +499,7 @@ def run(
         gateway = Gateway(cfg, loop_name=loop_name)
         gateway.on_listening = on_listening
         gateway.reloader = reload
-        if loop_name == "uvloop":
-            import uvloop
-
-            uvloop.run(gateway.serve())
-        else:
-            asyncio.run(gateway.serve())
+        transport.run_loop(gateway.serve(), loop_name)
     except GatewayError as exc:
         print_error(str(exc), cfg.log_format)
         return 2

@@ -8,8 +8,6 @@ import asyncio
 import json
 import logging
 import signal
-from collections.abc import Coroutine
-from typing import Any
 
 from gateway.config import key_file_warning, resolve_probe_key
 from gateway.errors import ConfigError
@@ -18,6 +16,7 @@ from gateway.ops.history import StrobeRecord, default_history_path
 from gateway.ops.http import StatusServer
 from gateway.ops.logs import setup_logging
 from gateway.ops.probe import Prober, ProbeTarget, open_history
+from gateway.transport import run_loop
 
 __all__ = ["add_arguments", "format_result", "run_probe"]
 
@@ -102,20 +101,7 @@ def run_probe(args: argparse.Namespace) -> int:
     history = open_history(path)
     prober = Prober(target, interval_s=args.interval, metrics=ProbeMetrics(), history=history)
     main = _once(prober, args.json) if args.once else _forever(prober, args)
-    return _run(main, args.loop)
-
-
-def _run(main: Coroutine[Any, Any, int], loop: str) -> int:
-    if loop != "asyncio":
-        try:
-            import uvloop
-        except ImportError:
-            if loop == "uvloop":
-                main.close()
-                raise ConfigError("loop=uvloop but uvloop is not installed") from None
-        else:
-            return uvloop.run(main)
-    return asyncio.run(main)
+    return run_loop(main, args.loop)
 
 
 def format_result(rec: StrobeRecord) -> str:

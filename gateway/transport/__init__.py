@@ -57,7 +57,6 @@ from gateway.transport.sockets import (
     SocketTuner,
     pin_loop_thread,
     tune_listeners,
-    tune_socket,
 )
 from gateway.transport.vendors import LAUNCH_MARKER, VENDORS, TransportError, Vendor
 
@@ -94,5 +93,4 @@ __all__ = [
     "run_loop",
     "startup_report",
     "tune_listeners",
-    "tune_socket",
 ]

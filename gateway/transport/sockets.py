@@ -15,7 +15,7 @@ from gateway.errors import ConfigError
 if TYPE_CHECKING:
     from gateway.config import Config
 
-__all__ = ["SO_BUSY_POLL", "SocketTuner", "pin_loop_thread", "tune_listeners", "tune_socket"]
+__all__ = ["SO_BUSY_POLL", "SocketTuner", "pin_loop_thread", "tune_listeners"]
 
 log = logging.getLogger("gateway.transport")
 SO_BUSY_POLL = getattr(socket, "SO_BUSY_POLL", 46)
@@ -60,18 +60,6 @@ class SocketTuner:
                     self.warned.add(name)
                     log.warning("%s", msg)
         return applied
-
-
-#: what :func:`tune_socket` already warned about: once per option for the whole process
-#: (a :class:`SocketTuner` keeps its own)
-_PROCESS_TUNER_WARNED: set[str] = set()
-
-
-def tune_socket(sock: Any, cfg: Config, strict: bool = False) -> dict[str, Any]:
-    """:meth:`SocketTuner.tune` with ``cfg``, warning once per option per process."""
-    tuner = SocketTuner(cfg)
-    tuner.warned = _PROCESS_TUNER_WARNED
-    return tuner.tune(sock, strict)
 
 
 def tune_listeners(sockets: Sequence[Any], cfg: Config) -> dict[str, Any]:
