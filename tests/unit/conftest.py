@@ -11,7 +11,7 @@ import functools
 import struct
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import databento_dbn as d
 import numpy as np
@@ -85,8 +85,8 @@ def trade(
             ts_event=ts,
             price=price,
             size=size,
-            action=d.Action.TRADE,
-            side=d.Side.BID,
+            action=d.Action.TRADE,  # type: ignore[arg-type]  # stubs type enum members as str
+            side=d.Side.BID,  # type: ignore[arg-type]  # stubs type enum members as str
             depth=0,
             ts_recv=ts + 10,
             sequence=sequence,
@@ -103,8 +103,8 @@ def mbo(instrument_id: int, ts: int = NOW_NS, *, order_id: int = 1) -> bytes:
             order_id=order_id,
             price=99_000_000_000,
             size=5,
-            action=d.Action.ADD,
-            side=d.Side.ASK,
+            action=d.Action.ADD,  # type: ignore[arg-type]  # stubs type enum members as str
+            side=d.Side.ASK,  # type: ignore[arg-type]  # stubs type enum members as str
             ts_recv=ts + 5,
         )
     )
@@ -138,9 +138,9 @@ def symbol_mapping(instrument_id: int, symbol: str, ts: int = NOW_NS) -> bytes:
             publisher_id=1,
             instrument_id=instrument_id,
             ts_event=ts,
-            stype_in=d.SType.RAW_SYMBOL,
+            stype_in=d.SType.RAW_SYMBOL,  # type: ignore[arg-type]  # stubs type enum members as str
             stype_in_symbol=symbol,
-            stype_out=d.SType.RAW_SYMBOL,
+            stype_out=d.SType.RAW_SYMBOL,  # type: ignore[arg-type]  # stubs type enum members as str
             stype_out_symbol=symbol,
             start_ts=ts,
             end_ts=ts + 1,
@@ -152,7 +152,7 @@ def definition(instrument_id: int, raw_symbol: str) -> bytes:
     """A real v3 InstrumentDefMsg with its instrument_id and raw_symbol replaced."""
     dec = d.DBNDecoder()
     dec.write(sample_bytes(sample_path("GLBX.MDP3", "definition")))
-    rec = dec.decode()[1]
+    rec = cast("d.InstrumentDefMsg", dec.decode()[1])
     old = rec.raw_symbol.encode()
     rec.instrument_id = instrument_id
     raw = bytearray(bytes(rec))
