@@ -43,6 +43,7 @@ from gateway.server import (
     refuse_queued,
     reset,
 )
+from gateway.zstd_baseline import PerSessionZstdFanOut
 
 __all__ = ["Gateway", "run"]
 
@@ -106,9 +107,10 @@ class Gateway:
         self.fd_limit = transport.raise_fd_limit()
         for dataset, uri in cfg.feeds.items():
             spec = parse_feed_uri(dataset, uri)
+            fanout_cls = PerSessionZstdFanOut if self.state.zstd_per_session else FanOut
             feed = Feed(
                 dataset,
-                fanout=FanOut(zstd_level=cfg.zstd_level, shared_frames=cfg.zstd_mode == "shared"),
+                fanout=fanout_cls(zstd_level=cfg.zstd_level),
                 backpressure=spec.backpressure,
             )
             self.feeds[dataset] = feed

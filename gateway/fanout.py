@@ -191,15 +191,11 @@ class FanOut:
         *,
         zstd_level: int = 1,
         clock_ns: Callable[[], int] = time.time_ns,
-        shared_frames: bool = True,
     ) -> None:
         self.groups: dict[OutputSpec, Group] = {}
         self._member_spec: dict[Subscriber, OutputSpec] = {}
         self._compressor = zstandard.ZstdCompressor(level=zstd_level)
         self._clock_ns = clock_ns
-        #: False only for the benchmark's naive baseline: zstd members get the raw variant
-        #: and compress it with their own streaming compressor.
-        self.shared_frames = shared_frames
         self.bytes_compressed_in = 0
         self.bytes_compressed_out = 0
         self.compress_seconds = 0.0
@@ -275,7 +271,7 @@ class FanOut:
             group.writes += len(group.members)
             self.variant_writes += len(group.members)
             self.records_out += records * len(group.members)
-            if group.spec.zstd and self.shared_frames:
+            if group.spec.zstd:
                 self.frames_written += len(group.members)
 
     def _current_plan(self) -> _FilterPlan:
@@ -309,7 +305,7 @@ class FanOut:
                 group.builds += 1
                 self.variant_builds += 1
             data = stamped
-        if spec.zstd and self.shared_frames:
+        if spec.zstd:
             key = (sel, spec.ts_out)
             frame = cache.frames.get(key)
             if frame is None:

@@ -3,21 +3,33 @@
 Each zstd session gets its own streaming compressor and every write is compressed again
 for it (one flushed block per write), instead of the design's one independent frame per
 chunk shared by the whole fan-out group. ``bench`` runs it to measure what the shared
-frames save; the production send path (``ClientConnection.deliver``) knows nothing of it:
-``server.connection_factory`` picks this subclass when the config asks for the mode.
+frames save. The production send path (``ClientConnection.deliver``) and fan-out
+(``FanOut``) know nothing of it: when the config asks for the mode,
+``server.connection_factory`` picks :class:`PerSessionZstdConnection` and the gateway
+builds its feeds' fan-outs as :class:`PerSessionZstdFanOut`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any
 
 import zstandard
 
 from gateway.connection import ClientConnection
-from gateway.fanout import Payload
+from gateway.fanout import FanOut, OutputSpec, Payload, Subscriber
 
-__all__ = ["PerSessionZstdConnection"]
+__all__ = ["PerSessionZstdConnection", "PerSessionZstdFanOut"]
+
+
+class PerSessionZstdFanOut(FanOut):
+    """A ``FanOut`` that builds no shared frame: a zstd member is grouped as if it were
+    plain (same selection and ts_out), is handed the raw variant, and compresses it with
+    its own stream (:class:`PerSessionZstdConnection`). No frame is built or written."""
+
+    def place(self, member: Subscriber, spec: OutputSpec) -> None:
+        super().place(member, dataclasses.replace(spec, zstd=False) if spec.zstd else spec)
 
 
 class PerSessionZstdConnection(ClientConnection):
