@@ -10,7 +10,7 @@ import pytest
 import zstandard
 
 from gateway import dbn, fanout as fanout_mod
-from gateway.fanout import FanOut, OutputSpec, make_selection
+from gateway.fanout import FanOut, OutputSpec, Payload, make_selection
 
 from .conftest import NOW_NS, decode, mbo, ohlcv, reference_select, split_records, trade
 
@@ -25,9 +25,9 @@ class Recorder:
 
     def __init__(self, name: str = "") -> None:
         self.name = name
-        self.got: list[tuple[object, int]] = []
+        self.got: list[tuple[Payload, int]] = []
 
-    def deliver(self, data, records: int) -> None:
+    def deliver(self, data: Payload, records: int) -> None:
         self.got.append((data, records))
 
     @property
@@ -60,7 +60,7 @@ def wanted(recs: list[bytes], sel: dict[int, set[int] | None]) -> list[bytes]:
     out = []
     for r in recs:
         rtype, iid = r[1], struct.unpack_from("<I", r, 4)[0]
-        if rtype in sel and (sel[rtype] is None or iid in sel[rtype]):
+        if rtype in sel and ((ids := sel[rtype]) is None or iid in ids):
             out.append(r)
     return out
 

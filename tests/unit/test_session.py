@@ -363,7 +363,7 @@ SCRIPT = (
 
 
 def summarize(events) -> list[tuple]:
-    out = []
+    out: list[tuple] = []
     for e in events:
         if isinstance(e, SubscriptionReady):
             sub = e.subscription
