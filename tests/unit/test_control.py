@@ -1,4 +1,4 @@
-"""Control lines (PROTOCOL.md §1): parse by key, first '=' only, typed values."""
+"""Control lines (``gateway/control.py``): parse by key, first '=' only, typed values."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from gateway.errors import NotSupportedError, ProtocolError
 AUTH = "a" * 64 + "-AbC12"
 PY_CLIENT = "Databento/0.88.0 Python/3.11.7 Linux/6.18.44-fc-v657"
 
-# Auth lines in each official client's key order (PROTOCOL.md §1.4).
+# Auth lines in each official client's key order (databento-python, the Rust and C++ clients).
 AUTH_LINES = {
     "python": f"auth={AUTH}|dataset=GLBX.MDP3|encoding=dbn|ts_out=0|compression=none|"
     f"client={PY_CLIENT}",
@@ -25,7 +25,7 @@ AUTH_LINES = {
     f"client={PY_CLIENT}",
 }
 
-# Subscription lines in each client's key order (PROTOCOL.md §1.6).
+# Subscription lines in each client's key order (500-symbol chunks, is_last on the final one).
 SUB_LINES = {
     "python": "schema=trades|stype_in=raw_symbol|symbols=ESZ4,NQZ4|snapshot=0|id=0|is_last=1",
     "rust": "schema=trades|stype_in=raw_symbol|symbols=ESZ4,NQZ4|snapshot=0|is_last=1|id=0",

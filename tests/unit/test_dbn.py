@@ -1,4 +1,4 @@
-"""DBN on the wire (PROTOCOL.md §2-§4): chunk index, gather, ts_out, Metadata, gateway
+"""DBN on the wire (``gateway/dbn/``): chunk index, gather, ts_out, Metadata, gateway
 records and the stream decoder, checked against databento_dbn and the real samples."""
 
 from __future__ import annotations
@@ -271,7 +271,7 @@ def test_stamp_records():
 def test_encode_metadata_live_values(ts_out):
     raw = dbn.encode_metadata("GLBX.MDP3", NOW_NS, ts_out)
     assert len(raw) == 128
-    # PROTOCOL.md §2.2, byte by byte
+    # the DBN v3 Metadata layout, byte by byte
     assert raw[0:3] == b"DBN"
     assert raw[3] == 3
     assert struct.unpack_from("<I", raw, 4)[0] == 120

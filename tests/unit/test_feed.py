@@ -1,5 +1,6 @@
 """Feed (gateway/feeds/base.py): subscription answers, symbology learnt from the data,
-gateway-only rtypes never forwarded, tbbo vs mbp-1 (PROTOCOL.md §3.4, §2.4)."""
+gateway-only rtypes never forwarded, tbbo vs mbp-1 (``gateway/subscriptions.py``,
+``gateway/symbology.py``)."""
 
 from __future__ import annotations
 
@@ -107,7 +108,7 @@ def test_subscribe_answers_ack_mappings_and_errors():
     assert [e.code for e in errors] == [d.ErrorCode.SYMBOL_RESOLUTION_FAILED]
     assert errors[0].err == "Failed to resolve symbols: BAD1, BAD2, BAD3"
     assert [bool(e.is_last) for e in errors] == [True]
-    # recommended order (PROTOCOL.md §3.4): ack, mappings, then errors
+    # the order Databento's gateway uses: ack, mappings, then errors
     assert rest.index(errors[0]) > max(rest.index(m) for m in mappings)
 
 

@@ -1,4 +1,5 @@
-"""Slow-reader policy (PROTOCOL.md §6.1): effective behaviour and per-chunk verdicts."""
+"""Slow-reader policy (README: Guarantees and limits; ``gateway/slowreader.py``): effective
+behaviour and per-chunk verdicts."""
 
 from __future__ import annotations
 
