@@ -9,6 +9,7 @@ import ipaddress
 import socket
 import time
 from pathlib import Path
+from typing import cast
 
 import pytest
 
@@ -20,6 +21,7 @@ from gateway.feeds.base import Feed
 from gateway.feeds.file import FileSource, public_reason
 from gateway.feeds.ingest import DEFAULT_ALLOW, IngestSource, address_allowed, parse_allow
 from gateway.feeds.synthetic import MAX_RATE, SyntheticOptions, SyntheticSource
+from gateway.subscriptions import FeedMember
 from tests.integration.helpers import apoll_until
 
 # --- URI parsing ------------------------------------------------------------------------
@@ -169,12 +171,12 @@ async def test_idle_clock_stops_while_backpressure_pauses_the_publisher() -> Non
     feed = Feed("ING.P", fanout=FanOut(), backpressure=True)
     source = IngestSource(feed, "127.0.0.1", 0, idle_timeout_s=0.3)
     await source.start()
-    blocker = object()
+    blocker = cast("FeedMember", object())  # a stand-in: only its identity matters
     try:
         reader, writer = await asyncio.open_connection("127.0.0.1", source.port)
         writer.write(encode_publisher_metadata("ING.P", time.time_ns(), {"AAPL": 1}))
         assert await apoll_until(lambda: feed.connected)
-        feed.member_blocked(blocker, True)  # type: ignore[arg-type]  # reading paused
+        feed.member_blocked(blocker, True)  # reading paused
         # Three idle timeouts pass while the gateway itself is not reading: not dropped.
         assert not await _closed(reader, 1.0)
         assert feed.connected and source.idle_drops == 0

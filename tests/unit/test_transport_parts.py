@@ -10,6 +10,7 @@ import errno
 import logging
 import subprocess
 import sys
+import types
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,7 @@ def test_run_loop_refuses_a_missing_uvloop_and_closes_the_coroutine(
 ) -> None:
     monkeypatch.setitem(sys.modules, "uvloop", None)  # import uvloop -> ImportError
     coro = _loop_type()
+    assert isinstance(coro, types.CoroutineType)  # an async def's: it has cr_frame
     with pytest.raises(ConfigError, match="loop=uvloop but uvloop is not installed"):
         run_loop(coro, "uvloop")
     assert coro.cr_frame is None  # closed: no "never awaited" warning
