@@ -1,5 +1,6 @@
-"""What one client connection reports: the ``gateway_sessions`` gauge by phase, bytes out,
-the write-buffer histogram, the disconnect reason, and the session's start and end log lines.
+"""What one client connection reports: the ``gateway_sessions`` gauge by phase, bytes out
+(into the server's running total, ``ServerState.bytes_out``), the write-buffer histogram,
+the disconnect reason, and the session's start and end log lines.
 
 The adapter (``connection.ClientConnection``) keeps its hot-path counters (records and
 bytes written) itself; ``SessionAccount`` reads them when it exports or logs, never per
@@ -77,13 +78,13 @@ class SessionAccount:
             self._gauge = labels
 
     def export_bytes(self, conn: ClientConnection) -> None:
-        """Add the bytes written since the last call to gateway_bytes_out_total."""
+        """Add the bytes written since the last call to the server's running total
+        (``gateway_bytes_out_total`` at the next scrape)."""
         if conn.feed is None or conn.bytes_sent == self._bytes_exported:
             return
-        compression = "zstd" if conn.zstd else "none"
-        self.metrics.bytes_out.labels(conn.feed.dataset, compression).inc(
-            conn.bytes_sent - self._bytes_exported
-        )
+        totals = conn.state.bytes_out
+        key = (conn.feed.dataset, "zstd" if conn.zstd else "none")
+        totals[key] = totals.get(key, 0) + conn.bytes_sent - self._bytes_exported
         self._bytes_exported = conn.bytes_sent
 
     def observe_buffer(self, conn: ClientConnection, buffered: int) -> None:

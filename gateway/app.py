@@ -301,19 +301,13 @@ class Gateway:
             records_in=sum(f.stats.records_in for f in feeds),
             bytes_in=sum(f.stats.bytes_in for f in feeds),
             records_out=sum(f.fanout.records_out for f in feeds),
-            bytes_out=sum(self._bytes_out().values()),
+            bytes_out=float(sum(self.state.bytes_out.values())),
         )
 
     def _bytes_out(self) -> dict[str, float]:
-        """Bytes written to sessions by "dataset/compression": the connections add them to
-        gateway_bytes_out themselves, so that counter is where the total is kept."""
-        out: dict[str, float] = {}
-        for family in self.metrics.bytes_out.collect():
-            for sample in family.samples:
-                if sample.name.endswith("_total"):
-                    labels = sample.labels
-                    out[f"{labels['dataset']}/{labels['compression']}"] = sample.value
-        return out
+        """Bytes written to sessions by "dataset/compression" (the server's running total,
+        which each connection adds to every tick and at its end)."""
+        return {f"{ds}/{comp}": float(n) for (ds, comp), n in self.state.bytes_out.items()}
 
     async def shutdown(self) -> None:
         """Stop accepting (closing the listeners first, so that reconnecting clients land on

@@ -1,8 +1,9 @@
 """Prometheus objects the data path and the probe update as things happen (connections,
-refusals, disconnects, bytes out, slow readers, heartbeats, limits, latency histograms).
+refusals, disconnects, slow readers, heartbeats, limits, latency histograms).
 
-The feeds' and fan-out's running totals, the connection counts and readiness are not here:
-``gateway.ops.collector`` reads them when /metrics is scraped. Labels stay bounded: nothing
+The feeds' and fan-out's running totals, the bytes written to sessions, the connection
+counts and readiness are not here: ``gateway.ops.collector`` reads them when /metrics is
+scraped. Labels stay bounded: nothing
 per session or peer; the one per-key series, ``gateway_key_sessions{key_id}``, is
 exported only with ``metrics_per_key = true`` (bounded by the configured key list)."""
 
@@ -40,12 +41,6 @@ class Metrics:
         )
         self.disconnects = Counter(
             "gateway_disconnects", "Sessions ended, by reason", ["reason"], registry=r
-        )
-        self.bytes_out = Counter(
-            "gateway_bytes_out",
-            "Bytes written to sessions (after compression)",
-            ["dataset", "compression"],
-            registry=r,
         )
         self.slow_reader_events = Counter(
             "gateway_slow_reader_events",

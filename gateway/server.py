@@ -65,6 +65,9 @@ class ServerState:
     zstd_per_session: bool = False
     zstd_level: int = 1
     connections: set[ClientConnection] = field(default_factory=set)
+    #: bytes written to sessions so far, by (dataset, compression), after compression: each
+    #: connection adds its own every tick and at its end (``SessionAccount.export_bytes``)
+    bytes_out: dict[tuple[str, str], int] = field(default_factory=dict)
     accepting: bool = True
     admission: Admission = field(default_factory=Admission)
     _ids: itertools.count[int] = field(

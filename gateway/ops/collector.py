@@ -1,10 +1,11 @@
 """The gateway's totals as Prometheus metrics, read when /metrics is scraped.
 
-Feeds, fan-out groups and the server keep plain cumulative totals; :class:`GatewayCollector`
-asks for a :class:`~gateway.ops.snapshot.GatewaySnapshot` at scrape time and yields
-counter and gauge families from it, so nothing is copied into Prometheus objects between
-scrapes and nothing remembers what was already exported. The names, types, labels and
-help texts are the ones the alert rules and dashboards in ``deploy/monitoring`` use.
+Feeds, fan-out groups and the server (bytes written to sessions) keep plain cumulative
+totals; :class:`GatewayCollector` asks for a :class:`~gateway.ops.snapshot.GatewaySnapshot`
+at scrape time and yields counter and gauge families from it, so nothing is copied into
+Prometheus objects between scrapes and nothing remembers what was already exported. The
+names, types, labels and help texts are the ones the alert rules and dashboards in
+``deploy/monitoring`` use.
 
 Labels stay bounded (datasets, event names); the one per-key family,
 ``gateway_key_sessions{key_id}``, has samples only when the config sets
@@ -64,6 +65,9 @@ class GatewayCollector:
                 fams.feed_lag.add_metric(ds, max(0.0, f.lag_s))
             if f.last_record_age_s is not None:
                 fams.feed_last_record_age.add_metric(ds, max(0.0, f.last_record_age_s))
+        for key, n in snap.bytes_out.items():
+            dataset, _, compression = key.rpartition("/")
+            fams.bytes_out.add_metric([dataset, compression], n, self.created)
         sums = {
             "variant_builds": sum(f.variant_builds for f in snap.feeds),
             "variant_writes": sum(f.variant_writes for f in snap.feeds),
@@ -105,6 +109,11 @@ class _Families:
             ),
             "records_out": counter("gateway_records_out", "Records written to sessions", ds),
         }
+        self.bytes_out = counter(
+            "gateway_bytes_out",
+            "Bytes written to sessions (after compression)",
+            ("dataset", "compression"),
+        )
         self.feed_up = gauge("gateway_feed_up", "1 while the feed is connected and delivering", ds)
         self.feed_events = counter(
             "gateway_feed_events", "Feed disconnects, errors and recoveries", ("dataset", "event")
@@ -165,6 +174,7 @@ class _Families:
     def all(self) -> list[Metric]:
         return [
             *self.feed_totals.values(),
+            self.bytes_out,
             self.feed_up,
             self.feed_events,
             self.feed_lag,

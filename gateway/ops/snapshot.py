@@ -1,14 +1,15 @@
 """The gateway's figures at one instant, as typed, serialisable values.
 
-``Gateway.snapshot()`` returns a :class:`GatewaySnapshot`: the gateway itself, its
-sessions counted by dataset and phase (and by API key id), and one :class:`FeedSnapshot`
-per feed with the feed's cumulative totals (records and bytes in, records out, fan-out and
-zstd work, state changes). Everything the operations side shows is derived from it: the
-Prometheus collector (``gateway.ops.collector``) turns the totals into counters and gauges
-at scrape time, and the status page and ``/status.json`` (``gateway.ops.http``) show the
-parts of it that :class:`FeedStatus`, :class:`GatewayInfo` and :class:`SessionsSnapshot`
-name. The structs hold plain values only (``msgspec.json.encode`` round-trips them), so a
-supervisor can later add up the snapshots of worker processes.
+``Gateway.snapshot()`` returns a :class:`GatewaySnapshot`: the gateway itself, its sessions
+counted by dataset and phase (and by API key id), the bytes written to them by dataset and
+compression, and one :class:`FeedSnapshot` per feed with the feed's cumulative totals
+(records and bytes in, records out, fan-out and zstd work, state changes). Everything the
+operations side shows is derived from it: the Prometheus collector
+(``gateway.ops.collector``) turns the totals into counters and gauges at scrape time, and
+the status page and ``/status.json`` (``gateway.ops.http``) show the parts of it that
+:class:`FeedStatus`, :class:`GatewayInfo` and :class:`SessionsSnapshot` name. The structs
+hold plain values only (``msgspec.json.encode`` round-trips them), so a supervisor can
+later add up the snapshots of worker processes.
 
 This module reads feeds (their ``stats``, fan-out counters and state) in one place,
 :func:`feed_snapshot`; it never sees a client connection: the gateway hands it how many

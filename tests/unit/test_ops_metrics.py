@@ -38,6 +38,7 @@ FAMILIES = {
     "gateway_feed_bytes_in": "counter",
     "gateway_feed_paused_seconds": "counter",
     "gateway_records_out": "counter",
+    "gateway_bytes_out": "counter",
     "gateway_feed_up": "gauge",
     "gateway_feed_events": "counter",
     "gateway_feed_lag_seconds": "gauge",
@@ -150,6 +151,19 @@ def test_collector_exposes_the_snapshot_totals_under_the_deployed_names() -> Non
     events = fams["gateway_feed_events"]
     for event, want in (("up", 1), ("down", 0), ("invalid", 4)):
         assert _value(events, "gateway_feed_events_total", dataset="A", event=event) == want
+    bytes_out = fams["gateway_bytes_out"]
+    assert bytes_out.documentation == "Bytes written to sessions (after compression)"
+    assert _value(bytes_out, "gateway_bytes_out_total", dataset="A", compression="none") == 5000
+    assert _value(bytes_out, "gateway_bytes_out_total", dataset="A", compression="zstd") == 1000
+    assert (
+        _value(
+            fams["gateway_bytes_out_created"],
+            "gateway_bytes_out_created",
+            dataset="A",
+            compression="zstd",
+        )
+        == 1_799_999_988.0
+    )
     pauses = fams["gateway_feed_pauses"]
     assert _value(pauses, "gateway_feed_pauses_total", dataset="A", cause="session_high_water") == 2
     # unlabelled totals add up over the feeds
@@ -300,7 +314,16 @@ async def test_a_running_gateway_snapshot_counts_its_session() -> None:
         totals = gw.totals()
         assert totals.records_out >= snap.feeds[0].records_out > 0
         assert totals.bytes_out >= client.bytes_received > 0  # (less what it did not read)
+        # the bytes are the server's own running total, not read back out of Prometheus
+        assert gw.state.bytes_out == {("SNAP.T", "none"): totals.bytes_out}
         fams = _scrape(GatewayCollector(gw.snapshot))
+        scraped = _value(
+            fams["gateway_bytes_out"],
+            "gateway_bytes_out_total",
+            dataset="SNAP.T",
+            compression="none",
+        )
+        assert scraped == totals.bytes_out
         assert (
             _value(
                 fams["gateway_feed_records_in"], "gateway_feed_records_in_total", dataset="SNAP.T"
