@@ -85,7 +85,7 @@ def _v1_metadata(dataset: str) -> bytes:
             dataset=dataset,
             start=time.time_ns(),
             stype_in=None,
-            stype_out=dbn.SType.INSTRUMENT_ID,
+            stype_out=dbn.SType.INSTRUMENT_ID,  # type: ignore[arg-type]  # stubs type enum members as str
             schema=None,
             version=1,
         ).encode()
@@ -225,9 +225,9 @@ def _tbbo_file(path: Path) -> None:
         dbn.Metadata(
             dataset="FILE.TBBO",
             start=time.time_ns(),
-            stype_in=dbn.SType.RAW_SYMBOL,
-            stype_out=dbn.SType.INSTRUMENT_ID,
-            schema=dbn.Schema.TBBO,
+            stype_in=dbn.SType.RAW_SYMBOL,  # type: ignore[arg-type]  # stubs type enum members as str
+            stype_out=dbn.SType.INSTRUMENT_ID,  # type: ignore[arg-type]  # stubs type enum members as str
+            schema=dbn.Schema.TBBO,  # type: ignore[arg-type]  # stubs type enum members as str
         ).encode()
     )
     path.write_bytes(meta + b"".join(recs))

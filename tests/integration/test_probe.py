@@ -88,8 +88,8 @@ def _trade(ts_event: int) -> bytes:
             ts_event=ts_event,
             price=100_000_000_000,
             size=1,
-            action=d.Action.TRADE,
-            side=d.Side.NONE,
+            action=d.Action.TRADE,  # type: ignore[arg-type]  # stubs type enum members as str
+            side=d.Side.NONE,  # type: ignore[arg-type]  # stubs type enum members as str
             depth=0,
             ts_recv=ts_event,
         )

@@ -261,6 +261,7 @@ def test_onload_transport_execs_the_wrapper_and_is_detected(fakes: Fakes, tmp_pa
     ) as gw:
         pid = gw.proc.pid
         argv, env = wrapper_log(log)
+        assert isinstance(gw.proc.args, list)  # start_gateway hands Popen a list
         # exactly `onload --profile=latency <python> -m gateway …`: the same gateway argv, no --
         assert argv[0] == str(fakes.bin / "onload")
         assert argv[1:] == ["--profile=latency", *map(str, gw.proc.args)]
