@@ -1,4 +1,4 @@
-"""Fan-out (DESIGN.md §3): one variant per distinct output spec, the same object for
+"""Fan-out (``gateway/fanout.py``; docs/ARCHITECTURE.md): one variant per distinct output spec, the same object for
 every member of a group."""
 
 from __future__ import annotations

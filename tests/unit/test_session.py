@@ -1,4 +1,4 @@
-"""Session state machine (PROTOCOL.md §1, session.py rules 1-3): bytes in, events out."""
+"""Session state machine (``gateway/session.py``, its rules 1-4): bytes in, events out."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from .conftest import CHALLENGE, PY_AUTH, authed_session, new_session
 KEY = "db-TESTKEY0000000000000000000000"
 RESPONSE = cram_response(CHALLENGE, KEY)
 
-#: Auth lines exactly as each official client orders them (PROTOCOL.md §1.4).
+#: Auth lines exactly as each official client orders them (databento-python, the Rust and C++ clients).
 CLIENT_AUTH = {
     "python": (
         f"auth={RESPONSE}|dataset=GLBX.MDP3|encoding=dbn|ts_out=0|compression=zstd|"
@@ -475,7 +475,7 @@ def test_line_too_long_after_auth_without_newline():
 
 
 def test_default_limit_accepts_a_full_500_symbol_chunk():
-    # 500 symbols of up to 70 characters: ~36 KB, must fit (PROTOCOL.md §1.6).
+    # 500 symbols of up to 70 characters: ~36 KB, must fit (the clients' 500-symbol chunks).
     s = authed_session()
     symbols = [f"{i:03d}".ljust(70, "X") for i in range(500)]
     line = sub_line(symbols)
