@@ -1,5 +1,5 @@
-"""Fan-out (``gateway/fanout.py``; docs/ARCHITECTURE.md): one variant per distinct output spec, the same object for
-every member of a group."""
+"""Fan-out (``gateway/fanout.py``; docs/ARCHITECTURE.md): one variant per distinct output
+spec, the same object for every member of a group."""
 
 from __future__ import annotations
 

@@ -23,7 +23,7 @@ from .conftest import CHALLENGE, PY_AUTH, authed_session, new_session
 KEY = "db-TESTKEY0000000000000000000000"
 RESPONSE = cram_response(CHALLENGE, KEY)
 
-#: Auth lines exactly as each official client orders them (databento-python, the Rust and C++ clients).
+#: Auth lines exactly as each official client orders them (databento-python, Rust, C++).
 CLIENT_AUTH = {
     "python": (
         f"auth={RESPONSE}|dataset=GLBX.MDP3|encoding=dbn|ts_out=0|compression=zstd|"
