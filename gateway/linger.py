@@ -80,7 +80,13 @@ class LingeringClose(asyncio.Protocol):
         transport = self.transport
         if transport.is_closing():
             return
-        transport.write_eof()  # after what is still buffered: both loops flush first
+        try:
+            transport.write_eof()  # after what is still buffered: both loops flush first
+        except OSError:
+            # The peer is already gone (the stdlib loop shuts the socket down at once when
+            # nothing is buffered: ENOTCONN after a reset); nothing more can reach it.
+            transport.close()
+            return
         self._timer = self._loop.call_later(LINGER_DRAIN_S, transport.close)
 
     def data_received(self, data: bytes) -> None:

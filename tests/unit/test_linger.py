@@ -128,3 +128,28 @@ async def test_a_client_that_keeps_sending_is_cut_off_at_the_byte_bound(
     await loop.sock_sendall(client, b"x" * 20_000)
     assert await apoll_until(lambda: len(conn.lost) == 1)
     assert linger.discarded > 10_000
+
+
+class _GoneTransport:
+    """A transport whose peer has already reset: the stdlib loop's write_eof shuts the
+    socket down at once when nothing is buffered, and that raises ENOTCONN."""
+
+    def __init__(self) -> None:
+        self.closed = False
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def write_eof(self) -> None:
+        raise OSError(107, "Transport endpoint is not connected")
+
+    def close(self) -> None:
+        self.closed = True
+
+
+async def test_a_peer_already_gone_is_closed_not_raised() -> None:
+    # Shutdown ends every session with a lingering close in one loop: one peer that has
+    # just reset must not raise out of it (and stop the others from being told).
+    transport = _GoneTransport()
+    linger = _Linger(_Conn(), transport, fin_now=True)  # type: ignore[arg-type]
+    assert linger.fin_sent and transport.closed
