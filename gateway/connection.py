@@ -94,7 +94,8 @@ class ClientConnection(SessionOutput, asyncio.Protocol):
 
     def eof_received(self) -> bool | None:
         self.account.ending("client_closed", "client closed")
-        return None  # close our side too
+        self._tell_skipped()
+        return None  # close our side too (after what is buffered)
 
     def connection_lost(self, exc: Exception | None) -> None:
         state = self.state
@@ -250,6 +251,7 @@ class ClientConnection(SessionOutput, asyncio.Protocol):
         """End the session from the gateway's side, told as ``Session.end`` decides."""
         if self.closing or self.session is None:
             return
+        self._tell_skipped()
         event = self.session.end(text, kind=kind, code=code)
         if event is not None:
             self._end(event, label or why.replace(" ", "_"), why)

@@ -123,6 +123,13 @@ class SessionOutput:
         cap = self.state.slow.hard_cap_bytes
         self.cut("slow_reader_cap", f"slow reader: more than {cap} bytes buffered; disconnecting")
 
+    def _tell_skipped(self) -> None:
+        """A session that ends in the middle of a skip episode (the client leaves, or the
+        gateway ends it) is still told how many records it missed since its last notice."""
+        if self.slow.skipped and self.metadata_sent and not self.closing:
+            self.slow.resume(self.state.clock())
+            self._send_notices()
+
     def _send_notices(self) -> None:
         notices = self.slow.notice_records(time.time_ns())
         for policy, event, _ in notices:

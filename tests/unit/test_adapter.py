@@ -398,3 +398,40 @@ def test_the_factory_picks_the_per_session_zstd_subclass_only_when_asked() -> No
     assert isinstance(connection_factory(bench)(), PerSessionZstdConnection)
     # The production send path has no per-session zstd branch at all.
     assert "_stream" not in ClientConnection.deliver.__code__.co_names
+
+
+SKIPPED_TEXT = "Skipped {} records after slow reading"
+
+
+async def test_a_client_leaving_while_skipping_is_told_what_it_missed(server: Any) -> None:
+    # Nothing is lost silently: records skipped since the last notice are still told when
+    # the client half-closes in the middle of a skip episode.
+    state = new_state()
+    connect = await server(state)
+    client, conn = await connect()
+    assert (await handshake(client)).startswith(b"success=1")
+    client.send(START_SESSION)
+    await client.metadata()
+    conn.slow.skipped = conn.slow.skipped_total = 7  # a skip episode in progress
+    client.sock.shutdown(socket.SHUT_WR)
+    err = await client.record()
+    assert err[1] == dbn.RTYPE_ERROR and text_of(err) == SKIPPED_TEXT.format(7)
+    assert err[318] == dbn.ErrorCode.SKIPPED_RECORDS_AFTER_SLOW_READING
+    assert await client.to_eof() == b""
+    assert sample(state, "gateway_slow_reader_events_total", policy="skip", event="skipped") == 1
+
+
+async def test_a_session_ended_while_skipping_is_told_before_the_reason(server: Any) -> None:
+    state = new_state()
+    connect = await server(state)
+    client, conn = await connect()
+    assert (await handshake(client)).startswith(b"success=1")
+    client.send(START_SESSION)
+    await client.metadata()
+    conn.slow.skipped = conn.slow.skipped_total = 5
+    conn.shutdown()
+    told = await client.record()
+    assert told[1] == dbn.RTYPE_ERROR and text_of(told) == SKIPPED_TEXT.format(5)
+    err = await client.record()
+    assert text_of(err) == "Gateway shutting down"
+    assert await client.to_eof() == b""
