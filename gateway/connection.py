@@ -229,7 +229,14 @@ class ClientConnection(SessionOutput, asyncio.Protocol):
         self._terminate(message, ErrorCode.INTERNAL_ERROR, label, f"{label}: {message}", label)
         if self.transport is not None:
             grace = self.state.slow.cut_grace_s
-            asyncio.get_running_loop().call_later(grace, abort_if_undrained, self.transport)
+            asyncio.get_running_loop().call_later(grace, self._reset_if_undrained, grace)
+
+    def _reset_if_undrained(self, grace: float) -> None:
+        if self.transport is not None and abort_if_undrained(self.transport):
+            log.warning(
+                "session reset session_id=%d peer=%s reason=cut_not_drained grace_s=%g",
+                *(self.session_id, self.peer, grace),
+            )
 
     def shutdown(self, handover: bool = False) -> None:
         """Gateway stopping: ``Gateway restarting; reconnect`` if a successor listens on the

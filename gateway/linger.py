@@ -116,11 +116,13 @@ class LingeringClose(asyncio.Protocol):
         self.conn.connection_lost(exc)
 
 
-def abort_if_undrained(transport: asyncio.Transport) -> None:
-    """A cut session still holding unsent bytes after its grace is reset; one that has
-    drained is left to its lingering close (it may still be reading its last bytes)."""
+def abort_if_undrained(transport: asyncio.Transport) -> bool:
+    """A cut session still holding unsent bytes after its grace is reset (True); one that
+    has drained is left to its lingering close (it may still be reading its last bytes)."""
     if transport.get_write_buffer_size():
         reset(transport)
+        return True
+    return False
 
 
 def reset(transport: asyncio.Transport) -> None:

@@ -435,3 +435,33 @@ async def test_a_session_ended_while_skipping_is_told_before_the_reason(server: 
     err = await client.record()
     assert text_of(err) == "Gateway shutting down"
     assert await client.to_eof() == b""
+
+
+async def test_a_cut_session_that_does_not_drain_is_reset_and_logged(
+    server: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The final ErrorMsg of a cut waits behind what the client has not read; a client that
+    # still has not read it after cut_grace_s is reset (never a clean end), and the log
+    # says so, so that an operator (and the soak) can tell a reset from a drained cut.
+    state = new_state(slow=SlowReaderConfig(cut_grace_s=0.2))
+    connect = await server(state)
+    client, conn = await connect()
+    assert (await handshake(client)).startswith(b"success=1")
+    client.send(START_SESSION)
+    await client.metadata()
+    chunk = b"\x04" + b"\0" * 15
+    for _ in range(1000):  # the client reads nothing: fill its socket and our buffer
+        conn.deliver(chunk * 4096, 4096)
+        transport = conn.transport
+        if transport is not None and transport.get_write_buffer_size() > 256 * 1024:
+            break
+        await asyncio.sleep(0)
+    with caplog.at_level("WARNING", logger="gateway.session"):
+        conn.cut("slow_reader_cap", "slow reader: over the cap; disconnecting")
+        assert await apoll_until(
+            lambda: any("session reset" in r.getMessage() for r in caplog.records), timeout=10
+        )
+    line = next(r.getMessage() for r in caplog.records if "session reset" in r.getMessage())
+    assert f"session_id={conn.session_id}" in line and "reason=cut_not_drained" in line
+    with pytest.raises(ConnectionResetError):  # not a clean EOF
+        await client._fill(lambda: False, timeout=10.0)
