@@ -163,6 +163,16 @@ async def handshake(client: Client, **auth: Any) -> bytes:
     return await client.line()
 
 
+async def streaming(server: Any, state: ServerState) -> tuple[Client, ClientConnection]:
+    """A client authenticated and started (its Metadata header read) on ``state``."""
+    connect = await server(state)
+    client, conn = await connect()
+    assert (await handshake(client)).startswith(b"success=1")
+    client.send(START_SESSION)
+    await client.metadata()
+    return client, conn
+
+
 async def test_handshake_start_and_a_queued_subscription(server: Any) -> None:
     state = new_state()
     connect = await server(state)
@@ -247,11 +257,7 @@ async def test_handshake_timeout_fires_from_the_armed_timer(server: Any) -> None
 
 async def test_heartbeat_from_the_session_deadline(server: Any) -> None:
     state = new_state(default_heartbeat_s=0.3)
-    connect = await server(state)
-    client, conn = await connect()
-    assert (await handshake(client)).startswith(b"success=1")
-    client.send(START_SESSION)
-    await client.metadata()
+    client, conn = await streaming(server, state)
     session = conn.session
     assert session is not None
     due = session.next_deadline()
@@ -294,11 +300,7 @@ async def test_a_write_postpones_the_heartbeat(server: Any) -> None:
 async def test_pause_and_resume_follow_the_transport(server: Any) -> None:
     slow = SlowReaderConfig(write_high_water=64 * 1024, write_low_water=16 * 1024)
     state = new_state(slow=slow, lossless=True)
-    connect = await server(state)
-    client, conn = await connect()
-    assert (await handshake(client)).startswith(b"success=1")
-    client.send(START_SESSION)
-    await client.metadata()
+    client, conn = await streaming(server, state)
     feed = state.feeds[DATASET]
     chunk = b"\x04" + b"\0" * 15  # a 16-byte record, as far as the socket cares
     for _ in range(1000):  # the client reads nothing meanwhile
@@ -315,11 +317,7 @@ async def test_pause_and_resume_follow_the_transport(server: Any) -> None:
 
 async def test_client_close_releases_everything(server: Any) -> None:
     state = new_state()
-    connect = await server(state)
-    client, conn = await connect()
-    assert (await handshake(client)).startswith(b"success=1")
-    client.send(START_SESSION)
-    await client.metadata()
+    client, conn = await streaming(server, state)
     entry = state.authenticator.entries[0]
     assert entry.active == 1 and conn._timer is not None
     client.sock.shutdown(socket.SHUT_WR)
@@ -334,11 +332,7 @@ async def test_client_close_releases_everything(server: Any) -> None:
 
 async def test_shutdown_ends_a_session_with_an_error_msg(server: Any) -> None:
     state = new_state()
-    connect = await server(state)
-    client, conn = await connect()
-    assert (await handshake(client)).startswith(b"success=1")
-    client.send(START_SESSION)
-    await client.metadata()
+    client, conn = await streaming(server, state)
     conn.shutdown()
     err = await client.record()
     assert err[1] == dbn.RTYPE_ERROR and text_of(err) == "Gateway shutting down"
@@ -407,11 +401,7 @@ async def test_a_client_leaving_while_skipping_is_told_what_it_missed(server: An
     # Nothing is lost silently: records skipped since the last notice are still told when
     # the client half-closes in the middle of a skip episode.
     state = new_state()
-    connect = await server(state)
-    client, conn = await connect()
-    assert (await handshake(client)).startswith(b"success=1")
-    client.send(START_SESSION)
-    await client.metadata()
+    client, conn = await streaming(server, state)
     conn.slow.skipped = conn.slow.skipped_total = 7  # a skip episode in progress
     client.sock.shutdown(socket.SHUT_WR)
     err = await client.record()
@@ -423,11 +413,7 @@ async def test_a_client_leaving_while_skipping_is_told_what_it_missed(server: An
 
 async def test_a_session_ended_while_skipping_is_told_before_the_reason(server: Any) -> None:
     state = new_state()
-    connect = await server(state)
-    client, conn = await connect()
-    assert (await handshake(client)).startswith(b"success=1")
-    client.send(START_SESSION)
-    await client.metadata()
+    client, conn = await streaming(server, state)
     conn.slow.skipped = conn.slow.skipped_total = 5
     conn.shutdown()
     told = await client.record()
@@ -444,11 +430,7 @@ async def test_a_cut_session_that_does_not_drain_is_reset_and_logged(
     # still has not read it after cut_grace_s is reset (never a clean end), and the log
     # says so, so that an operator (and the soak) can tell a reset from a drained cut.
     state = new_state(slow=SlowReaderConfig(cut_grace_s=0.2))
-    connect = await server(state)
-    client, conn = await connect()
-    assert (await handshake(client)).startswith(b"success=1")
-    client.send(START_SESSION)
-    await client.metadata()
+    client, conn = await streaming(server, state)
     chunk = b"\x04" + b"\0" * 15
     for _ in range(1000):  # the client reads nothing: fill its socket and our buffer
         conn.deliver(chunk * 4096, 4096)

@@ -7,8 +7,6 @@ import ast
 from pathlib import Path
 from types import SimpleNamespace
 
-import databento_dbn as d
-
 from gateway import dbn
 from gateway.symbology import (
     SymbolDirectory,
@@ -17,44 +15,9 @@ from gateway.symbology import (
     without_gateway_records,
 )
 
+from .conftest import definition, trade
+
 TS = 1_700_000_000_000_000_000
-
-
-def trade(iid: int) -> bytes:
-    return bytes(
-        d.TradeMsg(
-            publisher_id=1,
-            instrument_id=iid,
-            ts_event=TS,
-            price=1_000_000_000,
-            size=1,
-            action=d.Action("T"),
-            side=d.Side("A"),
-            depth=0,
-            ts_recv=TS,
-            ts_in_delta=0,
-            sequence=0,
-            flags=0,
-        )
-    )
-
-
-def definition(iid: int, raw: str) -> bytes:
-    return bytes(
-        d.InstrumentDefMsg(
-            publisher_id=1,
-            instrument_id=iid,
-            ts_event=TS,
-            ts_recv=TS,
-            min_price_increment=1,
-            display_factor=1,
-            raw_symbol=raw,
-            asset="ES",
-            security_type="FUT",
-            instrument_class=d.InstrumentClass("F"),
-            security_update_action=d.SecurityUpdateAction("A"),
-        )
-    )
 
 
 def mapping(iid: int, raw: str) -> bytes:
