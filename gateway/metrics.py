@@ -1,5 +1,6 @@
 """Prometheus objects the data path and the probe update as things happen (connections,
-refusals, disconnects, slow readers, heartbeats, limits, latency histograms).
+refusals, disconnects, slow readers, heartbeats, limits, latency histograms, replay
+catch-up times and refusals).
 
 The feeds' and fan-out's running totals, the bytes written to sessions, the connection
 counts and readiness are not here: ``gateway.ops.collector`` reads them when /metrics is
@@ -18,7 +19,12 @@ from prometheus_client import (
     ProcessCollector,
 )
 
-__all__ = ["PROBE_LATENCIES", "PROBE_STEPS", "Metrics", "ProbeMetrics"]
+__all__ = ["PROBE_LATENCIES", "PROBE_STEPS", "REPLAY_REFUSALS", "Metrics", "ProbeMetrics"]
+
+#: why a replay request was refused (``gateway_replays_refused_total{reason}``): too many
+#: concurrent replays, start older than the journal holds, no journal (off or disabled),
+#: start in the future, resume position unusable
+REPLAY_REFUSALS = ("limit", "aged_out", "unavailable", "future", "bad_resume")
 
 
 class Metrics:
@@ -89,6 +95,20 @@ class Metrics:
         self.start_time = Gauge(
             "gateway_start_time_seconds", "Unix time the gateway started", registry=r
         )
+        self.replay_catchup_seconds = Histogram(
+            "gateway_replay_catchup_seconds",
+            "Seconds from a replaying session's start to its hand-over to live",
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800),
+            registry=r,
+        )
+        self.replays_refused = Counter(
+            "gateway_replays_refused",
+            "Replay requests refused, by reason",
+            ["reason"],
+            registry=r,
+        )
+        for reason in REPLAY_REFUSALS:
+            self.replays_refused.labels(reason)
         ProcessCollector(registry=r)
 
 
