@@ -10,14 +10,22 @@ Lines are parsed by key, never by position (each official client orders keys its
 way); values are split on the first ``=`` only; unknown keys are ignored. Values are
 typed with msgspec (``heartbeat_interval_s`` arrives as ``"10"`` and becomes ``10``).
 Encoders write keys in the order the project's client always has (auth: ``auth dataset
-encoding ts_out compression heartbeat_interval_s slow_reader_behavior client``;
-subscription: ``schema stype_in symbols snapshot id is_last``) and leave out a key
-whose value is None.
+encoding ts_out compression heartbeat_interval_s slow_reader_behavior lsg_checkpoints
+client``; subscription: ``schema stype_in symbols start lsg_resume_after snapshot id
+is_last``) and leave out a key whose value is None.
+
+Replay fields: ``start`` (``parse_start``: UNIX nanoseconds or ISO 8601) as Databento
+defines it; ``lsg_resume_after=<seq>`` (a journal position, this gateway's own: replay every
+chunk after it) and the auth field ``lsg_checkpoints=1`` (send checkpoint records) are only
+sent by the project's client.
 """
 
 from __future__ import annotations
 
+import calendar
+import datetime
 import hashlib
+import re
 from collections.abc import Mapping, Sequence
 from typing import Final, Literal, TypeVar
 
@@ -43,6 +51,7 @@ __all__ = [
     "greeting_line",
     "parse_auth",
     "parse_fields",
+    "parse_start",
     "parse_subscription",
 ]
 
@@ -65,6 +74,8 @@ class AuthRequest(msgspec.Struct, frozen=True, kw_only=True):
     compression: Literal["none", "zstd"] = "none"
     heartbeat_interval_s: int | None = None
     slow_reader_behavior: str | None = None
+    #: send checkpoint records (``lsg-checkpoint seq=N`` SystemMsgs; the project's client)
+    lsg_checkpoints: bool = False
     client: str = ""
 
 
@@ -72,7 +83,10 @@ class SubscriptionRequest(msgspec.Struct, frozen=True, kw_only=True):
     schema: str
     stype_in: str = "raw_symbol"
     symbols: str = ""
+    #: as sent (``parse_start`` reads it; ``start_ns`` is the parsed value)
     start: str | None = None
+    #: replay every journaled chunk after this position (u64; the project's client)
+    lsg_resume_after: int | None = None
     snapshot: bool = False
     id: int | None = None
     is_last: bool = True
@@ -80,6 +94,62 @@ class SubscriptionRequest(msgspec.Struct, frozen=True, kw_only=True):
     @property
     def symbol_list(self) -> list[str]:
         return [s.strip() for s in self.symbols.split(",") if s.strip()]
+
+    @property
+    def start_ns(self) -> int | None:
+        """``start`` in UNIX nanoseconds (None: not sent, or sent empty). Raises
+        ProtocolError for a malformed value (``parse_subscription`` checked it)."""
+        if self.start is None or self.start == "":
+            return None
+        return parse_start(self.start)
+
+
+#: ``2026-12-01``, ``2026-12-01T10:00``, ``…T10:00:00.123456789``, ``…Z``, ``…+01:00``
+_ISO = re.compile(
+    r"(\d{4})-(\d{2})-(\d{2})"
+    r"(?:[T ](\d{2}):(\d{2})(?::(\d{2})(?:[.,](\d{1,9}))?)?)?"
+    r"(Z|z|[+-]\d{2}(?::?\d{2})?)?",
+    re.ASCII,
+)
+_START_FORMS = "UNIX nanoseconds, or an ISO 8601 date or date-time such as 2026-12-01T10:00:00.5Z"
+
+
+def parse_start(text: str) -> int:
+    """A subscription's ``start`` in UNIX nanoseconds (exactly: no float on the way).
+
+    Accepted: a decimal integer of nanoseconds (``0``: everything retained); an ISO 8601
+    date (``2026-12-01``: midnight UTC) or date-time with ``T`` (or a space), minutes or
+    seconds, an optional fraction of up to 9 digits, and an optional ``Z`` or ``±hh:mm``
+    (``±hhmm``, ``±hh``) offset; a date-time without an offset is UTC. Anything else, or a
+    time before 1970 or past 2^64-1 ns, raises ProtocolError ``bad value for start (…)``.
+    """
+    raw = text.strip()
+    if raw.isdigit() and raw.isascii():
+        ns = int(raw)
+        if ns >= 2**64:
+            raise ProtocolError(f"bad value for start ({raw:.40} is past 2^64-1 nanoseconds)")
+        return ns
+    m = _ISO.fullmatch(raw)
+    if m is None:
+        raise ProtocolError(f"bad value for start ({raw!r:.44}: expected {_START_FORMS})")
+    year, month, day, hour, minute, second, frac, zone = m.groups()
+    parts = (int(year), int(month), int(day), int(hour or 0), int(minute or 0), int(second or 0))
+    try:
+        datetime.datetime(*parts)  # checks the calendar: month 13, Feb 30, hour 24 ...
+    except ValueError as exc:
+        raise ProtocolError(f"bad value for start ({raw!r:.44}: {exc})") from None
+    seconds = calendar.timegm(parts)
+    if zone and zone not in "Zz":
+        sign = -1 if zone[0] == "-" else 1
+        digits = zone[1:].replace(":", "")
+        off_h, off_m = int(digits[:2]), int(digits[2:] or 0)
+        if off_h > 23 or off_m > 59:
+            raise ProtocolError(f"bad value for start ({raw!r:.44}: offset out of range)")
+        seconds -= sign * (off_h * 3600 + off_m * 60)
+    ns = seconds * 1_000_000_000 + int((frac or "").ljust(9, "0"))
+    if not 0 <= ns < 2**64:
+        raise ProtocolError(f"bad value for start ({raw!r:.44}: before 1970 or past 2554)")
+    return ns
 
 
 def parse_fields(line: bytes) -> dict[str, str]:
@@ -160,12 +230,17 @@ def parse_subscription(fields: dict[str, str]) -> SubscriptionRequest:
         raise ProtocolError(f"unknown stype_in {req.stype_in!r:.40}")
     if req.id is not None and not 0 <= req.id < 2**32:
         raise ProtocolError("subscription id must be a u32")
-    if req.start is not None and req.start != "":
-        raise NotSupportedError(
-            "intraday replay (start=) is not supported yet: subscribe without start"
-        )
     if req.snapshot:
         raise NotSupportedError("snapshot=1 is not supported yet: subscribe with snapshot=0")
+    try:
+        start_ns = req.start_ns
+    except ProtocolError as exc:
+        raise ProtocolError(f"invalid subscription: {exc}") from None
+    resume = req.lsg_resume_after
+    if resume is not None and not 0 <= resume < 2**64:
+        raise ProtocolError("invalid subscription: bad value for lsg_resume_after (not a u64)")
+    if start_ns is not None and resume is not None:
+        raise ProtocolError("invalid subscription: start and lsg_resume_after cannot both be given")
     if req.stype_in == "instrument_id":
         for sym in req.symbol_list:
             if sym != ALL_SYMBOLS and not (sym.isdigit() and int(sym) < 2**32):
@@ -238,6 +313,7 @@ def encode_auth(
     slow_reader_behavior: str | None = None,
     extra: Mapping[str, FieldValue] | None = None,
     client: str | None = None,
+    lsg_checkpoints: bool | None = None,
 ) -> bytes:
     """The authentication request; ``auth`` is ``cram_response(challenge, key)``.
 
@@ -253,6 +329,7 @@ def encode_auth(
             "compression": compression,
             "heartbeat_interval_s": heartbeat_interval_s,
             "slow_reader_behavior": slow_reader_behavior,
+            "lsg_checkpoints": lsg_checkpoints,
         }
     )
     parts += _field_parts(extra or {})
@@ -268,14 +345,20 @@ def encode_subscription(
     snapshot: bool | None = False,
     sub_id: int | None = None,
     is_last: bool | None = True,
+    start: int | str | None = None,
+    resume_after: int | None = None,
 ) -> bytes:
-    """One subscription line; ``symbols`` a list (joined with ``,``) or one string."""
+    """One subscription line; ``symbols`` a list (joined with ``,``) or one string.
+    ``start`` (UNIX ns or ISO 8601 text) and ``resume_after`` (``lsg_resume_after``) are
+    left out when None."""
     text = symbols if isinstance(symbols, str) else ",".join(symbols)
     return encode_fields(
         {
             "schema": schema,
             "stype_in": stype_in,
             "symbols": text,
+            "start": start,
+            "lsg_resume_after": resume_after,
             "snapshot": snapshot,
             "id": sub_id,
             "is_last": is_last,
@@ -290,14 +373,23 @@ def encode_subscriptions(
     stype_in: str = "raw_symbol",
     sub_id: int,
     chunk: int = SYMBOL_CHUNK,
+    start: int | str | None = None,
+    resume_after: int | None = None,
 ) -> bytes:
     """A subscription as lines of at most ``chunk`` symbols, ``is_last=1`` on the final
-    one (one line with no symbols for an empty list), as the project's client sends it."""
+    one (one line with no symbols for an empty list), as the project's client sends it;
+    ``start``/``resume_after`` go on every line."""
     items = [symbols] if isinstance(symbols, str) else list(symbols)
     parts = [items[i : i + chunk] for i in range(0, len(items), chunk)] or [[]]
     return b"".join(
         encode_subscription(
-            schema, part, stype_in=stype_in, sub_id=sub_id, is_last=n == len(parts) - 1
+            schema,
+            part,
+            stype_in=stype_in,
+            sub_id=sub_id,
+            is_last=n == len(parts) - 1,
+            start=start,
+            resume_after=resume_after,
         )
         for n, part in enumerate(parts)
     )

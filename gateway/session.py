@@ -82,6 +82,10 @@ class Subscription:
     stype_in: str
     symbols: tuple[str, ...]
     sub_id: int | None
+    #: ``start`` in UNIX ns (None: not sent; 0: everything retained), for a replay
+    start_ns: int | None = None
+    #: ``lsg_resume_after``: replay every journaled chunk after this position
+    resume_after: int | None = None
     #: ALL_SYMBOLS is among ``symbols`` (computed once: feeds ask per symbol learnt)
     all_symbols: bool = field(init=False, compare=False)
 
@@ -138,6 +142,8 @@ class _Pending:
     schema: str
     stype_in: str
     symbols: list[str] = field(default_factory=list)
+    start_ns: int | None = None
+    resume_after: int | None = None
 
 
 class Session:
@@ -405,6 +411,7 @@ class Session:
                     "max_subscriptions",
                 )
             pending = self._pending[req.id] = _Pending(req.schema, stype)
+            pending.start_ns, pending.resume_after = req.start_ns, req.lsg_resume_after
         elif (pending.schema, pending.stype_in) != (req.schema, stype):
             raise ProtocolError(
                 f"subscription {req.id}: every chunk must have the same schema and stype_in"
@@ -414,6 +421,13 @@ class Session:
             return None
         del self._pending[req.id]
         unique = tuple(dict.fromkeys(pending.symbols))
-        sub = Subscription(pending.schema, pending.stype_in, unique, req.id)
+        sub = Subscription(
+            pending.schema,
+            pending.stype_in,
+            unique,
+            req.id,
+            start_ns=pending.start_ns,
+            resume_after=pending.resume_after,
+        )
         self.subscriptions.append(sub)
         return sub

@@ -235,14 +235,39 @@ def test_parse_subscription_unknown_schema_is_protocol_error(schema):
     assert not isinstance(exc.value, NotSupportedError)
 
 
-@pytest.mark.parametrize("start", ["0", "1700000000000000000", "2024-01-01T00:00:00"])
-def test_parse_subscription_start_not_supported(start):
-    with pytest.raises(NotSupportedError):
-        parse_subscription(
-            fields(
-                f"schema=trades|stype_in=raw_symbol|symbols=A|start={start}|snapshot=0|is_last=1"
-            )
-        )
+@pytest.mark.parametrize(
+    ("start", "ns"),
+    [
+        ("0", 0),
+        ("1700000000000000000", 1_700_000_000_000_000_000),
+        ("2024-01-01T00:00:00", 1_704_067_200_000_000_000),
+    ],
+)
+def test_parse_subscription_start_accepted(start, ns):
+    req = parse_subscription(
+        fields(f"schema=trades|stype_in=raw_symbol|symbols=A|start={start}|snapshot=0|is_last=1")
+    )
+    assert req.start == start
+    assert req.start_ns == ns
+    assert req.lsg_resume_after is None
+
+
+def test_parse_subscription_empty_start_is_no_start():
+    req = parse_subscription(fields("schema=trades|symbols=A|start=|is_last=1"))
+    assert req.start_ns is None
+
+
+@pytest.mark.parametrize("start", ["x", "-1", "1.5e18", "2026-02-30", "2026-12-01T10:00:00+24:00"])
+def test_parse_subscription_bad_start_names_the_field(start):
+    with pytest.raises(ProtocolError) as exc:
+        parse_subscription(fields(f"schema=trades|symbols=A|start={start}|is_last=1"))
+    assert not isinstance(exc.value, NotSupportedError)
+    assert str(exc.value).startswith("invalid subscription: bad value for start (")
+
+
+def test_parse_subscription_snapshot_with_start_stays_not_supported():
+    with pytest.raises(NotSupportedError, match="snapshot=1 is not supported yet"):
+        parse_subscription(fields("schema=trades|symbols=A|start=0|snapshot=1|is_last=1"))
 
 
 def test_parse_subscription_snapshot_not_supported():
@@ -585,3 +610,158 @@ async def test_support_clients_send_the_bytes_they_built_by_hand():
             "schema=trades|stype_in=raw_symbol|symbols=ALL_SYMBOLS\nstart_session\n"
         ).encode()
     )
+
+
+# --- replay fields: start (parse_start), lsg_resume_after, lsg_checkpoints --------------
+
+# 2026-12-01T00:00:00Z in UNIX seconds
+DEC1 = 1_796_083_200
+NS = 1_000_000_000
+
+
+@pytest.mark.parametrize(
+    ("text", "ns"),
+    [
+        ("0", 0),
+        ("1", 1),
+        ("1796083200123456789", 1_796_083_200_123_456_789),
+        ("18446744073709551615", 2**64 - 1),
+        ("2026-12-01", DEC1 * NS),
+        ("2026-12-01T10:00", (DEC1 + 36_000) * NS),
+        ("2026-12-01T10:00:00", (DEC1 + 36_000) * NS),
+        ("2026-12-01 10:00:00", (DEC1 + 36_000) * NS),
+        ("2026-12-01T10:00:00Z", (DEC1 + 36_000) * NS),
+        ("2026-12-01T10:00:00z", (DEC1 + 36_000) * NS),
+        ("2026-12-01T10:00:00.5Z", (DEC1 + 36_000) * NS + 500_000_000),
+        ("2026-12-01T10:00:00,25", (DEC1 + 36_000) * NS + 250_000_000),
+        # nine digits kept exactly (a float would round the last ones)
+        ("2026-12-01T10:00:00.123456789Z", (DEC1 + 36_000) * NS + 123_456_789),
+        ("2026-12-01T10:00:00.000000001", (DEC1 + 36_000) * NS + 1),
+        ("2026-12-01T10:00:00.123456789+01:00", (DEC1 + 32_400) * NS + 123_456_789),
+        ("2026-12-01T10:00:00-05:30", (DEC1 + 36_000 + 19_800) * NS),
+        ("2026-12-01T10:00:00+0100", (DEC1 + 32_400) * NS),
+        ("2026-12-01T10:00:00+01", (DEC1 + 32_400) * NS),
+        ("2026-12-01T00:30:00+01:00", (DEC1 - 1_800) * NS),
+        ("1970-01-01", 0),
+        (" 2026-12-01 ", DEC1 * NS),
+    ],
+)
+def test_parse_start_forms(text, ns):
+    assert control.parse_start(text) == ns
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "now",
+        "-1",
+        "+5",
+        "1e18",
+        "1.5",
+        "0x10",
+        "18446744073709551616",
+        "2026-12",
+        "2026-1-1",
+        "26-12-01",
+        "2026-13-01",
+        "2026-02-30",
+        "2026-12-01T25:00",
+        "2026-12-01T10:60",
+        "2026-12-01T10",
+        "2026-12-01T10:00:00.",
+        "2026-12-01T10:00:00.1234567891",
+        "2026-12-01T10:00:00+24:00",
+        "2026-12-01T10:00:00+01:60",
+        "2026-12-01T10:00:00 UTC",
+        "1969-12-31T23:59:59Z",
+        "1970-01-01T00:30:00+01:00",
+        "2600-01-01",
+        "١٢٣",  # digits, but not ASCII ones
+    ],
+)
+def test_parse_start_malformed_names_the_field(text):
+    with pytest.raises(ProtocolError) as exc:
+        control.parse_start(text)
+    assert not isinstance(exc.value, NotSupportedError)
+    assert str(exc.value).startswith("bad value for start (")
+
+
+def test_parse_start_message_is_clear():
+    with pytest.raises(ProtocolError, match=r"UNIX nanoseconds, or an ISO 8601 date"):
+        control.parse_start("yesterday")
+    with pytest.raises(ProtocolError, match=r"month must be in 1\.\.12"):
+        control.parse_start("2026-13-01")
+
+
+@pytest.mark.parametrize(
+    ("text", "seq"), [("0", 0), ("17", 17), ("18446744073709551615", 2**64 - 1)]
+)
+def test_parse_subscription_resume_after(text, seq):
+    req = parse_subscription(fields(f"schema=trades|symbols=A|lsg_resume_after={text}|is_last=1"))
+    assert req.lsg_resume_after == seq
+    assert req.start_ns is None
+
+
+@pytest.mark.parametrize("text", ["-1", "18446744073709551616", "x", "1.5", ""])
+def test_parse_subscription_bad_resume_after_names_the_field(text):
+    with pytest.raises(ProtocolError, match="bad value for lsg_resume_after"):
+        parse_subscription(fields(f"schema=trades|symbols=A|lsg_resume_after={text}|is_last=1"))
+
+
+@pytest.mark.parametrize("start", ["0", "2026-12-01"])
+def test_parse_subscription_start_with_resume_after_is_refused(start):
+    with pytest.raises(ProtocolError, match="start and lsg_resume_after") as exc:
+        parse_subscription(
+            fields(f"schema=trades|symbols=A|start={start}|lsg_resume_after=3|is_last=1")
+        )
+    assert not isinstance(exc.value, NotSupportedError)
+
+
+def test_parse_subscription_without_replay_fields():
+    req = parse_subscription(fields(SUB_LINES["python"]))
+    assert req.start_ns is None
+    assert req.lsg_resume_after is None
+
+
+@pytest.mark.parametrize(("text", "on"), [(None, False), ("0", False), ("1", True)])
+def test_parse_auth_checkpoints(text, on):
+    line = AUTH_LINES["python"] + ("" if text is None else f"|lsg_checkpoints={text}")
+    assert parse_auth(fields(line)).lsg_checkpoints is on
+
+
+def test_parse_auth_bad_checkpoints_names_the_field():
+    with pytest.raises(ProtocolError, match="bad value for lsg_checkpoints"):
+        parse_auth(fields(AUTH_LINES["python"] + "|lsg_checkpoints=maybe"))
+
+
+def test_encode_subscription_replay_fields():
+    line = control.encode_subscription("trades", ["A"], sub_id=1, start=1_700_000_000_000_000_000)
+    assert line == (
+        b"schema=trades|stype_in=raw_symbol|symbols=A|start=1700000000000000000|snapshot=0"
+        b"|id=1|is_last=1\n"
+    )
+    assert parse_subscription(parse_fields(line[:-1])).start_ns == 1_700_000_000_000_000_000
+    line = control.encode_subscription("trades", "ALL_SYMBOLS", start="2026-12-01T10:00:00Z")
+    assert parse_subscription(parse_fields(line[:-1])).start_ns == (DEC1 + 36_000) * NS
+    line = control.encode_subscription("trades", ["A"], resume_after=42, is_last=None)
+    assert line == b"schema=trades|stype_in=raw_symbol|symbols=A|lsg_resume_after=42|snapshot=0\n"
+    assert parse_subscription(parse_fields(line[:-1])).lsg_resume_after == 42
+
+
+def test_encode_subscriptions_replay_fields_on_every_line():
+    got = control.encode_subscriptions(
+        "trades", [f"S{i}" for i in range(501)], sub_id=3, resume_after=9
+    )
+    reqs = [parse_subscription(parse_fields(line)) for line in got.split(b"\n")[:-1]]
+    assert [r.lsg_resume_after for r in reqs] == [9, 9]
+    got = control.encode_subscriptions("trades", ["A"], sub_id=3, start=0)
+    assert parse_subscription(parse_fields(got[:-1])).start_ns == 0
+
+
+def test_encode_auth_checkpoints():
+    assert control.encode_auth("r", "D", lsg_checkpoints=True, client="t") == (
+        b"auth=r|dataset=D|encoding=dbn|ts_out=0|compression=none|lsg_checkpoints=1|client=t\n"
+    )
+    line = control.encode_auth("r", "D", lsg_checkpoints=True)
+    assert parse_auth(parse_fields(line[:-1])).lsg_checkpoints is True

@@ -293,7 +293,11 @@ def test_chunk_with_other_schema_is_failed_after_auth():
     ("line", "kind"),
     [
         (
-            b"schema=trades|stype_in=raw_symbol|symbols=A|start=0|snapshot=0|is_last=1\n",
+            b"schema=trades|stype_in=raw_symbol|symbols=A|start=yesterday|snapshot=0|is_last=1\n",
+            "protocol",
+        ),
+        (
+            b"schema=trades|stype_in=raw_symbol|symbols=A|start=0|snapshot=1|is_last=1\n",
             "not_supported",
         ),
         (b"schema=mbo|stype_in=raw_symbol|symbols=A|snapshot=1|is_last=1\n", "not_supported"),
@@ -575,3 +579,57 @@ def test_receive_eof_closes():
     s.receive_eof()
     assert s.state is State.CLOSED
     assert s.receive_data(SCRIPT, 0.0) == []
+
+
+# --- replay fields ------------------------------------------------------------------------
+
+
+def test_subscription_carries_start_and_resume_after():
+    s = authed_session()
+    (a,) = s.receive_data(
+        b"schema=trades|stype_in=raw_symbol|symbols=A|start=2026-12-01T00:00:00.5Z|id=1\n", 0.0
+    )
+    (b,) = s.receive_data(b"schema=mbp-1|symbols=ALL_SYMBOLS|lsg_resume_after=41|id=2\n", 0.0)
+    (c,) = s.receive_data(b"schema=trades|symbols=B|start=0|id=3\n", 0.0)
+    (d,) = s.receive_data(sub_line(["C"], sub_id=4), 0.0)
+    (start,) = s.receive_data(b"start_session\n", 0.0)
+    assert isinstance(start, StartRequested)
+    subs = start.subscriptions
+    assert [e.subscription for e in (a, b, c, d)] == list(subs)
+    assert [(x.start_ns, x.resume_after) for x in subs] == [
+        (1_796_083_200_500_000_000, None),
+        (None, 41),
+        (0, None),
+        (None, None),
+    ]
+
+
+def test_chunked_subscription_keeps_the_start_of_its_first_line():
+    s = authed_session()
+    assert s.receive_data(b"schema=trades|symbols=A|start=5|id=7|is_last=0\n", 0.0) == []
+    (ev,) = s.receive_data(b"schema=trades|symbols=B|start=5|id=7|is_last=1\n", 0.0)
+    assert ev.subscription.symbols == ("A", "B")
+    assert ev.subscription.start_ns == 5
+
+
+def test_subscription_after_start_keeps_its_start_as_sent():
+    s = authed_session()
+    s.receive_data(b"start_session\n", 0.0)
+    (ev,) = s.receive_data(b"schema=trades|symbols=A|start=9\n", 1.0)
+    assert isinstance(ev, SubscriptionReady) and not ev.queued
+    assert ev.subscription.start_ns == 9
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"schema=trades|symbols=A|start=tomorrow\n",
+        b"schema=trades|symbols=A|start=0|lsg_resume_after=1\n",
+        b"schema=trades|symbols=A|lsg_resume_after=-1\n",
+    ],
+)
+def test_bad_replay_fields_fail_the_session(line):
+    s = authed_session()
+    failed = only_failed(s.receive_data(line, 0.0))
+    assert failed.kind == "protocol"
+    assert "start" in failed.reason or "lsg_resume_after" in failed.reason
