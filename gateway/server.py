@@ -69,6 +69,16 @@ class ServerState:
     #: connection adds its own every tick and at its end (``SessionAccount.export_bytes``)
     bytes_out: dict[tuple[str, str], int] = field(default_factory=dict)
     accepting: bool = True
+    #: a journal store is open (``[journal] dir``): replays (``start=``) can be served
+    journal_enabled: bool = False
+    #: replays that may run at once (``[journal] max_replays``); past it: a clear ErrorMsg
+    max_replays: int = 16
+    #: bytes one replay may hand the kernel per loop turn (``[journal] replay_step_bytes``)
+    replay_step_bytes: int = 1 << 20
+    #: replays running now (the replay adapter counts them in and out)
+    replays_active: int = 0
+    #: bytes replayed so far by path: written with os.sendfile or copied through Python
+    replay_bytes: dict[str, int] = field(default_factory=lambda: {"sendfile": 0, "copy": 0})
     admission: Admission = field(default_factory=Admission)
     _ids: itertools.count[int] = field(
         default_factory=lambda: itertools.count(int(time.time()) * 1000)
