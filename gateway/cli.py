@@ -110,6 +110,7 @@ class Flag:
 
 
 TRANSPORT = "transport (see README: Kernel bypass)"
+JOURNAL = "journal and replay (see README: Replay)"
 STROBE = "uptime strobe (see README: Operating it)"
 
 #: every ``gateway serve`` option, in --help order: adding an override is one row
@@ -259,6 +260,30 @@ SERVE_FLAGS: tuple[Flag, ...] = (
         "strobe.history",
         metavar="FILE",
         group=STROBE,
+    ),
+    Flag(
+        "--journal-dir",
+        "keep a journal of every feed in DIR and serve replays (start=) from it "
+        "(default: no journal)",
+        "journal.dir",
+        metavar="DIR",
+        group=JOURNAL,
+    ),
+    Flag(
+        "--journal-retention-s",
+        "keep this many seconds of record time per dataset (default 86400)",
+        "journal.retention_s",
+        value_type=float,
+        metavar="S",
+        group=JOURNAL,
+    ),
+    Flag(
+        "--journal-max-bytes",
+        "keep the journal directory under this many bytes (default 8 GiB)",
+        "journal.max_bytes",
+        value_type=int,
+        metavar="BYTES",
+        group=JOURNAL,
     ),
     Flag(
         "--print-connect-help",

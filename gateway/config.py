@@ -28,6 +28,7 @@ from gateway.errors import ConfigError
 __all__ = [
     "ApiKeyConfig",
     "Config",
+    "JournalConfig",
     "LimitsConfig",
     "SlowReaderConfig",
     "StrobeConfig",
@@ -148,6 +149,30 @@ class StrobeConfig(_Base):
     history: str | None = None
 
 
+class JournalConfig(_Base):
+    """The on-disk journal that serves replays (``start=``); off unless ``dir`` is set."""
+
+    #: journal directory (created; locked while the gateway runs); None: no journal
+    dir: str | None = None
+    #: segments whose records are all older than this (against the newest journaled
+    #: record's time, not the clock) are deleted
+    retention_s: Annotated[float, msgspec.Meta(gt=0)] = 86_400.0
+    #: the whole directory is kept under this many bytes (oldest segments deleted first)
+    max_bytes: Annotated[int, msgspec.Meta(ge=1 << 20)] = 8 << 30
+    #: never: the kernel writes back (survives a gateway crash, not a power loss);
+    #: segment: fsync each segment when it is sealed; interval: every fsync_interval_s
+    fsync: Literal["never", "segment", "interval"] = "never"
+    fsync_interval_s: Seconds = 1.0
+    #: replays that may run at once; past it a replay request gets a clear ErrorMsg
+    max_replays: Count = 16
+    #: a segment is sealed and a new one started at this size
+    segment_bytes: Annotated[int, msgspec.Meta(ge=64 * 1024)] = 256 << 20
+    #: ... or once it spans more than this much record time
+    segment_span_s: Seconds = 3600.0
+    #: bytes one replay may hand the kernel per event-loop turn (fairness to live sessions)
+    replay_step_bytes: Annotated[int, msgspec.Meta(ge=4096)] = 1 << 20
+
+
 class Config(_Base):
     host: str = "127.0.0.1"
     port: Port = 13000
@@ -174,6 +199,7 @@ class Config(_Base):
     #: export per-API-key series (gateway_key_sessions{key_id}); off: labels stay bounded
     metrics_per_key: bool = False
     strobe: StrobeConfig = msgspec.field(default_factory=StrobeConfig)
+    journal: JournalConfig = msgspec.field(default_factory=JournalConfig)
 
 
 _UNKNOWN = "Object contains unknown field `"
@@ -358,6 +384,11 @@ def validate(cfg: Config) -> Config:
 
     for dataset, uri in cfg.feeds.items():
         parse_feed_uri(dataset, uri)
+    jr = cfg.journal
+    if jr.dir is not None and not jr.dir.strip():
+        raise ConfigError("journal.dir: empty path (omit it for no journal)")
+    if jr.segment_bytes > jr.max_bytes:
+        raise ConfigError("journal: need segment_bytes <= max_bytes")
     st = cfg.strobe
     if st.enabled:
         from gateway.dbn import SCHEMAS

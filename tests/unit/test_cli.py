@@ -160,6 +160,9 @@ OVERRIDES: dict[str, tuple[list[str], Any]] = {
     "--strobe": ([], True),
     "--strobe-interval": (["2.5"], 2.5),
     "--strobe-history": (["/tmp/h.sqlite"], "/tmp/h.sqlite"),
+    "--journal-dir": (["/var/lib/gateway/journal"], "/var/lib/gateway/journal"),
+    "--journal-retention-s": (["3600"], 3600.0),
+    "--journal-max-bytes": (["1073741824"], 1 << 30),
 }
 
 
@@ -202,3 +205,29 @@ def test_a_bad_cpu_list_names_the_flag() -> None:
     args = build_parser().parse_args(["serve", "--api-key", KEY_A, "--cpu-affinity", "2,x"])
     with pytest.raises(ConfigError, match=r"^--cpu-affinity '2,x': expected CPU numbers"):
         config_from_args(args)
+
+
+def test_journal_flags_are_one_group_and_held_to_the_config_ranges() -> None:
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    serve = getattr(sub, "choices", {})["serve"]
+    groups = {
+        g.title: [a.option_strings[0] for a in g._group_actions] for g in serve._action_groups
+    }
+    assert groups["journal and replay (see README: Replay)"] == [
+        "--journal-dir",
+        "--journal-retention-s",
+        "--journal-max-bytes",
+    ]
+    for argv, message in [
+        (["--journal-retention-s", "0"], "journal.retention_s: Expected float > 0"),
+        (["--journal-max-bytes", "1000"], "journal.max_bytes: Expected int >= 1048576"),
+        (["--journal-dir", " "], "journal.dir: empty path"),
+    ]:
+        args = build_parser().parse_args(["serve", "--api-key", KEY_A, *argv])
+        with pytest.raises(ConfigError, match="^" + message):
+            config_from_args(args)
+
+
+def test_no_journal_unless_asked() -> None:
+    cfg = config_from_args(build_parser().parse_args(["serve", "--api-key", KEY_A]))
+    assert cfg.journal.dir is None

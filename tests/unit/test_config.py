@@ -62,6 +62,29 @@ def _error(text: str) -> str:
         ("[strobe]\ninterval_s = 0\n", "gw.toml: strobe.interval_s: Expected float > 0"),
         ("feed_grace_s = -1\n", "gw.toml: feed_grace_s: Expected float >= 0"),
         ('port = "x"\n', "gw.toml: port: Expected int, got str"),
+        ('[journal]\nfsync = "always"\n', "gw.toml: journal.fsync: Invalid enum value 'always'"),
+        ("[journal]\nretention_s = 0\n", "gw.toml: journal.retention_s: Expected float > 0"),
+        ("[journal]\nmax_bytes = 4096\n", "gw.toml: journal.max_bytes: Expected int >= 1048576"),
+        ("[journal]\nmax_replays = 0\n", "gw.toml: journal.max_replays: Expected int >= 1"),
+        (
+            "[journal]\nfsync_interval_s = 0\n",
+            "gw.toml: journal.fsync_interval_s: Expected float > 0",
+        ),
+        (
+            "[journal]\nsegment_bytes = 100\n",
+            "gw.toml: journal.segment_bytes: Expected int >= 65536",
+        ),
+        (
+            "[journal]\nreplay_step_bytes = 1\n",
+            "gw.toml: journal.replay_step_bytes: Expected int >= 4096",
+        ),
+        ("[journal]\ndir = 5\n", "gw.toml: journal.dir: Expected str | null, got int"),
+        ('[journal]\ndirectory = "/x"\n', "gw.toml: journal.directory: unknown field"),
+        ('[journal]\ndir = ""\n', "journal.dir: empty path"),
+        (
+            "[journal]\nsegment_bytes = 2097152\nmax_bytes = 1048576\n",
+            "journal: need segment_bytes <= max_bytes",
+        ),
     ],
 )
 def test_errors_name_the_field(text: str, message: str) -> None:
@@ -213,3 +236,28 @@ def test_probe_fatal_error_is_json_in_json_mode(tmp_path: Path) -> None:
     lines = res.stderr.splitlines()
     assert lines and all(json.loads(line)["level"] for line in lines), res.stderr
     assert "--key-file" in json.loads(lines[-1])["msg"]
+
+
+def test_journal_section_defaults_and_values() -> None:
+    default = Config().journal
+    assert default.dir is None  # no journal unless configured
+    assert (default.retention_s, default.max_bytes, default.fsync) == (86_400.0, 8 << 30, "never")
+    assert (default.fsync_interval_s, default.max_replays) == (1.0, 16)
+    assert (default.segment_bytes, default.replay_step_bytes) == (256 << 20, 1 << 20)
+    cfg = validate(
+        parse_config(
+            '[journal]\ndir = "/var/lib/gateway/journal"\nretention_s = 3600\n'
+            'max_bytes = 1073741824\nfsync = "interval"\nfsync_interval_s = 0.5\n'
+            "max_replays = 4\nsegment_bytes = 16777216\nreplay_step_bytes = 65536\n"
+        )
+    )
+    j = cfg.journal
+    assert j.dir == "/var/lib/gateway/journal"
+    assert (j.retention_s, j.max_bytes, j.fsync, j.fsync_interval_s) == (
+        3600.0,
+        1 << 30,
+        "interval",
+        0.5,
+    )
+    assert (j.max_replays, j.segment_bytes, j.replay_step_bytes) == (4, 16 << 20, 65536)
+    assert parse_config(dump_config(cfg)).journal == j
