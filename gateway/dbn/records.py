@@ -68,3 +68,4 @@ class ErrorCode:
     INVALID_SUBSCRIPTION: Final = 5
     INTERNAL_ERROR: Final = 6
     SKIPPED_RECORDS_AFTER_SLOW_READING: Final = 7
+    REPLAY_DATA_AGED_OUT: Final = 8
