@@ -12,6 +12,11 @@ that wrap one memoryview of whole records plus a numpy header index;
 ``RecordBatch.decode()`` turns them into databento_dbn objects for convenience.
 Handles CRAM authentication, 500-symbol subscription chunks, zstd streams made of many
 independent frames, and a heartbeat timeout (interval + 10 s of silence).
+
+``LiveClient`` is one connection: when it ends, the stream ends. Built on it:
+``gateway.client_resume.ResumingClient`` reconnects with backoff and resumes exactly
+(checkpoint records, ``lsg_resume_after``: nothing missed, nothing twice) and
+``gateway.client_sync.SyncClient`` is the blocking ``for record in client:`` for scripts.
 """
 
 from __future__ import annotations
@@ -122,9 +127,11 @@ class LiveClient:
         timeout: float = 10.0,
         client_name: str = "gateway-client",
         rcvbuf: int | None = None,
+        checkpoints: bool = False,
     ) -> LiveClient:
         """Connect and authenticate. ``rcvbuf`` sets SO_RCVBUF before connecting (a small
-        value makes the kernel hold less for a slow consumer)."""
+        value makes the kernel hold less for a slow consumer); ``checkpoints`` asks for the
+        resume checkpoint records (``lsg_checkpoints=1``, as ``ResumingClient`` does)."""
         if compression not in ("none", "zstd"):
             raise ClientError(f"compression must be none or zstd, not {compression!r}")
         if rcvbuf is None:
@@ -152,7 +159,11 @@ class LiveClient:
         try:
             await asyncio.wait_for(
                 client.authenticate(
-                    key, dataset, slow_reader_behavior=slow_reader_behavior, client_name=client_name
+                    key,
+                    dataset,
+                    slow_reader_behavior=slow_reader_behavior,
+                    client_name=client_name,
+                    checkpoints=checkpoints,
                 ),
                 timeout,
             )
@@ -174,6 +185,7 @@ class LiveClient:
         *,
         slow_reader_behavior: str | None = None,
         client_name: str = "gateway-client",
+        checkpoints: bool = False,
     ) -> None:
         """The CRAM handshake on an open connection (``connect()`` does it for you; the
         probe calls it separately to time connect and auth apart)."""
@@ -193,6 +205,7 @@ class LiveClient:
                 compression=self.compression,
                 heartbeat_interval_s=self.heartbeat_interval_s,
                 slow_reader_behavior=slow,
+                lsg_checkpoints=True if checkpoints else None,
                 client=name,
             )
         )
