@@ -7,6 +7,14 @@ Prometheus objects between scrapes and nothing remembers what was already export
 names, types, labels and help texts are the ones the alert rules and dashboards in
 ``deploy/monitoring`` use.
 
+A feed with a journal adds the ``gateway_journal_*`` families, labelled by dataset (no
+series for a dataset without a journal, so ``gateway_journal_enabled == 0`` means "disabled
+by a write error", never "not configured"); the write latency is a histogram rebuilt from
+the journal's cumulative bucket counts. ``gateway_replays_active`` and
+``gateway_replay_bytes_total{path}`` are the server's replay counters. (The replay catch-up
+histogram and the refusals counter are ordinary prometheus-client objects in
+``gateway.metrics``: they are observed as things happen.)
+
 Labels stay bounded (datasets, event names); the one per-key family,
 ``gateway_key_sessions{key_id}``, has samples only when the config sets
 ``metrics_per_key = true`` (bounded by the configured key list).
@@ -16,14 +24,22 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 
-from gateway.ops.snapshot import GatewaySnapshot
+from gateway.journal import WRITE_BUCKETS
+from gateway.ops.snapshot import FeedSnapshot, GatewaySnapshot, JournalTotals
 
-__all__ = ["FEED_EVENTS", "GatewayCollector"]
+__all__ = ["FEED_EVENTS", "JOURNAL_DELETE_REASONS", "GatewayCollector"]
 
 #: gateway_feed_events{event}: how each is counted from a feed's snapshot
 FEED_EVENTS = (("up", "ups"), ("down", "downs"), ("invalid", "invalid_inputs"))
+#: gateway_journal_segments_deleted{reason}: every reason has a series (0 until it happens)
+JOURNAL_DELETE_REASONS = ("retention", "max_bytes")
 
 
 class GatewayCollector:
@@ -65,6 +81,8 @@ class GatewayCollector:
                 fams.feed_lag.add_metric(ds, max(0.0, f.lag_s))
             if f.last_record_age_s is not None:
                 fams.feed_last_record_age.add_metric(ds, max(0.0, f.last_record_age_s))
+            if f.journal_totals is not None:
+                self._journal(fams, f, f.journal_totals)
         for key, n in snap.bytes_out.items():
             dataset, _, compression = key.rpartition("/")
             fams.bytes_out.add_metric([dataset, compression], n, self.created)
@@ -85,7 +103,36 @@ class GatewayCollector:
             for key_id, n in sorted(snap.key_sessions.items()):
                 fams.key_sessions.add_metric([key_id], n)
         fams.ready.add_metric([], 1 if snap.gateway.ready else 0)
+        fams.replays_active.add_metric([], snap.replays.active)
+        for path, n in sorted(snap.replays.bytes.items()):
+            fams.replay_bytes.add_metric([path], n, self.created)
         return iter(fams.all())
+
+    def _journal(self, fams: _Families, f: FeedSnapshot, t: JournalTotals) -> None:
+        ds = [f.dataset]
+        j = f.journal
+        fams.journal_enabled.add_metric(ds, 1 if j.state == "on" else 0)
+        fams.journal_bytes.add_metric(ds, j.bytes)
+        fams.journal_segments.add_metric(ds, j.segments)
+        if j.oldest_ts is not None:
+            fams.journal_oldest.add_metric(ds, j.oldest_ts)
+        if j.newest_ts is not None:
+            fams.journal_newest.add_metric(ds, j.newest_ts)
+        if j.retention_s is not None:
+            fams.journal_retention.add_metric(ds, j.retention_s)
+        fams.journal_max_bytes.add_metric(ds, t.max_bytes)
+        fams.journal_appended_chunks.add_metric(ds, t.appended_chunks, self.created)
+        fams.journal_appended_bytes.add_metric(ds, t.appended_bytes, self.created)
+        fams.journal_write_errors.add_metric(ds, t.write_errors, self.created)
+        deleted = dict.fromkeys(JOURNAL_DELETE_REASONS, 0) | t.segments_deleted
+        for reason, n in sorted(deleted.items()):
+            fams.journal_deleted.add_metric([f.dataset, reason], n, self.created)
+        buckets = [
+            (f"{bound:g}", float(n))
+            for bound, n in zip(WRITE_BUCKETS, t.write_seconds_buckets, strict=False)
+        ]
+        buckets.append(("+Inf", float(t.write_seconds_count)))
+        fams.journal_write_seconds.add_metric(ds, buckets, t.write_seconds_sum)
 
 
 class _Families:
@@ -170,6 +217,60 @@ class _Families:
             ("key_id",),
         )
         self.ready = gauge("gateway_ready", "1 while /readyz answers ready")
+        self.journal_enabled = gauge(
+            "gateway_journal_enabled",
+            "1 while the dataset's journal is written; 0 once a write error disabled it "
+            "(no series without a journal)",
+            ds,
+        )
+        self.journal_bytes = gauge("gateway_journal_bytes", "Bytes the journal holds on disk", ds)
+        self.journal_segments = gauge(
+            "gateway_journal_segments", "Journal segments on disk (the open one included)", ds
+        )
+        self.journal_oldest = gauge(
+            "gateway_journal_oldest_timestamp_seconds",
+            "Filter ts (ts_event; ts_recv for bbo/cbbo) of the oldest retained record: "
+            "how far back replay reaches",
+            ds,
+        )
+        self.journal_newest = gauge(
+            "gateway_journal_newest_timestamp_seconds",
+            "Filter ts of the newest journaled record (retention is measured from it)",
+            ds,
+        )
+        self.journal_retention = gauge(
+            "gateway_journal_retention_seconds", "Configured journal retention ([journal])", ds
+        )
+        self.journal_max_bytes = gauge(
+            "gateway_journal_max_bytes", "Configured bound on the journal directory's size", ds
+        )
+        self.journal_appended_chunks = counter(
+            "gateway_journal_appended_chunks", "Chunks appended to the journal", ds
+        )
+        self.journal_appended_bytes = counter(
+            "gateway_journal_appended_bytes", "Record bytes appended to the journal", ds
+        )
+        self.journal_write_errors = counter(
+            "gateway_journal_write_errors",
+            "Journal write errors (the first disables the dataset's journal)",
+            ds,
+        )
+        self.journal_deleted = counter(
+            "gateway_journal_segments_deleted",
+            "Journal segments deleted, by reason (retention: aged out; max_bytes: disk bound)",
+            ("dataset", "reason"),
+        )
+        self.journal_write_seconds = HistogramMetricFamily(
+            "gateway_journal_write_seconds",
+            "Time to append one chunk to the journal (all its files)",
+            labels=ds,
+        )
+        self.replays_active = gauge("gateway_replays_active", "Sessions replaying from the journal")
+        self.replay_bytes = counter(
+            "gateway_replay_bytes",
+            "Bytes replayed from the journal, by path (sendfile: kernel copy; copy: via Python)",
+            ("path",),
+        )
 
     def all(self) -> list[Metric]:
         return [
@@ -187,4 +288,18 @@ class _Families:
             self.feed_paused,
             self.key_sessions,
             self.ready,
+            self.journal_enabled,
+            self.journal_bytes,
+            self.journal_segments,
+            self.journal_oldest,
+            self.journal_newest,
+            self.journal_retention,
+            self.journal_max_bytes,
+            self.journal_appended_chunks,
+            self.journal_appended_bytes,
+            self.journal_write_errors,
+            self.journal_deleted,
+            self.journal_write_seconds,
+            self.replays_active,
+            self.replay_bytes,
         ]

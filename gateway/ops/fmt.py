@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-__all__ = ["clock", "duration", "fmt_pct", "ms", "rate", "utc"]
+__all__ = ["clock", "duration", "fmt_pct", "ms", "rate", "span", "utc"]
 
 
 def fmt_pct(ratio: float | None) -> str:
@@ -32,6 +32,24 @@ def duration(seconds: float | None) -> str:
     if seconds < 172800:
         return f"{seconds / 3600:.1f} h"
     return f"{seconds / 86400:.1f} d"
+
+
+def span(seconds: float | None) -> str:
+    """A length of history in its two largest units, floored: "23h 59m", "2d 3h",
+    "4m 10s", "42s"."""
+    if seconds is None:
+        return "–"
+    whole = int(max(0.0, seconds))
+    days, rest = divmod(whole, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d {hours}h"
+    if hours:
+        return f"{hours}h {minutes}m"
+    if minutes:
+        return f"{minutes}m {secs}s"
+    return f"{secs}s"
 
 
 def rate(value: float | None, unit: str = "") -> str:

@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from importlib import resources
 from typing import Any
 
-from gateway.ops.fmt import clock, duration, fmt_pct, ms, rate, utc
+from gateway.ops.fmt import clock, duration, fmt_pct, ms, rate, span, utc
 from gateway.ops.history import WINDOWS
 from gateway.ops.status import RATE_WINDOWS, STALE_S
 
@@ -235,8 +235,39 @@ def _sessions_section(sessions: dict[str, Any]) -> str:
         f'<div class="tile"><div class="label">Open connections</div>'
         f'<div class="value">{_e(sessions["connections_open"])}</div>'
         f'<div class="note">{_e(sessions["unauthenticated"])} not yet authenticated</div>'
-        f"</div></div>{table}</section>"
+        f"</div>{_replays_tile(sessions)}</div>{table}</section>"
     )
+
+
+def _replays_tile(sessions: dict[str, Any]) -> str:
+    """Sessions replaying from the journal now (absent from a document without it)."""
+    active = sessions.get("replays_active")
+    if active is None:
+        return ""
+    replayed = sessions.get("replay_bytes") or {}
+    note = f"{rate(replayed.get('sendfile'), 'B')} sent with sendfile, " + (
+        f"{rate(replayed.get('copy'), 'B')} copied"
+    )
+    return (
+        '<div class="tile"><div class="label">Replays active</div>'
+        f'<div class="value" data-replays="{_e(active)}">{_e(active)}</div>'
+        f'<div class="note">{_e(note)}</div></div>'
+    )
+
+
+def replay_text(journal: dict[str, Any] | None) -> str:
+    """How far back a dataset can be replayed, in words (never the journal's error: a
+    path or an errno is for the log)."""
+    state = (journal or {}).get("state", "off")
+    if state == "off":
+        return "journal off"
+    if state == "disabled":
+        return "journal disabled: write error (see log)"
+    oldest = journal.get("oldest_ts") if journal else None
+    if oldest is None:
+        return "journal on, nothing recorded yet"
+    held = journal.get("span_s") if journal else None
+    return f"replay back to {utc(oldest)} ({span(held)})"
 
 
 #: candidate steps between two time-axis ticks, seconds
@@ -353,6 +384,7 @@ def _feeds_section(feeds: list[dict[str, Any]]) -> str:
             + _td(_e(duration(f["last_record_age_s"])), "last record", num=True)
             + _td(_e(f"{f['records_in']:,}"), "records in", num=True)
             + _td(_e(paused if f["lossless"] or f["pauses"] else "–"), "paused", num=True)
+            + _td(_e(replay_text(f.get("journal"))), "replay", cls=_replay_class(f))
             + _td(_e(f["detail"]), "detail", cls="detail")
             + "</tr>"
         )
@@ -366,13 +398,21 @@ def _feeds_section(feeds: list[dict[str, Any]]) -> str:
                 ("last record", True),
                 ("records in", True),
                 ("paused", True),
+                ("replay", False),
                 ("detail", False),
             ],
             rows,
         )
         + '<p class="muted">Lag: now minus the ts_event of the last record. '
-        "Last record: time since the feed delivered one.</p></section>"
+        "Last record: time since the feed delivered one. Replay: the oldest record a "
+        "<code>start=</code> subscription can get, and the history the journal holds "
+        "(record time).</p></section>"
     )
+
+
+def _replay_class(feed: dict[str, Any]) -> str:
+    state = (feed.get("journal") or {}).get("state", "off")
+    return "replay bad" if state == "disabled" else "replay"
 
 
 def render_html(data: dict[str, Any]) -> str:

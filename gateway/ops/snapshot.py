@@ -11,6 +11,14 @@ the status page and ``/status.json`` (``gateway.ops.http``) show the parts of it
 hold plain values only (``msgspec.json.encode`` round-trips them), so a supervisor can
 later add up the snapshots of worker processes.
 
+A feed with a journal (``feed.journal``, ``[journal] dir``) adds what
+``DatasetJournal.stats()`` says of it: :class:`JournalStatus` (how far back it can be
+replayed; on the status page and in ``/status.json``) and :class:`JournalTotals` (its
+counters and write-latency histogram, for /metrics only). A journal disabled by a write error
+shows as ``state="disabled"``: the error itself (a path, an errno) goes to the log and never
+into a snapshot. The server's replay counters (sessions replaying now, bytes replayed by
+path) are :class:`ReplaySnapshot`, from :func:`replay_snapshot`.
+
 This module reads feeds (their ``stats``, fan-out counters and state) in one place,
 :func:`feed_snapshot`; it never sees a client connection: the gateway hands it how many
 connections there are of each :class:`ConnectionFacts`. :class:`Totals` is the cheap part
@@ -26,6 +34,7 @@ import msgspec
 
 if TYPE_CHECKING:
     from gateway.feeds import Feed
+    from gateway.journal import JournalStats
 
 __all__ = [
     "ConnectionFacts",
@@ -33,11 +42,16 @@ __all__ = [
     "FeedStatus",
     "GatewayInfo",
     "GatewaySnapshot",
+    "JournalStatus",
+    "JournalTotals",
+    "ReplaySnapshot",
     "SessionCounts",
     "SessionsSnapshot",
     "Totals",
     "feed_snapshot",
     "feed_status",
+    "journal_parts",
+    "replay_snapshot",
     "sessions_snapshot",
 ]
 
@@ -81,6 +95,59 @@ class SessionsSnapshot(msgspec.Struct, kw_only=True):
     unauthenticated: int
 
 
+#: JournalStatus.state: no journal configured, journaling, stopped by a write error
+JOURNAL_OFF, JOURNAL_ON, JOURNAL_DISABLED = "off", "on", "disabled"
+
+
+class JournalStatus(msgspec.Struct, kw_only=True):
+    """How far back a dataset can be replayed (``/status.json`` ``feeds[].journal``).
+    Times are Unix seconds of the records' filter ts (``ts_event``; ``ts_recv`` for
+    bbo/cbbo), so a file feed of old data shows its data time."""
+
+    #: "off" (no journal configured), "on", or "disabled" (a write error; see the log)
+    state: str = JOURNAL_OFF
+    #: the oldest and newest retained record (None while the journal is empty)
+    oldest_ts: float | None = None
+    newest_ts: float | None = None
+    #: bytes and segments on disk
+    bytes: int = 0
+    segments: int = 0
+    #: the configured retention (None: no journal)
+    retention_s: float | None = None
+
+    @property
+    def span_s(self) -> float | None:
+        """The history held: newest minus oldest retained record."""
+        if self.oldest_ts is None or self.newest_ts is None:
+            return None
+        return max(0.0, self.newest_ts - self.oldest_ts)
+
+
+class JournalTotals(msgspec.Struct, kw_only=True):
+    """A journal's counters (cumulative) and limits, for /metrics."""
+
+    max_bytes: int
+    first_seq: int
+    last_seq: int
+    appended_chunks: int
+    appended_bytes: int
+    write_errors: int
+    #: segments deleted so far, by reason ("retention", "max_bytes")
+    segments_deleted: dict[str, int]
+    write_seconds_sum: float
+    write_seconds_count: int
+    #: cumulative counts per bound of ``gateway.journal.WRITE_BUCKETS``
+    write_seconds_buckets: list[int]
+
+
+class ReplaySnapshot(msgspec.Struct, kw_only=True):
+    """The server's replays: how many run now, and the bytes replayed so far by path
+    ("sendfile": handed to the kernel from the journal files; "copy": through Python)."""
+
+    active: int = 0
+    bytes: dict[str, int] = msgspec.field(default_factory=lambda: {"sendfile": 0, "copy": 0})
+
+
 class FeedStatus(msgspec.Struct, kw_only=True):
     """One feed as ``/status.json`` shows it (and in this order)."""
 
@@ -101,6 +168,8 @@ class FeedStatus(msgspec.Struct, kw_only=True):
     sessions: int
     #: what /readyz says of it
     readiness: str
+    #: its journal: how far back it can be replayed ("off" without one)
+    journal: JournalStatus = msgspec.field(default_factory=JournalStatus)
 
 
 class FeedSnapshot(FeedStatus, kw_only=True):
@@ -118,6 +187,8 @@ class FeedSnapshot(FeedStatus, kw_only=True):
     zstd_frames_built: int
     zstd_frames_written: int
     zstd_compress_seconds: float
+    #: its journal's counters (None: no journal)
+    journal_totals: JournalTotals | None = None
 
 
 class GatewaySnapshot(msgspec.Struct, kw_only=True):
@@ -133,6 +204,8 @@ class GatewaySnapshot(msgspec.Struct, kw_only=True):
     key_sessions: dict[str, int]
     #: bytes written to sessions, by (dataset, compression) as "dataset/compression"
     bytes_out: dict[str, float]
+    #: replays running and bytes replayed (zero without a journal)
+    replays: ReplaySnapshot = msgspec.field(default_factory=ReplaySnapshot)
 
     def totals(self) -> Totals:
         return Totals(
@@ -156,6 +229,8 @@ def feed_snapshot(feed: Feed, readiness: str, now: float, mono: float) -> FeedSn
     """One feed's figures at wall time ``now`` (monotonic ``mono``)."""
     st = feed.stats
     fo = feed.fanout
+    journal = feed.journal
+    status, totals = journal_parts(journal.stats()) if journal is not None else (None, None)
     paused_since = feed.paused_since
     paused_total = feed.paused_total_s + (mono - paused_since if paused_since is not None else 0)
     return FeedSnapshot(
@@ -172,6 +247,8 @@ def feed_snapshot(feed: Feed, readiness: str, now: float, mono: float) -> FeedSn
         bytes_in=st.bytes_in,
         sessions=fo.member_count,
         readiness=readiness,
+        journal=status or JournalStatus(),
+        journal_totals=totals,
         ups=feed.ups,
         downs=feed.downs,
         invalid_inputs=feed.invalid_inputs,
@@ -187,10 +264,45 @@ def feed_snapshot(feed: Feed, readiness: str, now: float, mono: float) -> FeedSn
     )
 
 
+def journal_parts(stats: JournalStats) -> tuple[JournalStatus, JournalTotals]:
+    """What the snapshot keeps of a journal's stats (its error text left out: the log has
+    it); ns times become Unix seconds."""
+    status = JournalStatus(
+        state=JOURNAL_ON if stats.enabled else JOURNAL_DISABLED,
+        oldest_ts=stats.oldest_ts / 1e9 if stats.oldest_ts is not None else None,
+        newest_ts=stats.newest_ts / 1e9 if stats.newest_ts is not None else None,
+        bytes=stats.bytes,
+        segments=stats.segments,
+        retention_s=stats.retention_s,
+    )
+    totals = JournalTotals(
+        max_bytes=stats.max_bytes,
+        first_seq=stats.first_seq,
+        last_seq=stats.last_seq,
+        appended_chunks=stats.appended_chunks,
+        appended_bytes=stats.appended_bytes,
+        write_errors=stats.write_errors,
+        segments_deleted=dict(stats.segments_deleted),
+        write_seconds_sum=stats.write_seconds_sum,
+        write_seconds_count=stats.write_seconds_count,
+        write_seconds_buckets=list(stats.write_seconds_buckets),
+    )
+    return status, totals
+
+
+def replay_snapshot(active: int, replay_bytes: Mapping[str, int]) -> ReplaySnapshot:
+    """The server's replay counters (``ServerState.replays_active``, ``.replay_bytes``)."""
+    out = ReplaySnapshot(active=active)
+    out.bytes.update(replay_bytes)
+    return out
+
+
 def feed_status(feed: FeedSnapshot) -> dict[str, Any]:
     """The ``/status.json`` part of a feed's snapshot (its totals left out)."""
     out: dict[str, Any] = {name: getattr(feed, name) for name in FeedStatus.__struct_fields__}
     out["paused_total_s"] = round(feed.paused_total_s, 3)
+    journal = feed.journal
+    out["journal"] = {**msgspec.to_builtins(journal), "span_s": journal.span_s}
     return out
 
 

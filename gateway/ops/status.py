@@ -135,6 +135,8 @@ def document(
     if snap is not None:
         data["gateway"] = msgspec.to_builtins(snap.gateway)
         data["sessions"] = msgspec.to_builtins(snap.sessions)
+        data["sessions"]["replays_active"] = snap.replays.active
+        data["sessions"]["replay_bytes"] = dict(snap.replays.bytes)
         data["throughput"] = throughput
         data["feeds"] = [feed_status(f) for f in snap.feeds]
     data["probe"] = probe
@@ -158,6 +160,8 @@ def assess(data: dict[str, Any]) -> tuple[str, list[str]]:
         age = feed["last_record_age_s"]
         if feed["connected"] and age is not None and age > STALE_S:
             degraded.append(f"feed {name}: no record for {duration(age)}")
+        if (feed.get("journal") or {}).get("state") == "disabled":
+            degraded.append(f"feed {name}: journal disabled by a write error (see log)")
     probe = data.get("probe")
     if probe is not None:
         last = probe.get("last") or (probe.get("recent") or [None])[0]

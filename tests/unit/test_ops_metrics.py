@@ -16,6 +16,7 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from gateway.journal import WRITE_BUCKETS, JournalStats
 from gateway.ops.collector import GatewayCollector
 from gateway.ops.page import Markup, fill, render_html
 from gateway.ops.snapshot import (
@@ -24,9 +25,12 @@ from gateway.ops.snapshot import (
     FeedStatus,
     GatewayInfo,
     GatewaySnapshot,
+    JournalStatus,
     SessionCounts,
     Totals,
     feed_status,
+    journal_parts,
+    replay_snapshot,
     sessions_snapshot,
 )
 from gateway.ops.status import Sample, ThroughputSampler, document
@@ -57,6 +61,20 @@ FAMILIES = {
     "gateway_feed_paused": "gauge",
     "gateway_key_sessions": "gauge",
     "gateway_ready": "gauge",
+    "gateway_journal_enabled": "gauge",
+    "gateway_journal_bytes": "gauge",
+    "gateway_journal_segments": "gauge",
+    "gateway_journal_oldest_timestamp_seconds": "gauge",
+    "gateway_journal_newest_timestamp_seconds": "gauge",
+    "gateway_journal_retention_seconds": "gauge",
+    "gateway_journal_max_bytes": "gauge",
+    "gateway_journal_appended_chunks": "counter",
+    "gateway_journal_appended_bytes": "counter",
+    "gateway_journal_write_errors": "counter",
+    "gateway_journal_segments_deleted": "counter",
+    "gateway_journal_write_seconds": "histogram",
+    "gateway_replays_active": "gauge",
+    "gateway_replay_bytes": "counter",
 }
 
 
@@ -332,3 +350,129 @@ async def test_a_running_gateway_snapshot_counts_its_session() -> None:
         )
     finally:
         await gw.shutdown()
+
+
+def _stats(**over: Any) -> JournalStats:
+    values: dict[str, Any] = {
+        "enabled": True,
+        "error": None,
+        "bytes": 3 << 20,
+        "segments": 2,
+        "first_seq": 5,
+        "last_seq": 90,
+        "oldest_ts": 1_799_913_600_500_000_000,
+        "newest_ts": 1_799_999_999_000_000_000,
+        "retention_s": 86400.0,
+        "max_bytes": 8 << 30,
+        "appended_chunks": 86,
+        "appended_bytes": 3 << 20,
+        "write_errors": 0,
+        "segments_deleted": {"retention": 4},
+        "write_seconds_sum": 0.0125,
+        "write_seconds_count": 86,
+        "write_seconds_buckets": [0, 10, 40, 80, 85, 86, 86, 86, 86, 86],
+    }
+    values.update(over)
+    return JournalStats(**values)
+
+
+def _journal_feed(dataset: str, stats: JournalStats) -> FeedSnapshot:
+    status, totals = journal_parts(stats)
+    return _feed(dataset, journal=status, journal_totals=totals)
+
+
+def test_collector_exports_each_journal_and_the_replays() -> None:
+    snap = _snapshot(
+        [
+            _journal_feed("A", _stats()),
+            # disabled by a write error: its error text goes nowhere near a metric
+            _journal_feed(
+                "B",
+                _stats(enabled=False, error="/secret/path: [Errno 28] No space", write_errors=1),
+            ),
+            _feed("C"),  # no journal
+        ],
+        replays=replay_snapshot(2, {"sendfile": 1 << 30, "copy": 4096}),
+    )
+    fams = _scrape(GatewayCollector(lambda: snap, created=1_799_999_988.0))
+    text = generate_latest(_registry(GatewayCollector(lambda: snap))).decode()
+    assert "secret" not in text and "Errno" not in text
+
+    def v(family: str, sample: str = "", **labels: str) -> float:
+        return _value(fams[family], sample or family, **labels)
+
+    assert v("gateway_journal_enabled", dataset="A") == 1
+    assert v("gateway_journal_enabled", dataset="B") == 0
+    # a dataset without a journal has no journal series at all (enabled == 0 means disabled)
+    for name, family in fams.items():
+        if name.startswith("gateway_journal"):
+            assert all(s.labels.get("dataset") != "C" for s in family.samples), name
+    assert v("gateway_journal_bytes", dataset="A") == 3 << 20
+    assert v("gateway_journal_segments", dataset="A") == 2
+    assert v("gateway_journal_oldest_timestamp_seconds", dataset="A") == 1_799_913_600.5
+    assert v("gateway_journal_newest_timestamp_seconds", dataset="A") == 1_799_999_999.0
+    assert v("gateway_journal_retention_seconds", dataset="A") == 86400
+    assert v("gateway_journal_max_bytes", dataset="A") == 8 << 30
+    assert v("gateway_journal_write_errors", "gateway_journal_write_errors_total", dataset="B") == 1
+    deleted = "gateway_journal_segments_deleted_total"
+    assert v("gateway_journal_segments_deleted", deleted, dataset="A", reason="retention") == 4
+    # every reason has a series from the start (an increase() needs the zero)
+    assert v("gateway_journal_segments_deleted", deleted, dataset="A", reason="max_bytes") == 0
+    hist = "gateway_journal_write_seconds"
+    buckets = {
+        s.labels["le"]: s.value
+        for s in fams[hist].samples
+        if s.name == hist + "_bucket" and s.labels["dataset"] == "A"
+    }
+    assert list(buckets) == [f"{b:g}" for b in WRITE_BUCKETS] + ["+Inf"]
+    assert list(buckets.values()) == [0, 10, 40, 80, 85, 86, 86, 86, 86, 86, 86]
+    assert v(hist, hist + "_count", dataset="A") == 86
+    assert v(hist, hist + "_sum", dataset="A") == 0.0125
+    assert v("gateway_replays_active") == 2
+    assert v("gateway_replay_bytes", "gateway_replay_bytes_total", path="sendfile") == 1 << 30
+    assert v("gateway_replay_bytes", "gateway_replay_bytes_total", path="copy") == 4096
+    # the existing families are as they were
+    assert v("gateway_feed_records_in", "gateway_feed_records_in_total", dataset="C") == 100
+
+
+def _registry(collector: GatewayCollector) -> CollectorRegistry:
+    registry = CollectorRegistry()
+    registry.register(collector)
+    return registry
+
+
+def test_status_json_says_how_far_back_each_feed_replays() -> None:
+    snap = _snapshot(
+        [
+            _journal_feed("A", _stats()),
+            _journal_feed("B", _stats(enabled=False, error="/secret: EIO")),
+            _journal_feed("E", _stats(oldest_ts=None, newest_ts=None, bytes=0, segments=0)),
+            _feed("C"),
+        ],
+        replays=replay_snapshot(1, {"sendfile": 10}),
+    )
+    data = document(snap, None, None, snap.taken_at)
+    raw = json.dumps(data)
+    assert "secret" not in raw and "EIO" not in raw
+    journals = {f["dataset"]: f["journal"] for f in data["feeds"]}
+    assert journals["A"] == {
+        "state": "on",
+        "oldest_ts": 1_799_913_600.5,
+        "newest_ts": 1_799_999_999.0,
+        "bytes": 3 << 20,
+        "segments": 2,
+        "retention_s": 86400.0,
+        "span_s": 86_398.5,
+    }
+    assert journals["B"]["state"] == "disabled"
+    assert journals["E"]["state"] == "on" and journals["E"]["span_s"] is None
+    assert journals["C"] == msgspec.to_builtins(JournalStatus()) | {"span_s": None}
+    assert journals["C"]["state"] == "off"
+    assert data["sessions"]["replays_active"] == 1
+    assert data["sessions"]["replay_bytes"] == {"sendfile": 10, "copy": 0}
+    assert data["reasons"][-1] == "feed B: journal disabled by a write error (see log)"
+    page = render_html(data)
+    assert "replay back to 2027-01-14 08:00:00 UTC (23h 59m)" in page
+    assert "journal disabled: write error (see log)" in page and "journal off" in page
+    # a supervisor can add snapshots up: they round-trip with the journal parts
+    assert msgspec.json.decode(msgspec.json.encode(snap), type=GatewaySnapshot) == snap

@@ -293,3 +293,75 @@ def test_sparkline_has_a_time_axis() -> None:
         "07:59:56",
         "07:59:59",
     ]
+
+
+def _journal_data(journal: dict[str, Any] | None, **sessions: Any) -> dict[str, Any]:
+    d = _data(generated_at=NOW)
+    if journal is not None:
+        d["feeds"][0]["journal"] = journal
+    d["sessions"].update(sessions)
+    d["state"], d["reasons"] = assess(d)
+    return d
+
+
+def _replay_cell(page: str) -> str:
+    cell = re.search(r'<td data-label="replay"[^>]*>(.*?)</td>', page)
+    assert cell is not None, page
+    return html.unescape(cell.group(1))
+
+
+def test_feeds_say_how_far_back_they_can_be_replayed() -> None:
+    on = {
+        "state": "on",
+        "oldest_ts": NOW - 86_399.0,  # 2027-01-14 08:00:01 UTC
+        "newest_ts": NOW - 0.5,
+        "span_s": 86_398.5,
+        "bytes": 1 << 30,
+        "segments": 5,
+        "retention_s": 86_400.0,
+    }
+    d = _journal_data(on, replays_active=3, replay_bytes={"sendfile": 2_500_000, "copy": 1000})
+    assert d["state"] == "operational"
+    page = render_html(d)
+    assert _replay_cell(page) == "replay back to 2027-01-14 08:00:01 UTC (23h 59m)"
+    assert re.search(r'data-replays="3">3<', page)
+    assert "Replays active 3 2.50 MB sent with sendfile, 1.00 kB copied" in _text(page)
+    # an empty journal, no journal (or a document from before journals), a disabled one
+    empty = {**on, "oldest_ts": None, "newest_ts": None, "span_s": None}
+    assert _replay_cell(render_html(_journal_data(empty))) == "journal on, nothing recorded yet"
+    assert _replay_cell(render_html(_journal_data({"state": "off"}))) == "journal off"
+    old = render_html(_journal_data(None))
+    assert _replay_cell(old) == "journal off" and "data-replays" not in old
+    disabled = _journal_data({**on, "state": "disabled"})
+    assert disabled["state"] == "degraded"
+    assert disabled["reasons"] == ["feed D: journal disabled by a write error (see log)"]
+    page = render_html(disabled)
+    assert _replay_cell(page) == "journal disabled: write error (see log)"
+    assert 'data-label="replay" class="replay bad"' in page
+
+
+def test_replay_figures_are_escaped() -> None:
+    d = _journal_data(
+        {"state": "on", "oldest_ts": NOW - 61, "newest_ts": NOW, "span_s": 61.0},
+        replays_active="<b>1</b>",
+    )
+    d["feeds"][0]["dataset"] = "<i>X</i>"
+    page = render_html(d)
+    assert "<b>1" not in page and "<i>X" not in page
+    assert _replay_cell(page) == "replay back to 2027-01-15 07:58:59 UTC (1m 1s)"
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [
+        (0.4, "0s"),
+        (42.9, "42s"),
+        (250, "4m 10s"),
+        (86_399, "23h 59m"),
+        (2 * 86400 + 3 * 3600, "2d 3h"),
+    ],
+)
+def test_history_spans_read_in_two_units(seconds: float, text: str) -> None:
+    from gateway.ops.fmt import span
+
+    assert span(seconds) == text
