@@ -66,7 +66,8 @@ class Gap:
     ``reason``: ``no_checkpoint`` (the connection dropped before the first checkpoint and
     the subscriptions had no ``start`` to replay from), ``aged_out`` (the gateway's journal
     no longer holds the position), ``unavailable`` (the gateway has no journal or
-    replay is off). ``after_seq``: the last checkpoint (None before the first one);
+    replay is off), ``bad_resume`` (the gateway's journal never held the position: it was
+    replaced). ``after_seq``: the last checkpoint (None before the first one);
     ``last_ts_event``: ts_event of the last data record handed over before the gap (None if
     there was none); ``resumed_start``: the ``start`` of the Metadata of the session that
     carried on live (the gap ends there at the latest); ``message``: the gateway's text or

@@ -26,7 +26,8 @@ new session replays the same records in the same order, so dropping by count is 
 again); subscriptions without ``start`` cannot be resumed then, and the client carries on
 live and reports a ``Gap`` (reason ``no_checkpoint``). When the gateway refuses the
 resume — ErrorMsg ``REPLAY_DATA_AGED_OUT`` (code 8), or replay not available (no journal)
-— the client reconnects live and reports a ``Gap`` (``aged_out``/``unavailable``). Gaps
+or a position its journal never held (a new journal directory) — the client reconnects
+live and reports a ``Gap`` (``aged_out``/``unavailable``/``bad_resume``). Gaps
 go to the ``on_gap`` callback and the ``gaps`` list, never silently. A gateway answer of
 "replay limit reached" is retried with backoff. ``close()`` ends it for good.
 
@@ -102,7 +103,8 @@ class _Refused(Exception):
 
 def classify_error(code: int, text: str) -> str | None:
     """What a gateway ErrorMsg means for a resuming client: ``fatal`` (authentication),
-    ``aged_out``, ``unavailable`` (replay not available), ``busy`` (replay limit), or None."""
+    ``aged_out``, ``unavailable`` (replay not available), ``bad_resume`` (a position the
+    gateway's journal never had: a new journal), ``busy`` (replay limit), or None."""
     low = text.lower()
     if code in _FATAL_CODES:
         return "fatal"
@@ -110,6 +112,8 @@ def classify_error(code: int, text: str) -> str | None:
         return "aged_out"
     if "replay" in low and ("not available" in low or "unavailable" in low):
         return "unavailable"
+    if "lsg_resume_after" in low:
+        return "bad_resume"  # the gateway's journal does not hold the position (a new one)
     if "replay limit" in low:
         return "busy"
     return None
@@ -257,6 +261,8 @@ class ResumingClient:
                 raise ClientError(f"the gateway refused the replay: {refused.text}")
             await self._drop(live)
             await self._reconnect(why, refused)
+            if self._closing:
+                return
 
     async def records(self) -> AsyncGenerator[tuple[int, int, memoryview], None]:
         """(rtype, instrument_id, record view) per record, across reconnects."""
@@ -322,6 +328,9 @@ class ResumingClient:
                 last_error = str(exc) or type(exc).__name__
                 continue
             break
+        if self._closing:  # close() came while this connection was being made
+            await self._drop(live)
+            return
         self._streak = attempt
         self.live = live
         self._first = False

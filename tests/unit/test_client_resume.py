@@ -181,6 +181,7 @@ def test_classify_error() -> None:
     assert classify_error(8, "start is older than the oldest data") == "aged_out"
     assert classify_error(6, "replay is not available on this gateway") == "unavailable"
     assert classify_error(3, "replay limit reached (16); retry later") == "busy"
+    assert classify_error(5, "Invalid lsg_resume_after 9: the journal ends at 2") == "bad_resume"
     assert classify_error(2, "API key deactivated") == "fatal"
     assert classify_error(6, "Gateway restarting; reconnect") is None
 
@@ -285,6 +286,7 @@ async def test_no_checkpoint_and_no_start_is_a_reported_gap() -> None:
     [
         (8, "start 2026-12-01T00:00:00Z is older than the oldest retained data", "aged_out"),
         (6, "replay is not available on this gateway", "unavailable"),
+        (5, "Invalid lsg_resume_after 7: the journal ends at 3", "bad_resume"),
     ],
 )
 async def test_refused_resume_goes_live_and_reports_the_gap(
