@@ -1,0 +1,571 @@
+"""The replay of one session, planned from the journal: ``Replay`` (sans-I/O but for
+``pread`` of journal files).
+
+Given a dataset's journal, the session's replayed subscriptions (each from a ``start``
+time or after a journal position), and how the session wants its bytes (ts_out, zstd),
+``Replay`` produces, in journal order, what its pump writes:
+
+* as of the start, per subscription, the records live would answer it with after its ack
+  (``symbols.ReplaySymbols.opening``);
+* per journaled chunk, the mapping changes recorded before it (``SymbolMappingMsg``s;
+  the selections they move are updated), then the chunk's records the session selects:
+  a *file range* (``FileRange``, sent with ``os.sendfile``) when the session wants every
+  record of the part (an ALL_SYMBOLS subscription of its rtype whose start the part's
+  oldest record already meets, no ts_out, no zstd, and no second replayed rtype in the
+  chunk), consecutive ranges of one file coalesced; otherwise a *copy* (``Chunk``): the
+  rows read with ``os.pread``, indexed, filtered with numpy (each subscription's start
+  against the filter ts, its chunk position, its instruments), chunks holding several
+  replayed rtypes put back in the exact live order (``journal.order_bytes``), ts_out
+  stamped, one zstd frame per piece.
+
+``step(budget)`` does at most about ``budget`` bytes of it (read or ranged) and returns
+the items; memory stays bounded whatever the replay's size. ``target`` is the last seq to
+replay; the owner moves it forward (``extend``) while the feed goes on, and hands the
+session over to live once ``caught_up`` holds at the feed's last seq (``finish`` gives
+the mapping changes recorded after the last chunk).
+
+The file descriptors of ``FileRange`` items are the planner's: a ``Retire`` item says
+which ones are no longer needed once what precedes it is written (``release``), and
+``close`` closes every one left.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from gateway.dbn import ChunkIndex, ErrorCode, index_records, stamp_records, stamp_ts_out
+from gateway.interest import SubscriptionLike, stype_of
+from gateway.journal.format import filter_ts
+from gateway.replay.symbols import ReplaySub, ReplaySymbols
+
+if TYPE_CHECKING:
+    from gateway.journal import DatasetJournal, Entry
+
+__all__ = [
+    "Chunk",
+    "FileRange",
+    "Item",
+    "Refusal",
+    "Replay",
+    "ReplayError",
+    "ReplayRequest",
+    "Retire",
+    "check",
+    "iso_ns",
+    "wants_replay",
+]
+
+#: rows fetched from the journal's index at a time
+FETCH_ROWS = 4096
+#: what skipping a part (nothing selected, known from its index row) counts against a step
+_SKIP_COST = 256
+#: a start this far past the wall clock is refused as in the future
+FUTURE_SLACK_NS = 1_000_000_000
+
+
+class ReplayRequest(SubscriptionLike, Protocol):
+    """A subscription that may ask for a replay (``session.Subscription`` is one)."""
+
+    @property
+    def start_ns(self) -> int | None: ...
+
+    @property
+    def resume_after(self) -> int | None: ...
+
+
+def wants_replay(subs: Sequence[ReplayRequest]) -> bool:
+    return any(s.start_ns is not None or s.resume_after is not None for s in subs)
+
+
+class ReplayError(Exception):
+    """The journal does not hold what its index says (a file cut short, bad records)."""
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why a replay is refused: ``reason`` labels ``gateway_replays_refused_total``."""
+
+    reason: str
+    code: int
+    text: str
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Bytes to write as they are (records, already ts_out-stamped / zstd-framed)."""
+
+    data: bytes | memoryview
+    records: int
+
+
+@dataclass(frozen=True)
+class FileRange:
+    """``length`` bytes of ``fd`` from ``offset``: whole records, sent with sendfile."""
+
+    fd: int
+    offset: int
+    length: int
+    records: int
+
+
+@dataclass(frozen=True)
+class Retire:
+    """These descriptors are no longer needed once what precedes this item is written."""
+
+    fds: tuple[int, ...]
+
+
+Item = Chunk | FileRange | Retire
+
+
+def iso_ns(ns: int) -> str:
+    """UNIX ns as ISO 8601 UTC with nanoseconds (``2026-12-01T10:00:00.123456789Z``)."""
+    secs, frac = divmod(ns, 1_000_000_000)
+    when = dt.datetime.fromtimestamp(secs, dt.UTC)
+    return f"{when:%Y-%m-%dT%H:%M:%S}.{frac:09d}Z"
+
+
+def check(journal: DatasetJournal, subs: Sequence[ReplayRequest], now_ns: int) -> Refusal | None:
+    """Whether the journal can serve these subscriptions' replays (None: it can)."""
+    for sub in subs:
+        start = sub.start_ns
+        if start is not None:
+            if start > now_ns + FUTURE_SLACK_NS:
+                return Refusal(
+                    "future",
+                    ErrorCode.INVALID_SUBSCRIPTION,
+                    f"Invalid start {iso_ns(start)} ({start}): it is in the future",
+                )
+            oldest = journal.oldest_ts()
+            if start != 0 and oldest is not None and start < oldest:
+                return Refusal(
+                    "aged_out",
+                    ErrorCode.REPLAY_DATA_AGED_OUT,
+                    f"Replay data aged out: start {start} is older than the oldest data "
+                    f"available, {iso_ns(oldest)} ({oldest})",
+                )
+        elif sub.resume_after is not None:
+            after = sub.resume_after
+            first = journal.first_seq()
+            if after > journal.last_seq:
+                return Refusal(
+                    "bad_resume",
+                    ErrorCode.INVALID_SUBSCRIPTION,
+                    f"Invalid lsg_resume_after {after}: the journal ends at {journal.last_seq}",
+                )
+            if first and after < first - 1:
+                oldest = journal.oldest_ts()
+                when = f", {iso_ns(oldest)} ({oldest})" if oldest is not None else ""
+                return Refusal(
+                    "aged_out",
+                    ErrorCode.REPLAY_DATA_AGED_OUT,
+                    f"Replay data aged out: position {after} is older than the oldest data "
+                    f"available (position {first}{when})",
+                )
+    return None
+
+
+class _Out:
+    """One step's items: gateway records and copies gathered into one piece (one zstd
+    frame), flushed before each file range."""
+
+    def __init__(
+        self, ts_out: bool, compress: Callable[[bytes], bytes] | None, now_ns: int
+    ) -> None:
+        self.items: list[Item] = []
+        self.ts_out = ts_out
+        self.compress = compress
+        self.now_ns = now_ns
+        self._parts: list[bytes | memoryview] = []
+        self._records = 0
+
+    def gateway(self, records: list[bytes]) -> None:
+        if records:
+            self._parts.append(
+                stamp_records(records, self.now_ns) if self.ts_out else b"".join(records)
+            )
+
+    def data(self, data: bytes | memoryview, records: int) -> None:
+        if records:
+            self._parts.append(data)
+            self._records += records
+
+    def item(self, item: Item) -> None:
+        self.flush()
+        last = self.items[-1] if self.items else None
+        if (
+            isinstance(item, FileRange)
+            and isinstance(last, FileRange)
+            and last.fd == item.fd
+            and last.offset + last.length == item.offset
+        ):
+            self.items[-1] = FileRange(
+                last.fd, last.offset, last.length + item.length, last.records + item.records
+            )
+        else:
+            self.items.append(item)
+
+    def flush(self) -> None:
+        if not self._parts:
+            return
+        data: bytes | memoryview = (
+            self._parts[0] if len(self._parts) == 1 else b"".join(self._parts)
+        )
+        if self.compress is not None:
+            data = self.compress(bytes(data))
+        self.items.append(Chunk(data, self._records))
+        self._parts = []
+        self._records = 0
+
+
+class Replay:
+    """The replay of one session (see the module docstring)."""
+
+    def __init__(
+        self,
+        journal: DatasetJournal,
+        subs: Sequence[ReplayRequest],
+        *,
+        schema_rtype: Mapping[str, int],
+        ts_out: bool = False,
+        compress: Callable[[bytes], bytes] | None = None,
+        clock_ns: Callable[[], int] = time.time_ns,
+    ) -> None:
+        self.journal = journal
+        self.ts_out = ts_out
+        self.compress = compress
+        self._clock_ns = clock_ns
+        last = journal.last_seq
+        first = journal.first_seq()
+        self.subs: list[ReplaySub] = []
+        for sub in subs:
+            rtype = schema_rtype.get(sub.schema, -1)
+            start: int | None = None
+            if sub.start_ns is not None and sub.start_ns != 0:
+                start = sub.start_ns
+                begin = journal.skip_before_ts((rtype,), start) if rtype >= 0 else last
+            elif sub.start_ns is not None:
+                begin = max(0, first - 1)
+            elif sub.resume_after is not None:
+                begin = sub.resume_after
+            else:
+                begin = last  # from now: joins at the hand-over, nothing lost
+            self.subs.append(
+                ReplaySub(
+                    sub.schema,
+                    rtype,
+                    stype_of(sub),
+                    sub.symbols,
+                    sub.all_symbols,
+                    begin,
+                    start,
+                )
+            )
+        #: every chunk with seq <= cursor is done
+        self.cursor = min((s.begin for s in self.subs), default=last)
+        #: a checkpoint may name a position only from here on (every subscription begun)
+        self.checkpoint_from = max((s.begin for s in self.subs), default=last)
+        self.target = last
+        self._by_rtype: dict[int, list[ReplaySub]] = {}
+        for rs in self.subs:
+            if rs.rtype >= 0:
+                self._by_rtype.setdefault(rs.rtype, []).append(rs)
+        self._rtypes = tuple(sorted(self._by_rtype))
+        self._mapped = self.cursor + 1
+        self.symbols = ReplaySymbols(
+            journal.mappings_as_of(self._mapped), self.subs, now_ns=clock_ns()
+        )
+        self._pending: deque[Entry] = deque()
+        self._fetched_upto = self.cursor
+        self._changes: deque[tuple[int, str, int]] = deque()
+        self._fds: dict[tuple[int, int], int] = {}
+        self._segment: object = None
+        self._retiring: set[int] = set()
+        #: records and bytes planned, by path
+        self.records = 0
+        self.bytes_ranged = self.bytes_copied = 0
+
+    # --- the owner's side -------------------------------------------------------------------
+
+    @property
+    def schemas(self) -> list[str]:
+        """The replayed schemas, in subscription order (one REPLAY_COMPLETED each)."""
+        return list(dict.fromkeys(s.schema for s in self.subs))
+
+    @property
+    def announced(self) -> dict[tuple[int, str], int]:
+        return self.symbols.announced
+
+    @property
+    def caught_up(self) -> bool:
+        return not self._pending and self.cursor >= self.target
+
+    def opening(self, index: int) -> list[bytes]:
+        """What answers subscription ``index`` as of the start (after its ack)."""
+        return self.symbols.opening(self.subs[index])
+
+    def extend(self, last_seq: int) -> None:
+        """The journal has grown up to ``last_seq``: replay up to it too."""
+        self.target = max(self.target, last_seq)
+
+    def finish(self, last_seq: int) -> list[bytes]:
+        """At the hand-over (``caught_up`` at ``last_seq``): the mappings recorded after the
+        last chunk (effective before the next one, which the session gets live)."""
+        self.symbols.now_ns = self._clock_ns()
+        records, _ = self.symbols.apply(
+            (s, i) for _, s, i in self.journal.mapping_changes(self._mapped, last_seq + 1)
+        )
+        self._mapped = max(self._mapped, last_seq + 1)
+        return records
+
+    def step(self, budget: int) -> list[Item]:
+        """At most about ``budget`` bytes of the replay (read or ranged), in order."""
+        now = self._clock_ns()
+        self.symbols.now_ns = now
+        out = _Out(self.ts_out, self.compress, now)
+        used = 0
+        while used < budget:
+            if not self._pending:
+                if self.cursor >= self.target:
+                    break
+                self._fetch()
+                if not self._pending:
+                    self._apply_changes(self._fetched_upto, out)
+                    self.cursor = self._fetched_upto
+                    continue
+            used += self._run(out, max(1, budget - used))
+        out.flush()
+        return out.items
+
+    def release(self, fds: tuple[int, ...]) -> None:
+        """Close retired descriptors (their ranges are written)."""
+        for fd in fds:
+            if fd in self._retiring:
+                self._retiring.discard(fd)
+                os.close(fd)
+
+    def close(self) -> None:
+        """Close every descriptor still open. Idempotent."""
+        fds = [*self._fds.values(), *self._retiring]
+        self._fds.clear()
+        self._retiring.clear()
+        for fd in fds:
+            os.close(fd)
+
+    # --- planning -------------------------------------------------------------------------
+
+    def _fetch(self) -> None:
+        rows = self.journal.entries(self._rtypes, self.cursor, self.target, FETCH_ROWS)
+        upto = self.target
+        if len(rows) >= FETCH_ROWS:
+            last = rows[-1].seq
+            whole = [e for e in rows if e.seq < last]
+            if whole:  # the last chunk's parts may go on in the next fetch
+                rows, upto = whole, last - 1
+            else:
+                upto = last
+        self._pending.extend(rows)
+        self._fetched_upto = upto
+        self._changes.extend(self.journal.mapping_changes(self._mapped, upto))
+
+    def _apply_changes(self, seq: int, out: _Out) -> None:
+        """Mapping changes effective before chunk ``seq`` (at_seq <= seq)."""
+        changes = self._changes
+        if not changes or changes[0][0] > seq:
+            self._mapped = max(self._mapped, seq)
+            return
+        picked: list[tuple[str, int]] = []
+        while changes and changes[0][0] <= seq:
+            _, symbol, iid = changes.popleft()
+            picked.append((symbol, iid))
+        records, _ = self.symbols.apply(picked)
+        out.gateway(records)
+        self._mapped = max(self._mapped, seq)
+
+    def _run(self, out: _Out, budget: int) -> int:
+        """Plan the next run of parts: the bytes it counts against the step."""
+        pending = self._pending
+        first = pending[0]
+        self._apply_changes(first.seq, out)
+        if len(pending) > 1 and pending[1].seq == first.seq:
+            group = [pending.popleft()]
+            while pending and pending[0].seq == first.seq:
+                group.append(pending.popleft())
+            used = self._mixed(group, out)
+        else:
+            mode = self._mode(first)
+            run = [pending.popleft()]
+            size = first.length
+            if mode:
+                size = self._extend(run, mode, size, budget)
+            if mode == "range":
+                self._range(run, out)
+                used = size
+            elif mode == "copy":
+                self._copy(run, out)
+                used = size
+            else:
+                used = _SKIP_COST
+        self.cursor = pending[0].seq - 1 if pending else self._fetched_upto
+        if not pending:
+            self._apply_changes(self._fetched_upto, out)
+        return used
+
+    def _mode(self, entry: Entry) -> str:
+        """``range`` (every record wanted), ``copy`` (some), or ``""`` (none, from the
+        index row alone)."""
+        active = [
+            s
+            for s in self._by_rtype.get(entry.rtype, ())
+            if entry.seq > s.begin and (s.start is None or entry.max_ts >= s.start)
+        ]
+        if not active:
+            return ""
+        if not self.ts_out and self.compress is None:
+            for s in active:
+                if s.ids is None and (s.start is None or entry.min_ts >= s.start):
+                    return "range"
+        return "copy"
+
+    def _extend(self, run: list[Entry], mode: str, size: int, budget: int) -> int:
+        """Add the following parts that continue ``run`` in the same file, the same way,
+        with no mapping change before them; the run's size."""
+        pending = self._pending
+        changes = self._changes
+        while pending and size < budget:
+            nxt = pending[0]
+            last = run[-1]
+            if (
+                nxt.rtype != last.rtype
+                or nxt.segment is not last.segment
+                or nxt.offset != last.offset + last.length
+                or (len(pending) > 1 and pending[1].seq == nxt.seq)
+                or (changes and changes[0][0] <= nxt.seq)
+                or self._mode(nxt) != mode
+            ):
+                break
+            run.append(pending.popleft())
+            size += nxt.length
+        return size
+
+    def _fd(self, entry: Entry, out: _Out) -> int:
+        segment = entry.segment
+        if segment is not self._segment:
+            # A new segment: the older ones' descriptors retire once their ranges are out.
+            self._segment = segment
+            old = tuple(self._fds.values())
+            self._fds.clear()
+            if old:
+                self._retiring.update(old)
+                out.item(Retire(old))
+        key = (id(segment), entry.rtype)
+        fd = self._fds.get(key)
+        if fd is None:
+            fd = self._fds[key] = segment.open_fd(entry.rtype)
+        return fd
+
+    def _range(self, run: list[Entry], out: _Out) -> None:
+        fd = self._fd(run[0], out)
+        length = sum(e.length for e in run)
+        records = sum(e.count for e in run)
+        out.item(FileRange(fd, run[0].offset, length, records))
+        self.records += records
+        self.bytes_ranged += length
+
+    def _read(self, run: list[Entry], out: _Out) -> tuple[bytes, npt.NDArray[np.uint64]]:
+        fd = self._fd(run[0], out)
+        length = sum(e.length for e in run)
+        data = os.pread(fd, length, run[0].offset)
+        if len(data) != length:
+            raise ReplayError(
+                f"journal segment {getattr(run[0].segment, 'id', '?')}: rtype "
+                f"{run[0].rtype:#04x} file ends before its index says"
+            )
+        seqs = np.repeat(
+            np.fromiter((e.seq for e in run), dtype=np.uint64, count=len(run)),
+            [e.count for e in run],
+        )
+        return data, seqs
+
+    def _mask(
+        self, rtype: int, data: bytes, seqs: npt.NDArray[np.uint64]
+    ) -> tuple[ChunkIndex, npt.NDArray[np.int64]]:
+        index, used = index_records(data)
+        if used != len(data) or index.count != len(seqs):
+            raise ReplayError(f"journal rtype {rtype:#04x}: records do not match the index")
+        fts: npt.NDArray[np.uint64] | None = None
+        mask: npt.NDArray[np.bool_] | None = None
+        for s in self._by_rtype.get(rtype, ()):
+            m = seqs > np.uint64(s.begin)
+            if s.start is not None:
+                if fts is None:
+                    fts = filter_ts(index)
+                m &= fts >= np.uint64(s.start)
+            if s.ids is not None:
+                m &= np.isin(index.instrument_ids, s.ids)
+            mask = m if mask is None else mask | m
+        picked = np.flatnonzero(mask) if mask is not None else np.zeros(0, np.int64)
+        return index, picked
+
+    def _copy(self, run: list[Entry], out: _Out) -> None:
+        data, seqs = self._read(run, out)
+        index, picked = self._mask(run[0].rtype, data, seqs)
+        n = int(picked.size)
+        self.bytes_copied += len(data)
+        if not n:
+            return
+        whole = n == len(seqs)
+        if self.ts_out:
+            body: bytes | memoryview = stamp_ts_out(index, None if whole else picked, out.now_ns)
+        elif whole:
+            body = data
+        else:
+            body = index.select(picked)
+        out.data(body, n)
+        self.records += n
+
+    def _mixed(self, group: list[Entry], out: _Out) -> int:
+        """One chunk holding several replayed rtypes: its selected records in the chunk's
+        own order (as live sends them)."""
+        order = np.frombuffer(self.journal.order_bytes(group[0]), dtype=np.uint8)
+        positions: list[npt.NDArray[np.int64]] = []
+        pieces: list[bytes | memoryview] = []
+        used = 0
+        for entry in group:
+            used += entry.length
+            if not self._mode(entry):
+                continue
+            data, seqs = self._read([entry], out)
+            self.bytes_copied += len(data)
+            index, picked = self._mask(entry.rtype, data, seqs)
+            if not picked.size:
+                continue
+            at = np.flatnonzero(order == entry.rtype)
+            if len(at) != entry.count:
+                raise ReplayError(f"journal chunk {entry.seq}: order does not match its parts")
+            positions.append(at[picked])
+            offsets = index.offsets
+            lengths = index.lengths
+            view = memoryview(data)
+            for i in picked.tolist():
+                off = int(offsets[i])
+                pieces.append(view[off : off + int(lengths[i])])
+        if pieces:
+            where = np.argsort(np.concatenate(positions), kind="stable")
+            ordered = [pieces[i] for i in where.tolist()]
+            if self.ts_out:
+                body = stamp_records((bytes(p) for p in ordered), out.now_ns)
+            else:
+                body = b"".join(ordered)
+            out.data(body, len(ordered))
+            self.records += len(ordered)
+        return used
