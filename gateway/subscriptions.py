@@ -15,7 +15,7 @@ selection grows only as its mappings are written. Nothing here awaits or does I/
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol, TypeVar
 
 from gateway import dbn
@@ -162,21 +162,7 @@ class SubscriptionIndex:
         self.join(member)
         interest = self._interests[member]
         interest.subscriptions.append(sub)
-        now = self._clock_ns()
-        ident = f" {sub.sub_id}" if sub.sub_id is not None else ""
-        if self._serves(sub.schema):
-            first = dbn.encode_system(
-                now,
-                f"Subscription request{ident} for {sub.schema} data succeeded",
-                SystemCode.SUBSCRIPTION_ACK,
-            )
-        else:
-            first = dbn.encode_error(
-                now,
-                f"Subscription request{ident}: {sub.schema} data is not available from "
-                f"dataset {self.dataset}",
-                ErrorCode.INVALID_SUBSCRIPTION,
-            )
+        first = self.answer(sub)
         was_idle = not interest.jobs
         interest.jobs.append(Emit([first]))
         stype = stype_of(sub)
@@ -196,6 +182,59 @@ class SubscriptionIndex:
         if interest.jobs:
             self._request_drain()
         return records
+
+    def answer(self, sub: SubscriptionLike) -> bytes:
+        """The record that answers ``sub`` first: its SUBSCRIPTION_ACK, or a non-fatal
+        ErrorMsg when the feed never carries its schema."""
+        now = self._clock_ns()
+        ident = f" {sub.sub_id}" if sub.sub_id is not None else ""
+        if self._serves(sub.schema):
+            return dbn.encode_system(
+                now,
+                f"Subscription request{ident} for {sub.schema} data succeeded",
+                SystemCode.SUBSCRIPTION_ACK,
+            )
+        return dbn.encode_error(
+            now,
+            f"Subscription request{ident}: {sub.schema} data is not available from "
+            f"dataset {self.dataset}",
+            ErrorCode.INVALID_SUBSCRIPTION,
+        )
+
+    def handover(
+        self,
+        member: FeedMember,
+        subs: Sequence[SubscriptionLike],
+        announced: Mapping[tuple[int, str], int],
+    ) -> list[bytes]:
+        """A replaying session joins live (gateway/replay): ``subs`` were answered and
+        their mappings sent by the replay (``announced``: (stype, symbol) -> instrument),
+        up to the directory as it is now. Registers them as if acked and mapped (no ack;
+        ALL_SYMBOLS followed from the directory's end on) and places ``member`` in the
+        fan-out at once with its full selection, synchronously: the next chunk published
+        reaches it. Returns the mappings the replay did not send (normally none), to be
+        written before anything else."""
+        self.join(member)
+        interest = self._interests[member]
+        interest.announced.update(announced)
+        now = self._clock_ns()
+        out: list[bytes] = []
+        ordered = sorted(subs, key=lambda sub: not sub.all_symbols)
+        for sub in ordered:  # ALL_SYMBOLS first: its stype's named symbols need no mapping
+            interest.subscriptions.append(sub)
+            if sub.all_symbols:
+                stype = stype_of(sub)
+                self._all_members[member] = None
+                interest.all_cursor[stype] = len(self.directory.log)
+                interest.all_schemas.add(sub.schema)
+                interest.dirty = True
+        for sub in ordered:
+            if len(sub.symbols) > (1 if sub.all_symbols else 0):
+                job = Resolve(sub, stype_of(sub))
+                self._resolve(member, interest, job, len(sub.symbols), now, out)
+        interest.dirty = False
+        self._regroup(member, interest)
+        return out
 
     def announce(self, changed: list[tuple[str, int]]) -> None:
         """Mappings the directory just learnt (new or changed): queue a SymbolMappingMsg for

@@ -244,3 +244,28 @@ def test_an_interest_selects_by_schema_and_marks_itself_dirty_on_change() -> Non
     interest.count("mbp-1", 5, -1)
     interest.count("mbp-1", 5, -1)
     assert interest.dirty and interest.selection(table) == {TRADES: None}
+
+
+def test_handover_registers_a_replayed_session_as_acked_and_mapped_and_places_it_now() -> None:
+    h = Harness(slice_size=2)
+    h.learn([("AAA", 1), ("BBB", 2), ("CCC", 3)])
+    member = Member()
+    subs = [Sub("trades", "raw_symbol", (ALL_SYMBOLS,)), Sub("mbp-1", "raw_symbol", ("BBB", "CCC"))]
+    # The replay announced everything but CCC's mapping for mbp-1 (named: it has its own key).
+    announced = {(dbn.STYPE_RAW_SYMBOL, "AAA"): 1, (dbn.STYPE_RAW_SYMBOL, "BBB"): 2}
+    extra = h.index.handover(member, subs, announced)
+    # ALL_SYMBOLS of raw_symbol covers the named raw symbols: nothing more to send, no ack,
+    # no queued work, and the member is in the fan-out at once with its full selection.
+    assert extra == [] and member.sent == [] and not h.index.has_work()
+    spec = h.fanout.spec_of(member)
+    assert spec is not None
+    assert dict(spec.selection) == {TRADES: None, MBP1: frozenset({2, 3})}
+    # Later mappings reach it as they would a live ALL_SYMBOLS session.
+    h.learn([("DDD", 4)])
+    h.drain(10)
+    assert mappings(member.sent) == [("DDD", 4)]
+    # Named by instrument id and not announced by the replay: the mapping comes back to send.
+    other = Member()
+    extra = h.index.handover(other, [Sub("trades", "instrument_id", ("3",))], {})
+    assert mappings(extra) == [("CCC", 3)]
+    assert dict(h.fanout.spec_of(other).selection) == {TRADES: frozenset({3})}  # type: ignore[union-attr]
