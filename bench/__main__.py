@@ -111,6 +111,8 @@ def summary_line(r: dict[str, Any]) -> str:
         )
     elif sc == "connect":
         parts.append(f"all streaming in {r.get('all_streaming_s', 0):.3f} s")
+    elif sc == "replay":
+        parts.append(replay_summary(r))
     loss = (
         "loss-free"
         if r.get("loss_free")
@@ -122,6 +124,28 @@ def summary_line(r: dict[str, Any]) -> str:
     parts.append(loss)
     parts.append(f"{r.get('elapsed_s', 0):.1f}s")
     return ", ".join(parts)
+
+
+def replay_summary(r: dict[str, Any]) -> str:
+    part = r.get("params", {}).get("part")
+    if part == "sendfile":
+        return (
+            f"{r['replay_median_bps'] / 1e6:,.0f} MB/s vs raw {r['raw_median_bps'] / 1e6:,.0f} "
+            f"MB/s ({100 * r['ratio']:.0f}%)"
+        )
+    if part == "filtered":
+        return f"{r['scanned_median_per_s'] / 1e6:.2f} M records scanned/s"
+    if part == "beside-live":
+        return (
+            f"live p99 {r['live_p99_us_alone']} -> {r['live_p99_us_beside']} us "
+            f"(x{r['live_p99_ratio']}), replays {r['replay_bytes_per_s'] / 1e6:,.0f} MB/s"
+        )
+    if part == "fanout-journal":
+        return (
+            f"journal on {r['median_rps_on'] / 1e6:.2f} vs off {r['median_rps_off'] / 1e6:.2f} "
+            f"M rec/s ({100 * r['ratio']:.0f}%)"
+        )
+    return ""
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -204,12 +228,15 @@ def main(argv: list[str] | None = None) -> int:
     doc: dict[str, Any] = {"meta": meta, "peers": peer_table(peers), "results": []}
     progress = Progress(len(cases))
     print(f"bench: {len(cases)} cases -> {outdir}", file=sys.stderr)
-    for case in cases:
-        progress.start(case.label)
-        result = run_case(case, peers)
-        doc["results"].append(result)
-        progress.finish(case.label, summary_line(result))
-        write_json(outdir / "results.json", doc)
+    try:
+        for case in cases:
+            progress.start(case.label)
+            result = run_case(case, peers)
+            doc["results"].append(result)
+            progress.finish(case.label, summary_line(result))
+            write_json(outdir / "results.json", doc)
+    finally:
+        harness.close()
     progress.close()
     meta["elapsed_s"] = round(time.monotonic() - started, 1)
     doc["targets"] = evaluate_targets(doc["results"])

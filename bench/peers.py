@@ -25,7 +25,7 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Final
+from typing import IO, Any, Final
 
 from bench.procs import free_port, raise_nofile, stop_process
 from bench.records import API_KEY, DATASET
@@ -194,22 +194,29 @@ class GatewayServer(Server):
         workdir: Path,
         *,
         max_sessions: int = 30_000,
-        extra_config: dict[str, str | int | float | bool] | None = None,
+        extra_config: dict[str, Any] | None = None,
     ) -> None:
         super().__init__("gateway")
         self.workdir = workdir
         self.max_sessions = max_sessions
-        #: more top-level config keys (a scenario mode may need a gateway option)
+        #: more config keys (a scenario mode may need a gateway option): a dict value is a
+        #: table (``{"journal": {"dir": ...}}`` -> ``[journal]``)
         self.extra_config = extra_config or {}
 
     def start(self) -> GatewayServer:
         cfg = self.workdir / "gateway.toml"
-        extra = "".join(f"{k} = {json.dumps(v)}\n" for k, v in self.extra_config.items())
+        items = self.extra_config.items()
+        extra = "".join(f"{k} = {json.dumps(v)}\n" for k, v in items if not isinstance(v, dict))
+        tables = "".join(
+            f"[{k}]\n" + "".join(f"{tk} = {json.dumps(tv)}\n" for tk, tv in v.items())
+            for k, v in items
+            if isinstance(v, dict)
+        )
         cfg.write_text(
             'host = "127.0.0.1"\nport = 0\nmetrics_port = 0\nloop = "uvloop"\n'
             f'log_level = "warning"\n{extra}'
             f'[[api_keys]]\nkey = "{API_KEY}"\nmax_sessions = {self.max_sessions}\n'
-            f"[limits]\nmax_connections = {self.max_sessions + 1000}\n"
+            f"[limits]\nmax_connections = {self.max_sessions + 1000}\n{tables}"
             f'[feeds]\n"{DATASET}" = "ingest://127.0.0.1:0?backpressure=1"\n'
         )
         log = self.workdir / "gateway.stderr.log"

@@ -7,6 +7,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Final
 
+from bench.replay_report import replay_table, replay_targets
+
 __all__ = ["evaluate_targets", "plot_caption", "write_json", "write_markdown", "write_plots"]
 
 SYSTEM_ORDER: Final = ("raw", "gateway", "nats", "redis", "zmq")
@@ -193,6 +195,7 @@ def evaluate_targets(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 why,
             )
         )
+    out += replay_targets(results)
     return out
 
 
@@ -319,6 +322,7 @@ def write_markdown(path: Path, doc: dict[str, Any]) -> None:
         )
     lines += _fanout_table(results) + _filtered_table(results) + _zstd_table(results)
     lines += _latency_table(results) + _idle_table(results) + _connect_table(results)
+    lines += replay_table(results)
     errors = [r for r in results if r.get("status") == "error"]
     if errors:
         lines += ["", "## Errors", ""]

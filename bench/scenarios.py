@@ -16,7 +16,7 @@ import subprocess
 import time
 import traceback
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from multiprocessing.connection import Connection
@@ -29,6 +29,7 @@ from bench.peers import GatewayServer, NatsServer, PeerStatus, RedisServer, Serv
 from bench.procs import MachineCpu, cpu_seconds, rss_kib
 from bench.publishers import PublishJob, PublishReport, publisher_main
 from bench.records import FIRST_ID, INSTRUMENTS, REC_LEN, Schedule, delivered_frame_len
+from bench.replay import ReplayBench, replay_plan
 from bench.subscribers import (
     ConnResult,
     ConnSpec,
@@ -239,6 +240,12 @@ class Harness:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.schedule = Schedule()
         self.case_no = 0
+        #: called once every case has run (e.g. removing a scenario's journal)
+        self.cleanups: list[Callable[[], None]] = []
+
+    def close(self) -> None:
+        for cleanup in self.cleanups:
+            cleanup()
 
     # --- servers ----------------------------------------------------------------------
 
@@ -396,7 +403,11 @@ class Harness:
         job: PublishJob,
         label: str,
         gateway_config: dict[str, Any] | None = None,
+        during: Callable[[Server], AbstractContextManager[dict[str, Any]]] | None = None,
     ) -> dict[str, Any]:
+        """One streaming case; ``during(server)``, when given, is entered just before the
+        publisher starts and left once every subscriber has reported (other load on the
+        server while the case is measured: what it puts in its dict is ``beside``)."""
         n = len(specs)
         result: dict[str, Any] = {}
         server = self.start_server(system, gateway_config)
@@ -422,13 +433,16 @@ class Harness:
             pid = server.pid or pub.proc.pid
             with self.profiler(server, label):
                 cpu0, mach0, rss0 = cpu_seconds(pid), MachineCpu.read(), rss_kib(pid)
-                pub.send(("go",))
-                budget = job.duration_s + (60 if job.rate else 120)
-                report: PublishReport = pub.recv(budget, "the publisher to finish")[1]
-                expected = self.expected_counts(specs, report.records, cfg.per_instrument)
-                results = self.collect(workers, expected, 30 + n * 0.02)
-                cpu1, mach1, rss1 = cpu_seconds(pid), MachineCpu.read(), rss_kib(pid)
+                with during(server) if during is not None else nullcontext({}) as beside:
+                    pub.send(("go",))
+                    budget = job.duration_s + (60 if job.rate else 120)
+                    report: PublishReport = pub.recv(budget, "the publisher to finish")[1]
+                    expected = self.expected_counts(specs, report.records, cfg.per_instrument)
+                    results = self.collect(workers, expected, 30 + n * 0.02)
+                    cpu1, mach1, rss1 = cpu_seconds(pid), MachineCpu.read(), rss_kib(pid)
             result = self.summarize(specs, expected, results, ready, report)
+            if beside:
+                result["beside"] = beside
             delivered = result["delivered"]
             result.update(
                 server_cpu_s=round(cpu1 - cpu0, 3),
@@ -543,7 +557,9 @@ class Harness:
 
     # --- scenarios --------------------------------------------------------------------
 
-    def fanout(self, system: str, n: int) -> dict[str, Any]:
+    def fanout(
+        self, system: str, n: int, gateway_config: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
         specs = [ConnSpec(i, system, 0) for i in range(n)]
         job = PublishJob(
             system,
@@ -558,6 +574,7 @@ class Harness:
             cfg=self.worker_config(system, n),
             job=job,
             label=f"fanout-{system}-{n}",
+            gateway_config=gateway_config,
         )
 
     def filtered(self, system: str, n: int) -> dict[str, Any]:
@@ -609,10 +626,19 @@ class Harness:
             gateway_config=mode.gateway_config,
         )
 
-    def latency(self, system: str, n: int, rate: int) -> dict[str, Any]:
+    def latency(
+        self,
+        system: str,
+        n: int,
+        rate: int,
+        *,
+        duration_s: float | None = None,
+        gateway_config: dict[str, Any] | None = None,
+        during: Callable[[Server], AbstractContextManager[dict[str, Any]]] | None = None,
+    ) -> dict[str, Any]:
         specs = [ConnSpec(i, system, 0, probe=(i == n - 1)) for i in range(n)]
         every = max(1, rate // 10_000)
-        duration = self.plan.latency_duration_s
+        duration = duration_s or self.plan.latency_duration_s
         job = PublishJob(
             system,
             duration_s=duration,
@@ -627,6 +653,8 @@ class Harness:
             cfg=self.worker_config(system, n, latency_every=every),
             job=job,
             label=f"latency-{system}-{n}-{rate}",
+            gateway_config=gateway_config,
+            during=during,
         )
         res["rate"] = rate
         achieved = res.get("achieved_rate", 0)
@@ -766,7 +794,7 @@ def _replace(obj: Any, **changes: Any) -> Any:
     return dataclasses.replace(obj, **changes)
 
 
-SCENARIOS: Final = ("fanout", "filtered", "zstd", "latency", "idle", "connect")
+SCENARIOS: Final = ("fanout", "filtered", "zstd", "latency", "idle", "connect", "replay")
 SYSTEMS: Final = ("gateway", "raw", "nats", "redis", "zmq")
 SCENARIO_SYSTEMS: Final = {
     "fanout": ("raw", "gateway", "nats", "redis", "zmq"),
@@ -775,6 +803,7 @@ SCENARIO_SYSTEMS: Final = {
     "latency": ("gateway", "nats", "redis", "zmq"),
     "idle": ("gateway", "nats", "redis"),
     "connect": ("gateway", "nats", "redis", "zmq"),
+    "replay": ("gateway",),
 }
 
 
@@ -819,6 +848,14 @@ def build_cases(h: Harness, scenarios: list[str], systems: list[str]) -> list[Ca
             for s in wanted:
                 n = plan.connect_sessions
                 add(scenario, s, n, {}, partial(h.connect_storm, s, n))
+        elif scenario == "replay" and "gateway" in systems:
+            rp = replay_plan(plan.quick)
+            rb = ReplayBench(h, rp)
+            h.cleanups.append(rb.close)
+            add(scenario, "gateway", 1, {"part": "sendfile"}, rb.sendfile)
+            add(scenario, "gateway", 1, {"part": "filtered"}, rb.filtered)
+            add(scenario, "gateway", rp.live_sessions, {"part": "beside-live"}, rb.beside_live)
+            add(scenario, "gateway", rp.fanout_n, {"part": "fanout-journal"}, rb.fanout_journal)
     return cases
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-SCENARIOS = {"fanout", "filtered", "zstd", "latency", "idle", "connect"}
+SCENARIOS = {"fanout", "filtered", "zstd", "latency", "idle", "connect", "replay"}
 
 
 @pytest.fixture(scope="module")
@@ -80,3 +80,28 @@ def test_quick_run_reports_skipped_or_measured_peers(quick_results: dict) -> Non
             assert "not installed" in peer["reason"] and "make test-deps" in peer["reason"]
     targets = quick_results["targets"]
     assert targets and all(t["status"] in ("met", "missed", "n/a") for t in targets)
+
+
+@pytest.mark.timeout(300)
+def test_quick_run_measures_every_replay_part(quick_results: dict) -> None:
+    parts = {
+        r["params"]["part"]: r
+        for r in quick_results["results"]
+        if r["scenario"] == "replay" and r["system"] == "gateway"
+    }
+    assert set(parts) == {"sendfile", "filtered", "beside-live", "fanout-journal"}
+    sendfile = parts["sendfile"]
+    # the whole journal came back in order, from a gateway and from the raw sender alike
+    assert sendfile["raw_records"] == [sendfile["journal_records"]]
+    assert sendfile["replay_median_bps"] > 0 and sendfile["raw_median_bps"] > 0
+    assert sendfile["ratio"] > 0
+    assert parts["filtered"]["scanned_median_per_s"] > 0
+    beside = parts["beside-live"]
+    assert beside["live_p99_us_alone"] and beside["live_p99_us_beside"]
+    assert beside["replay_bytes_total"] >= beside["replays"] * (2 << 20)
+    fanout = parts["fanout-journal"]
+    assert fanout["median_rps_on"] > 0 and fanout["median_rps_off"] > 0
+    text = (quick_results["_out"] / "RESULTS.md").read_text()
+    assert "## replay: intraday replay from the journal" in text
+    # the journals are gone once the run is over
+    assert not list((quick_results["_out"] / "work").glob("*journal*"))
