@@ -97,6 +97,7 @@ class DatasetJournal:
         self._newest_ts: int | None = None
         self._counters = _Counters()
         self._writer: Segment | None = None
+        self._closed = False
         self._symbols = SymbolLog(directory)
 
     # --- open / recover ---------------------------------------------------------------
@@ -173,7 +174,7 @@ class DatasetJournal:
 
     def append(self, index: ChunkIndex) -> int:
         """Journal one published chunk; its seq, or 0 when disabled. Never raises."""
-        if not self.enabled or index.count == 0:
+        if not self.enabled or self._closed or index.count == 0:
             return 0
         started = time.perf_counter()
         seq = self.last_seq + 1
@@ -241,9 +242,18 @@ class DatasetJournal:
         seg.order_size = order_off + index.count
         nparts = len(rtset)
         rows: list[bytes] = []
+        # Records of several lengths: gather 4-byte words (a record is a whole number of
+        # words) by a per-word rtype mask; one length: numpy's 2-D row gather.
+        words = word_rtypes = None
+        if index.rows is None:
+            words = np.frombuffer(index.data, dtype=np.uint32)
+            word_rtypes = np.repeat(rtypes, index.lengths >> 2)
         for rtype in sorted(rtset):
             mask = rtypes == rtype
-            data = index.select(mask)
+            if words is not None and word_rtypes is not None:
+                data: bytes | memoryview = words[word_rtypes == rtype].data.cast("B")
+            else:
+                data = index.select(mask)
             fd = seg.rt_fd(rtype)
             offset = seg.rt_sizes[rtype]
             undo.append((fd, offset))
@@ -312,7 +322,7 @@ class DatasetJournal:
     def learn(self, changed: Sequence[tuple[str, int]], ts: int | None = None) -> None:
         """Journal mapping changes the feed's directory learnt; effective before the next
         chunk (at_seq = last_seq + 1). Never raises."""
-        if not self.enabled or not changed:
+        if not self.enabled or self._closed or not changed:
             return
         stamp = ts if ts is not None else (self._newest_ts or 0)
         symbols = self._symbols
@@ -342,6 +352,7 @@ class DatasetJournal:
 
     def close(self) -> list[int]:
         """Stop writing; the writer's fds, for the caller to fsync and close."""
+        self._closed = True
         fds: list[int] = []
         if self._writer is not None:
             fds = self._writer.detach_writer()

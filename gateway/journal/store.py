@@ -46,13 +46,14 @@ class _Syncer:
     def __init__(self) -> None:
         self._jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
         self.errors: deque[tuple[str, OSError]] = deque()
-        self.pending = 0
+        self.submitted = 0  # written by the caller's thread only
+        self.done = 0  # written by the fsync thread only
         self._thread = threading.Thread(target=self._run, name="journal-fsync", daemon=True)
         self._thread.start()
 
     def submit(self, dataset: str, counters: _Counters, fds: list[int]) -> None:
         if fds:
-            self.pending += 1
+            self.submitted += 1
             self._jobs.put((dataset, counters, fds))
 
     def _run(self) -> None:
@@ -70,7 +71,11 @@ class _Syncer:
                 finally:
                     with contextlib.suppress(OSError):
                         os.close(fd)
-            self.pending -= 1
+            self.done += 1
+
+    @property
+    def pending(self) -> int:
+        return self.submitted - self.done
 
     def stop(self) -> None:
         self._jobs.put(None)
@@ -162,6 +167,11 @@ class JournalStore:
 
     def datasets(self) -> dict[str, DatasetJournal]:
         return dict(self._datasets)
+
+    @property
+    def fsyncs_pending(self) -> int:
+        """fsync jobs handed to the thread and not done yet."""
+        return self._syncer.pending if self._syncer is not None else 0
 
     # --- upkeep -------------------------------------------------------------------------
 
