@@ -22,6 +22,8 @@ from gateway.config import Config
 from gateway.errors import ConfigError, FeedError, GatewayError
 from gateway.fanout import FanOut
 from gateway.feeds import Feed, Source, build_source, parse_feed_uri
+from gateway.journal import JournalStore
+from gateway.journal_setup import attach_feed, open_store
 from gateway.metrics import Metrics
 from gateway.ops.collector import GatewayCollector
 from gateway.ops.http import StatusServer
@@ -81,6 +83,10 @@ class Gateway:
             self.state.tune_socket = transport.SocketTuner(cfg)
         self.state.zstd_per_session = cfg.zstd_mode == "per_session"
         self.state.zstd_level = cfg.zstd_level
+        self.state.max_replays = cfg.journal.max_replays
+        self.state.replay_step_bytes = cfg.journal.replay_step_bytes
+        #: the open journal (``[journal] dir``), or None
+        self.journal: JournalStore | None = None
         self.server: asyncio.Server | None = None
         self.port = 0
         self.metrics_port = 0
@@ -105,6 +111,7 @@ class Gateway:
     async def start(self) -> None:
         cfg = self.cfg
         self.fd_limit = transport.raise_fd_limit()
+        self._open_journal()  # before any feed: a locked directory stops the start here
         for dataset, uri in cfg.feeds.items():
             spec = parse_feed_uri(dataset, uri)
             fanout_cls = PerSessionZstdFanOut if self.state.zstd_per_session else FanOut
@@ -114,6 +121,7 @@ class Gateway:
                 backpressure=spec.backpressure,
             )
             self.feeds[dataset] = feed
+            self._attach_journal(feed)
             source = build_source(spec, feed, reuse_port=cfg.transport.reuse_port_for(spec.port))
             try:
                 await source.start()
@@ -174,6 +182,18 @@ class Gateway:
         )
         if self.on_listening is not None:
             self.on_listening(self)
+
+    def _open_journal(self) -> None:
+        """Open the journal (``[journal] dir``) before any feed: a locked directory stops
+        the start here, with a ConfigError naming it."""
+        store = open_store(self.cfg.journal)
+        if store is not None:
+            self.journal = self.state.journal = store
+            self.state.journal_enabled = True
+
+    def _attach_journal(self, feed: Feed) -> None:
+        if self.journal is not None:
+            attach_feed(self.journal, feed)
 
     def _fit_connections_under_fd_limit(self) -> None:
         """Keep ``max_connections`` below the descriptor limit, so that a connection over it
@@ -241,6 +261,11 @@ class Gateway:
             for conn in list(self.state.connections):
                 conn.tick(now)
             self._note_feed_states()
+            if self.journal is not None:
+                try:
+                    self.journal.maintain()  # retention, interval fsync
+                except Exception:  # pragma: no cover - the ticker must go on
+                    log.exception("journal maintenance failed")
 
     def _note_feed_states(self) -> None:
         """When each feed went down (readiness gives it ``feed_grace_s`` from then)."""
@@ -334,6 +359,7 @@ class Gateway:
                 reset(conn.transport)  # could not drain in time: a reset, not a clean EOF
         await asyncio.sleep(0)
         await cancel_and_wait(self._ticker)
+        self.close_journal()
         if self._http is not None:
             await self._http.stop()
         if self.server is not None:
@@ -349,6 +375,15 @@ class Gateway:
                 st.records_in / st.chunks_in if st.chunks_in else 0.0,
             )
         log.info("gateway stopped")
+
+    def close_journal(self) -> None:
+        """Seal the journal (a final fsync as configured) and unlock it; idempotent."""
+        store, self.journal = self.journal, None
+        if store is not None:
+            for feed in self.feeds.values():
+                feed.journal = None
+            self.state.journal_enabled, self.state.journal = False, None
+            store.close()
 
     def _stop_listening(self) -> bool:
         """Close the client listeners, all at once (no await: nothing else runs meanwhile);
@@ -495,7 +530,10 @@ def run(
         gateway = Gateway(cfg, loop_name=loop_name)
         gateway.on_listening = on_listening
         gateway.reloader = reload
-        transport.run_loop(gateway.serve(), loop_name)
+        try:
+            transport.run_loop(gateway.serve(), loop_name)
+        finally:
+            gateway.close_journal()  # a start that failed half-way leaves it unlocked
     except GatewayError as exc:
         print_error(str(exc), cfg.log_format)
         return 2

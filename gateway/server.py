@@ -33,6 +33,7 @@ from gateway.zstd_baseline import PerSessionZstdConnection
 
 if TYPE_CHECKING:
     from gateway.feeds.base import Feed
+    from gateway.journal import JournalStore
 
 __all__ = [
     "HANDOVER_TEXT",
@@ -71,6 +72,8 @@ class ServerState:
     accepting: bool = True
     #: a journal store is open (``[journal] dir``): replays (``start=``) can be served
     journal_enabled: bool = False
+    #: the open journal store (None: no journal configured); each feed has its dataset's
+    journal: JournalStore | None = None
     #: replays that may run at once (``[journal] max_replays``); past it: a clear ErrorMsg
     max_replays: int = 16
     #: bytes one replay may hand the kernel per loop turn (``[journal] replay_step_bytes``)

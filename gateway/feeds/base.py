@@ -22,6 +22,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from gateway import dbn
 from gateway.dbn import ChunkIndex, SystemCode
@@ -34,6 +35,9 @@ from gateway.symbology import (
     mappings_in_metadata,
     without_gateway_records,
 )
+
+if TYPE_CHECKING:
+    from gateway.journal import DatasetJournal
 
 __all__ = ["SLICE_SIZE", "Feed", "FeedMember", "FeedStats", "SymbolDirectory"]
 
@@ -78,6 +82,9 @@ class Feed:
         self.invalid_inputs = 0
         self.backpressure = backpressure
         self._clock_ns = clock_ns
+        #: the dataset's journal (``[journal] dir``): every chunk is appended to it before
+        #: the fan-out sees it, every mapping learnt is recorded in it; None: no journal
+        self.journal: DatasetJournal | None = None
         #: called with True when the source must stop reading, False to resume
         self.flow_listeners: list[Callable[[bool], None]] = []
         #: lossless pauses (a session over its high-water mark): since when, total, count
@@ -256,7 +263,11 @@ class Feed:
         return True
 
     def _learn_now(self, pairs: list[tuple[str, int]]) -> None:
-        self.subscriptions.announce(self.directory.learn_many(pairs))
+        changed = self.directory.learn_many(pairs)
+        journal = self.journal
+        if journal is not None and changed:
+            journal.learn(changed, ts=self.stats.last_ts_event or None)
+        self.subscriptions.announce(changed)
 
     # --- data -----------------------------------------------------------------------------
 
@@ -285,6 +296,9 @@ class Feed:
                 self._held.appendleft(index)  # its definitions are being learnt
                 self._update_flow()
                 return
+        journal = self.journal
+        if journal is not None:
+            journal.append(index)  # write-ahead: on file before any session is sent it
         self.fanout.publish(index)
 
     # --- feed health ----------------------------------------------------------------------

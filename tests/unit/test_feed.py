@@ -405,3 +405,101 @@ def test_non_tbbo_metadata_keeps_mbp1(schema):
     publish(feed, recs)
     assert tbbo.data == b""
     assert mbp1.data == b"".join(recs)
+
+
+# --- the journal hooks (write-ahead, mappings learnt) --------------------------------------
+
+
+class FakeJournal:
+    """Records what the feed hands a DatasetJournal, in one log shared with a member."""
+
+    def __init__(self, log: list) -> None:
+        self.log = log
+        self.last_seq = 0
+
+    def append(self, index: dbn.ChunkIndex) -> int:
+        self.last_seq += 1
+        self.log.append(("append", bytes(index.data)))
+        return self.last_seq
+
+    def learn(self, changed, ts=None) -> None:
+        self.log.append(("learn", list(changed), ts))
+
+
+class SharedLogMember(Member):
+    def __init__(self, log: list) -> None:
+        super().__init__()
+        self.shared = log
+
+    def deliver(self, data, records: int) -> None:
+        super().deliver(data, records)
+        self.shared.append(("deliver", bytes(data)))
+
+
+def journaled_feed() -> tuple[Feed, list]:
+    feed = new_feed()
+    log: list = []
+    feed.journal = FakeJournal(log)  # type: ignore[assignment]  # a stand-in DatasetJournal
+    return feed, log
+
+
+def test_journal_append_comes_before_fan_out_delivery():
+    feed, log = journaled_feed()
+    member = SharedLogMember(log)
+    join(feed, sub([ALL_SYMBOLS]), member)
+    log.clear()
+    first = [trade(1001, NOW_NS + 1), trade(1002, NOW_NS + 2)]
+    second = [trade(1003, NOW_NS + 3)]
+    publish(feed, first)
+    publish(feed, second)
+    assert log == [
+        ("append", b"".join(first)),
+        ("deliver", b"".join(first)),
+        ("append", b"".join(second)),
+        ("deliver", b"".join(second)),
+    ]
+
+
+def test_journal_gets_every_chunk_even_with_no_member():
+    feed, log = journaled_feed()
+    recs = [trade(1001, NOW_NS)]
+    publish(feed, recs)
+    assert log == [("append", b"".join(recs))]
+
+
+def test_journal_gets_the_chunk_without_gateway_records_after_its_mappings():
+    feed, log = journaled_feed()
+    member = SharedLogMember(log)
+    join(feed, sub([ALL_SYMBOLS]), member)
+    log.clear()
+    data = [trade(1001, NOW_NS + 5), trade(2000, NOW_NS + 6)]
+    publish(feed, [symbol_mapping(2000, "NEWCO", NOW_NS + 4), data[0], data[1]])
+    kinds = [entry[0] for entry in log]
+    # learnt (at_seq = the chunk about to be appended), then appended, then delivered
+    assert kinds == ["learn", "append", "deliver"]
+    assert log[0][1] == [("NEWCO", 2000)]
+    assert log[1] == ("append", b"".join(data))
+    assert log[2] == ("deliver", b"".join(data))
+
+
+def test_journal_learns_only_changed_mappings_with_the_feed_time():
+    feed, log = journaled_feed()
+    publish(feed, [trade(1001, NOW_NS + 7)])
+    log.clear()
+    feed.learn_many([("ESZ4", 1001), ("NEWCO", 2000), ("NQZ4", 4242)])
+    assert log == [("learn", [("NEWCO", 2000), ("NQZ4", 4242)], NOW_NS + 7)]
+    log.clear()
+    feed.learn_many([("ESZ4", 1001)])  # nothing new: nothing journaled
+    assert log == []
+
+
+def test_journal_learn_before_any_record_has_no_time():
+    feed = Feed("GLBX.MDP3", fanout=FanOut(clock_ns=lambda: CLOCK), clock_ns=lambda: CLOCK)
+    log: list = []
+    feed.journal = FakeJournal(log)  # type: ignore[assignment]  # a stand-in DatasetJournal
+    feed.learn_many([("ESZ4", 1001)])
+    assert log == [("learn", [("ESZ4", 1001)], None)]
+
+
+def test_no_journal_by_default():
+    assert new_feed().journal is None
