@@ -38,6 +38,7 @@ from tests.integration.helpers import (
     metric,
     metric_samples,
 )
+from tests.support.waiting import poll_until
 
 DEPLOY = ROOT / "deploy" / "monitoring"
 GATEWAY_RECORD_TYPES = np.array(sorted(GATEWAY_RTYPES), dtype=np.uint8)
@@ -748,3 +749,51 @@ async def _check_pages(browser: Browser, pages: list[Page], uptime: dict[str, An
         assert await page.js("document.documentElement.scrollWidth <= window.innerWidth"), (
             await page.js("[document.documentElement.scrollWidth, window.innerWidth]")
         )
+
+
+# --- the journal ----------------------------------------------------------------------
+
+
+async def test_metrics_and_status_show_the_journal(tmp_path: Path) -> None:
+    """A gateway with --journal-dir: per dataset journal figures on /metrics (the write
+    histogram included), and on /status.json and the page how far back it replays."""
+    with gateway(
+        "--metrics-port",
+        "0",
+        "--journal-dir",
+        str(tmp_path / "journal"),
+        feeds={"J.SYNTH": "synthetic:?rate=2000"},
+    ) as gw:
+        port = gw.metrics_port
+
+        def journaled() -> Samples | None:
+            s = metric_samples(port)
+            return (
+                s if metric(s, "gateway_journal_write_seconds_count", dataset="J.SYNTH") else None
+            )
+
+        samples = await asyncio.to_thread(
+            poll_until, journaled, 10, 0.05, "the first journal write on /metrics"
+        )
+        status = await _status(port)
+        code, page = await asyncio.to_thread(http_get, port, "/status")
+    assert metric(samples, "gateway_journal_enabled", dataset="J.SYNTH") == 1
+    assert metric(samples, "gateway_journal_bytes", dataset="J.SYNTH") > 0
+    assert metric(samples, "gateway_journal_segments", dataset="J.SYNTH") >= 1
+    assert metric(samples, "gateway_journal_retention_seconds", dataset="J.SYNTH") == 86400
+    oldest = metric(samples, "gateway_journal_oldest_timestamp_seconds", dataset="J.SYNTH")
+    newest = metric(samples, "gateway_journal_newest_timestamp_seconds", dataset="J.SYNTH")
+    assert time.time() - 60 < oldest <= newest < time.time() + 60
+    assert metric(samples, "gateway_journal_write_errors_total", dataset="J.SYNTH") == 0
+    assert metric(samples, "gateway_journal_write_seconds_bucket", le="+Inf") >= 1
+    for reason in ("retention", "max_bytes"):
+        assert (
+            "gateway_journal_segments_deleted_total",
+            (("dataset", "J.SYNTH"), ("reason", reason)),
+        ) in samples
+    assert ("gateway_replays_active", ()) in samples
+    (feed,) = status["feeds"]
+    journal = feed["journal"]
+    assert journal["state"] == "on" and journal["oldest_ts"] is not None
+    assert str(tmp_path) not in json.dumps(status)  # never a path
+    assert code == 200 and "replay back to " in page and str(tmp_path) not in page
