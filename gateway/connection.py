@@ -19,11 +19,14 @@ from typing import TYPE_CHECKING, cast
 from gateway import dbn
 from gateway.accounting import SessionAccount
 from gateway.auth import KeyEntry, new_challenge
+from gateway.checkpoint import encode_checkpoint
 from gateway.control import AuthRequest
 from gateway.dbn import ErrorCode
 from gateway.errors import AuthError
-from gateway.linger import LingeringClose, abort_if_undrained
+from gateway.linger import LingeringClose, abort_if_undrained, reset
 from gateway.output import SessionOutput
+from gateway.replay.begin import begin_replay
+from gateway.replay.plan import wants_replay
 from gateway.session import (
     AuthRequested,
     Event,
@@ -37,6 +40,7 @@ from gateway.session import (
 from gateway.slowreader import Verdict, effective_behavior
 
 if TYPE_CHECKING:
+    from gateway.replay.run import ReplayRun
     from gateway.server import ServerState
 
 __all__ = ["HANDOVER_TEXT", "SHUTDOWN_TEXT", "ClientConnection"]
@@ -57,6 +61,9 @@ class ClientConnection(SessionOutput, asyncio.Protocol):
         self.peer = "?"
         self.session_id = 0
         self.account = SessionAccount(state.metrics)
+        #: ``lsg_checkpoints=1`` and a journal: checkpoint records (gateway/checkpoint.py)
+        self.checkpoints = False
+        self._checkpoint_seq = -1
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
 
@@ -106,6 +113,8 @@ class ClientConnection(SessionOutput, asyncio.Protocol):
         state.admission.unauthenticated.discard(self)
         if exc is not None and not self.closing:
             self.account.ending("connection_error", f"connection error: {type(exc).__name__}")
+        if self.replay is not None:
+            self.replay.release()
         if self.feed is not None:
             self.feed.leave(self)
             self._set_paused(False)
@@ -129,7 +138,11 @@ class ClientConnection(SessionOutput, asyncio.Protocol):
         assert session is not None
         for event in events:
             if isinstance(event, SubscriptionReady):
-                if not event.queued:
+                if event.queued:
+                    pass
+                elif self.replay is not None:
+                    self.replay.hold(event.subscription)  # applied live at the hand-over
+                else:
                     self._subscribe((event.subscription,))
             elif isinstance(event, StartRequested):
                 self._start(event.subscriptions)
@@ -163,6 +176,7 @@ class ClientConnection(SessionOutput, asyncio.Protocol):
         self.feed = state.feeds[req.dataset]
         self.ts_out = req.ts_out
         self.zstd = req.compression == "zstd"
+        self.checkpoints = req.lsg_checkpoints and self.feed.journal is not None
         self.session_id = state.next_session_id()
         self.slow.lossless = self.feed.backpressure
         state.admission.unauthenticated.discard(self)
@@ -171,6 +185,9 @@ class ClientConnection(SessionOutput, asyncio.Protocol):
 
     def _start(self, queued: tuple[Subscription, ...]) -> None:
         assert self.feed is not None and self.session is not None
+        if wants_replay(queued):
+            begin_replay(self, queued)
+            return
         head = self._metadata()
         self.feed.join(self)
         self.account.phase(self, "streaming")
@@ -182,15 +199,50 @@ class ClientConnection(SessionOutput, asyncio.Protocol):
         records: list[bytes] = []
         for sub in subs:
             records += self.feed.subscribe(self, sub)
+        self._update_behavior()
+        if head:
+            self._write_control(head, records)
+        else:
+            self.send_gateway_records(records)
+
+    def _update_behavior(self) -> None:
+        assert self.session is not None
         auth = self.session.auth
         schemas = [s.schema for s in self.session.subscriptions]
         self.slow.behavior = effective_behavior(
             auth.slow_reader_behavior if auth else None, schemas
         )
-        if head:
-            self._write_control(head, records)
-        else:
-            self.send_gateway_records(records)
+
+    # --- replay (gateway/replay) ---------------------------------------------------------------
+
+    def replay_joined(self, run: ReplayRun, records: list[bytes], last_seq: int) -> None:
+        """The replay caught up at ``last_seq`` (its pump closed): its last records, then
+        live from the next chunk on (the subscriptions held during it applied now)."""
+        assert self.feed is not None
+        self._checkpoint_seq = last_seq
+        self._write_control(b"", records)
+        extra = self.feed.subscriptions.handover(self, run.subs, run.plan.announced)
+        self.send_gateway_records(extra)
+        if self.paused:
+            self.feed.member_blocked(self, True)
+        if run.held:
+            self._subscribe(tuple(run.held))
+
+    def end_replay(self, text: str, label: str) -> None:
+        """A replay that cannot go on: a fatal ErrorMsg, then the usual close."""
+        self._terminate(text, ErrorCode.INTERNAL_ERROR, label, text, label)
+
+    def _checkpoint(self) -> None:
+        """A live session that asked for checkpoints gets one each tick the journal moved
+        (every record of chunks up to it was delivered to it synchronously)."""
+        feed = self.feed
+        journal = feed.journal if feed is not None else None
+        if journal is None or not journal.enabled or self.slow.skipped:
+            return
+        seq = journal.last_seq
+        if seq != self._checkpoint_seq and seq:
+            self._checkpoint_seq = seq
+            self.send_gateway_records([encode_checkpoint(time.time_ns(), seq)])
 
     def _metadata(self) -> bytes:
         assert self.feed is not None
@@ -232,7 +284,15 @@ class ClientConnection(SessionOutput, asyncio.Protocol):
             asyncio.get_running_loop().call_later(grace, self._reset_if_undrained, grace)
 
     def _reset_if_undrained(self, grace: float) -> None:
-        if self.transport is not None and abort_if_undrained(self.transport):
+        run = self.replay
+        if run is not None and run.holding and self.transport is not None:
+            run.release()
+            reset(self.transport)
+            log.warning(
+                "session reset session_id=%d peer=%s reason=cut_not_drained grace_s=%g",
+                *(self.session_id, self.peer, grace),
+            )
+        elif self.transport is not None and abort_if_undrained(self.transport):
             log.warning(
                 "session reset session_id=%d peer=%s reason=cut_not_drained grace_s=%g",
                 *(self.session_id, self.peer, grace),
@@ -274,6 +334,13 @@ class ClientConnection(SessionOutput, asyncio.Protocol):
         self._cancel_timer()
         if self.feed is not None:
             self.feed.leave(self)  # nothing more is delivered; a lossless feed is not held
+        if self.replay is not None:
+            # after what the replay has queued (one step at most) and the final ErrorMsg
+            self.replay.then_close(lambda: self._close_lingering(fin_now))
+            return
+        self._close_lingering(fin_now)
+
+    def _close_lingering(self, fin_now: bool) -> None:
         transport = self.transport
         if transport is None:
             return
@@ -323,6 +390,14 @@ class ClientConnection(SessionOutput, asyncio.Protocol):
         transport = self.transport
         if self.closing or transport is None or not self.metadata_sent:
             return
+        run = self.replay
+        if run is not None:
+            stall = self.state.slow.stall_timeout_s
+            if run.stalled(now, stall):
+                self.cut("replay_stall", f"replay stalled for more than {stall:g} s; disconnecting")
+            return
+        if self.checkpoints:
+            self._checkpoint()
         buffered = transport.get_write_buffer_size()
         self.account.observe_buffer(self, buffered)
         if self.slow.on_tick(buffered, self.paused, now) is Verdict.CUT:

@@ -21,6 +21,7 @@ from gateway.slowreader import SlowReader, Verdict
 
 if TYPE_CHECKING:
     from gateway.feeds.base import Feed
+    from gateway.replay.run import ReplayRun
     from gateway.server import ServerState
     from gateway.session import Session
 
@@ -43,6 +44,8 @@ class SessionOutput:
         #: ``state.clock`` at the last write (heartbeats count from it)
         self.last_write = 0.0
         self.paused = False
+        #: the replay that owns the socket until its hand-over to live (gateway/replay)
+        self.replay: ReplayRun | None = None
 
     @property
     def metadata_sent(self) -> bool:
@@ -53,7 +56,8 @@ class SessionOutput:
         raise NotImplementedError
 
     def _write_control(self, head: bytes, records: list[bytes]) -> None:
-        """Metadata (if any) plus gateway records, as one piece (one zstd frame)."""
+        """Metadata (if any) plus gateway records, as one piece (one zstd frame); while a
+        replay owns the socket, into its pump (after what the replay queued)."""
         if self.transport is None or self.transport.is_closing():
             return
         body = dbn.stamp_records(records, time.time_ns()) if self.ts_out else b"".join(records)
@@ -62,6 +66,10 @@ class SessionOutput:
             return
         if self.zstd:
             data = self._compress(data)
+        run = self.replay
+        if run is not None and run.active:
+            run.pump.push_bytes(data)  # counted as the pump writes it
+            return
         self.transport.write(data)
         self.bytes_sent += len(data)
         self.last_write = self.state.clock()
@@ -140,5 +148,7 @@ class SessionOutput:
         if paused == self.paused:
             return
         self.paused = paused
+        if self.replay is not None:
+            return  # not in the feed yet: a replay never holds a lossless feed back
         if self.feed is not None:
             self.feed.member_blocked(self, paused)

@@ -31,20 +31,27 @@ which ones are no longer needed once what precedes it is written (``release``), 
 
 from __future__ import annotations
 
-import datetime as dt
 import os
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
 
-from gateway.dbn import ChunkIndex, ErrorCode, index_records, stamp_records, stamp_ts_out
-from gateway.interest import SubscriptionLike, stype_of
+from gateway.dbn import ChunkIndex, index_records, stamp_records, stamp_ts_out
+from gateway.interest import stype_of
 from gateway.journal.format import filter_ts
+from gateway.replay.refusals import (
+    Refusal,
+    ReplayError,
+    ReplayRequest,
+    check,
+    iso_ns,
+    wants_replay,
+)
 from gateway.replay.symbols import ReplaySub, ReplaySymbols
 
 if TYPE_CHECKING:
@@ -68,35 +75,6 @@ __all__ = [
 FETCH_ROWS = 4096
 #: what skipping a part (nothing selected, known from its index row) counts against a step
 _SKIP_COST = 256
-#: a start this far past the wall clock is refused as in the future
-FUTURE_SLACK_NS = 1_000_000_000
-
-
-class ReplayRequest(SubscriptionLike, Protocol):
-    """A subscription that may ask for a replay (``session.Subscription`` is one)."""
-
-    @property
-    def start_ns(self) -> int | None: ...
-
-    @property
-    def resume_after(self) -> int | None: ...
-
-
-def wants_replay(subs: Sequence[ReplayRequest]) -> bool:
-    return any(s.start_ns is not None or s.resume_after is not None for s in subs)
-
-
-class ReplayError(Exception):
-    """The journal does not hold what its index says (a file cut short, bad records)."""
-
-
-@dataclass(frozen=True)
-class Refusal:
-    """Why a replay is refused: ``reason`` labels ``gateway_replays_refused_total``."""
-
-    reason: str
-    code: int
-    text: str
 
 
 @dataclass(frozen=True)
@@ -125,53 +103,6 @@ class Retire:
 
 
 Item = Chunk | FileRange | Retire
-
-
-def iso_ns(ns: int) -> str:
-    """UNIX ns as ISO 8601 UTC with nanoseconds (``2026-12-01T10:00:00.123456789Z``)."""
-    secs, frac = divmod(ns, 1_000_000_000)
-    when = dt.datetime.fromtimestamp(secs, dt.UTC)
-    return f"{when:%Y-%m-%dT%H:%M:%S}.{frac:09d}Z"
-
-
-def check(journal: DatasetJournal, subs: Sequence[ReplayRequest], now_ns: int) -> Refusal | None:
-    """Whether the journal can serve these subscriptions' replays (None: it can)."""
-    for sub in subs:
-        start = sub.start_ns
-        if start is not None:
-            if start > now_ns + FUTURE_SLACK_NS:
-                return Refusal(
-                    "future",
-                    ErrorCode.INVALID_SUBSCRIPTION,
-                    f"Invalid start {iso_ns(start)} ({start}): it is in the future",
-                )
-            oldest = journal.oldest_ts()
-            if start != 0 and oldest is not None and start < oldest:
-                return Refusal(
-                    "aged_out",
-                    ErrorCode.REPLAY_DATA_AGED_OUT,
-                    f"Replay data aged out: start {start} is older than the oldest data "
-                    f"available, {iso_ns(oldest)} ({oldest})",
-                )
-        elif sub.resume_after is not None:
-            after = sub.resume_after
-            first = journal.first_seq()
-            if after > journal.last_seq:
-                return Refusal(
-                    "bad_resume",
-                    ErrorCode.INVALID_SUBSCRIPTION,
-                    f"Invalid lsg_resume_after {after}: the journal ends at {journal.last_seq}",
-                )
-            if first and after < first - 1:
-                oldest = journal.oldest_ts()
-                when = f", {iso_ns(oldest)} ({oldest})" if oldest is not None else ""
-                return Refusal(
-                    "aged_out",
-                    ErrorCode.REPLAY_DATA_AGED_OUT,
-                    f"Replay data aged out: position {after} is older than the oldest data "
-                    f"available (position {first}{when})",
-                )
-    return None
 
 
 class _Out:

@@ -1,0 +1,199 @@
+"""The adapter's replay mode (gateway/replay/run.py, begin.py) in-process, over real sockets
+on 127.0.0.1 and the loop under test: a feed with a journal in tmp_path, a session that
+subscribes with ``start=`` replays through the pump (sendfile for whole parts) and hands
+over to live with no gap and no duplicate while the feed publishes; refusals; checkpoints
+only for the sessions that ask for them."""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway import dbn
+from gateway.auth import Authenticator, KeyEntry
+from gateway.checkpoint import parse_checkpoint
+from gateway.control import START_SESSION, encode_subscription
+from gateway.dbn import index_records
+from gateway.journal import JournalStore
+from gateway.server import ServerState
+from tests.integration.helpers import apoll_until
+from tests.unit import test_adapter
+from tests.unit.conftest import trade
+from tests.unit.test_adapter import (
+    DATASET,
+    KEY,
+    Client,
+    handshake,
+    new_state,
+    sample,
+    text_of,
+)
+
+server = test_adapter.server  # the fixture: a listener on the loop under test
+
+T0 = 1_764_000_000_000_000_000
+PER_CHUNK = 10
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[JournalStore]:
+    s = JournalStore.open(tmp_path / "journal")
+    yield s
+    s.close()
+
+
+def journaled_state(store: JournalStore, **kwargs: Any) -> ServerState:
+    state = new_state(**kwargs)
+    feed = state.feeds[DATASET]
+    feed.journal = store.dataset(DATASET)
+    state.journal_enabled = True
+    feed.learn_many([("AAA", 11), ("BBB", 22)])
+    return state
+
+
+class Publisher:
+    """Chunks of trades whose ``sequence`` field counts every record published."""
+
+    def __init__(self, state: ServerState) -> None:
+        self.feed = state.feeds[DATASET]
+        self.n = 0
+
+    def chunk(self) -> None:
+        recs = [
+            trade(11 if (self.n + k) % 3 else 22, T0 + (self.n + k) * 1000, sequence=self.n + k)
+            for k in range(PER_CHUNK)
+        ]
+        self.n += PER_CHUNK
+        self.feed.publish(index_records(b"".join(recs))[0])
+
+
+def sequence_of(rec: bytes) -> int:
+    return int(struct.unpack_from("<I", rec, 44)[0])  # TradeMsg.sequence
+
+
+async def read_until(client: Client, stop: Any, timeout: float = 10.0) -> list[bytes]:
+    out: list[bytes] = []
+    async with asyncio.timeout(timeout):
+        while True:
+            rec = await client.record(timeout)
+            out.append(rec)
+            if stop(rec):
+                return out
+
+
+async def start_replay(server: Any, state: ServerState, extra: str = "", **sub: Any) -> Client:
+    connect = await server(state)
+    client, _ = await connect()
+    assert (await handshake(client, **({"lsg_checkpoints": True} if extra else {}))).startswith(
+        b"success=1"
+    )
+    client.send(encode_subscription("trades", "ALL_SYMBOLS", sub_id=1, **sub))
+    client.send(START_SESSION)
+    await client.metadata()
+    return client
+
+
+async def test_replay_hands_over_to_live_with_no_gap_and_no_duplicate(
+    server: Any, store: JournalStore
+) -> None:
+    state = journaled_state(store, replay_step_bytes=4096)
+    pub = Publisher(state)
+    for _ in range(100):
+        pub.chunk()
+    client = await start_replay(server, state, start=0)
+    # The feed goes on at full speed (a chunk a loop turn) while the session replays.
+    for _ in range(150):
+        pub.chunk()
+        await asyncio.sleep(0)
+    last = pub.n - 1
+    got = await read_until(client, lambda r: r[1] == 0x00 and sequence_of(r) == last)
+    texts = [text_of(r) for r in got if r[1] in (dbn.RTYPE_SYSTEM, dbn.RTYPE_ERROR)]
+    assert texts[0] == "Subscription request 1 for trades data succeeded"
+    assert "Finished trades replay" in texts
+    seqs = [sequence_of(r) for r in got if r[1] == 0x00]
+    assert seqs == list(range(pub.n))
+    assert state.replay_bytes["sendfile"] > 0  # whole parts went with os.sendfile
+    conn = next(iter(state.connections))
+    assert conn.replay is None and state.replays_active == 0
+    assert conn in state.feeds[DATASET].members
+    assert sample(state, "gateway_replay_catchup_seconds_count") == 1
+    # Live from here on, nothing twice.
+    pub.chunk()
+    more = await read_until(client, lambda r: r[1] == 0x00 and sequence_of(r) == pub.n - 1)
+    assert [sequence_of(r) for r in more if r[1] == 0x00] == list(range(last + 1, pub.n))
+
+
+async def test_a_start_filters_and_mappings_come_first(server: Any, store: JournalStore) -> None:
+    state = journaled_state(store)
+    pub = Publisher(state)
+    for _ in range(20):
+        pub.chunk()
+    client = await start_replay(server, state, start=T0 + 105_000)
+    got = await read_until(client, lambda r: r[1] == dbn.RTYPE_SYSTEM and b"Finished" in r)
+    kinds = [r[1] for r in got]
+    assert kinds[:3] == [dbn.RTYPE_SYSTEM, dbn.RTYPE_SYMBOL_MAPPING, dbn.RTYPE_SYMBOL_MAPPING]
+    assert [sequence_of(r) for r in got if r[1] == 0x00] == list(range(105, 200))
+
+
+async def test_no_journal_and_the_replay_limit_are_clear_fatal_errors(server: Any) -> None:
+    state = new_state()
+    client = await start_replay(server, state, start=0)
+    err = await client.record()
+    assert err[1] == dbn.RTYPE_ERROR and "keeps no journal" in text_of(err)
+    assert await client.to_eof() == b""
+    assert sample(state, "gateway_replays_refused_total", reason="unavailable") == 1
+
+
+async def test_past_max_replays_is_refused_with_retry_later(
+    server: Any, store: JournalStore
+) -> None:
+    state = journaled_state(store, max_replays=0)
+    client = await start_replay(server, state, start=0)
+    err = await client.record()
+    assert text_of(err) == "replay limit reached (0); retry later"
+    assert err[-1 - 0] in (0, 1) and dbn.ErrorCode.CONNECTION_LIMIT_EXCEEDED == 3
+    assert sample(state, "gateway_replays_refused_total", reason="limit") == 1
+    assert state.replays_active == 0
+
+
+async def test_aged_out_names_the_oldest_time(server: Any, store: JournalStore) -> None:
+    state = journaled_state(store)
+    Publisher(state).chunk()
+    client = await start_replay(server, state, start=T0 - 1)
+    err = await client.record()
+    assert err[1] == dbn.RTYPE_ERROR
+    assert "aged out" in text_of(err) and str(T0) in text_of(err)
+    assert sample(state, "gateway_replays_refused_total", reason="aged_out") == 1
+
+
+async def test_checkpoints_only_for_sessions_that_ask(server: Any, store: JournalStore) -> None:
+    state = journaled_state(store)
+    state.authenticator = Authenticator([KeyEntry(KEY, "k", None, max_sessions=2)])
+    pub = Publisher(state)
+    for _ in range(5):
+        pub.chunk()
+    asker = await start_replay(server, state, extra="ckpt", start=0)
+    got = await read_until(asker, lambda r: r[1] == dbn.RTYPE_SYSTEM and b"Finished" in r)
+    # once, at the end of the replayed chunks (before the hand-over's REPLAY_COMPLETED)
+    assert [parse_checkpoint(r) for r in got if parse_checkpoint(r) is not None] == [5]
+    assert len([r for r in got if r[1] == 0x00]) == 5 * PER_CHUNK
+    connect = await server(state)
+    plain, _ = await connect()
+    assert (await handshake(plain)).startswith(b"success=1")
+    plain.send(encode_subscription("trades", "ALL_SYMBOLS", sub_id=1))
+    plain.send(START_SESSION)
+    await plain.metadata()
+    await plain.record()  # the ack
+    await apoll_until(lambda: len(state.feeds[DATASET].members) == 2, timeout=5)
+    pub.chunk()
+    for conn in list(state.connections):
+        conn.tick(state.clock())
+    live = await read_until(asker, lambda r: parse_checkpoint(r) is not None)
+    assert parse_checkpoint(live[-1]) == 6 and len(live) == PER_CHUNK + 1
+    other = await read_until(plain, lambda r: r[1] == 0x00 and sequence_of(r) == pub.n - 1)
+    assert not any(parse_checkpoint(r) is not None for r in other)
