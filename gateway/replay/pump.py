@@ -66,8 +66,9 @@ class ReplayPump:
     ``on_written(n, path)`` follows every piece handed over (``"sendfile"`` for file
     ranges, ``"copy"`` for bytes); ``on_error(exc)`` is called once, on a later loop turn,
     when the pump stops on an error (never after ``close()``); ``refill()`` is called when
-    the queue runs empty: the producer may push more and returns False when it has nothing
-    now (the pump then idles until ``kick()``).
+    the queue runs empty (the first time on the loop turn after construction): the producer
+    may push more and returns False when it has nothing now (the pump then idles until
+    ``kick()``).
     """
 
     def __init__(
@@ -100,6 +101,7 @@ class ReplayPump:
         self.bytes_sendfile = self.bytes_copied = 0
         #: turns run, writability wake-ups, refill calls (the proof it waits, not spins)
         self.turns = self.wakeups = self.refills = 0
+        self._schedule()  # the first turn asks the producer (refill) for what comes first
 
     # --- the producer's side ----------------------------------------------------------------
 
