@@ -24,7 +24,7 @@ from typing import Final
 import numpy as np
 import numpy.typing as npt
 
-from gateway.dbn import ChunkIndex
+from gateway.dbn import UNDEF_TIMESTAMP, ChunkIndex
 from gateway.journal.format import filter_ts, pack_row
 from gateway.journal.segment import Entry, Segment, recover_segment
 from gateway.journal.symlog import SYMBOLOGY_NAME, SymbolLog, write_all
@@ -153,11 +153,13 @@ class DatasetJournal:
         newest = segments[-1].last_seq if segments else 0
         self.last_seq = max(newest, ids[-1] - 1 if ids else 0)
         for seg in segments:
-            if seg.max_ts is not None:
-                self._newest_ts = max(self._newest_ts or 0, seg.max_ts)
+            if seg.newest_ts is not None:
+                self._newest_ts = max(self._newest_ts or 0, seg.newest_ts)
         sym_cut = self._symbols.recover(self.last_seq)
         if sym_cut:
             cut[SYMBOLOGY_NAME] = sym_cut
+        if self._symbols.compact(self.first_seq() or self.last_seq + 1):
+            log.info("journal %s: symbology log compacted", self.dataset)
         if cut:
             total = sum(cut.values())
             detail = ", ".join(f"{name} {n}" for name, n in sorted(cut.items()))
@@ -178,43 +180,69 @@ class DatasetJournal:
             return 0
         started = time.perf_counter()
         seq = self.last_seq + 1
-        ts = filter_ts(index)
-        chunk_min = int(ts.min())
-        chunk_max = int(ts.max())
-        seg = self._writer
         undo: list[tuple[int, int]] = []  # (fd, size before) to truncate back on error
         try:
+            ts = filter_ts(index)
+            rtset = index.rtype_set
+            if len(rtset) == 1:
+                (rtype,) = rtset
+                parts: list[_Part] = [
+                    (rtype, index.data, index.count, int(ts.min()), int(ts.max()))
+                ]
+            else:
+                parts = _split(index, ts, rtset)
+            chunk_min = min(p[3] for p in parts)
+            chunk_max = max(p[4] for p in parts)
+            seg = self._writer
             if seg is None:
                 seg = self._resume(seq)
             if self._must_roll(seg, chunk_min, chunk_max):
                 seg = self._roll(seq)
-            rtset = index.rtype_set
-            if len(rtset) == 1:
-                (rtype,) = rtset
-                data = index.data
+            order_off = _NO_ORDER
+            if len(parts) > 1:
+                order_fd = seg.get_order_fd()
+                order_off = seg.order_size
+                undo.append((order_fd, order_off))
+                write_all(order_fd, index.rtypes.tobytes())
+                seg.order_size = order_off + index.count
+            rows = []
+            for rtype, data, count, lo, hi in parts:
                 fd = seg.rt_fd(rtype)
                 offset = seg.rt_sizes[rtype]
                 undo.append((fd, offset))
                 write_all(fd, data)
                 seg.rt_sizes[rtype] = offset + len(data)
-                rows = pack_row(
-                    seq, rtype, 1, index.count, offset, len(data), zlib.crc32(data),
-                    chunk_min, chunk_max, _NO_ORDER,
-                )  # fmt: skip
-            else:
-                rows = self._write_mixed(seg, index, seq, ts, rtset, undo)
+                rows.append(
+                    pack_row(
+                        seq,
+                        rtype,
+                        len(parts),
+                        count,
+                        offset,
+                        len(data),
+                        zlib.crc32(data),
+                        lo,
+                        hi,
+                        order_off,
+                    )  # fmt: skip
+                )
+            row_bytes = rows[0] if len(rows) == 1 else b"".join(rows)
             undo.append((seg.index_fd, seg.index_size))
-            write_all(seg.index_fd, rows)
+            write_all(seg.index_fd, row_bytes)
         except Exception as exc:  # OSError, or a bug: never into the feed
             self._disable(exc, undo)
             return 0
-        seg.index_size += len(rows)
-        seg.add_rows(rows)
+        seg.index_size += len(row_bytes)
+        seg.add_rows(row_bytes)
         seg.last_seq = seq
         seg.min_ts = chunk_min if seg.min_ts is None else min(seg.min_ts, chunk_min)
         seg.max_ts = chunk_max if seg.max_ts is None else max(seg.max_ts, chunk_max)
-        if self._newest_ts is None or chunk_max > self._newest_ts:
-            self._newest_ts = chunk_max
+        newest = chunk_max if chunk_max != UNDEF_TIMESTAMP else _defined_max(ts)
+        if newest is not None:
+            if seg.newest_ts is None or newest > seg.newest_ts:
+                seg.newest_ts = newest
+            if self._newest_ts is None or newest > self._newest_ts:
+                self._newest_ts = newest
         self.last_seq = seq
         c = self._counters
         c.appended_chunks += 1
@@ -224,57 +252,6 @@ class DatasetJournal:
         c.write_count += 1
         c.buckets[bisect.bisect_left(WRITE_BUCKETS, elapsed)] += 1
         return seq
-
-    def _write_mixed(
-        self,
-        seg: Segment,
-        index: ChunkIndex,
-        seq: int,
-        ts: npt.NDArray[np.uint64],
-        rtset: frozenset[int],
-        undo: list[tuple[int, int]],
-    ) -> bytes:
-        rtypes = index.rtypes
-        order_fd = seg.get_order_fd()
-        order_off = seg.order_size
-        undo.append((order_fd, order_off))
-        write_all(order_fd, rtypes.tobytes())
-        seg.order_size = order_off + index.count
-        nparts = len(rtset)
-        rows: list[bytes] = []
-        # Records of several lengths: gather 4-byte words (a record is a whole number of
-        # words) by a per-word rtype mask; one length: numpy's 2-D row gather.
-        words = word_rtypes = None
-        if index.rows is None:
-            words = np.frombuffer(index.data, dtype=np.uint32)
-            word_rtypes = np.repeat(rtypes, index.lengths >> 2)
-        for rtype in sorted(rtset):
-            mask = rtypes == rtype
-            if words is not None and word_rtypes is not None:
-                data: bytes | memoryview = words[word_rtypes == rtype].data.cast("B")
-            else:
-                data = index.select(mask)
-            fd = seg.rt_fd(rtype)
-            offset = seg.rt_sizes[rtype]
-            undo.append((fd, offset))
-            write_all(fd, data)
-            seg.rt_sizes[rtype] = offset + len(data)
-            part_ts = ts[mask]
-            rows.append(
-                pack_row(
-                    seq,
-                    rtype,
-                    nparts,
-                    int(np.count_nonzero(mask)),
-                    offset,
-                    len(data),
-                    zlib.crc32(data),
-                    int(part_ts.min()),
-                    int(part_ts.max()),
-                    order_off,
-                )  # fmt: skip
-            )
-        return b"".join(rows)
 
     def _must_roll(self, seg: Segment, chunk_min: int, chunk_max: int) -> bool:
         if seg.n == 0:
@@ -386,11 +363,11 @@ class DatasetJournal:
         newest journaled record (in order, stopping at the first one still needed)."""
         if self._newest_ts is None:
             return []
-        cutoff = self._newest_ts - self._settings.retention_s * 1e9
+        cutoff = self._newest_ts - int(self._settings.retention_s * 1e9)
         out: list[Segment] = []
         for seg in self.deletable():
-            if seg.max_ts is not None and seg.max_ts >= cutoff:
-                break
+            if seg.newest_ts is None or seg.newest_ts >= cutoff:
+                break  # still needed (or of unknown age: max_bytes bounds it)
             out.append(seg)
         return out
 
@@ -497,6 +474,37 @@ class DatasetJournal:
             write_seconds_buckets=cumulative,
             fsyncs=c.fsyncs,
         )
+
+
+#: rtype, data, record count, min and max filter ts of one part of a chunk
+_Part = tuple[int, bytes | memoryview, int, int, int]
+
+
+def _split(index: ChunkIndex, ts: npt.NDArray[np.uint64], rtset: frozenset[int]) -> list[_Part]:
+    """A mixed chunk's records per rtype (ascending), one gather each: of rows when every
+    record has one length, else of 4-byte words (a record is a whole number of words)
+    picked by a per-word rtype mask."""
+    rtypes = index.rtypes
+    words = word_rtypes = None
+    if index.rows is None:
+        words = np.frombuffer(index.data, dtype=np.uint32)
+        word_rtypes = np.repeat(rtypes, index.lengths >> 2)
+    parts: list[_Part] = []
+    for rtype in sorted(rtset):
+        mask = rtypes == rtype
+        if words is not None and word_rtypes is not None:
+            data: bytes | memoryview = words[word_rtypes == rtype].data.cast("B")
+        else:
+            data = index.select(mask)
+        part_ts = ts[mask]
+        parts.append((rtype, data, len(part_ts), int(part_ts.min()), int(part_ts.max())))
+    return parts
+
+
+def _defined_max(ts: npt.NDArray[np.uint64]) -> int | None:
+    """The largest filter ts that is not UNDEF_TIMESTAMP (None: there is none)."""
+    defined = ts[ts != UNDEF_TIMESTAMP]
+    return int(defined.max()) if len(defined) else None
 
 
 def _remove_tree(path: Path, cut: dict[str, int], label: str) -> None:

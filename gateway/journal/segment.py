@@ -18,12 +18,14 @@ from typing import Final
 import numpy as np
 import numpy.typing as npt
 
+from gateway.dbn import UNDEF_TIMESTAMP, index_records
 from gateway.errors import ConfigError
 from gateway.journal.format import (
     FORMAT_VERSION,
     INDEX_HEADER_LEN,
     ROW_DTYPE,
     ROW_LEN,
+    filter_ts,
     pack_index_header,
     parse_index_header,
     row_crcs,
@@ -66,6 +68,8 @@ class Segment:
         self.index_size = INDEX_HEADER_LEN
         self.min_ts: int | None = None
         self.max_ts: int | None = None
+        #: max filter ts without UNDEF_TIMESTAMP (what retention and newest_ts use)
+        self.newest_ts: int | None = None
         self.last_seq = segment_id - 1
         self.last_write = time.time()
         self.deleted = False
@@ -237,6 +241,7 @@ def recover_segment(directory: Path, segment_id: int, dataset: str) -> Recovered
         seg.last_seq = int(rows["seq"][-1])
         seg.min_ts = int(rows["min_ts"].min())
         seg.max_ts = int(rows["max_ts"].max())
+        seg.newest_ts = _newest_defined(directory, rows)
     seg.index_size = INDEX_HEADER_LEN + keep * ROW_LEN
     ends = rows["offset"] + rows["length"].astype(np.uint64)
     for rtype in np.unique(rows["rtype"]).tolist():
@@ -259,6 +264,26 @@ def recover_segment(directory: Path, segment_id: int, dataset: str) -> Recovered
     except OSError:
         pass
     return Recovered(seg, cut, "; ".join(problems))
+
+
+def _newest_defined(directory: Path, rows: npt.NDArray[np.void]) -> int | None:
+    """The largest filter ts of the rows that is not UNDEF_TIMESTAMP; parts whose max is
+    UNDEF (rare) are read back to find their largest defined one."""
+    maxes = rows["max_ts"]
+    undef = maxes == UNDEF_TIMESTAMP
+    best = [int(maxes[~undef].max())] if (~undef).any() else []
+    for row in rows[undef]:
+        fd = os.open(directory / rt_name(int(row["rtype"])), _RO)
+        try:
+            data = os.pread(fd, int(row["length"]), int(row["offset"]))
+        finally:
+            os.close(fd)
+        index, _ = index_records(data)
+        ts = filter_ts(index)
+        ts = ts[ts != UNDEF_TIMESTAMP]
+        if len(ts):
+            best.append(int(ts.max()))
+    return max(best) if best else None
 
 
 def _cut_file(path: Path, size: int, cut: dict[str, int]) -> None:

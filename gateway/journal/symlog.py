@@ -64,6 +64,34 @@ class SymbolLog:
             return len(raw) - good
         return 0
 
+    def compact(self, first_seq: int) -> bool:
+        """At open: when most rows before ``first_seq`` (the oldest retained chunk) are
+        superseded, rewrite the file with only each symbol's last mapping before it (the
+        same ``as_of`` for every retained seq). Atomic (a new file renamed over the old)."""
+        old = bisect.bisect_left(self._at, first_seq)
+        if old < 1024 or self.fd >= 0:
+            return False
+        last: dict[str, tuple[int, int, int, str]] = {}
+        for row in self._rows[:old]:
+            last.pop(row[3], None)  # keep the order of each symbol's last change
+            last[row[3]] = row
+        if len(last) * 2 > old:
+            return False
+        rows = list(last.values()) + self._rows[old:]
+        tmp = self._path.with_name(self._path.name + ".new")
+        raw = sym_header() + b"".join(pack_sym_row(a, t, i, s) for a, t, i, s in rows)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        try:
+            write_all(fd, raw)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, self._path)
+        self._rows = rows
+        self._at = [r[0] for r in rows]
+        self.size = len(raw)
+        return True
+
     def append(self, at_seq: int, ts: int, changed: Sequence[tuple[str, int]]) -> int:
         """Write the rows (one os.write); returns the size before, for an undo. Raises
         OSError (the file is then as before or longer)."""

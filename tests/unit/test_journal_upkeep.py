@@ -132,6 +132,23 @@ def test_retention_never_deletes_the_newest_segment(tmp_path: Path) -> None:
         assert j.last_seq == 3
 
 
+def test_undefined_timestamps_do_not_make_everything_expire(tmp_path: Path) -> None:
+    path = tmp_path / "j"
+    undef = 2**64 - 1
+    with JournalStore.open(path, retention_s=3.0, segment_span_s=1.0) as s:
+        j = s.dataset(DATASET)
+        j.append(chunk([trades(NOW_NS)]))
+        j.append(chunk([trades(NOW_NS + SEC)]))
+        no_ts = trade(2)[:8] + undef.to_bytes(8, "little") + trade(2)[16:]
+        j.append(chunk([trade(1, NOW_NS + 2 * SEC), no_ts]))
+        s.maintain()
+        assert j.newest_ts() == NOW_NS + 2 * SEC
+        assert seg_ids(j) == [1, 2, 3]
+        assert j.skip_before_ts({0}, NOW_NS + 99 * SEC) == 2  # UNDEF sorts last: replayed
+    with JournalStore.open(path, retention_s=3.0, segment_span_s=1.0) as s:
+        assert s.dataset(DATASET).newest_ts() == NOW_NS + 2 * SEC
+
+
 def test_max_bytes_deletes_oldest_first_over_the_whole_directory(tmp_path: Path) -> None:
     path = tmp_path / "j"
     # segment_bytes is capped at max_bytes / 4 = 5000 bytes: three chunks per segment
@@ -374,3 +391,31 @@ def test_rlimit_fsize_in_a_real_process_disables_the_journal(tmp_path: Path) -> 
         assert j.last_seq == out["last_seq"]
         assert read_entry(j.entries({0}, j.last_seq - 1, j.last_seq)[0]) == trades(NOW_NS)
     _check_files(path / DATASET)
+
+
+def test_symbology_log_is_compacted_at_open_once_its_chunks_aged_out(tmp_path: Path) -> None:
+    path = tmp_path / "j"
+    kw = {"retention_s": 3.0, "segment_span_s": 1.0}
+    with JournalStore.open(path, **kw) as s:  # type: ignore[arg-type]
+        j = s.dataset(DATASET)
+        for k in range(1200):  # ten symbols remapped over and over before chunk 1
+            j.learn([(f"S{k % 10}", k)])
+        for q in range(1, 7):
+            j.learn([(f"Q{q}", 1000 + q)])
+            j.append(chunk([trades(NOW_NS + q * SEC, 2)]))
+        s.maintain()
+        assert j.first_seq() == 3
+        as_of = {q: j.mappings_as_of(q) for q in range(2, 7)}
+        changes = j.mapping_changes(2, 6)
+    sym = path / DATASET / "symbology.bin"
+    before = sym.stat().st_size
+    with JournalStore.open(path, **kw) as s:  # type: ignore[arg-type]
+        j = s.dataset(DATASET)
+        assert sym.stat().st_size < before // 10
+        assert {q: j.mappings_as_of(q) for q in range(2, 7)} == as_of
+        assert j.mapping_changes(2, 6) == changes
+        assert as_of[2]["S3"] == 1193 and as_of[2]["Q2"] == 1002
+        j.learn([("Q9", 9)])
+        assert j.mappings_as_of(7)["Q9"] == 9
+    with JournalStore.open(path, **kw) as s:  # type: ignore[arg-type]
+        assert s.dataset(DATASET).mappings_as_of(7) == {**as_of[6], "Q9": 9}
