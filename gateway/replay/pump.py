@@ -10,14 +10,17 @@ Why not the loop's sendfile: uvloop transports have none, and both loops refuse
 ``add_writer`` on a transport's own fd. So the pump sends a file range itself, on a
 ``os.dup`` of the socket's fd, and only while the transport's buffer is empty (bytes written
 before the range are all in the kernel, so nothing interleaves); while a range is partly
-sent, nothing else is written. When the socket is full (``BlockingIOError``, or a short
-send) or the transport still holds bytes, the pump waits for the dup to be writable with
-``loop.add_writer`` (one-shot: removed in the callback, re-armed only if still needed) and
-then looks again. The transport writes its own buffer on the same writability, so waiting
-for its buffer to drain costs one wake-up per time the kernel takes more bytes — no spin,
-and no pause/resume forwarding needed from the protocol (``kick`` works as a nudge too).
-The dup keeps the socket open: the owner must ``close()`` the pump when the connection is
-lost or the session ends (``connection_lost``), and the pump closes it itself on an error.
+sent, nothing else is written. Bytes go to ``transport.write`` only while the transport
+holds less than ``step_bytes``, so memory stays bounded however slow the reader (the
+producer is asked for more only as the socket drains). When the socket is full
+(``BlockingIOError``, or a short send) or the transport holds too much, the pump waits for
+the dup to be writable with ``loop.add_writer`` (one-shot: removed in the callback,
+re-armed only if still needed) and then looks again. The transport writes its own buffer on
+the same writability, so waiting for it to drain costs one wake-up each time the kernel
+takes more bytes: no spin, and no pause/resume forwarding needed from the protocol
+(``kick`` is a harmless nudge). The dup keeps the socket open: the owner must ``close()``
+the pump when the connection is lost or before it closes or resets the transport; the pump
+closes it itself on an error.
 
 Fairness: one turn hands at most ``step_bytes`` to the kernel/transport, then the pump
 continues from ``loop.call_soon``, so live sessions and other replays get the loop. When the
@@ -119,7 +122,13 @@ class ReplayPump:
         """Write ``data`` after everything pushed before (through ``transport.write``)."""
         if self.closed or not len(data):
             return
-        if self._queue or self._running or self.transport.is_closing():
+        transport = self.transport
+        if (
+            self._queue
+            or self._running
+            or transport.is_closing()
+            or transport.get_write_buffer_size() >= self.step_bytes
+        ):
             self._queue.append(data)
             self._schedule()
             return
@@ -225,6 +234,9 @@ class ReplayPump:
                 queue.popleft()
                 item()
             else:
+                if transport.get_write_buffer_size() >= self.step_bytes:
+                    self._wait()  # bounded memory: the transport holds a step already
+                    return
                 queue.popleft()
                 budget -= self._write(item)
         self._again()

@@ -372,3 +372,36 @@ async def test_a_failing_call_stops_the_pump_without_raising_into_the_loop() -> 
         await until(lambda: lk.errors, "on_error")
         assert [type(e) for e in lk.errors] == [RuntimeError] and pump.closed
         assert lk.written == {"sendfile": 0, "copy": 0}
+
+
+async def test_copies_wait_for_a_slow_reader_memory_stays_bounded() -> None:
+    step = 128 << 10
+    piece = bytes(range(256)) * 256  # 64 KiB
+    total = 64  # 4 MiB in all, pushed only as the pump asks
+    pushed = 0
+    async with link(rcvbuf=4096, sndbuf=8192) as lk:
+
+        def refill() -> bool:
+            nonlocal pushed
+            if pushed < total:
+                pushed += 1
+                pump.push_bytes(piece)
+            return pushed < total
+
+        pump = lk.pump(refill, step=step)
+        await until(lambda: pump.waiting, "the pump to wait for the reader")
+        for _ in range(5):  # the reader reads nothing: the pump stays put
+            await asyncio.sleep(0)
+        assert pump.waiting and pushed < 8
+        assert lk.transport.get_write_buffer_size() <= step + len(piece)
+        got = bytearray()
+        high = 0
+        async with asyncio.timeout(DEADLINE_S):
+            while len(got) < total * len(piece):
+                await until(lambda: pump.waiting or not pump.busy, "the pump to wait")
+                high = max(high, lk.transport.get_write_buffer_size())
+                got += await lk.loop.sock_recv(lk.client, 64 << 10)
+        assert bytes(got) == piece * total
+        assert high <= step + len(piece)
+        assert lk.written == {"sendfile": 0, "copy": total * len(piece)}
+        pump.close()
