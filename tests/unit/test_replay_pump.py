@@ -296,10 +296,16 @@ async def test_other_callbacks_run_between_steps_of_a_large_range(tmp_path: Path
         os.close(fd)
 
 
-async def test_peer_reset_mid_range_reports_once_and_lets_the_socket_go(tmp_path: Path) -> None:
+@pytest.mark.parametrize("reading", [True, False], ids=["reading", "paused_reading"])
+async def test_peer_reset_mid_range_reports_once_and_lets_the_socket_go(
+    tmp_path: Path, reading: bool
+) -> None:
+    # paused_reading: only the pump's writer sees the reset (an error event on its dup)
     fd, _ = journal_file(tmp_path, 4 * MiB)
     try:
         async with link(rcvbuf=4096, sndbuf=8192) as lk:
+            if not reading:
+                lk.transport.pause_reading()
             pump = lk.pump()
             pump.push_file(fd, 0, 4 * MiB)
             await until(lambda: pump.waiting and pump.bytes_sendfile > 0, "a partly sent range")
@@ -310,6 +316,8 @@ async def test_peer_reset_mid_range_reports_once_and_lets_the_socket_go(tmp_path
             assert len(lk.errors) == 1 and isinstance(lk.errors[0], OSError), lk.errors
             assert pump.closed and not pump.waiting and pump.error is lk.errors[0]
             assert lk.socket_links() <= 1  # the dup is closed
+            if not reading:
+                lk.transport.resume_reading()
             await until(lambda: lk.protocol.lost, "the transport to close")
             assert lk.socket_links() == 0  # nothing of ours holds the socket open
             pump.close()  # idempotent, and no second report
