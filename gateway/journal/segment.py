@@ -61,7 +61,8 @@ class Segment:
     def __init__(self, directory: Path, segment_id: int) -> None:
         self.id = segment_id
         self._dir = directory
-        self._rows: npt.NDArray[np.void] = np.zeros(16, dtype=ROW_DTYPE)
+        # the rows' bytes (a plain uint8 buffer: appending is a memcpy; ``rows`` views it)
+        self._buf: npt.NDArray[np.uint8] = np.zeros(64 * ROW_LEN, dtype=np.uint8)
         self.n = 0
         self.rt_sizes: dict[int, int] = {}
         self.order_size = 0
@@ -84,7 +85,8 @@ class Segment:
 
     @property
     def rows(self) -> npt.NDArray[np.void]:
-        return self._rows[: self.n]
+        """The index rows (ROW_DTYPE), a view: a reader's copy of it stays valid."""
+        return self._buf[: self.n * ROW_LEN].view(ROW_DTYPE)
 
     @property
     def first_seq(self) -> int:
@@ -95,14 +97,14 @@ class Segment:
         return sum(self.rt_sizes.values()) + self.order_size + self.index_size
 
     def add_rows(self, raw: bytes) -> None:
-        new = np.frombuffer(raw, dtype=ROW_DTYPE)
-        end = self.n + len(new)
-        if end > len(self._rows):
-            grown = np.zeros(max(end, 2 * len(self._rows)), dtype=ROW_DTYPE)
-            grown[: self.n] = self._rows[: self.n]
-            self._rows = grown
-        self._rows[self.n : end] = new
-        self.n = end
+        start = self.n * ROW_LEN
+        end = start + len(raw)
+        if end > len(self._buf):
+            grown = np.zeros(max(end, 2 * len(self._buf)), dtype=np.uint8)
+            grown[:start] = self._buf[:start]
+            self._buf = grown  # views handed out keep the old buffer alive
+        self._buf[start:end] = np.frombuffer(raw, dtype=np.uint8)
+        self.n = end // ROW_LEN
 
     def open_fd(self, rtype: int) -> int:
         """An O_RDONLY fd of the segment's file of ``rtype``; the caller closes it.
