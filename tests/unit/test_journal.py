@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import databento_dbn as d
@@ -264,6 +266,28 @@ def test_second_open_of_a_locked_dir_names_the_holder(tmp_path: Path) -> None:
         first.close()
     first.close()  # idempotent
     JournalStore.open(path).close()  # free again
+
+
+def test_another_process_cannot_open_a_locked_dir(tmp_path: Path) -> None:
+    path = tmp_path / "j"
+    code = (
+        "import sys\n"
+        "from gateway.journal import JournalLockedError, JournalStore\n"
+        "try:\n"
+        "    JournalStore.open(sys.argv[1])\n"
+        "except JournalLockedError as exc:\n"
+        "    print(exc)\n"
+        "    sys.exit(3)\n"
+    )
+    repo = Path(__file__).resolve().parents[2]
+    with JournalStore.open(path):
+        proc = subprocess.run(
+            [sys.executable, "-c", code, str(path)], cwd=repo, capture_output=True, timeout=60
+        )
+    assert proc.returncode == 3, proc.stderr.decode()
+    assert proc.stdout.decode().strip() == (
+        f"journal dir {path} is locked by another gateway (pid {os.getpid()})"
+    )
 
 
 def test_bad_settings_and_names_are_config_errors(tmp_path: Path) -> None:
