@@ -320,6 +320,10 @@ class DatasetJournal:
             except OSError:
                 pass  # recovery at the next open cuts it back
 
+    def written(self) -> tuple[int, int]:
+        """What has been written so far (chunks, symbology bytes): a change marker."""
+        return self._counters.appended_chunks, self._symbols.size
+
     def writer_fds(self) -> list[int]:
         """The fds being written now (the interval fsync dups them)."""
         fds = self._writer.writer_fds() if self._writer is not None else []

@@ -9,6 +9,7 @@ the open ones (mode ``interval``) are the thread's to fsync and close.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import os
@@ -95,6 +96,8 @@ class JournalStore:
         self._datasets: dict[str, DatasetJournal] = {}
         self._syncer = _Syncer() if fsync != "never" else None
         self._last_sync = time.monotonic()
+        #: per dataset, what was written when its files were last handed to fsync
+        self._synced: dict[str, tuple[int, int]] = {}
         self._closed = False
         if fsync != "never":
             settings.on_seal = self._on_seal
@@ -132,6 +135,9 @@ class JournalStore:
         try:
             fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                os.close(lock_fd)
+                raise ConfigError(f"journal dir {root}: cannot lock it: {exc}") from exc
             holder = os.pread(lock_fd, 32, 0).decode(errors="replace").strip() or "unknown"
             os.close(lock_fd)
             raise JournalLockedError(
@@ -211,8 +217,10 @@ class JournalStore:
             if not journal.enabled:
                 continue
             fds = journal.writer_fds()
-            if not fds:
-                continue
+            written = journal.written()
+            if not fds or self._synced.get(name) == written:
+                continue  # nothing new since the last fsync
+            self._synced[name] = written
             try:
                 dups = [os.dup(fd) for fd in fds]
             except OSError as exc:

@@ -252,8 +252,17 @@ def test_fsync_interval_runs_on_a_thread_and_never_blocks_maintain(
         assert spy.calls == []
         gate.set()
         poll(lambda: len(spy.calls) >= 3)  # rt-00.dbn, index.bin, dirs
+        poll(lambda: s.fsyncs_pending == 0)
         first = len(spy.calls)
+        j.append(chunk([trades(NOW_NS)]))
         poll(lambda: len(spy.calls) > first, tick=s.maintain)  # and again, an interval later
+        poll(lambda: s.fsyncs_pending == 0)
+        third = len(spy.calls)
+        deadline = time.monotonic() + 0.2  # nothing new written: no more fsyncs
+        while time.monotonic() < deadline:
+            s.maintain()
+            time.sleep(0.01)
+        assert len(spy.calls) == third
         assert spy.off_main_thread()
     finally:
         gate.set()
