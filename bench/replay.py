@@ -90,6 +90,8 @@ class ReplayPlan:
     live_sessions: int
     live_rate: int
     live_duration_s: float
+    #: replay_step_bytes settings tried beside the live sessions (the replays' throttle)
+    beside_steps: tuple[int, ...]
     fanout_n: int
     timeout_s: float
 
@@ -104,6 +106,7 @@ def replay_plan(quick: bool) -> ReplayPlan:
             live_sessions=3,
             live_rate=10_000,
             live_duration_s=0.5,
+            beside_steps=(1 << 20,),
             fanout_n=3,
             timeout_s=60.0,
         )
@@ -115,6 +118,7 @@ def replay_plan(quick: bool) -> ReplayPlan:
         live_sessions=100,
         live_rate=50_000,
         live_duration_s=4.0,
+        beside_steps=(1 << 20, 256 << 10, 64 << 10),
         fanout_n=100,
         timeout_s=600.0,
     )
@@ -467,13 +471,14 @@ class ReplayBench:
         for d in self.h.workdir.glob("fanout-journal-*"):
             shutil.rmtree(d, ignore_errors=True)
 
-    def journal_config(self) -> dict[str, Any]:
+    def journal_config(self, **more: Any) -> dict[str, Any]:
         return {
             "journal": {
                 "dir": str(self.dir),
                 "retention_s": 10 * 365 * 86400.0,
                 "max_bytes": 1 << 40,
                 "segment_span_s": 10 * TS_SPAN / 1e9,
+                **more,
             }
         }
 
@@ -555,6 +560,7 @@ class ReplayBench:
 
     def sendfile(self) -> dict[str, Any]:
         info = self.info
+        load = os.getloadavg()[0]
         runs: list[dict[str, Any]] = []
         raws: list[dict[str, Any]] = []
         gw = self._gateway()
@@ -592,6 +598,7 @@ class ReplayBench:
             replay_catchup_s=[round((r["t_done"] - r["t_start"]) / 1e9, 3) for r in runs],
             raw_records=[r["records"] for r in raws],
             replay_metrics=metrics,
+            load_avg_1m=[round(load, 2), round(os.getloadavg()[0], 2)],
         )
         if any(r["records"] != info.records for r in raws):
             out["loss_free"] = False
@@ -602,6 +609,7 @@ class ReplayBench:
         info = self.info
         counts = Schedule().published_per_instrument(info.records)
         want = int(counts[np.asarray(FILTERED_IDS) - FIRST_ID].sum())
+        load = os.getloadavg()[0]
         gw = self._gateway()
         try:
             runs = [
@@ -629,6 +637,7 @@ class ReplayBench:
             scanned_per_s=[round(x) for x in scanned],
             scanned_median_per_s=round(statistics.median(scanned)),
             replay_metrics=metrics,
+            load_avg_1m=[round(load, 2), round(os.getloadavg()[0], 2)],
         )
         return out
 
@@ -660,58 +669,99 @@ class ReplayBench:
             out["metrics"] = _scrape(server)
 
     def beside_live(self) -> dict[str, Any]:
+        """The live case alone, then beside the replays once per ``replay_step_bytes`` in
+        ``beside_steps`` (the throttle: bytes one replay hands the kernel per loop turn)."""
         plan, h = self.plan, self.h
         self.info  # noqa: B018 - build the journal before the live runs start
-        kw: dict[str, Any] = {
-            "duration_s": plan.live_duration_s,
-            "gateway_config": self.journal_config(),
-        }
-        alone = h.latency("gateway", plan.live_sessions, plan.live_rate, **kw)
-        beside = h.latency("gateway", plan.live_sessions, plan.live_rate, during=self._beside, **kw)
-        for case in (alone, beside):
-            if case.get("status") != "ok":
-                raise RuntimeError(f"live case failed: {case.get('reason')}")
-        extra = beside.pop("beside", {})
-        results: list[dict[str, Any]] = extra.get("results", [])
-        errors = [r["error"] for r in results if "error" in r]
-        if errors:
-            raise RuntimeError(f"replay beside live failed: {errors[0]}")
-        tail = int(extra["replay_records_each"])
-        t_start = min(r["t_start"] for r in results)
-        t_done = max(r["t_done"] for r in results)
-        total = sum(r["bytes"] for r in results)
-        p99_alone, p99_beside = _p99(alone), _p99(beside)
-        replays = _loss_fields(
-            tail * len(results),
-            sum(min(r["first_run"], tail) for r in results),
-            unexpected=sum(r["finished"] != 1 for r in results),
-            failed_sessions=sum(bool(r["errors"]) for r in results),
+        load = os.getloadavg()[0]
+        n, rate = plan.live_sessions, plan.live_rate
+        alone = h.latency(
+            "gateway",
+            n,
+            rate,
+            duration_s=plan.live_duration_s,
+            gateway_config=self.journal_config(),
         )
-        out = {
-            k: alone[k] + beside[k] + replays[k]
-            for k in ("expected", "delivered", "lost", "extra", "gaps", "unexpected")
-        }
-        out["failed_sessions"] = (
-            alone["failed_sessions"] + beside["failed_sessions"] + replays["failed_sessions"]
+        if alone.get("status") != "ok":
+            raise RuntimeError(f"live case failed: {alone.get('reason')}")
+        p99_alone = _p99(alone)
+        totals = {k: alone[k] for k in _LOSS_KEYS}
+        loss_free = bool(alone["loss_free"])
+        steps: list[dict[str, Any]] = []
+        for step in plan.beside_steps:
+            beside = h.latency(
+                "gateway",
+                n,
+                rate,
+                duration_s=plan.live_duration_s,
+                gateway_config=self.journal_config(replay_step_bytes=step),
+                during=self._beside,
+            )
+            if beside.get("status") != "ok":
+                raise RuntimeError(f"live case beside replays failed: {beside.get('reason')}")
+            extra = beside.pop("beside", {})
+            results: list[dict[str, Any]] = extra.get("results", [])
+            errors = [r["error"] for r in results if "error" in r]
+            if errors:
+                raise RuntimeError(f"replay beside live failed: {errors[0]}")
+            tail = int(extra["replay_records_each"])
+            replays = _loss_fields(
+                tail * len(results),
+                sum(min(r["first_run"], tail) for r in results),
+                unexpected=sum(r["finished"] != 1 for r in results),
+                failed_sessions=sum(bool(r["errors"]) for r in results),
+            )
+            for k in _LOSS_KEYS:
+                totals[k] += beside[k] + replays[k]
+            loss_free = loss_free and bool(beside["loss_free"] and replays["loss_free"])
+            t_start = min(r["t_start"] for r in results)
+            t_done = max(r["t_done"] for r in results)
+            total = sum(r["bytes"] for r in results)
+            p99 = _p99(beside)
+            steps.append(
+                {
+                    "replay_step_bytes": step,
+                    "live_p99_us": p99,
+                    "live_p99_ratio": round(p99 / p99_alone, 3) if p99 and p99_alone else None,
+                    "live_latency": beside.get("latency"),
+                    "live_achieved_rate": beside.get("achieved_rate"),
+                    "replay_bytes_total": total,
+                    "replay_bytes_per_s": round(total / ((t_done - t_start) / 1e9)),
+                    "replay_each_s": [
+                        round((r["t_done"] - r["t_start"]) / 1e9, 3) for r in results
+                    ],
+                    "replay_sequence_breaks": [r["breaks"] for r in results],
+                    "live_window_s": extra.get("live_window_s"),
+                    "replay_metrics": extra.get("metrics"),
+                }
+            )
+        within = [
+            s for s in steps if s["live_p99_ratio"] is not None and s["live_p99_ratio"] <= 1.5
+        ]
+        # the throttle the target is judged on: the fastest replays that keep live p99 within
+        # 1.5x, else the gentlest setting tried
+        chosen = (
+            max(within, key=lambda s: s["replay_bytes_per_s"])
+            if within
+            else min(steps, key=lambda s: s["live_p99_ratio"] or float("inf"))
         )
-        out["loss_free"] = bool(alone["loss_free"] and beside["loss_free"] and replays["loss_free"])
+        out: dict[str, Any] = dict(totals)
         out.update(
             status="ok",
-            live_sessions=plan.live_sessions,
-            live_rate=plan.live_rate,
+            loss_free=loss_free,
+            live_sessions=n,
+            live_rate=rate,
+            replays=plan.concurrent,
+            replay_mib_each=round(plan.concurrent_bytes / 2**20),
             live_p99_us_alone=p99_alone,
-            live_p99_us_beside=p99_beside,
-            live_p99_ratio=round(p99_beside / p99_alone, 3) if p99_alone and p99_beside else None,
             live_latency_alone=alone.get("latency"),
-            live_latency_beside=beside.get("latency"),
-            live_achieved_rate=[alone.get("achieved_rate"), beside.get("achieved_rate")],
-            replays=len(results),
-            replay_bytes_total=total,
-            replay_bytes_per_s=round(total / ((t_done - t_start) / 1e9)),
-            replay_each_s=[round((r["t_done"] - r["t_start"]) / 1e9, 3) for r in results],
-            replay_sequence_breaks=[r["breaks"] for r in results],
-            live_window_s=extra.get("live_window_s"),
-            replay_metrics=extra.get("metrics"),
+            live_achieved_rate_alone=alone.get("achieved_rate"),
+            steps=steps,
+            chosen_step_bytes=chosen["replay_step_bytes"],
+            live_p99_us_beside=chosen["live_p99_us"],
+            live_p99_ratio=chosen["live_p99_ratio"],
+            replay_bytes_per_s=chosen["replay_bytes_per_s"],
+            load_avg_1m=[round(load, 2), round(os.getloadavg()[0], 2)],
         )
         return out
 
@@ -719,6 +769,7 @@ class ReplayBench:
         plan, h = self.plan, self.h
         off: list[dict[str, Any]] = []
         on: list[dict[str, Any]] = []
+        load = os.getloadavg()[0]
         for i in range(plan.repeats):
             off.append(h.fanout("gateway", plan.fanout_n))
             jdir = h.workdir / f"fanout-journal-{i}"
@@ -753,8 +804,20 @@ class ReplayBench:
             ratio=round(med_on / med_off, 3) if med_off else 0.0,
             server_cpu_s_per_m_off=[c.get("server_cpu_s_per_m") for c in off],
             server_cpu_s_per_m_on=[c.get("server_cpu_s_per_m") for c in on],
+            load_avg_1m=[round(load, 2), round(os.getloadavg()[0], 2)],
         )
         return out
+
+
+_LOSS_KEYS: Final = (
+    "expected",
+    "delivered",
+    "lost",
+    "extra",
+    "gaps",
+    "unexpected",
+    "failed_sessions",
+)
 
 
 def _p99(case: dict[str, Any]) -> float | None:

@@ -62,7 +62,8 @@ def replay_targets(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             _target(
                 name,
                 f"{r['live_p99_us_beside']:,.0f} vs {r['live_p99_us_alone']:,.0f} us "
-                f"(replays {r['replay_bytes_per_s'] / 1e6:,.0f} MB/s)",
+                f"(replay_step_bytes {r['chosen_step_bytes'] // 1024} KiB: replays "
+                f"{r['replay_bytes_per_s'] / 1e6:,.0f} MB/s)",
                 "<= 1.5x",
                 r["live_p99_ratio"],
                 r["live_p99_ratio"] <= 1.5,
@@ -103,6 +104,9 @@ def replay_table(results: list[dict[str, Any]]) -> list[str]:
             lines.append(f"- **{part}**: {r.get('status')}: {r.get('reason', '')[:300]}")
             continue
         ok = "loss-free" if r.get("loss_free") else "**NOT loss-free**"
+        if r.get("load_avg_1m"):
+            first, last = r["load_avg_1m"]
+            ok += f"; load average {first} → {last}"
         if part == "sendfile":
             lines.append(
                 f"- **sendfile**: one session replays the whole journal "
@@ -126,14 +130,25 @@ def replay_table(results: list[dict[str, Any]]) -> list[str]:
         elif part == "beside-live":
             lines.append(
                 f"- **beside live**: {r['live_sessions']} live sessions at "
-                f"{r['live_rate']:,} rec/s: probe p99 **{r['live_p99_us_alone']:,.0f} us** "
-                f"alone, **{r['live_p99_us_beside']:,.0f} us** with {r['replays']} replays "
-                f"running (x{r['live_p99_ratio']}); the replays moved "
-                f"{r['replay_bytes_total'] / 2**20:,.0f} MiB at **"
-                f"{r['replay_bytes_per_s'] / 1e6:,.0f} MB/s** together (each took "
-                f"{min(r['replay_each_s']):.2f}–{max(r['replay_each_s']):.2f} s; the live "
-                f"window was {r['live_window_s']} s); {ok}."
+                f"{r['live_rate']:,} rec/s, probe p99 **{r['live_p99_us_alone']:,.0f} us** "
+                f"alone; with {r['replays']} replays of {r['replay_mib_each']} MiB each "
+                f"started together, per replay_step_bytes (bytes one replay hands the kernel "
+                f"per loop turn); {ok}:"
             )
+            lines += [
+                "",
+                "  | replay_step_bytes | live p99 us | × alone | replays MB/s together | "
+                "each replay s | live window s |",
+                "  |---|---|---|---|---|---|",
+            ]
+            for st in r["steps"]:
+                each = st["replay_each_s"]
+                lines.append(
+                    f"  | {st['replay_step_bytes'] // 1024:,} KiB | {st['live_p99_us']:,.0f} | "
+                    f"{st['live_p99_ratio']} | {st['replay_bytes_per_s'] / 1e6:,.0f} | "
+                    f"{min(each):.2f}–{max(each):.2f} | {st['live_window_s']} |"
+                )
+            lines.append("")
         elif part == "fanout-journal":
             lines.append(
                 f"- **fan-out N={r['n']} journal on vs off**: median "

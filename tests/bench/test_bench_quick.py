@@ -98,7 +98,10 @@ def test_quick_run_measures_every_replay_part(quick_results: dict) -> None:
     assert parts["filtered"]["scanned_median_per_s"] > 0
     beside = parts["beside-live"]
     assert beside["live_p99_us_alone"] and beside["live_p99_us_beside"]
-    assert beside["replay_bytes_total"] >= beside["replays"] * (2 << 20)
+    (step,) = beside["steps"]
+    assert step["replay_step_bytes"] == beside["chosen_step_bytes"] == 1 << 20
+    assert step["replay_bytes_total"] >= beside["replays"] * (2 << 20)
+    assert step["replay_bytes_per_s"] == beside["replay_bytes_per_s"] > 0
     fanout = parts["fanout-journal"]
     assert fanout["median_rps_on"] > 0 and fanout["median_rps_off"] > 0
     text = (quick_results["_out"] / "RESULTS.md").read_text()
