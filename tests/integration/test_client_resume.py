@@ -11,11 +11,15 @@
     "resubscribe from the last ts_event" could not be exact. A reference session and a
     resuming one both replay from ``start=0``; the resuming one has its socket shut under
     it twice. Over the same span both streams are identical.
+(c) The same on the LIVE sample looped: eight schemas in one session (chunks of mixed
+    rtypes), ts_event going backwards, and every pass byte-identical to the last — only a
+    count from a position can tell those records apart.
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import os
 import shutil
@@ -31,8 +35,15 @@ import numpy as np
 
 from gateway.checkpoint import Backoff
 from gateway.client_resume import ResumingClient
-from gateway.dbn import GATEWAY_RTYPES, encode_publisher_metadata
-from tests.integration.helpers import KEY, GatewayProcess, apoll_until, start_gateway
+from gateway.dbn import GATEWAY_RTYPES, SCHEMA_RTYPE, encode_publisher_metadata, index_records
+from gateway.journal import JournalStore
+from tests.integration.helpers import (
+    DATA,
+    KEY,
+    GatewayProcess,
+    apoll_until,
+    start_gateway,
+)
 
 TRADE_LEN = 48
 _GATEWAY = np.array(sorted(GATEWAY_RTYPES), dtype=np.uint8)
@@ -46,6 +57,10 @@ class Sink:
     def __init__(self, client: ResumingClient) -> None:
         self.client = client
         self.data = bytearray()
+        self.n = 0
+        #: checkpoint seq -> data records handed over up to it (every record of the
+        #: chunks up to that seq, by the checkpoint's promise)
+        self.upto: dict[int, int] = {}
         self.error: BaseException | None = None
         self.task = asyncio.get_running_loop().create_task(self._run())
 
@@ -54,8 +69,13 @@ class Sink:
             async for batch in self.client.batches():
                 idx = batch.index
                 keep = ~np.isin(idx.rtypes, _GATEWAY)
-                if keep.any():
+                kept = int(np.count_nonzero(keep))
+                if kept:
                     self.data += idx.select(keep)
+                    self.n += kept
+                cursor = self.client.cursor
+                if cursor.seq is not None:
+                    self.upto.setdefault(cursor.seq, self.n - cursor.count)
         except Exception as exc:  # noqa: BLE001 - reported by the test
             self.error = exc
 
@@ -71,7 +91,7 @@ class Sink:
     @property
     def count(self) -> int:
         assert self.error is None, f"client failed: {self.error!r}"
-        return len(self.data) // TRADE_LEN
+        return self.n
 
     def sequences(self) -> np.ndarray:
         rows = np.frombuffer(bytes(self.data), dtype=np.uint8).reshape(-1, TRADE_LEN)
@@ -131,6 +151,27 @@ def _trade(seq: int, now: int) -> bytes:
             sequence=seq,
         )
     )
+
+
+def check_against_journal(jdir: Path, dataset: str, rtypes: set[int], *sinks: Sink) -> None:
+    """Each sink had, at every checkpoint P it saw, exactly the records of ``rtypes`` the
+    journal holds in chunks up to P (read from the journal files once the gateway is gone):
+    nothing missed, nothing twice, even where records repeat byte for byte."""
+    store = JournalStore.open(jdir, retention_s=8_640_000.0)
+    try:
+        journal = store.dataset(dataset)
+        per_seq: dict[int, int] = {}
+        for entry in journal.entries(rtypes, 0, journal.last_seq, max_rows=1 << 22):
+            per_seq[entry.seq] = per_seq.get(entry.seq, 0) + entry.count
+    finally:
+        store.close()
+    seqs = sorted(per_seq)
+    totals = np.cumsum([per_seq[q] for q in seqs]).tolist()
+    for sink in sinks:
+        assert sink.upto, "no checkpoint seen"
+        for seq, count in sink.upto.items():
+            k = bisect.bisect_right(seqs, seq)
+            assert count == (totals[k - 1] if k else 0), (seq, count)
 
 
 def _break(fd: int) -> None:
@@ -213,6 +254,7 @@ async def test_resume_across_sigterm_and_kill9_restarts_without_gap_or_duplicate
             ref = Sink(await _connect(port, "ING.R", start=0))
             await apoll_until(lambda: ref.count >= sink.count, 15.0, 0.01, "the replay")
             await ref.close()
+        check_against_journal(jdir, "ING.R", {SCHEMA_RTYPE["trades"]}, sink, ref)
     client = sink.client
     assert client.gaps == [] and client.reconnects >= 2
     assert client.cursor.dropped > 0  # records the client had were replayed and dropped
@@ -247,6 +289,7 @@ async def test_resume_on_jittered_timestamps_matches_a_session_that_never_droppe
             )
             await sink.close()
             await ref.close()
+        check_against_journal(jdir, "SYN.J", {SCHEMA_RTYPE["trades"]}, sink, ref)
     n = min(sink.count, ref.count)
     assert n >= want
     assert bytes(sink.data[: n * TRADE_LEN]) == bytes(ref.data[: n * TRADE_LEN])
@@ -257,3 +300,51 @@ async def test_resume_on_jittered_timestamps_matches_a_session_that_never_droppe
     rows = np.frombuffer(bytes(sink.data[: n * TRADE_LEN]), dtype=np.uint8).reshape(-1, TRADE_LEN)
     ts_event = rows[:, 8:16].copy().view("<u8").ravel()
     assert (np.diff(ts_event.astype(np.int64)) < 0).any()  # the timestamps do jitter
+
+
+LIVE_SCHEMAS = ("mbo", "mbp-1", "mbp-10", "trades", "ohlcv-1s", "ohlcv-1m", "statistics")
+
+
+async def test_resume_on_the_live_sample_looped_matches_a_session_that_never_dropped() -> None:
+    feed = {"LIVE.J": f"file:{DATA / 'LIVE' / 'test_data.live.dbn.zst'}?pace=max&loop=1"}
+    # the sample spans days of ts_event: keep all of it
+    config = "[journal]\nretention_s = 8640000.0\nsegment_span_s = 86400.0\n"
+    with journal_dir() as jdir:
+        async with gateways() as started:
+            gw = await asyncio.to_thread(
+                start_gateway, "--journal-dir", str(jdir), feeds=feed, config=config
+            )
+            started.append(gw)
+            sinks = []
+            for _ in range(2):
+                client = await ResumingClient.connect(
+                    "127.0.0.1", gw.port, KEY, "LIVE.J", backoff=BACKOFF
+                )
+                for schema in (*LIVE_SCHEMAS, "definition"):
+                    await client.subscribe(schema, "ALL_SYMBOLS", start=0)
+                await client.start()
+                sinks.append(Sink(client))
+            ref, sink = sinks
+            for _ in range(2):
+                await sink.past_a_checkpoint(sink.count + 150)
+                live = sink.client.live
+                assert live is not None
+                _break(live._writer.get_extra_info("socket").fileno())
+            want = sink.count + 300
+            await apoll_until(
+                lambda: sink.count >= want and ref.count >= want, 15.0, 0.01, "both sessions"
+            )
+            await sink.close()
+            await ref.close()
+        rtypes = {SCHEMA_RTYPE[s] for s in (*LIVE_SCHEMAS, "definition")}
+        check_against_journal(jdir, "LIVE.J", rtypes, sink, ref)
+    size = min(len(sink.data), len(ref.data))
+    assert size and bytes(sink.data[:size]) == bytes(ref.data[:size])
+    assert sink.client.reconnects == 2 and sink.client.gaps == []
+    assert sink.client.cursor.dropped > 0 and ref.client.reconnects == 0
+    index, used = index_records(bytes(sink.data[:size]))
+    records = [
+        bytes(index.data[o : o + n]) for o, n in zip(index.offsets, index.lengths, strict=True)
+    ]
+    assert len(set(index.rtypes.tolist())) >= 7  # mixed rtypes in one stream
+    assert len(records) > 2 * len(set(records))  # the same bytes over and over
