@@ -7,6 +7,9 @@ one numpy gather each, its rtype-per-record bytes go to order.bin. Index rows ar
 with ``struct`` and also kept in the segment's numpy array, so reads never touch
 index.bin after recovery. Any OSError while writing disables the journal (one ERROR line)
 and never reaches the feed.
+
+Why one module: the writer, recovery and the read API share one dataset's segment list
+and counters; the on-disk parts live elsewhere (``format``, ``segment``, ``symlog``).
 """
 
 from __future__ import annotations
