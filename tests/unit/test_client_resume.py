@@ -378,3 +378,21 @@ async def test_authentication_refused_on_reconnect_is_raised() -> None:
         with pytest.raises(ClientError, match="authentication failed"):
             await collect(client, 5)
     assert len(gw.conns) == 2
+
+
+async def test_heartbeat_timeout_resumes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A gateway gone silent (no heartbeat within interval + margin) is reconnected to."""
+    import gateway.client
+
+    monkeypatch.setattr(gateway.client, "CLIENT_TIMEOUT_MARGIN_S", -4.8)  # 5 s -> 0.2 s
+    scripts = [send_and_hold(*R[0:4], ckpt(2), *R[4:6]), send_and_hold(*R[4:9])]
+    async with FakeGateway(scripts) as gw:
+        client = await ResumingClient.connect(
+            "127.0.0.1", gw.port, KEY, DATASET, backoff=FAST, heartbeat_interval_s=5
+        )
+        await client.subscribe("trades", "ALL_SYMBOLS")
+        await client.start()
+        got = await collect(client, 9)
+    assert data_of(got) == R[0:9] and client.gaps == [] and client.reconnects == 1
+    assert gw.conns[0].auth["heartbeat_interval_s"] == "5"
+    assert [sub_keys(c)[0][3] for c in gw.conns] == [None, "2"]

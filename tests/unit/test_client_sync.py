@@ -9,11 +9,13 @@ the loop (break, KeyboardInterrupt) closes the client, and its thread is gone af
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
 from collections.abc import Callable
 from typing import Any
 
 import databento_dbn as d
+import pytest
 
 from gateway.client_sync import SyncClient
 from tests.conftest import TEST_LOOP
@@ -98,4 +100,13 @@ async def test_keyboard_interrupt_closes_and_raw_and_plain_mode() -> None:
     assert [(rtype, iid) for rtype, iid, _ in raw] == [(0, 1 + i % 3) for i in range(5)]
     assert gw.conns[1].auth.get("lsg_checkpoints") is None  # resume=False asks for none
     assert not first._thread.is_alive() and not plain._thread.is_alive()
+    assert client_threads() == []
+
+
+def test_a_failed_connect_leaves_no_thread() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # nothing listens here
+    with pytest.raises(OSError):
+        SyncClient("127.0.0.1", port, KEY, DATASET, loop_factory=loop_factory())
     assert client_threads() == []
