@@ -14,7 +14,7 @@ Parts (one case each, run in this order):
 * ``sendfile``: one session replays the whole journal (``start=0``, ``ALL_SYMBOLS`` of
   ``mbp-1``, no ts_out, no zstd: the sendfile path), and the raw limit: a bare
   ``os.sendfile`` loop of the same journal files to the same reader. Alternated,
-  ``repeats`` times each; medians and their ratio.
+  ``sendfile_repeats`` times each; medians and their ratio.
 * ``filtered``: one session replays the journal for 10 instruments (the copy path: every
   record is scanned, 1 % sent); records scanned per second.
 * ``beside-live``: ``live_sessions`` live sessions at ``live_rate`` rec/s (the latency
@@ -85,6 +85,8 @@ RECV_BUF: Final = 4 << 20
 class ReplayPlan:
     journal_bytes: int
     repeats: int
+    #: gateway and raw runs of the sendfile part (alternated; medians)
+    sendfile_repeats: int
     concurrent: int
     concurrent_bytes: int
     live_sessions: int
@@ -101,6 +103,7 @@ def replay_plan(quick: bool) -> ReplayPlan:
         return ReplayPlan(
             journal_bytes=8 << 20,
             repeats=1,
+            sendfile_repeats=1,
             concurrent=2,
             concurrent_bytes=2 << 20,
             live_sessions=3,
@@ -113,6 +116,7 @@ def replay_plan(quick: bool) -> ReplayPlan:
     return ReplayPlan(
         journal_bytes=1 << 30,
         repeats=3,
+        sendfile_repeats=5,
         concurrent=10,
         concurrent_bytes=256 << 20,
         live_sessions=100,
@@ -565,7 +569,7 @@ class ReplayBench:
         raws: list[dict[str, Any]] = []
         gw = self._gateway()
         try:
-            for _ in range(self.plan.repeats):
+            for _ in range(self.plan.sendfile_repeats):
                 raws.append(self._raw())
                 runs.append(self._replay(gw.port, symbols=None, start=0, seq_from=0))
             metrics = _scrape(gw)
