@@ -198,12 +198,13 @@ class ReplayRun:
         ]
         if self.checkpoints and self._checkpoint_seq != last:
             records.append(encode_checkpoint(now, last))
+        sent = self.pump.bytes_sendfile
         self.release()
         self.state.metrics.replay_catchup_seconds.observe(time.monotonic() - self.started)
         log.info(
             "replay handed over session_id=%d seq=%d records=%d ranged_bytes=%d "
-            "copied_bytes=%d seconds=%.3f",
-            *(conn.session_id, last, plan.records, plan.bytes_ranged, plan.bytes_copied),
+            "sendfile_bytes=%d read_bytes=%d seconds=%.3f",
+            *(conn.session_id, last, plan.records, plan.bytes_ranged, sent, plan.bytes_copied),
             time.monotonic() - self.started,
         )
         conn.replay_joined(self, records, last)
