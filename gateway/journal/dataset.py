@@ -38,6 +38,8 @@ log = logging.getLogger("gateway.journal")
 
 WRITE_BUCKETS: Final = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 1e-2, 0.1)
 _NO_ORDER: Final = -1
+_MIN: Final = np.minimum.reduce  # the ufuncs, without ndarray.min's Python wrapper
+_MAX: Final = np.maximum.reduce
 
 
 @dataclass
@@ -190,7 +192,7 @@ class DatasetJournal:
             if len(rtset) == 1:
                 (rtype,) = rtset
                 parts: list[_Part] = [
-                    (rtype, index.data, index.count, int(ts.min()), int(ts.max()))
+                    (rtype, index.data, index.count, int(_MIN(ts)), int(_MAX(ts)))
                 ]
             else:
                 parts = _split(index, ts, rtset)
@@ -504,7 +506,7 @@ def _split(index: ChunkIndex, ts: npt.NDArray[np.uint64], rtset: frozenset[int])
         else:
             data = index.select(mask)
         part_ts = ts[mask]
-        parts.append((rtype, data, len(part_ts), int(part_ts.min()), int(part_ts.max())))
+        parts.append((rtype, data, len(part_ts), int(_MIN(part_ts)), int(_MAX(part_ts))))
     return parts
 
 
