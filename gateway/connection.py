@@ -7,6 +7,13 @@ asks the authenticator and the feed, arms one timer at ``Session.next_deadline()
 ``loop.call_at``, and counts (``accounting.SessionAccount``). What it sends once streaming,
 and at what pace, is its ``output.SessionOutput`` side; admission is ``admission.py``, the
 lingering close ``linger.py``.
+
+A session whose subscriptions before start_session ask for a replay (``start=``,
+``lsg_resume_after=``) starts in replay mode (``replay.begin``): a ``replay.run.ReplayRun``
+owns the socket until it hands the session over to live, and every write of the session
+goes through its pump meanwhile; subscriptions made during it are held until then.
+Sessions that asked for checkpoints (``lsg_checkpoints=1``) get one on the tick whenever
+the feed's journal moved.
 """
 
 from __future__ import annotations

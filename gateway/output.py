@@ -6,7 +6,9 @@ queued); once bytes queue, ``slowreader.SlowReader`` gives the verdict (send, sk
 and its notices. The session's own gateway records (acks, mappings, errors, heartbeats)
 are framed here: ts_out-stamped when asked, one independent zstd frame per piece for zstd
 sessions, and they count against the same cap as market data. Flow control (the
-transport's pause/resume) is passed on to the feed.
+transport's pause/resume) is passed on to the feed. While a replay owns the socket
+(``replay``, gateway/replay/run.py) the session's own records go into its pump, in order
+after what the replay queued, and the feed is not told of pauses (it is not in the feed).
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ import pytest
 from gateway import dbn
 from gateway.auth import Authenticator, KeyEntry
 from gateway.checkpoint import parse_checkpoint
+from gateway.config import SlowReaderConfig
 from gateway.control import START_SESSION, encode_subscription
 from gateway.dbn import index_records
 from gateway.journal import JournalStore
@@ -197,3 +198,86 @@ async def test_checkpoints_only_for_sessions_that_ask(server: Any, store: Journa
     assert parse_checkpoint(live[-1]) == 6 and len(live) == PER_CHUNK + 1
     other = await read_until(plain, lambda r: r[1] == 0x00 and sequence_of(r) == pub.n - 1)
     assert not any(parse_checkpoint(r) is not None for r in other)
+
+
+async def test_a_subscription_during_the_replay_is_applied_live_at_the_hand_over(
+    server: Any, store: JournalStore
+) -> None:
+    state = journaled_state(store, replay_step_bytes=2048)
+    pub = Publisher(state)
+    for _ in range(50):
+        pub.chunk()
+    client = await start_replay(server, state, start=0)
+    # Sent after start_session, with a start of its own: no replay for it (as Databento),
+    # held while the replay runs and answered live at the hand-over.
+    client.send(encode_subscription("mbo", "ALL_SYMBOLS", sub_id=2, start=0))
+    got = await read_until(client, lambda r: r[1] == dbn.RTYPE_SYSTEM and b"mbo" in r)
+    texts = [text_of(r) for r in got if r[1] == dbn.RTYPE_SYSTEM]
+    assert texts[-2:] == ["Finished trades replay", "Subscription request 2 for mbo data succeeded"]
+    assert [sequence_of(r) for r in got if r[1] == 0x00] == list(range(pub.n))
+
+
+async def test_a_start_after_start_session_acts_live(server: Any, store: JournalStore) -> None:
+    state = journaled_state(store)
+    pub = Publisher(state)
+    pub.chunk()
+    connect = await server(state)
+    client, conn = await connect()
+    assert (await handshake(client)).startswith(b"success=1")
+    client.send(START_SESSION)
+    await client.metadata()
+    client.send(encode_subscription("trades", "ALL_SYMBOLS", sub_id=1, start=0))
+    assert text_of(await client.record()) == "Subscription request 1 for trades data succeeded"
+    await apoll_until(lambda: state.feeds[DATASET].fanout.spec_of(conn), timeout=5)
+    assert conn.replay is None and state.replays_active == 0
+    pub.chunk()
+    got = await read_until(client, lambda r: r[1] == 0x00)
+    assert sequence_of(got[-1]) == PER_CHUNK  # the second chunk, live; nothing replayed
+
+
+async def test_shutdown_during_a_replay_ends_after_the_step_in_flight(
+    server: Any, store: JournalStore
+) -> None:
+    state = journaled_state(store, replay_step_bytes=4096)
+    pub = Publisher(state)
+    for _ in range(2000):
+        pub.chunk()
+    client = await start_replay(server, state, start=0)
+    conn = next(iter(state.connections))
+    assert conn.replay is not None
+    conn.shutdown()
+    rest = await client.to_eof()
+    records = []
+    while rest:
+        records.append(rest[: rest[0] * 4])
+        rest = rest[rest[0] * 4 :]
+    assert text_of(records[-1]) == "Gateway shutting down"
+    data = [sequence_of(r) for r in records if r[1] == 0x00]
+    assert data == list(range(len(data))) and len(data) < pub.n
+    await apoll_until(lambda: not state.connections, timeout=5)
+    assert state.replays_active == 0
+
+
+async def test_a_stalled_replay_is_cut_and_its_slot_released(
+    server: Any, store: JournalStore
+) -> None:
+    slow = SlowReaderConfig(stall_timeout_s=0.2, cut_grace_s=0.2)
+    state = journaled_state(store, slow=slow)
+    feed = state.feeds[DATASET]
+    chunk = b"".join(trade(11, T0 + k) for k in range(1000))
+    for _ in range(200):  # ~10 MB: more than the socket buffers hold
+        feed.publish(index_records(chunk)[0])
+    client = await start_replay(server, state, start=0)
+    conn = next(iter(state.connections))
+    # The client reads nothing more: the pump waits for the socket, nothing moves.
+    await apoll_until(lambda: conn.replay is not None and conn.replay.pump.waiting, timeout=5)
+
+    def tick_until_cut() -> bool:
+        conn.tick(state.clock())
+        return conn.closing
+
+    await apoll_until(tick_until_cut, timeout=5)
+    await apoll_until(lambda: not state.connections, timeout=5)
+    assert state.replays_active == 0
+    assert sample(state, "gateway_disconnects_total", reason="replay_stall") == 1
+    client.sock.close()
