@@ -168,11 +168,40 @@ class ResumingClient:
 
     @classmethod
     async def connect(
-        cls, host: str, port: int, key: str, dataset: str, **kwargs: Any
+        cls,
+        host: str,
+        port: int,
+        key: str,
+        dataset: str,
+        *,
+        ts_out: bool = False,
+        compression: str = "none",
+        heartbeat_interval_s: int | None = None,
+        timeout: float = 10.0,
+        client_name: str = "gateway-client",
+        backoff: Backoff | None = None,
+        on_gap: Callable[[Gap], None] | None = None,
+        on_reconnect: Callable[[int, str], None] | None = None,
+        rng: random.Random | None = None,
     ) -> ResumingClient:
-        """Connect and authenticate (errors here are raised, not retried); keyword
-        arguments as ``ResumingClient(...)``."""
-        client = cls(host, port, key, dataset, **kwargs)
+        """Connect and authenticate (errors here are raised, not retried). ``on_gap`` gets
+        each ``Gap``; ``on_reconnect(reconnects, mode)`` each reconnect (mode ``resume``,
+        ``start`` or ``live``); ``rng`` draws the backoff jitter."""
+        client = cls(
+            host,
+            port,
+            key,
+            dataset,
+            ts_out=ts_out,
+            compression=compression,
+            heartbeat_interval_s=heartbeat_interval_s,
+            timeout=timeout,
+            client_name=client_name,
+            backoff=backoff,
+            on_gap=on_gap,
+            on_reconnect=on_reconnect,
+            rng=rng,
+        )
         client.live = await client._open()
         return client
 
