@@ -203,7 +203,9 @@ class Replay:
             )
         #: every chunk with seq <= cursor is done
         self.cursor = min((s.begin for s in self.subs), default=last)
-        #: a checkpoint may name a position only from here on (every subscription begun)
+        #: a checkpoint may name a position only from here on: every subscription has begun,
+        #: and no later chunk holds a record its start filters out (a resume after a
+        #: checkpoint replays whole chunks, as live sends them)
         self.checkpoint_from = max((s.begin for s in self.subs), default=last)
         self.target = last
         self._by_rtype: dict[int, list[ReplaySub]] = {}
@@ -211,6 +213,7 @@ class Replay:
             if rs.rtype >= 0:
                 self._by_rtype.setdefault(rs.rtype, []).append(rs)
         self._rtypes = tuple(sorted(self._by_rtype))
+        self._filtered_until(self.cursor, last)
         self._mapped = self.cursor + 1
         self.symbols = ReplaySymbols(
             journal.mappings_as_of(self._mapped), self.subs, now_ns=clock_ns()
@@ -246,7 +249,33 @@ class Replay:
 
     def extend(self, last_seq: int) -> None:
         """The journal has grown up to ``last_seq``: replay up to it too."""
-        self.target = max(self.target, last_seq)
+        if last_seq > self.target:
+            self._filtered_until(self.target, last_seq)
+            self.target = last_seq
+
+    def _filtered_until(self, after: int, upto: int) -> None:
+        """Move ``checkpoint_from`` past every chunk in (after, upto] holding a record some
+        subscription's start filters out (from the index rows' oldest filter ts)."""
+        starts = [s for s in self.subs if s.start is not None and s.rtype >= 0]
+        if not starts or upto <= after:
+            return
+        for seg in list(self.journal.segments):
+            if seg.n == 0 or seg.last_seq <= after:
+                continue
+            if seg.first_seq > upto:
+                break
+            rows = seg.rows
+            seqs = rows["seq"]
+            lo = int(np.searchsorted(seqs, after, side="right"))
+            hi = int(np.searchsorted(seqs, upto, side="right"))
+            part = rows[lo:hi]
+            for s in starts:
+                hit = (part["rtype"] == s.rtype) & (part["min_ts"] < np.uint64(s.start or 0))
+                hit &= part["seq"] > np.uint64(s.begin)
+                found = np.flatnonzero(hit)
+                if found.size:
+                    seq = int(part["seq"][found[-1]])
+                    self.checkpoint_from = max(self.checkpoint_from, seq)
 
     def finish(self, last_seq: int) -> list[bytes]:
         """At the hand-over (``caught_up`` at ``last_seq``): the mappings recorded after the

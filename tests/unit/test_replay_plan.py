@@ -277,3 +277,24 @@ def test_refusals(store: JournalStore) -> None:
     assert ahead is not None and ahead.reason == "bad_resume"
     assert check(j, [Sub("trades", resume_after=0)], now) is None
     assert iso_ns(T0 + 5) == "2025-11-24T16:00:00.000000005Z"
+
+
+def test_checkpoints_only_past_the_chunks_a_start_filters(store: JournalStore) -> None:
+    chunks = jittered(8, 30, 10)
+    j = journal_of(store, chunks)
+    start = T0 + 95_500
+    replay = Replay(j, [Sub("trades", start_ns=start)], schema_rtype=dbn.SCHEMA_RTYPE)
+    # the last chunk holding a record older than the start (jitter): a resume after an
+    # earlier position would replay that record, which this session was never sent
+    last_filtered = max(i + 1 for i, c in enumerate(chunks) if min(map(ts_of, c)) < start)
+    assert replay.checkpoint_from == last_filtered > replay.cursor
+    more = [trade(11, start - 1, sequence=999)]  # a late record older than the start
+    j.append(index_records(b"".join(more))[0])
+    replay.extend(j.last_seq)
+    assert replay.checkpoint_from == j.last_seq
+    everything = Replay(j, [Sub("trades", start_ns=0)], schema_rtype=dbn.SCHEMA_RTYPE)
+    assert everything.checkpoint_from == 0
+
+
+def ts_of(rec: bytes) -> int:
+    return header(rec)[4]
