@@ -35,6 +35,7 @@ from gateway.ops.snapshot import (
     GatewaySnapshot,
     Totals,
     feed_snapshot,
+    replay_snapshot,
     sessions_snapshot,
 )
 from gateway.server import (
@@ -303,6 +304,7 @@ class Gateway:
             connections_unauthenticated=self.state.unauthenticated,
             key_sessions=per_key,
             bytes_out=self._bytes_out(),
+            replays=replay_snapshot(self.state.replays_active, self.state.replay_bytes),
         )
 
     def _connection_facts(self) -> Counter[ConnectionFacts]:
