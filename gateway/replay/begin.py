@@ -85,7 +85,7 @@ def begin_replay(conn: ClientConnection, subs: tuple[Subscription, ...]) -> None
         subs,
         schema_rtype=feed.schema_rtype,
         ts_out=conn.ts_out,
-        compress=feed.fanout.compress if conn.zstd else None,
+        compress=conn._compress if conn.zstd else None,  # its own frames (or stream)
     )
     records: list[bytes] = []
     for i, sub in enumerate(subs):

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import zstandard
 
 from gateway import dbn
 from gateway.auth import Authenticator, KeyEntry
@@ -24,7 +25,7 @@ from gateway.journal import JournalStore
 from gateway.server import ServerState
 from tests.integration.helpers import apoll_until
 from tests.unit import test_adapter
-from tests.unit.conftest import trade
+from tests.unit.conftest import decode, trade
 from tests.unit.test_adapter import (
     DATASET,
     KEY,
@@ -281,3 +282,46 @@ async def test_a_stalled_replay_is_cut_and_its_slot_released(
     assert state.replays_active == 0
     assert sample(state, "gateway_disconnects_total", reason="replay_stall") == 1
     client.sock.close()
+
+
+async def test_zstd_and_ts_out_replays_are_framed_and_stamped(
+    server: Any, store: JournalStore
+) -> None:
+    state = journaled_state(store, replay_step_bytes=2048)
+    pub = Publisher(state)
+    for _ in range(30):
+        pub.chunk()
+    connect = await server(state)
+    client, _ = await connect()
+    reply = await handshake(client, compression="zstd", ts_out=True)
+    assert reply.startswith(b"success=1")
+    client.send(encode_subscription("trades", "ALL_SYMBOLS", sub_id=1, start=0))
+    client.send(START_SESSION)
+    plain = bytearray()
+    dctx = zstandard.ZstdDecompressor()
+
+    def frames() -> bool:
+        # every frame written so far, each independent (one per piece)
+        while client.buf:
+            try:
+                obj = dctx.decompressobj()
+                out = obj.decompress(bytes(client.buf))
+            except zstandard.ZstdError:
+                return False
+            if not obj.eof:
+                return False
+            used = len(client.buf) - len(obj.unused_data)
+            del client.buf[:used]
+            plain.extend(out)
+        return b"Finished trades replay" in plain
+
+    async with asyncio.timeout(10):
+        while not frames():
+            data = await asyncio.get_running_loop().sock_recv(client.sock, 1 << 16)
+            assert data
+            client.buf += data
+    meta_len = 8 + int.from_bytes(plain[4:8], "little")
+    recs = decode(bytes(plain[meta_len:]), ts_out=True)
+    trades = [r for r in recs if int(r.rtype) == 0x00]
+    assert [r.sequence for r in trades] == list(range(pub.n))
+    assert all(r.ts_out > 0 for r in recs)
