@@ -151,6 +151,10 @@ class SessionOutput:
             return
         self.paused = paused
         if self.replay is not None:
-            return  # not in the feed yet: a replay never holds a lossless feed back
+            # Not in the feed yet (a replay never holds a lossless feed back); the replay
+            # stops producing while the transport is over its high-water mark.
+            if not paused:
+                self.replay.resume()
+            return
         if self.feed is not None:
             self.feed.member_blocked(self, paused)

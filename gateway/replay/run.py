@@ -106,6 +106,10 @@ class ReplayRun:
     def _refill(self) -> bool:
         if self._stopping or not self.active:
             return False
+        if self.conn.paused:
+            # The transport is over its high-water mark (copies go through it): wait for
+            # it to drain (``resume``), so that memory stays bounded for a slow reader.
+            return False
         plan = self.plan
         plan.extend(self.journal.last_seq)
         try:
@@ -213,6 +217,11 @@ class ReplayRun:
 
     def hold(self, sub: Subscription) -> None:
         self.held.append(sub)
+
+    def resume(self) -> None:
+        """The transport drained below its low-water mark: produce again."""
+        if self.active and not self._stopping:
+            self.pump.kick()
 
     def stalled(self, now: float, timeout: float) -> bool:
         """No byte written and no journal position passed for ``timeout``."""

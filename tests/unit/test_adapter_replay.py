@@ -7,6 +7,7 @@ only for the sessions that ask for them."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -325,3 +326,34 @@ async def test_zstd_and_ts_out_replays_are_framed_and_stamped(
     trades = [r for r in recs if int(r.rtype) == 0x00]
     assert [r.sequence for r in trades] == list(range(pub.n))
     assert all(r.ts_out > 0 for r in recs)
+
+
+async def test_a_copied_replay_to_a_slow_reader_stays_within_its_buffer(
+    server: Any, store: JournalStore
+) -> None:
+    state = journaled_state(store)
+    feed = state.feeds[DATASET]
+    chunk = b"".join(trade(11 if k % 2 else 22, T0 + k) for k in range(1000))
+    for _ in range(200):  # ~10 MB, half of it AAA's: a filtered replay copies
+        feed.publish(index_records(chunk)[0])
+    connect = await server(state)
+    client, conn = await connect()
+    assert conn.transport is not None
+    # small kernel buffers both ways: the transport's own buffer fills soon
+    server_sock = conn.transport.get_extra_info("socket")
+    server_sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
+    client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    assert (await handshake(client)).startswith(b"success=1")
+    client.send(encode_subscription("trades", ["AAA"], sub_id=1, start=0))
+    client.send(START_SESSION)
+    await apoll_until(lambda: conn.paused, timeout=5)
+    cap = state.slow.write_high_water + state.replay_step_bytes
+    seen = []
+    for _ in range(10):
+        seen.append(conn.transport.get_write_buffer_size())
+        await asyncio.sleep(0.01)
+    assert max(seen) <= cap, seen
+    assert conn.replay is not None and not conn.replay.plan.caught_up
+    # It reads: the replay goes on (bytes are taken in bulk, not parsed one by one).
+    await client.take(2 << 20, timeout=10)
+    assert conn.replay is not None and conn.replay.plan.cursor > 0
