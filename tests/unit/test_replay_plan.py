@@ -298,3 +298,20 @@ def test_checkpoints_only_past_the_chunks_a_start_filters(store: JournalStore) -
 
 def ts_of(rec: bytes) -> int:
     return header(rec)[4]
+
+
+def test_a_subscription_without_start_joins_from_now(store: JournalStore) -> None:
+    chunks = jittered(9, 6, 4)
+    j = journal_of(store, chunks)
+    subs = [Sub("trades", symbols=("AAA",), start_ns=0), Sub("trades", symbols=("BBB",))]
+    replay = Replay(j, subs, schema_rtype=dbn.SCHEMA_RTYPE)
+    assert replay.checkpoint_from == j.last_seq  # the second one begins at the session's start
+    out, _ = play(replay)
+    assert {header(r)[3] for r in data_of(out)} == {11}
+    # what the feed publishes before the hand-over reaches both: nothing lost
+    later = [trade(11, T0 + 10**9), trade(22, T0 + 10**9 + 1), trade(33, T0 + 10**9 + 2)]
+    j.append(index_records(b"".join(later))[0])
+    replay.extend(j.last_seq)
+    out2, _ = play(replay)
+    assert data_of(out2) == later[:2]
+    replay.close()
