@@ -34,6 +34,7 @@ from tests.integration.helpers import (
     RawClient,
     data_records,
     gateway,
+    metric_at_least,
     poll_until,
     start_gateway,
 )
@@ -195,7 +196,8 @@ def test_start_as_ns_iso_and_zero_two_starts_and_aged_out(journal_dir: Path) -> 
     t0 = time.time_ns() - 60 * 10**9
     records = make_trades(3000, t0)
     feeds = {DATASET: "ingest://127.0.0.1:0"}
-    with gateway("--journal-dir", str(journal_dir), feeds=feeds) as gw:
+    metrics = ("--metrics-port", "0")
+    with gateway("--journal-dir", str(journal_dir), *metrics, feeds=feeds) as gw:
         _journaled(gw, records)
         # start=0, the official client: every record kept, mappings, REPLAY_COMPLETED.
         everything = OfficialSession(
@@ -249,6 +251,8 @@ def test_start_as_ns_iso_and_zero_two_starts_and_aged_out(journal_dir: Path) -> 
         # Whole parts went out with os.sendfile (the pump's count at the syscall, this loop).
         sent = [int(m) for m in re.findall(r"sendfile_bytes=(\d+)", gw.log())]
         assert sent and max(sent) >= 48 * 3000
+        metric_at_least(gw.metrics_port, "gateway_replay_bytes_total", sum(sent), path="sendfile")
+        metric_at_least(gw.metrics_port, "gateway_replays_refused_total", 1, reason="aged_out")
 
 
 class Publisher(threading.Thread):
