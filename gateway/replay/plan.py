@@ -55,7 +55,7 @@ from gateway.replay.refusals import (
 from gateway.replay.symbols import ReplaySub, ReplaySymbols
 
 if TYPE_CHECKING:
-    from gateway.journal import DatasetJournal, Entry
+    from gateway.journal import DatasetJournal, Entry, Segment
 
 __all__ = [
     "Chunk",
@@ -297,6 +297,10 @@ class Replay:
             if not self._pending:
                 if self.cursor >= self.target:
                     break
+                fast = self._whole_rows(out, budget - used)
+                if fast:
+                    used += fast
+                    continue
                 self._fetch()
                 if not self._pending:
                     self._apply_changes(self._fetched_upto, out)
@@ -417,8 +421,63 @@ class Replay:
             size += nxt.length
         return size
 
+    def _whole_rows(self, out: _Out, budget: int) -> int:
+        """The common sendfile replay without an object per part: one replayed rtype, an
+        ALL_SYMBOLS subscription whose start the parts already meet, no ts_out, no zstd, no
+        mapping change on the way — the run of contiguous parts is found with numpy on the
+        segment's index rows and sent as one range. The bytes it counts, or 0 when it does
+        not apply here (the general path runs)."""
+        if self._changes or len(self._rtypes) != 1 or self.ts_out or self.compress is not None:
+            return 0
+        rtype = self._rtypes[0]
+        whole = [s for s in self._by_rtype[rtype] if s.ids is None]
+        if not whole:
+            return 0
+        after = self.cursor
+        limit = self.target
+        changes = self.journal.mapping_changes(self._mapped, limit)
+        if changes:
+            limit = min(limit, changes[0][0] - 1)  # the general path inserts it
+        segment = next((g for g in list(self.journal.segments) if g.n and g.last_seq > after), None)
+        if segment is None or limit <= after or segment.first_seq > limit:
+            return 0
+        rows = segment.rows
+        seqs = rows["seq"]
+        lo = int(np.searchsorted(seqs, after, side="right"))
+        hi = int(np.searchsorted(seqs, limit, side="right"))
+        part = rows[lo:hi]
+        mine = part[part["rtype"] == rtype]
+        if not len(mine):
+            return 0
+        ok = np.zeros(len(mine), dtype=np.bool_)
+        for s in whole:
+            hit = mine["seq"] > np.uint64(s.begin)
+            if s.start is not None:
+                hit &= mine["min_ts"] >= np.uint64(s.start)
+            ok |= hit
+        offsets = mine["offset"].astype(np.int64)
+        lengths = mine["length"].astype(np.int64)
+        bad = ~ok
+        bad[1:] |= offsets[1:] != offsets[:-1] + lengths[:-1]
+        n = int(np.argmax(bad)) if bool(bad.any()) else len(mine)
+        ends = np.cumsum(lengths)
+        n = min(n, max(1, int(np.searchsorted(ends, budget, side="right"))))
+        if n == 0:
+            return 0
+        length = int(ends[n - 1])
+        records = int(mine["count"][:n].sum())
+        fd = self._fd_of(segment, rtype, out)
+        out.item(FileRange(fd, int(offsets[0]), length, records))
+        self.records += records
+        self.bytes_ranged += length
+        self.cursor = int(mine["seq"][n]) - 1 if n < len(mine) else min(limit, segment.last_seq)
+        self._mapped = max(self._mapped, self.cursor)
+        return length
+
     def _fd(self, entry: Entry, out: _Out) -> int:
-        segment = entry.segment
+        return self._fd_of(entry.segment, entry.rtype, out)
+
+    def _fd_of(self, segment: Segment, rtype: int, out: _Out) -> int:
         if segment is not self._segment:
             # A new segment: the older ones' descriptors retire once their ranges are out.
             self._segment = segment
@@ -427,10 +486,10 @@ class Replay:
             if old:
                 self._retiring.update(old)
                 out.item(Retire(old))
-        key = (id(segment), entry.rtype)
+        key = (id(segment), rtype)
         fd = self._fds.get(key)
         if fd is None:
-            fd = self._fds[key] = segment.open_fd(entry.rtype)
+            fd = self._fds[key] = segment.open_fd(rtype)
         return fd
 
     def _range(self, run: list[Entry], out: _Out) -> None:

@@ -104,9 +104,13 @@ def jittered(seed: int, chunks: int, per: int, ids: tuple[int, ...] = (11, 22, 3
     return out
 
 
-def test_all_symbols_from_zero_is_one_coalesced_file_range(store: JournalStore) -> None:
+def test_all_symbols_from_zero_is_one_coalesced_file_range(
+    store: JournalStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
     chunks = jittered(1, 20, 7)
     j = journal_of(store, chunks)
+    # straight from the index rows: no Entry object per part on this path
+    monkeypatch.setattr(j, "entries", None)
     replay = Replay(j, [Sub("trades", start_ns=0)], schema_rtype=dbn.SCHEMA_RTYPE)
     head = replay.opening(0)
     assert sorted(mapping_symbols(b"".join(head))) == sorted((i, s) for s, i in MAPPINGS.items())
@@ -314,4 +318,25 @@ def test_a_subscription_without_start_joins_from_now(store: JournalStore) -> Non
     replay.extend(j.last_seq)
     out2, _ = play(replay)
     assert data_of(out2) == later[:2]
+    replay.close()
+
+
+def test_a_mapping_change_splits_the_range_around_it(store: JournalStore) -> None:
+    j = store.dataset("TEST.PLAN")
+    j.learn([("AAA", 11)], ts=T0)
+    chunks = []
+    for c in range(6):
+        if c == 3:
+            j.learn([("BBB", 22)], ts=T0)  # before chunk 4
+        chunk = [trade(11, T0 + c * 10), trade(22, T0 + c * 10 + 1)]
+        chunks.append(chunk)
+        j.append(index_records(b"".join(chunk))[0])
+    replay = Replay(j, [Sub("trades", start_ns=0)], schema_rtype=dbn.SCHEMA_RTYPE)
+    out, items = play(replay)
+    kinds = [type(i).__name__ for i in items]
+    assert kinds == ["FileRange", "Chunk", "FileRange"], kinds
+    assert [r.records for r in items if isinstance(r, FileRange)] == [6, 6]
+    recs = split_records(out)
+    assert recs[6][1] == dbn.RTYPE_SYMBOL_MAPPING and header(recs[6])[3] == 22
+    assert data_of(out) == [r for c in chunks for r in c]
     replay.close()
