@@ -73,6 +73,8 @@ __all__ = [
 
 #: rows fetched from the journal's index at a time
 FETCH_ROWS = 4096
+#: index rows looked at by one pass of the sendfile fast path (bounds a step's work)
+_FAST_ROWS = 1 << 16
 #: what skipping a part (nothing selected, known from its index row) counts against a step
 _SKIP_COST = 256
 
@@ -444,11 +446,13 @@ class Replay:
         rows = segment.rows
         seqs = rows["seq"]
         lo = int(np.searchsorted(seqs, after, side="right"))
-        hi = int(np.searchsorted(seqs, limit, side="right"))
+        hi = min(int(np.searchsorted(seqs, limit, side="right")), lo + _FAST_ROWS)
         part = rows[lo:hi]
         mine = part[part["rtype"] == rtype]
         if not len(mine):
             return 0
+        if hi < len(rows) and int(rows["seq"][hi - 1]) < limit:
+            limit = int(rows["seq"][hi - 1])  # the rows looked at end there
         ok = np.zeros(len(mine), dtype=np.bool_)
         for s in whole:
             hit = mine["seq"] > np.uint64(s.begin)
