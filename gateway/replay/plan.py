@@ -35,7 +35,6 @@ import os
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -44,6 +43,7 @@ import numpy.typing as npt
 from gateway.dbn import ChunkIndex, index_records, stamp_records, stamp_ts_out
 from gateway.interest import stype_of
 from gateway.journal.format import filter_ts
+from gateway.replay.items import Chunk, FileRange, Item, Out, Retire
 from gateway.replay.refusals import (
     Refusal,
     ReplayError,
@@ -77,87 +77,6 @@ FETCH_ROWS = 4096
 _FAST_ROWS = 1 << 16
 #: what skipping a part (nothing selected, known from its index row) counts against a step
 _SKIP_COST = 256
-
-
-@dataclass(frozen=True)
-class Chunk:
-    """Bytes to write as they are (records, already ts_out-stamped / zstd-framed)."""
-
-    data: bytes | memoryview
-    records: int
-
-
-@dataclass(frozen=True)
-class FileRange:
-    """``length`` bytes of ``fd`` from ``offset``: whole records, sent with sendfile."""
-
-    fd: int
-    offset: int
-    length: int
-    records: int
-
-
-@dataclass(frozen=True)
-class Retire:
-    """These descriptors are no longer needed once what precedes this item is written."""
-
-    fds: tuple[int, ...]
-
-
-Item = Chunk | FileRange | Retire
-
-
-class _Out:
-    """One step's items: gateway records and copies gathered into one piece (one zstd
-    frame), flushed before each file range."""
-
-    def __init__(
-        self, ts_out: bool, compress: Callable[[bytes], bytes] | None, now_ns: int
-    ) -> None:
-        self.items: list[Item] = []
-        self.ts_out = ts_out
-        self.compress = compress
-        self.now_ns = now_ns
-        self._parts: list[bytes | memoryview] = []
-        self._records = 0
-
-    def gateway(self, records: list[bytes]) -> None:
-        if records:
-            self._parts.append(
-                stamp_records(records, self.now_ns) if self.ts_out else b"".join(records)
-            )
-
-    def data(self, data: bytes | memoryview, records: int) -> None:
-        if records:
-            self._parts.append(data)
-            self._records += records
-
-    def item(self, item: Item) -> None:
-        self.flush()
-        last = self.items[-1] if self.items else None
-        if (
-            isinstance(item, FileRange)
-            and isinstance(last, FileRange)
-            and last.fd == item.fd
-            and last.offset + last.length == item.offset
-        ):
-            self.items[-1] = FileRange(
-                last.fd, last.offset, last.length + item.length, last.records + item.records
-            )
-        else:
-            self.items.append(item)
-
-    def flush(self) -> None:
-        if not self._parts:
-            return
-        data: bytes | memoryview = (
-            self._parts[0] if len(self._parts) == 1 else b"".join(self._parts)
-        )
-        if self.compress is not None:
-            data = self.compress(bytes(data))
-        self.items.append(Chunk(data, self._records))
-        self._parts = []
-        self._records = 0
 
 
 class Replay:
@@ -293,7 +212,7 @@ class Replay:
         """At most about ``budget`` bytes of the replay (read or ranged), in order."""
         now = self._clock_ns()
         self.symbols.now_ns = now
-        out = _Out(self.ts_out, self.compress, now)
+        out = Out(self.ts_out, self.compress, now)
         used = 0
         while used < budget:
             if not self._pending:
@@ -343,7 +262,7 @@ class Replay:
         self._fetched_upto = upto
         self._changes.extend(self.journal.mapping_changes(self._mapped, upto))
 
-    def _apply_changes(self, seq: int, out: _Out) -> None:
+    def _apply_changes(self, seq: int, out: Out) -> None:
         """Mapping changes effective before chunk ``seq`` (at_seq <= seq)."""
         changes = self._changes
         if not changes or changes[0][0] > seq:
@@ -357,7 +276,7 @@ class Replay:
         out.gateway(records)
         self._mapped = max(self._mapped, seq)
 
-    def _run(self, out: _Out, budget: int) -> int:
+    def _run(self, out: Out, budget: int) -> int:
         """Plan the next run of parts: the bytes it counts against the step."""
         pending = self._pending
         first = pending[0]
@@ -423,7 +342,7 @@ class Replay:
             size += nxt.length
         return size
 
-    def _whole_rows(self, out: _Out, budget: int) -> int:
+    def _whole_rows(self, out: Out, budget: int) -> int:
         """The common sendfile replay without an object per part: one replayed rtype, an
         ALL_SYMBOLS subscription whose start the parts already meet, no ts_out, no zstd, no
         mapping change on the way — the run of contiguous parts is found with numpy on the
@@ -478,10 +397,10 @@ class Replay:
         self._mapped = max(self._mapped, self.cursor)
         return length
 
-    def _fd(self, entry: Entry, out: _Out) -> int:
+    def _fd(self, entry: Entry, out: Out) -> int:
         return self._fd_of(entry.segment, entry.rtype, out)
 
-    def _fd_of(self, segment: Segment, rtype: int, out: _Out) -> int:
+    def _fd_of(self, segment: Segment, rtype: int, out: Out) -> int:
         if segment is not self._segment:
             # A new segment: the older ones' descriptors retire once their ranges are out.
             self._segment = segment
@@ -496,7 +415,7 @@ class Replay:
             fd = self._fds[key] = segment.open_fd(rtype)
         return fd
 
-    def _range(self, run: list[Entry], out: _Out) -> None:
+    def _range(self, run: list[Entry], out: Out) -> None:
         fd = self._fd(run[0], out)
         length = sum(e.length for e in run)
         records = sum(e.count for e in run)
@@ -504,7 +423,7 @@ class Replay:
         self.records += records
         self.bytes_ranged += length
 
-    def _read(self, run: list[Entry], out: _Out) -> tuple[bytes, npt.NDArray[np.uint64]]:
+    def _read(self, run: list[Entry], out: Out) -> tuple[bytes, npt.NDArray[np.uint64]]:
         fd = self._fd(run[0], out)
         length = sum(e.length for e in run)
         data = os.pread(fd, length, run[0].offset)
@@ -539,7 +458,7 @@ class Replay:
         picked = np.flatnonzero(mask) if mask is not None else np.zeros(0, np.int64)
         return index, picked
 
-    def _copy(self, run: list[Entry], out: _Out) -> None:
+    def _copy(self, run: list[Entry], out: Out) -> None:
         data, seqs = self._read(run, out)
         index, picked = self._mask(run[0].rtype, data, seqs)
         n = int(picked.size)
@@ -556,7 +475,7 @@ class Replay:
         out.data(body, n)
         self.records += n
 
-    def _mixed(self, group: list[Entry], out: _Out) -> int:
+    def _mixed(self, group: list[Entry], out: Out) -> int:
         """One chunk holding several replayed rtypes: its selected records in the chunk's
         own order (as live sends them)."""
         order = np.frombuffer(self.journal.order_bytes(group[0]), dtype=np.uint8)
