@@ -18,9 +18,10 @@ Parts (one case each, run in this order):
 * ``filtered``: one session replays the journal for 10 instruments (the copy path: every
   record is scanned, 1 % sent); records scanned per second.
 * ``beside-live``: ``live_sessions`` live sessions at ``live_rate`` rec/s (the latency
-  scenario's machinery, its probe p99), without and then with ``concurrent`` replays of the
-  journal's last ``concurrent_bytes`` each running beside them; the p99 ratio and the
-  replays' own throughput.
+  scenario's machinery; p99 over every live session's samples), alone and with
+  ``concurrent`` replays of the journal's last ``concurrent_bytes`` each running beside
+  them, once per throttle in ``beside_steps``, interleaved for ``beside_rounds`` rounds;
+  the p99 ratio per throttle and the replays' own throughput.
 * ``fanout-journal``: the fan-out scenario (N = ``fanout_n``, lossless ingest at full
   speed) with the journal off and on, alternated ``repeats`` times; the ratio of medians.
 """
@@ -94,6 +95,8 @@ class ReplayPlan:
     live_duration_s: float
     #: replay_step_bytes settings tried beside the live sessions (the replays' throttle)
     beside_steps: tuple[int, ...]
+    #: rounds of (alone, each step), interleaved; medians per setting
+    beside_rounds: int
     fanout_n: int
     timeout_s: float
 
@@ -110,6 +113,7 @@ def replay_plan(quick: bool) -> ReplayPlan:
             live_rate=10_000,
             live_duration_s=0.5,
             beside_steps=(1 << 20,),
+            beside_rounds=1,
             fanout_n=3,
             timeout_s=60.0,
         )
@@ -123,6 +127,7 @@ def replay_plan(quick: bool) -> ReplayPlan:
         live_rate=50_000,
         live_duration_s=4.0,
         beside_steps=(1 << 20, 256 << 10, 64 << 10),
+        beside_rounds=2,
         fanout_n=100,
         timeout_s=600.0,
     )
@@ -672,76 +677,104 @@ class ReplayBench:
             out["live_window_s"] = round((t_live_done - t0) / 1e9, 3)
             out["metrics"] = _scrape(server)
 
+    def _live(self, step: int | None) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """One live case, alone (``step`` None) or beside the replays at that throttle:
+        the case and the replays' figures."""
+        plan = self.plan
+        extra_cfg = {} if step is None else {"replay_step_bytes": step}
+        case = self.h.latency(
+            "gateway",
+            plan.live_sessions,
+            plan.live_rate,
+            duration_s=plan.live_duration_s,
+            gateway_config=self.journal_config(**extra_cfg),
+            during=None if step is None else self._beside,
+        )
+        if case.get("status") != "ok":
+            raise RuntimeError(f"live case failed: {case.get('reason')}")
+        if step is None:
+            return case, None
+        extra = case.pop("beside", {})
+        results: list[dict[str, Any]] = extra.get("results", [])
+        errors = [r["error"] for r in results if "error" in r]
+        if errors:
+            raise RuntimeError(f"replay beside live failed: {errors[0]}")
+        tail = int(extra["replay_records_each"])
+        loss = _loss_fields(
+            tail * len(results),
+            sum(min(r["first_run"], tail) for r in results),
+            unexpected=sum(r["finished"] != 1 for r in results),
+            failed_sessions=sum(bool(r["errors"]) for r in results),
+        )
+        t_start = min(r["t_start"] for r in results)
+        t_done = max(r["t_done"] for r in results)
+        total = sum(r["bytes"] for r in results)
+        return case, {
+            **loss,
+            "replay_bytes_total": total,
+            "replay_bytes_per_s": round(total / ((t_done - t_start) / 1e9)),
+            "replay_each_s": [_seconds(r) for r in results],
+            "replay_sequence_breaks": [r["breaks"] for r in results],
+            "live_window_s": extra.get("live_window_s"),
+            "replay_metrics": extra.get("metrics"),
+        }
+
     def beside_live(self) -> dict[str, Any]:
-        """The live case alone, then beside the replays once per ``replay_step_bytes`` in
-        ``beside_steps`` (the throttle: bytes one replay hands the kernel per loop turn)."""
-        plan, h = self.plan, self.h
+        """The live case alone and beside the replays once per ``replay_step_bytes`` in
+        ``beside_steps`` (the throttle: bytes one replay hands the kernel per loop turn),
+        interleaved for ``beside_rounds`` rounds; medians per setting. Live p99 is over
+        every live session's samples (the probe's alone is in the figures too)."""
+        plan = self.plan
         self.info  # noqa: B018 - build the journal before the live runs start
         load = os.getloadavg()[0]
-        n, rate = plan.live_sessions, plan.live_rate
-        alone = h.latency(
-            "gateway",
-            n,
-            rate,
-            duration_s=plan.live_duration_s,
-            gateway_config=self.journal_config(),
-        )
-        if alone.get("status") != "ok":
-            raise RuntimeError(f"live case failed: {alone.get('reason')}")
-        p99_alone = _p99(alone)
-        totals = {k: alone[k] for k in _LOSS_KEYS}
-        loss_free = bool(alone["loss_free"])
+        settings: list[int | None] = [None, *plan.beside_steps]
+        runs: dict[int | None, list[tuple[dict[str, Any], dict[str, Any] | None]]] = {
+            s: [] for s in settings
+        }
+        for _ in range(plan.beside_rounds):
+            for setting in settings:
+                runs[setting].append(self._live(setting))
+        totals = dict.fromkeys(_LOSS_KEYS, 0)
+        loss_free = True
+        for pairs in runs.values():
+            for case, replays in pairs:
+                for k in _LOSS_KEYS:
+                    totals[k] += case[k] + (replays[k] if replays else 0)
+                loss_free = loss_free and bool(case["loss_free"])
+                loss_free = loss_free and (replays is None or bool(replays["loss_free"]))
+
+        def p99s(setting: int | None, who: str) -> list[float]:
+            return [_p99(case, who) or 0.0 for case, _ in runs[setting]]
+
+        alone_all = statistics.median(p99s(None, "all"))
+        alone_probe = statistics.median(p99s(None, "probe"))
         steps: list[dict[str, Any]] = []
         for step in plan.beside_steps:
-            beside = h.latency(
-                "gateway",
-                n,
-                rate,
-                duration_s=plan.live_duration_s,
-                gateway_config=self.journal_config(replay_step_bytes=step),
-                during=self._beside,
-            )
-            if beside.get("status") != "ok":
-                raise RuntimeError(f"live case beside replays failed: {beside.get('reason')}")
-            extra = beside.pop("beside", {})
-            results: list[dict[str, Any]] = extra.get("results", [])
-            errors = [r["error"] for r in results if "error" in r]
-            if errors:
-                raise RuntimeError(f"replay beside live failed: {errors[0]}")
-            tail = int(extra["replay_records_each"])
-            replays = _loss_fields(
-                tail * len(results),
-                sum(min(r["first_run"], tail) for r in results),
-                unexpected=sum(r["finished"] != 1 for r in results),
-                failed_sessions=sum(bool(r["errors"]) for r in results),
-            )
-            for k in _LOSS_KEYS:
-                totals[k] += beside[k] + replays[k]
-            loss_free = loss_free and bool(beside["loss_free"] and replays["loss_free"])
-            t_start = min(r["t_start"] for r in results)
-            t_done = max(r["t_done"] for r in results)
-            total = sum(r["bytes"] for r in results)
-            p99 = _p99(beside)
+            assert step is not None
+            p99_all = statistics.median(p99s(step, "all"))
+            p99_probe = statistics.median(p99s(step, "probe"))
+            figures = [r for _, r in runs[step] if r is not None]
             steps.append(
                 {
                     "replay_step_bytes": step,
-                    "live_p99_us": p99,
-                    "live_p99_ratio": round(p99 / p99_alone, 3) if p99 and p99_alone else None,
-                    "live_latency": beside.get("latency"),
-                    "live_achieved_rate": beside.get("achieved_rate"),
-                    "replay_bytes_total": total,
-                    "replay_bytes_per_s": round(total / ((t_done - t_start) / 1e9)),
-                    "replay_each_s": [
-                        round((r["t_done"] - r["t_start"]) / 1e9, 3) for r in results
-                    ],
-                    "replay_sequence_breaks": [r["breaks"] for r in results],
-                    "live_window_s": extra.get("live_window_s"),
-                    "replay_metrics": extra.get("metrics"),
+                    "live_p99_us": p99_all,
+                    "live_p99_ratio": round(p99_all / alone_all, 3) if alone_all else None,
+                    "live_p99_us_runs": p99s(step, "all"),
+                    "live_probe_p99_us": p99_probe,
+                    "live_probe_p99_us_runs": p99s(step, "probe"),
+                    "replay_bytes_per_s": round(
+                        statistics.median(f["replay_bytes_per_s"] for f in figures)
+                    ),
+                    "replay_bytes_per_s_runs": [f["replay_bytes_per_s"] for f in figures],
+                    "replay_bytes_total": figures[-1]["replay_bytes_total"],
+                    "replay_each_s": [x for f in figures for x in f["replay_each_s"]],
+                    "replay_sequence_breaks": [f["replay_sequence_breaks"] for f in figures],
+                    "live_window_s": [f["live_window_s"] for f in figures],
+                    "replay_metrics": figures[-1]["replay_metrics"],
+                    "live_achieved_rate": [c.get("achieved_rate") for c, _ in runs[step]],
                 }
             )
-        within = [
-            s for s in steps if s["live_p99_ratio"] is not None and s["live_p99_ratio"] <= 1.5
-        ]
+        within = [s for s in steps if (s["live_p99_ratio"] or float("inf")) <= 1.5]
         # the throttle the target is judged on: the fastest replays that keep live p99 within
         # 1.5x, else the gentlest setting tried
         chosen = (
@@ -753,13 +786,16 @@ class ReplayBench:
         out.update(
             status="ok",
             loss_free=loss_free,
-            live_sessions=n,
-            live_rate=rate,
+            live_sessions=plan.live_sessions,
+            live_rate=plan.live_rate,
+            rounds=plan.beside_rounds,
             replays=plan.concurrent,
             replay_mib_each=round(plan.concurrent_bytes / 2**20),
-            live_p99_us_alone=p99_alone,
-            live_latency_alone=alone.get("latency"),
-            live_achieved_rate_alone=alone.get("achieved_rate"),
+            live_p99_us_alone=alone_all,
+            live_p99_us_alone_runs=p99s(None, "all"),
+            live_probe_p99_us_alone=alone_probe,
+            live_probe_p99_us_alone_runs=p99s(None, "probe"),
+            live_latency_alone=[case.get("latency") for case, _ in runs[None]],
             steps=steps,
             chosen_step_bytes=chosen["replay_step_bytes"],
             live_p99_us_beside=chosen["live_p99_us"],
@@ -824,8 +860,13 @@ _LOSS_KEYS: Final = (
 )
 
 
-def _p99(case: dict[str, Any]) -> float | None:
-    lat = (case.get("latency") or {}).get("probe") or (case.get("latency") or {}).get("all")
+def _seconds(result: dict[str, Any]) -> float:
+    return round(float(result["t_done"] - result["t_start"]) / 1e9, 3)
+
+
+def _p99(case: dict[str, Any], who: str = "all") -> float | None:
+    """p99 in us over every live session's samples ("all") or the last-served one's."""
+    lat = (case.get("latency") or {}).get(who)
     return float(lat["p99"]) if lat else None
 
 

@@ -128,25 +128,31 @@ def replay_table(results: list[dict[str, Any]]) -> list[str]:
                 f"(runs {', '.join(f'{x / 1e6:.2f}' for x in r['scanned_per_s'])}); {ok}."
             )
         elif part == "beside-live":
+            alone_runs = ", ".join(f"{x:,.0f}" for x in r["live_p99_us_alone_runs"])
             lines.append(
                 f"- **beside live**: {r['live_sessions']} live sessions at "
-                f"{r['live_rate']:,} rec/s, probe p99 **{r['live_p99_us_alone']:,.0f} us** "
-                f"alone; with {r['replays']} replays of {r['replay_mib_each']} MiB each "
-                f"started together, per replay_step_bytes (bytes one replay hands the kernel "
-                f"per loop turn); {ok}:"
+                f"{r['live_rate']:,} rec/s, p99 over every session's samples "
+                f"**{r['live_p99_us_alone']:,.0f} us** alone (runs {alone_runs}; the "
+                f"last-served session's p99 {r['live_probe_p99_us_alone']:,.0f} us); with "
+                f"{r['replays']} replays of {r['replay_mib_each']} MiB each started with the "
+                f"publisher, per replay_step_bytes (bytes one replay hands the kernel per loop "
+                f"turn), medians of {r['rounds']} interleaved rounds; {ok}:"
             )
             lines += [
                 "",
-                "  | replay_step_bytes | live p99 us | × alone | replays MB/s together | "
-                "each replay s | live window s |",
+                "  | replay_step_bytes | live p99 us (runs) | × alone | last-served p99 us | "
+                "replays MB/s together (runs) | each replay s |",
                 "  |---|---|---|---|---|---|",
             ]
             for st in r["steps"]:
                 each = st["replay_each_s"]
+                runs = ", ".join(f"{x:,.0f}" for x in st["live_p99_us_runs"])
+                mbs = ", ".join(f"{x / 1e6:,.0f}" for x in st["replay_bytes_per_s_runs"])
                 lines.append(
-                    f"  | {st['replay_step_bytes'] // 1024:,} KiB | {st['live_p99_us']:,.0f} | "
-                    f"{st['live_p99_ratio']} | {st['replay_bytes_per_s'] / 1e6:,.0f} | "
-                    f"{min(each):.2f}–{max(each):.2f} | {st['live_window_s']} |"
+                    f"  | {st['replay_step_bytes'] // 1024:,} KiB | {st['live_p99_us']:,.0f} "
+                    f"({runs}) | {st['live_p99_ratio']} | {st['live_probe_p99_us']:,.0f} | "
+                    f"{st['replay_bytes_per_s'] / 1e6:,.0f} ({mbs}) | "
+                    f"{min(each):.2f}–{max(each):.2f} |"
                 )
             lines.append("")
         elif part == "fanout-journal":
