@@ -365,7 +365,10 @@ class Replay:
         rows = segment.rows
         seqs = rows["seq"]
         lo = int(np.searchsorted(seqs, after, side="right"))
-        hi = min(int(np.searchsorted(seqs, limit, side="right")), lo + _FAST_ROWS)
+        # Look at no more rows than a step can use (parts of 1 KiB or more fill the budget):
+        # a mask over every row left would cost as much as the sendfile itself.
+        window = min(_FAST_ROWS, max(256, budget // 1024))
+        hi = min(int(np.searchsorted(seqs, limit, side="right")), lo + window)
         part = rows[lo:hi]
         mine = part[part["rtype"] == rtype]
         if not len(mine):
