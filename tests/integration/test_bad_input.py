@@ -115,8 +115,9 @@ def test_unknown_stype(gw: GatewayProcess) -> None:
     [
         (b"schema=trades|stype_in=parent|symbols=ES.FUT\n", "stype_in=parent is not supported yet"),
         (
-            b"schema=trades|stype_in=raw_symbol|symbols=AAPL|start=0\n",
-            "intraday replay (start=) is not supported yet",
+            # replay needs a journal; this gateway keeps none
+            b"schema=trades|stype_in=raw_symbol|symbols=AAPL|start=0\nstart_session\n",
+            "Replay (start) is not available: this gateway keeps no journal",
         ),
         (
             b"schema=mbo|stype_in=raw_symbol|symbols=AAPL|snapshot=1\n",
