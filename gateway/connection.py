@@ -246,6 +246,10 @@ class ClientConnection(SessionOutput, asyncio.Protocol):
         journal = feed.journal if feed is not None else None
         if journal is None or not journal.enabled or self.slow.skipped:
             return
+        if feed is not None and self in feed.subscriptions.work:
+            # Subscription work still queued (acks, mappings, an ALL_SYMBOLS catch-up): its
+            # selection is not what a replay from here would select yet.
+            return
         seq = journal.last_seq
         if seq != self._checkpoint_seq and seq:
             self._checkpoint_seq = seq

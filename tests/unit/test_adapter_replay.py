@@ -357,3 +357,31 @@ async def test_a_copied_replay_to_a_slow_reader_stays_within_its_buffer(
     # It reads: the replay goes on (bytes are taken in bulk, not parsed one by one).
     await client.take(2 << 20, timeout=10)
     assert conn.replay is not None and conn.replay.plan.cursor > 0
+
+
+async def test_no_checkpoint_while_subscription_work_is_queued(
+    server: Any, store: JournalStore
+) -> None:
+    # A checkpoint names a position a resume replays from with the session's whole
+    # selection: while acks/mappings/ALL_SYMBOLS catch-up are still queued for the session,
+    # live has not selected all of it yet, so no checkpoint may go out.
+    state = journaled_state(store)
+    pub = Publisher(state)
+    pub.chunk()
+    client = await start_replay(server, state, extra="ckpt")  # live: no start
+    feed = state.feeds[DATASET]
+    await apoll_until(lambda: len(feed.members) == 1, timeout=5)
+    (conn,) = list(state.connections)
+    subs = feed.subscriptions
+    subs.work[conn] = None  # work queued for it, waiting (blocked) …
+    subs.set_blocked(conn, True)
+    pub.chunk()
+    conn.tick(state.clock())
+    subs.set_blocked(conn, False)
+    subs.work.pop(conn, None)  # … then done
+    pub.chunk()
+    conn.tick(state.clock())
+    got = await read_until(client, lambda r: parse_checkpoint(r) is not None)
+    assert [parse_checkpoint(r) for r in got if parse_checkpoint(r) is not None] == [3]
+    # the records of both chunks came before it, live
+    assert [sequence_of(r) for r in got if r[1] == 0x00] == list(range(PER_CHUNK, 3 * PER_CHUNK))
