@@ -46,6 +46,7 @@ import numpy as np
 import numpy.typing as npt
 
 from bench.peers import GatewayServer
+from bench.procs import cpu_seconds
 from bench.records import (
     API_KEY,
     BATCH,
@@ -403,6 +404,7 @@ def raw_sender(conn: Connection, files: list[str]) -> None:
     listener = socket.create_server(("127.0.0.1", 0))
     conn.send(("port", listener.getsockname()[1]))
     client, _ = listener.accept()
+    cpu0 = time.process_time()
     sent = 0
     for path in files:
         fd = os.open(path, os.O_RDONLY)
@@ -419,7 +421,7 @@ def raw_sender(conn: Connection, files: list[str]) -> None:
             os.close(fd)
     client.close()
     listener.close()
-    conn.send(("sent", sent))
+    conn.send(("sent", sent, time.process_time() - cpu0))
 
 
 def raw_reader(conn: Connection, port: int, timeout_s: float) -> None:
@@ -557,6 +559,8 @@ class ReplayBench:
             if not r_parent.poll(self.plan.timeout_s + 30):
                 raise RuntimeError("no result from the raw reader")
             result: dict[str, Any] = r_parent.recv()[1]
+            if s_parent.poll(30):
+                result["sender_cpu_s"] = s_parent.recv()[2]
         finally:
             for p in (reader, sender):
                 p.join(10)
@@ -576,7 +580,9 @@ class ReplayBench:
         try:
             for _ in range(self.plan.sendfile_repeats):
                 raws.append(self._raw())
+                cpu0 = cpu_seconds(gw.pid)
                 runs.append(self._replay(gw.port, symbols=None, start=0, seq_from=0))
+                runs[-1]["sender_cpu_s"] = cpu_seconds(gw.pid) - cpu0
             metrics = _scrape(gw)
         finally:
             gw.stop()
@@ -605,6 +611,10 @@ class ReplayBench:
             raw_median_bps=round(raw_med),
             ratio=round(gw_med / raw_med, 3) if raw_med else 0.0,
             replay_catchup_s=[round((r["t_done"] - r["t_start"]) / 1e9, 3) for r in runs],
+            # CPU seconds of the sending process per GiB sent: the gateway (whole process,
+            # its planner and pump included) and the raw sender (a blocking sendfile loop)
+            replay_cpu_s_per_gib=[_per_gib(r) for r in runs],
+            raw_cpu_s_per_gib=[_per_gib(r) for r in raws],
             raw_records=[r["records"] for r in raws],
             replay_metrics=metrics,
             load_avg_1m=[round(load, 2), round(os.getloadavg()[0], 2)],
@@ -858,6 +868,13 @@ _LOSS_KEYS: Final = (
     "unexpected",
     "failed_sessions",
 )
+
+
+def _per_gib(result: dict[str, Any]) -> float | None:
+    cpu = result.get("sender_cpu_s")
+    return (
+        round(cpu / (result["bytes"] / 2**30), 3) if cpu is not None and result["bytes"] else None
+    )
 
 
 def _seconds(result: dict[str, Any]) -> float:

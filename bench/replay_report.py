@@ -89,6 +89,10 @@ def replay_targets(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def _nums(values: list[float | None] | None) -> str:
+    return ", ".join("–" if v is None else f"{v:.2f}" for v in values or []) or "–"
+
+
 def _mbs(values: list[float]) -> str:
     return ", ".join(f"{v / 1e6:,.0f}" for v in values)
 
@@ -117,7 +121,9 @@ def replay_table(results: list[dict[str, Any]]) -> list[str]:
                 f"vs a bare os.sendfile loop of the same files to the same reader: median "
                 f"**{r['raw_median_bps'] / 1e6:,.0f} MB/s** (runs {_mbs(r['raw_bytes_per_s'])}): "
                 f"**{100 * r['ratio']:.0f} %** of the raw limit; start to REPLAY_COMPLETED "
-                f"{', '.join(f'{x:.2f}' for x in r['replay_catchup_s'])} s; gateway counters "
+                f"{', '.join(f'{x:.2f}' for x in r['replay_catchup_s'])} s; sender CPU s per "
+                f"GiB: gateway {_nums(r.get('replay_cpu_s_per_gib'))}, raw "
+                f"{_nums(r.get('raw_cpu_s_per_gib'))}; gateway counters "
                 f"{r.get('replay_metrics') or '–'}; {ok}."
             )
         elif part == "filtered":
