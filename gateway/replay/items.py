@@ -8,10 +8,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import numpy.typing as npt
 
 from gateway.dbn import stamp_records
 
-__all__ = ["Chunk", "FileRange", "Item", "Out", "Retire"]
+if TYPE_CHECKING:
+    from gateway.journal import Segment
+
+__all__ = ["Chunk", "FastRun", "FileRange", "Item", "Out", "Retire"]
 
 
 @dataclass(frozen=True)
@@ -93,3 +100,34 @@ class Out:
         self.items.append(Chunk(data, self._records))
         self._parts = []
         self._records = 0
+
+
+class FastRun:
+    """A run of whole, contiguous parts of one rtype file (``plan.Replay._find_run``)."""
+
+    __slots__ = ("counts", "cursor", "end", "ends", "offset", "pos", "rtype", "segment", "seqs")
+
+    def __init__(
+        self,
+        *,
+        segment: Segment,
+        rtype: int,
+        offset: int,
+        seqs: npt.NDArray[np.int64],
+        ends: npt.NDArray[np.int64],
+        counts: npt.NDArray[np.int64],
+        end: int,
+        cursor: int,
+    ) -> None:
+        self.segment = segment
+        self.rtype = rtype
+        #: file offset of the run's first part; ``ends``/``counts``: cumulative per part
+        self.offset = offset
+        self.seqs = seqs
+        self.ends = ends
+        self.counts = counts
+        #: the cursor once the whole run is sent
+        self.end = end
+        #: parts consumed, and the replay's cursor this run continues from
+        self.pos = 0
+        self.cursor = cursor

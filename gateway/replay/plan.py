@@ -43,7 +43,7 @@ import numpy.typing as npt
 from gateway.dbn import ChunkIndex, index_records, stamp_records, stamp_ts_out
 from gateway.interest import stype_of
 from gateway.journal.format import filter_ts
-from gateway.replay.items import Chunk, FileRange, Item, Out, Retire
+from gateway.replay.items import Chunk, FastRun, FileRange, Item, Out, Retire
 from gateway.replay.refusals import (
     Refusal,
     ReplayError,
@@ -145,6 +145,8 @@ class Replay:
         self._fds: dict[tuple[int, int], int] = {}
         self._segment: object = None
         self._retiring: set[int] = set()
+        #: the contiguous run of whole parts the fast path found, consumed step by step
+        self._fast: FastRun | None = None
         #: records and bytes planned, by path
         self.records = 0
         self.bytes_ranged = self.bytes_copied = 0
@@ -346,14 +348,42 @@ class Replay:
         """The common sendfile replay without an object per part: one replayed rtype, an
         ALL_SYMBOLS subscription whose start the parts already meet, no ts_out, no zstd, no
         mapping change on the way — the run of contiguous parts is found with numpy on the
-        segment's index rows and sent as one range. The bytes it counts, or 0 when it does
-        not apply here (the general path runs)."""
+        segment's index rows once, then consumed a step at a time as one range per step.
+        The bytes it counts, or 0 when it does not apply here (the general path runs)."""
         if self._changes or len(self._rtypes) != 1 or self.ts_out or self.compress is not None:
             return 0
+        run = self._fast
+        if run is None or run.cursor != self.cursor:
+            run = self._fast = self._find_run()
+            if run is None:
+                return 0
+        pos = run.pos
+        base = int(run.ends[pos - 1]) if pos else 0
+        done = int(run.counts[pos - 1]) if pos else 0
+        k = int(np.searchsorted(run.ends, base + budget, side="right"))
+        k = min(max(k, pos + 1), len(run.ends))
+        length = int(run.ends[k - 1]) - base
+        records = int(run.counts[k - 1]) - done
+        fd = self._fd_of(run.segment, run.rtype, out)
+        out.item(FileRange(fd, run.offset + base, length, records))
+        self.records += records
+        self.bytes_ranged += length
+        self.cursor = int(run.seqs[k]) - 1 if k < len(run.seqs) else run.end
+        self._mapped = max(self._mapped, self.cursor)
+        run.pos, run.cursor = k, self.cursor
+        if k >= len(run.seqs):
+            self._fast = None
+        return length
+
+    def _find_run(self) -> FastRun | None:
+        """The longest run of whole, contiguous parts from the cursor on (see
+        ``_whole_rows``). Rows already journaled never get a mapping change inserted
+        among them (a change takes effect before the *next* chunk), so the run stays right
+        however far the journal grows meanwhile."""
         rtype = self._rtypes[0]
         whole = [s for s in self._by_rtype[rtype] if s.ids is None]
         if not whole:
-            return 0
+            return None
         after = self.cursor
         limit = self.target
         changes = self.journal.mapping_changes(self._mapped, limit)
@@ -361,23 +391,22 @@ class Replay:
             limit = min(limit, changes[0][0] - 1)  # the general path inserts it
         segment = next((g for g in list(self.journal.segments) if g.n and g.last_seq > after), None)
         if segment is None or limit <= after or segment.first_seq > limit:
-            return 0
+            return None
         rows = segment.rows
         seqs = rows["seq"]
         lo = int(np.searchsorted(seqs, after, side="right"))
-        # Look at no more rows than a step can use (parts of 1 KiB or more fill the budget):
-        # a mask over every row left would cost as much as the sendfile itself.
-        window = min(_FAST_ROWS, max(256, budget // 1024))
-        hi = min(int(np.searchsorted(seqs, limit, side="right")), lo + window)
+        hi = min(int(np.searchsorted(seqs, limit, side="right")), lo + _FAST_ROWS)
         part = rows[lo:hi]
-        mine = part[part["rtype"] == rtype]
+        sel = part["rtype"] == rtype
+        mine = part if bool(sel.all()) else part[sel]
         if not len(mine):
-            return 0
-        if hi < len(rows) and int(rows["seq"][hi - 1]) < limit:
-            limit = int(rows["seq"][hi - 1])  # the rows looked at end there
+            return None
+        if hi < len(rows) and int(seqs[hi - 1]) < limit:
+            limit = int(seqs[hi - 1])  # the rows looked at end there
+        mine_seqs = mine["seq"]
         ok = np.zeros(len(mine), dtype=np.bool_)
         for s in whole:
-            hit = mine["seq"] > np.uint64(s.begin)
+            hit = mine_seqs > np.uint64(s.begin)
             if s.start is not None:
                 hit &= mine["min_ts"] >= np.uint64(s.start)
             ok |= hit
@@ -386,19 +415,19 @@ class Replay:
         bad = ~ok
         bad[1:] |= offsets[1:] != offsets[:-1] + lengths[:-1]
         n = int(np.argmax(bad)) if bool(bad.any()) else len(mine)
-        ends = np.cumsum(lengths)
-        n = min(n, max(1, int(np.searchsorted(ends, budget, side="right"))))
         if n == 0:
-            return 0
-        length = int(ends[n - 1])
-        records = int(mine["count"][:n].sum())
-        fd = self._fd_of(segment, rtype, out)
-        out.item(FileRange(fd, int(offsets[0]), length, records))
-        self.records += records
-        self.bytes_ranged += length
-        self.cursor = int(mine["seq"][n]) - 1 if n < len(mine) else min(limit, segment.last_seq)
-        self._mapped = max(self._mapped, self.cursor)
-        return length
+            return None
+        end = int(mine_seqs[n]) - 1 if n < len(mine) else min(limit, segment.last_seq)
+        return FastRun(
+            segment=segment,
+            rtype=rtype,
+            offset=int(offsets[0]),
+            seqs=mine_seqs[:n].astype(np.int64),
+            ends=np.cumsum(lengths[:n]),
+            counts=np.cumsum(mine["count"][:n].astype(np.int64)),
+            end=end,
+            cursor=after,
+        )
 
     def _fd(self, entry: Entry, out: Out) -> int:
         return self._fd_of(entry.segment, entry.rtype, out)

@@ -340,3 +340,26 @@ def test_a_mapping_change_splits_the_range_around_it(store: JournalStore) -> Non
     assert recs[6][1] == dbn.RTYPE_SYMBOL_MAPPING and header(recs[6])[3] == 22
     assert data_of(out) == [r for c in chunks for r in c]
     replay.close()
+
+
+def test_the_fast_run_is_consumed_step_by_step_while_the_journal_grows(
+    store: JournalStore,
+) -> None:
+    # ALL_SYMBOLS from 0: the run of whole parts is found once and sent a step at a time;
+    # small steps, and chunks appended between steps, give exactly the journal's records.
+    chunks = jittered(9, 40, 10)
+    j = journal_of(store, chunks)
+    replay = Replay(j, [Sub("trades", start_ns=0)], schema_rtype=dbn.SCHEMA_RTYPE)
+    out = bytearray()
+    grown = jittered(10, 20, 10)
+    for step in range(10_000):
+        for item in replay.step(3 * 48 * 10):  # about three chunks a step
+            assert isinstance(item, FileRange)
+            out += os.pread(item.fd, item.length, item.offset)
+        if step % 3 == 0 and grown:
+            j.append(index_records(b"".join(grown.pop(0)))[0])
+            replay.extend(j.last_seq)
+        if replay.caught_up and not grown:
+            break
+    assert data_of(bytes(out)) == [r for c in jittered(9, 40, 10) + jittered(10, 20, 10) for r in c]
+    replay.close()
