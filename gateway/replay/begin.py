@@ -87,10 +87,7 @@ def begin_replay(conn: ClientConnection, subs: tuple[Subscription, ...]) -> None
         ts_out=conn.ts_out,
         compress=conn._compress if conn.zstd else None,  # its own frames (or stream)
     )
-    records: list[bytes] = []
-    for i, sub in enumerate(subs):
-        records.append(feed.subscriptions.answer(sub))
-        records += plan.opening(i)
+    records = plan.begin([feed.subscriptions.answer(sub) for sub in subs])
     conn._write_control(head, records)
     conn.account.phase(conn, "streaming")
     conn._update_behavior()

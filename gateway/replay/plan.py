@@ -24,6 +24,10 @@ replay; the owner moves it forward (``extend``) while the feed goes on, and hand
 session over to live once ``caught_up`` holds at the feed's last seq (``finish`` gives
 the mapping changes recorded after the last chunk).
 
+Why one module: the cursor, the parts fetched, the mapping changes pending, the fast
+run and the opening are one state machine that every step reads and moves; the pieces
+without state (items, symbols, refusals) live beside it.
+
 The file descriptors of ``FileRange`` items are the planner's: a ``Retire`` item says
 which ones are no longer needed once what precedes it is written (``release``), and
 ``close`` closes every one left.
@@ -34,7 +38,8 @@ from __future__ import annotations
 import os
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from itertools import chain, islice
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -74,6 +79,8 @@ __all__ = [
 #: rows fetched from the journal's index at a time
 FETCH_ROWS = 4096
 #: index rows looked at by one pass of the sendfile fast path (bounds a step's work)
+#: opening records (acks, mappings, resolution errors) written per step, as live slices
+OPENING_SLICE = 4096
 _FAST_ROWS = 1 << 16
 #: what skipping a part (nothing selected, known from its index row) counts against a step
 _SKIP_COST = 256
@@ -145,6 +152,8 @@ class Replay:
         self._fds: dict[tuple[int, int], int] = {}
         self._segment: object = None
         self._retiring: set[int] = set()
+        #: the rest of the opening (acks, mappings as of the start), written before data
+        self._opening: Iterator[bytes] | None = None
         #: the contiguous run of whole parts the fast path found, consumed step by step
         self._fast: FastRun | None = None
         #: records and bytes planned, by path
@@ -164,11 +173,29 @@ class Replay:
 
     @property
     def caught_up(self) -> bool:
-        return not self._pending and self.cursor >= self.target
+        return self._opening is None and not self._pending and self.cursor >= self.target
 
     def opening(self, index: int) -> list[bytes]:
         """What answers subscription ``index`` as of the start (after its ack)."""
         return self.symbols.opening(self.subs[index])
+
+    def begin(self, acks: Sequence[bytes], slice_size: int = OPENING_SLICE) -> list[bytes]:
+        """The session's opening: each subscription's ack (``acks``, in order) then what
+        answers it as of the start. The first ``slice_size`` records are returned; the rest
+        come first in the next steps, ``slice_size`` a step, before any replayed record."""
+        self._opening = chain.from_iterable(
+            chain((ack,), self.symbols.opening_iter(sub))
+            for ack, sub in zip(acks, self.subs, strict=True)
+        )
+        return self._opening_slice(slice_size)
+
+    def _opening_slice(self, size: int) -> list[bytes]:
+        if self._opening is None:
+            return []
+        records = list(islice(self._opening, size))
+        if len(records) < size:
+            self._opening = None
+        return records
 
     def extend(self, last_seq: int) -> None:
         """The journal has grown up to ``last_seq``: replay up to it too."""
@@ -216,6 +243,11 @@ class Replay:
         self.symbols.now_ns = now
         out = Out(self.ts_out, self.compress, now)
         used = 0
+        if self._opening is not None:
+            # The opening first, a slice a step (a 100,000-symbol session's mappings).
+            out.gateway(self._opening_slice(OPENING_SLICE))
+            out.flush()
+            return out.items
         while used < budget:
             if not self._pending:
                 if self.cursor >= self.target:

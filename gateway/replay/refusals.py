@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from gateway.journal import DatasetJournal
 
 __all__ = [
+    "MAX_REPLAY_NAMED",
     "FUTURE_SLACK_NS",
     "Refusal",
     "ReplayError",
@@ -26,6 +27,9 @@ __all__ = [
 
 #: a start this far past the wall clock is refused as in the future
 FUTURE_SLACK_NS = 1_000_000_000
+#: named symbols (not ALL_SYMBOLS) a replaying session may have: the hand-over to live
+#: registers them in one step (about 4.5 us each), which must not stall other sessions
+MAX_REPLAY_NAMED = 10_000
 
 
 class ReplayRequest(SubscriptionLike, Protocol):
@@ -64,6 +68,14 @@ def iso_ns(ns: int) -> str:
 
 def check(journal: DatasetJournal, subs: Sequence[ReplayRequest], now_ns: int) -> Refusal | None:
     """Whether the journal can serve these subscriptions' replays (None: it can)."""
+    named = sum(len(sub.symbols) - (1 if sub.all_symbols else 0) for sub in subs)
+    if named > MAX_REPLAY_NAMED:
+        return Refusal(
+            "too_many_symbols",
+            ErrorCode.INVALID_SUBSCRIPTION,
+            f"Replay with more than {MAX_REPLAY_NAMED} named symbols in one session is not "
+            "supported yet: use ALL_SYMBOLS, or split the symbols across sessions",
+        )
     for sub in subs:
         start = sub.start_ns
         if start is not None:

@@ -15,7 +15,7 @@ data and pure functions: no I/O (the clock is passed in).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -60,10 +60,9 @@ class ReplaySymbols:
     """Mappings as of a point of the journal, moved forward change by change."""
 
     def __init__(self, mappings: Mapping[str, int], subs: list[ReplaySub], *, now_ns: int) -> None:
-        self.by_symbol: dict[str, int] = {}
-        self.by_id: dict[int, str] = {}
-        for symbol, iid in mappings.items():
-            self._learn(symbol, iid)
+        # What ``_learn`` of each mapping in order would leave, in two bulk passes.
+        self.by_symbol: dict[str, int] = dict(mappings)
+        self.by_id: dict[int, str] = {iid: symbol for symbol, iid in self.by_symbol.items()}
         self.subs = subs
         self.now_ns = now_ns
         #: (stype, stype_in symbol) -> the instrument announced for it
@@ -84,10 +83,17 @@ class ReplaySymbols:
     def opening(self, sub: ReplaySub) -> list[bytes]:
         """The records that answer ``sub`` as of the start (after its ack), as live would:
         its mappings, then its unresolved symbols."""
+        return list(self.opening_iter(sub))
+
+    def opening_iter(self, sub: ReplaySub) -> Iterator[bytes]:
+        """``opening``, one record at a time (the planner writes it in slices: 100,000
+        mappings cost about half a second to encode)."""
         out: list[bytes] = []
         if sub.all_symbols:
             for symbol, iid in list(self.by_symbol.items()):
                 self._announce(sub.stype, symbol, iid, out)
+                if out:
+                    yield out.pop()
         unresolved: list[str] = []
         for symbol in sub.symbols:
             if symbol == ALL_SYMBOLS:
@@ -102,9 +108,10 @@ class ReplaySymbols:
                 known = self.by_id.get(int(symbol))
                 if known is not None and sub.stype not in self.all_stypes:
                     self._announce(sub.stype, known, int(symbol), out)
+            if out:
+                yield out.pop()
         if unresolved:
-            out += resolution_errors(self.now_ns, unresolved)
-        return out
+            yield from resolution_errors(self.now_ns, unresolved)
 
     # --- later changes --------------------------------------------------------------------
 

@@ -281,6 +281,12 @@ def test_refusals(store: JournalStore) -> None:
     assert ahead is not None and ahead.reason == "bad_resume"
     assert check(j, [Sub("trades", resume_after=0)], now) is None
     assert iso_ns(T0 + 5) == "2025-11-24T16:00:00.000000005Z"
+    # named symbols: the hand-over registers them in one step, so their number is bounded
+    syms = tuple(f"S{i}" for i in range(6_000))
+    assert check(j, [Sub("trades", symbols=syms, start_ns=0), Sub("mbp-1")], now) is None
+    many = check(j, [Sub("trades", symbols=syms, start_ns=0), Sub("mbp-1", symbols=syms)], now)
+    assert many is not None and many.reason == "too_many_symbols"
+    assert many.code == ErrorCode.INVALID_SUBSCRIPTION and "10000 named symbols" in many.text
 
 
 def test_checkpoints_only_past_the_chunks_a_start_filters(store: JournalStore) -> None:
@@ -362,4 +368,31 @@ def test_the_fast_run_is_consumed_step_by_step_while_the_journal_grows(
         if replay.caught_up and not grown:
             break
     assert data_of(bytes(out)) == [r for c in jittered(9, 40, 10) + jittered(10, 20, 10) for r in c]
+    replay.close()
+
+
+def test_a_large_opening_is_written_in_slices_before_any_record(store: JournalStore) -> None:
+    # 10,000 mappings as of the start (an ALL_SYMBOLS replay of a big feed): the first
+    # slice comes with the ack, the rest a slice a step, all of it before any record.
+    chunks = jittered(11, 3, 5)
+    j = store.dataset("TEST.PLAN")
+    j.learn([*MAPPINGS.items(), *((f"S{i}", 1000 + i) for i in range(10_000))], ts=T0)
+    for chunk in chunks:
+        j.append(index_records(b"".join(chunk))[0])
+    replay = Replay(j, [Sub("trades", start_ns=0)], schema_rtype=dbn.SCHEMA_RTYPE)
+    ack = dbn.encode_system(T0, "ack", dbn.SystemCode.SUBSCRIPTION_ACK)
+    first = replay.begin([ack], slice_size=4096)
+    assert first[0] == ack and len(first) == 4096
+    assert not replay.caught_up
+    steps = [replay.step(1 << 20) for _ in range(2)]
+    for items, size in zip(steps, (4096, 1 + 10_003 - 2 * 4096), strict=True):
+        assert len(items) == 1 and isinstance(items[0], Chunk)  # mappings only, a slice
+        assert len(mapping_symbols(bytes(items[0].data))) == size
+    out, _ = play(replay)
+    opening = b"".join(first[1:]) + b"".join(bytes(s[0].data) for s in steps)
+    assert len(mapping_symbols(opening + out)) == 3 + 10_000  # every mapping once
+    assert data_of(out) == [r for c in chunks for r in c]
+    rtypes = index_records(opening + out)[0].rtypes.tolist()
+    first_data = rtypes.index(0x00)
+    assert first_data == 3 + 10_000 and set(rtypes[:first_data]) == {dbn.RTYPE_SYMBOL_MAPPING}
     replay.close()
