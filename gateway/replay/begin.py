@@ -87,7 +87,8 @@ def begin_replay(conn: ClientConnection, subs: tuple[Subscription, ...]) -> None
         ts_out=conn.ts_out,
         compress=conn._compress if conn.zstd else None,  # its own frames (or stream)
     )
-    records = plan.begin([feed.subscriptions.answer(sub) for sub in subs])
+    # A small first slice (acks first): the rest comes a slice per step, one per loop turn.
+    records = plan.begin([feed.subscriptions.answer(sub) for sub in subs], slice_size=1024)
     conn._write_control(head, records)
     conn.account.phase(conn, "streaming")
     conn._update_behavior()

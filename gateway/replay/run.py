@@ -86,6 +86,8 @@ class ReplayRun:
         self.active = True
         self._stopping = False
         self._handover_queued = False
+        #: the pump turn that wrote the last slice of the opening
+        self._opening_turn = -1
         self._checkpoint_at = float("-inf")
         self._checkpoint_seq = -1
         self._progress: tuple[int, int] = (-1, -1)
@@ -111,6 +113,12 @@ class ReplayRun:
             # it to drain (``resume``), so that memory stays bounded for a slow reader.
             return False
         plan = self.plan
+        if plan.opening_pending:
+            # Encoding mappings costs far more per byte than sending records: one slice
+            # of the opening per loop turn, not a step's worth of bytes.
+            if self._opening_turn == self.pump.turns:
+                return True  # nothing now: the pump comes back on the next turn
+            self._opening_turn = self.pump.turns
         plan.extend(self.journal.last_seq)
         try:
             items = plan.step(self.state.replay_step_bytes)

@@ -17,7 +17,15 @@ from gateway import dbn
 from gateway.control import ALL_SYMBOLS
 from gateway.dbn import ErrorCode, index_records
 from gateway.journal import DatasetJournal, JournalStore
-from gateway.replay.plan import Chunk, FileRange, Replay, Retire, check, iso_ns
+from gateway.replay.plan import (
+    OPENING_SLICE,
+    Chunk,
+    FileRange,
+    Replay,
+    Retire,
+    check,
+    iso_ns,
+)
 from tests.unit.conftest import decode, header, mbo, split_records, trade
 
 T0 = 1_764_000_000_000_000_000
@@ -384,8 +392,10 @@ def test_a_large_opening_is_written_in_slices_before_any_record(store: JournalSt
     first = replay.begin([ack], slice_size=4096)
     assert first[0] == ack and len(first) == 4096
     assert not replay.caught_up
-    steps = [replay.step(1 << 20) for _ in range(2)]
-    for items, size in zip(steps, (4096, 1 + 10_003 - 2 * 4096), strict=True):
+    slices = -(-(1 + 10_003 - 4096) // OPENING_SLICE)
+    steps = [replay.step(1 << 20) for _ in range(slices)]
+    sizes = [OPENING_SLICE] * (slices - 1) + [1 + 10_003 - 4096 - OPENING_SLICE * (slices - 1)]
+    for items, size in zip(steps, sizes, strict=True):
         assert len(items) == 1 and isinstance(items[0], Chunk)  # mappings only, a slice
         assert len(mapping_symbols(bytes(items[0].data))) == size
     out, _ = play(replay)
