@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 __all__ = ["replay_table", "replay_targets"]
@@ -58,6 +59,13 @@ def replay_targets(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     r = _part(results, "beside-live")
     full = r is not None and r.get("live_sessions") == 100 and r.get("replays") == 10
     if r is not None and r.get("status") == "ok" and full and r.get("live_p99_ratio"):
+        load = max(r.get("load_avg_1m") or [0.0])
+        cores = os.cpu_count() or 1
+        busy = (
+            f"the machine was busy (load average up to {load} on {cores} cores): a noisy comparison"
+            if load > cores
+            else ""
+        )
         out.append(
             _target(
                 name,
@@ -67,6 +75,7 @@ def replay_targets(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "<= 1.5x",
                 r["live_p99_ratio"],
                 r["live_p99_ratio"] <= 1.5,
+                busy,
             )
         )
     else:
