@@ -38,6 +38,7 @@ from gateway.ops.snapshot import (
     replay_snapshot,
     sessions_snapshot,
 )
+from gateway.replay.budget import ReplayBudget
 from gateway.server import (
     HANDOVER_TEXT,
     SHUTDOWN_TEXT,
@@ -86,6 +87,8 @@ class Gateway:
         self.state.zstd_level = cfg.zstd_level
         self.state.max_replays = cfg.journal.max_replays
         self.state.replay_step_bytes = cfg.journal.replay_step_bytes
+        if cfg.journal.replay_bytes_per_s:
+            self.state.replay_budget = ReplayBudget(cfg.journal.replay_bytes_per_s)
         #: the open journal (``[journal] dir``), or None
         self.journal: JournalStore | None = None
         self.server: asyncio.Server | None = None

@@ -171,6 +171,9 @@ class JournalConfig(_Base):
     segment_span_s: Seconds = 3600.0
     #: bytes one replay may hand the kernel per event-loop turn (fairness to live sessions)
     replay_step_bytes: Annotated[int, msgspec.Meta(ge=4096)] = 1 << 20
+    #: bytes per second all replays together may send (0: no cap). sendfile copies run
+    #: on the gateway's own core: on a small machine, cap replays so live sessions keep it
+    replay_bytes_per_s: NonNegInt = 0
 
 
 class Config(_Base):

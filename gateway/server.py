@@ -34,6 +34,7 @@ from gateway.zstd_baseline import PerSessionZstdConnection
 if TYPE_CHECKING:
     from gateway.feeds.base import Feed
     from gateway.journal import JournalStore
+    from gateway.replay.budget import ReplayBudget
 
 __all__ = [
     "HANDOVER_TEXT",
@@ -80,6 +81,8 @@ class ServerState:
     replay_step_bytes: int = 1 << 20
     #: replays running now (the replay adapter counts them in and out)
     replays_active: int = 0
+    #: bytes per second all replays together may send (``[journal] replay_bytes_per_s``)
+    replay_budget: ReplayBudget | None = None
     #: bytes replayed so far by path: written with os.sendfile or copied through Python
     replay_bytes: dict[str, int] = field(default_factory=lambda: {"sendfile": 0, "copy": 0})
     admission: Admission = field(default_factory=Admission)

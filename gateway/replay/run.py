@@ -23,6 +23,7 @@ closes the pump and the journal descriptors and gives the replay slot back.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -31,7 +32,7 @@ from typing import TYPE_CHECKING
 from gateway import dbn
 from gateway.checkpoint import encode_checkpoint
 from gateway.dbn import SystemCode
-from gateway.replay.plan import Chunk, FileRange, Replay, ReplayError
+from gateway.replay.plan import Chunk, FileRange, Replay, ReplayError, Retire
 from gateway.replay.pump import ReplayPump
 
 if TYPE_CHECKING:
@@ -86,6 +87,8 @@ class ReplayRun:
         self.active = True
         self._stopping = False
         self._handover_queued = False
+        #: the timer that resumes a replay held back by the replay bandwidth
+        self._wake: asyncio.TimerHandle | None = None
         #: the pump turn that wrote the last slice of the opening
         self._opening_turn = -1
         self._checkpoint_at = float("-inf")
@@ -119,12 +122,26 @@ class ReplayRun:
             if self._opening_turn == self.pump.turns:
                 return True  # nothing now: the pump comes back on the next turn
             self._opening_turn = self.pump.turns
+        budget = self.state.replay_budget
+        if budget is not None:
+            wait = budget.wait_s()
+            if wait > 0:
+                self._defer(wait)
+                return False
         plan.extend(self.journal.last_seq)
         try:
             items = plan.step(self.state.replay_step_bytes)
         except (OSError, ReplayError) as exc:
             self._fail(exc)
             return False
+        if budget is not None:
+            budget.spend(
+                sum(
+                    i.length if isinstance(i, FileRange) else len(i.data)
+                    for i in items
+                    if not isinstance(i, Retire)
+                )
+            )
         pump = self.pump
         conn = self.conn
         for item in items:
@@ -226,6 +243,17 @@ class ReplayRun:
     def hold(self, sub: Subscription) -> None:
         self.held.append(sub)
 
+    def _defer(self, wait: float) -> None:
+        """Over the gateway's replay bandwidth: produce again in ``wait`` seconds."""
+        if self._wake is None:
+            loop = asyncio.get_running_loop()
+            self._wake = loop.call_later(wait, self._woken)
+
+    def _woken(self) -> None:
+        self._wake = None
+        if self.active and not self._stopping:
+            self.pump.kick()
+
     def resume(self) -> None:
         """The transport drained below its low-water mark: produce again."""
         if self.active and not self._stopping:
@@ -265,6 +293,9 @@ class ReplayRun:
         if not self.active:
             return
         self.active = False
+        if self._wake is not None:
+            self._wake.cancel()
+            self._wake = None
         self.pump.close()
         self.plan.close()
         self.state.replays_active -= 1

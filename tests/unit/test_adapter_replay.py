@@ -23,6 +23,7 @@ from gateway.config import SlowReaderConfig
 from gateway.control import START_SESSION, encode_subscription
 from gateway.dbn import index_records
 from gateway.journal import JournalStore
+from gateway.replay.budget import ReplayBudget
 from gateway.server import ServerState
 from tests.integration.helpers import apoll_until
 from tests.unit import test_adapter
@@ -385,3 +386,34 @@ async def test_no_checkpoint_while_subscription_work_is_queued(
     assert [parse_checkpoint(r) for r in got if parse_checkpoint(r) is not None] == [3]
     # the records of both chunks came before it, live
     assert [sequence_of(r) for r in got if r[1] == 0x00] == list(range(PER_CHUNK, 3 * PER_CHUNK))
+
+
+async def test_the_replay_bandwidth_holds_replays_back_and_they_still_complete(
+    server: Any, store: JournalStore
+) -> None:
+    state = journaled_state(store, replay_step_bytes=4096)
+    budget = state.replay_budget = ReplayBudget(400_000)  # 20 KB of burst
+    pub = Publisher(state)
+    for _ in range(200):  # ~96 KB
+        pub.chunk()
+    client = await start_replay(server, state, start=0)
+    last = pub.n - 1
+    got = await read_until(client, lambda r: r[1] == 0x00 and sequence_of(r) == last)
+    assert [sequence_of(r) for r in got if r[1] == 0x00] == list(range(pub.n))
+    assert budget.waits > 0  # it waited for the bucket, and went on by itself
+    await apoll_until(lambda: state.replays_active == 0, timeout=5)
+
+
+def test_the_replay_budget_is_a_token_bucket() -> None:
+    now = [0.0]
+    budget = ReplayBudget(1_000_000, burst_s=0.01, clock=lambda: now[0])
+    assert budget.wait_s() == 0  # 10 KB of burst
+    budget.spend(60_000)  # a step may overdraw …
+    wait = budget.wait_s()
+    assert 0.05 < wait < 0.052  # … then the next waits until the bucket is back above 0
+    now[0] += wait
+    assert budget.wait_s() == 0
+    now[0] += 10.0  # idle time refills only up to the burst
+    assert budget.wait_s() == 0
+    budget.spend(30_000)
+    assert 0.02 < budget.wait_s() < 0.022
