@@ -138,7 +138,8 @@ def replay_summary(r: dict[str, Any]) -> str:
     if part == "beside-live":
         return (
             f"live p99 {r['live_p99_us_alone']} -> {r['live_p99_us_beside']} us "
-            f"(x{r['live_p99_ratio']}, step {r['chosen_step_bytes'] // 1024} KiB), replays "
+            f"(x{r['live_p99_ratio']}, step {r['chosen_step_bytes'] // 1024} KiB, "
+            f"cap {r.get('chosen_cap_bytes_per_s', 0) / 1e6:,.0f} MB/s), replays "
             f"{r['replay_bytes_per_s'] / 1e6:,.0f} MB/s"
         )
     if part == "fanout-journal":

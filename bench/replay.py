@@ -20,7 +20,8 @@ Parts (one case each, run in this order):
 * ``beside-live``: ``live_sessions`` live sessions at ``live_rate`` rec/s (the latency
   scenario's machinery; p99 over every live session's samples), alone and with
   ``concurrent`` replays of the journal's last ``concurrent_bytes`` each running beside
-  them, once per throttle in ``beside_steps``, interleaved for ``beside_rounds`` rounds;
+  them, once per throttle in ``beside_steps`` (``replay_step_bytes`` and the gateway-wide
+  ``replay_bytes_per_s`` cap), interleaved for ``beside_rounds`` rounds;
   the p99 ratio per throttle and the replays' own throughput.
 * ``fanout-journal``: the fan-out scenario (N = ``fanout_n``, lossless ingest at full
   speed) with the journal off and on, alternated ``repeats`` times; the ratio of medians.
@@ -94,8 +95,9 @@ class ReplayPlan:
     live_sessions: int
     live_rate: int
     live_duration_s: float
-    #: replay_step_bytes settings tried beside the live sessions (the replays' throttle)
-    beside_steps: tuple[int, ...]
+    #: throttles tried beside the live sessions: (replay_step_bytes, replay_bytes_per_s;
+    #: 0 = no cap)
+    beside_steps: tuple[tuple[int, int], ...]
     #: rounds of (alone, each step), interleaved; medians per setting
     beside_rounds: int
     fanout_n: int
@@ -113,7 +115,7 @@ def replay_plan(quick: bool) -> ReplayPlan:
             live_sessions=3,
             live_rate=10_000,
             live_duration_s=0.5,
-            beside_steps=(1 << 20,),
+            beside_steps=((1 << 20, 0),),
             beside_rounds=1,
             fanout_n=3,
             timeout_s=60.0,
@@ -127,7 +129,13 @@ def replay_plan(quick: bool) -> ReplayPlan:
         live_sessions=100,
         live_rate=50_000,
         live_duration_s=4.0,
-        beside_steps=(1 << 20, 256 << 10, 64 << 10),
+        beside_steps=(
+            (1 << 20, 0),
+            (256 << 10, 0),
+            (256 << 10, 200_000_000),
+            (256 << 10, 100_000_000),
+            (256 << 10, 50_000_000),
+        ),
         beside_rounds=2,
         fanout_n=100,
         timeout_s=600.0,
@@ -687,11 +695,15 @@ class ReplayBench:
             out["live_window_s"] = round((t_live_done - t0) / 1e9, 3)
             out["metrics"] = _scrape(server)
 
-    def _live(self, step: int | None) -> tuple[dict[str, Any], dict[str, Any] | None]:
-        """One live case, alone (``step`` None) or beside the replays at that throttle:
-        the case and the replays' figures."""
+    def _live(self, step: tuple[int, int] | None) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """One live case, alone (``step`` None) or beside the replays at that throttle
+        (replay_step_bytes, replay_bytes_per_s): the case and the replays' figures."""
         plan = self.plan
-        extra_cfg = {} if step is None else {"replay_step_bytes": step}
+        extra_cfg: dict[str, Any] = {}
+        if step is not None:
+            extra_cfg["replay_step_bytes"] = step[0]
+            if step[1]:
+                extra_cfg["replay_bytes_per_s"] = step[1]
         case = self.h.latency(
             "gateway",
             plan.live_sessions,
@@ -737,8 +749,8 @@ class ReplayBench:
         plan = self.plan
         self.info  # noqa: B018 - build the journal before the live runs start
         load = os.getloadavg()[0]
-        settings: list[int | None] = [None, *plan.beside_steps]
-        runs: dict[int | None, list[tuple[dict[str, Any], dict[str, Any] | None]]] = {
+        settings: list[tuple[int, int] | None] = [None, *plan.beside_steps]
+        runs: dict[tuple[int, int] | None, list[tuple[dict[str, Any], dict[str, Any] | None]]] = {
             s: [] for s in settings
         }
         for _ in range(plan.beside_rounds):
@@ -753,7 +765,7 @@ class ReplayBench:
                 loss_free = loss_free and bool(case["loss_free"])
                 loss_free = loss_free and (replays is None or bool(replays["loss_free"]))
 
-        def p99s(setting: int | None, who: str) -> list[float]:
+        def p99s(setting: tuple[int, int] | None, who: str) -> list[float]:
             return [_p99(case, who) or 0.0 for case, _ in runs[setting]]
 
         alone_all = statistics.median(p99s(None, "all"))
@@ -766,7 +778,8 @@ class ReplayBench:
             figures = [r for _, r in runs[step] if r is not None]
             steps.append(
                 {
-                    "replay_step_bytes": step,
+                    "replay_step_bytes": step[0],
+                    "replay_cap_bytes_per_s": step[1],
                     "live_p99_us": p99_all,
                     "live_p99_ratio": round(p99_all / alone_all, 3) if alone_all else None,
                     "live_p99_us_runs": p99s(step, "all"),
@@ -808,6 +821,7 @@ class ReplayBench:
             live_latency_alone=[case.get("latency") for case, _ in runs[None]],
             steps=steps,
             chosen_step_bytes=chosen["replay_step_bytes"],
+            chosen_cap_bytes_per_s=chosen["replay_cap_bytes_per_s"],
             live_p99_us_beside=chosen["live_p99_us"],
             live_p99_ratio=chosen["live_p99_ratio"],
             replay_bytes_per_s=chosen["replay_bytes_per_s"],

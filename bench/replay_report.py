@@ -71,7 +71,8 @@ def replay_targets(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             _target(
                 name,
                 f"{r['live_p99_us_beside']:,.0f} vs {r['live_p99_us_alone']:,.0f} us "
-                f"(replay_step_bytes {r['chosen_step_bytes'] // 1024} KiB: replays "
+                f"(replay_step_bytes {r['chosen_step_bytes'] // 1024} KiB, "
+                f"{_cap(r.get('chosen_cap_bytes_per_s', 0))}: replays "
                 f"{r['replay_bytes_per_s'] / 1e6:,.0f} MB/s)",
                 "<= 1.5x",
                 r["live_p99_ratio"],
@@ -156,16 +157,17 @@ def replay_table(results: list[dict[str, Any]]) -> list[str]:
             )
             lines += [
                 "",
-                "  | replay_step_bytes | live p99 us (runs) | × alone | last-served p99 us | "
-                "replays MB/s together (runs) | each replay s |",
-                "  |---|---|---|---|---|---|",
+                "  | replay_step_bytes | replay_bytes_per_s | live p99 us (runs) | × alone | "
+                "last-served p99 us | replays MB/s together (runs) | each replay s |",
+                "  |---|---|---|---|---|---|---|",
             ]
             for st in r["steps"]:
                 each = st["replay_each_s"]
                 runs = ", ".join(f"{x:,.0f}" for x in st["live_p99_us_runs"])
                 mbs = ", ".join(f"{x / 1e6:,.0f}" for x in st["replay_bytes_per_s_runs"])
                 lines.append(
-                    f"  | {st['replay_step_bytes'] // 1024:,} KiB | {st['live_p99_us']:,.0f} "
+                    f"  | {st['replay_step_bytes'] // 1024:,} KiB | "
+                    f"{_cap(st.get('replay_cap_bytes_per_s', 0))} | {st['live_p99_us']:,.0f} "
                     f"({runs}) | {st['live_p99_ratio']} | {st['live_probe_p99_us']:,.0f} | "
                     f"{st['replay_bytes_per_s'] / 1e6:,.0f} ({mbs}) | "
                     f"{min(each):.2f}–{max(each):.2f} |"
@@ -180,3 +182,7 @@ def replay_table(results: list[dict[str, Any]]) -> list[str]:
                 f"{', '.join(f'{x / 1e6:.2f}' for x in r['throughput_rps_off'])}); {ok}."
             )
     return lines
+
+
+def _cap(rate: int) -> str:
+    return f"cap {rate / 1e6:,.0f} MB/s" if rate else "no cap"
