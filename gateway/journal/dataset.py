@@ -19,7 +19,7 @@ import logging
 import os
 import time
 import zlib
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
@@ -395,6 +395,22 @@ class DatasetJournal:
     def newest_ts(self) -> int | None:
         return self._newest_ts
 
+    def row_slices(
+        self, after_seq: int, upto_seq: int
+    ) -> Iterator[tuple[Segment, npt.NDArray[np.void]]]:
+        """Per retained segment, in order, its index rows with after_seq < seq <= upto_seq
+        (numpy views, never copies; segments without such rows are left out)."""
+        for seg in list(self.segments):
+            if seg.n == 0 or seg.last_seq <= after_seq:
+                continue
+            if seg.first_seq > upto_seq:
+                return
+            rows = seg.rows
+            seqs = rows["seq"]
+            lo = int(np.searchsorted(seqs, after_seq, side="right"))
+            hi = int(np.searchsorted(seqs, upto_seq, side="right"))
+            yield seg, rows[lo:hi]
+
     def entries(
         self, rtypes: Collection[int], after_seq: int, upto_seq: int, max_rows: int = 4096
     ) -> list[Entry]:
@@ -402,16 +418,9 @@ class DatasetJournal:
         ``max_rows``; call again after the last one's seq for more)."""
         wanted = np.fromiter(rtypes, dtype=np.uint8)
         out: list[Entry] = []
-        for seg in list(self.segments):
-            if seg.n == 0 or seg.last_seq <= after_seq:
-                continue
-            if seg.first_seq > upto_seq or len(out) >= max_rows:
+        for seg, part in self.row_slices(after_seq, upto_seq):
+            if len(out) >= max_rows:
                 break
-            rows = seg.rows
-            seqs = rows["seq"]
-            lo = int(np.searchsorted(seqs, after_seq, side="right"))
-            hi = int(np.searchsorted(seqs, upto_seq, side="right"))
-            part = rows[lo:hi]
             picked = part[np.isin(part["rtype"], wanted)][: max_rows - len(out)]
             for r in picked.tolist():
                 # seq rtype nparts pad count offset length crc min max order_off pad row_crc

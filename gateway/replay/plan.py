@@ -214,16 +214,7 @@ class Replay:
         starts = [s for s in self.subs if s.start is not None and s.rtype >= 0]
         if not starts or upto <= after:
             return
-        for seg in list(self.journal.segments):
-            if seg.n == 0 or seg.last_seq <= after:
-                continue
-            if seg.first_seq > upto:
-                break
-            rows = seg.rows
-            seqs = rows["seq"]
-            lo = int(np.searchsorted(seqs, after, side="right"))
-            hi = int(np.searchsorted(seqs, upto, side="right"))
-            part = rows[lo:hi]
+        for _, part in self.journal.row_slices(after, upto):
             for s in starts:
                 hit = (part["rtype"] == s.rtype) & (part["min_ts"] < np.uint64(s.start or 0))
                 hit &= part["seq"] > np.uint64(s.begin)
