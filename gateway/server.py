@@ -86,6 +86,16 @@ class ServerState:
     #: bytes replayed so far by path: written with os.sendfile or copied through Python
     replay_bytes: dict[str, int] = field(default_factory=lambda: {"sendfile": 0, "copy": 0})
     admission: Admission = field(default_factory=Admission)
+    #: with ``--workers N``: this worker's slot (-1: the single-process gateway)
+    worker_slot: int = -1
+    #: with ``--workers N``: the other workers' listeners on the client port (not successors)
+    siblings: int = 0
+    #: with ``--workers N``: connections whose transports still hold shared-ring memory
+    #: (gateway.workers.pins.PinTracker); None in the single-process gateway
+    pins: Any = None
+    #: with ``--workers N``: gateway-wide connection and per-key session counts
+    #: (gateway.workers.limits.SharedLimits); None in the single-process gateway
+    shared_limits: Any = None
     _ids: itertools.count[int] = field(
         default_factory=lambda: itertools.count(int(time.time()) * 1000)
     )
