@@ -1,0 +1,1 @@
+"""``--workers N``: a supervisor writes each chunk once into shared-memory rings."""
