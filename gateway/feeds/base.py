@@ -12,6 +12,14 @@ event-loop turn, and a burst of mappings larger than a slice is learnt slice by 
 the source is paused (``flow_listeners``) and its chunks are held, so records never overtake
 their mappings. A lossless feed (``backpressure``) pauses its source while any session is
 over its write-buffer high-water mark. It never knows about sockets or the session protocol.
+
+With ``--workers N`` (gateway/workers) a few hooks, all None or empty by default (a None
+check outside any per-session loop, nothing on the per-chunk path): the supervisor's Feed
+reports what it learnt, its state and its schema (``on_learned``/``on_state``/
+``on_schema``) to its ``RingSink``, and pauses its source while the ring is full
+(``set_sink_blocked``) or while a worker's lossless session is over its high-water mark
+(``remote_blocked``); a worker's Feed tells its ``RingFeeder`` which held chunk it
+publishes (``on_held``).
 """
 
 from __future__ import annotations
@@ -109,6 +117,21 @@ class Feed:
         #: slices run and the most units any one slice handled (observability, tests)
         self.slices = 0
         self.max_slice_units = 0
+        # --- with --workers N (gateway/workers); None / empty: the single-process gateway
+        #: supervisor: mappings that were new or changed, after the journal recorded them
+        self.on_learned: Callable[[list[tuple[str, int]]], None] | None = None
+        #: supervisor: a state change (connected, detail, notify)
+        self.on_state: Callable[[bool, str, bool], None] | None = None
+        #: supervisor: the schema named by the source's Metadata ("" when none), before
+        #: the mappings it carries are learnt
+        self.on_schema: Callable[[str], None] | None = None
+        #: worker: a chunk held during a mapping burst is about to be published (its
+        #: index), or the held chunks of this slice are done (None)
+        self.on_held: Callable[[ChunkIndex | None], None] | None = None
+        #: supervisor: the ring is full (``set_sink_blocked``), workers whose lossless
+        #: sessions are over their high-water mark (``remote_blocked``)
+        self.sink_blocked = False
+        self.remote_blocked_slots: set[int] = set()
         self.subscriptions = SubscriptionIndex(
             dataset,
             self.directory,
@@ -149,14 +172,16 @@ class Feed:
     def _update_flow(self) -> None:
         """Tell the source to stop reading while a lossless feed has a session over its
         high-water mark (counted as a pause) or a mapping burst is being learnt."""
-        lossless = self.backpressure and bool(self.subscriptions.blocked)
+        lossless = self.backpressure and (
+            bool(self.subscriptions.blocked) or bool(self.remote_blocked_slots)
+        )
         if lossless and self.paused_since is None:
             self.paused_since = time.monotonic()
             self.pauses += 1
         elif not lossless and self.paused_since is not None:
             self.paused_total_s += time.monotonic() - self.paused_since
             self.paused_since = None
-        want = lossless or bool(self._learning) or bool(self._held)
+        want = lossless or self.sink_blocked or bool(self._learning) or bool(self._held)
         if want != self._flow_paused:
             self._flow_paused = want
             for listener in self.flow_listeners:
@@ -166,6 +191,32 @@ class Feed:
     def paused(self) -> bool:
         """The source should not read now (see ``_update_flow``)."""
         return self._flow_paused
+
+    @property
+    def holding(self) -> bool:
+        """Chunks are held behind a mapping burst being learnt."""
+        return bool(self._held)
+
+    def set_sink_blocked(self, blocked: bool) -> None:
+        """Supervisor (``--workers``): the dataset's ring is full (True) or has room again;
+        the source is paused meanwhile (``flow_listeners``)."""
+        if blocked != self.sink_blocked:
+            self.sink_blocked = blocked
+            self._update_flow()
+
+    def remote_blocked(self, slot: int, blocked: bool) -> None:
+        """Supervisor (``--workers``): worker ``slot`` has a session of this lossless feed
+        over its high-water mark (True) or none any more; a dead worker's slot is cleared
+        with False. The source pauses while any worker says so (counted as a lossless
+        pause)."""
+        slots = self.remote_blocked_slots
+        if blocked == (slot in slots):
+            return
+        if blocked:
+            slots.add(slot)
+        else:
+            slots.discard(slot)
+        self._update_flow()
 
     def serves(self, schema: str) -> bool:
         """False when this feed is known never to carry ``schema``: its source declared
@@ -211,8 +262,15 @@ class Feed:
             take = min(budget, len(self._learning))
             self._learn_now([self._learning.popleft() for _ in range(take)])
             used += take
-        while self._held and not self._learning:
-            self._publish_now(self._held.popleft())
+        if self._held and not self._learning:
+            on_held = self.on_held
+            while self._held and not self._learning:
+                index = self._held.popleft()
+                if on_held is not None:
+                    on_held(index)
+                self._publish_now(index)
+            if on_held is not None:
+                on_held(None)
         if not self._learning and not self._held:
             self._update_flow()
         used = self.subscriptions.run(budget, used)
@@ -228,6 +286,8 @@ class Feed:
         when the source read them from the raw header, else from the decoded Metadata)."""
         schema = getattr(metadata, "schema", None)
         name = str(getattr(schema, "value", schema) or "") if schema is not None else ""
+        if self.on_schema is not None:
+            self.on_schema(name)
         self._metadata_seen = True
         self.schemas = frozenset({name}) if name in dbn.SCHEMAS else None
         tbbo = name == "tbbo"
@@ -267,6 +327,8 @@ class Feed:
         journal = self.journal
         if journal is not None and changed:
             journal.learn(changed, ts=self.stats.last_ts_event or None)
+        if changed and self.on_learned is not None:
+            self.on_learned(changed)
         self.subscriptions.announce(changed)
 
     # --- data -----------------------------------------------------------------------------
@@ -317,6 +379,8 @@ class Feed:
             (log.info if connected else log.warning)(
                 "feed %s %s: %s", self.dataset, "up" if connected else "down", detail
             )
+            if self.on_state is not None:
+                self.on_state(connected, detail, notify)
         if changed and notify and self.subscriptions:
             msg = dbn.encode_system(
                 self._clock_ns(), f"Feed {self.dataset}: {detail}"[:300], SystemCode.UNSET
