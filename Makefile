@@ -61,7 +61,7 @@ types: $(STAMP)
 
 ## make bench: every scenario against NATS, Redis, ZeroMQ and the raw socket limit
 bench: $(STAMP)
-	$(PY) -m bench
+	$(PY) -m bench $(ARGS)
 
 bench-quick: $(STAMP)
 	$(PY) -m bench --quick

@@ -4,6 +4,10 @@
     python -m bench --quick               seconds: tiny N and durations (a correctness run)
     python -m bench --scenarios fanout,latency --systems gateway,nats
     python -m bench --profile filtered    one scenario, the gateway under py-spy
+    python -m bench --workers 1,2,4,8     every scenario with the gateway at 1, 2, 4 and 8
+                                          worker processes, plus the `workers` scenario
+    python -m bench --scenarios workers --workers 1,2
+                                          only the workers scaling (CPU per record, curve)
 
 Exit status 1 when any gateway case lost records or failed (peers never fail the run).
 """
@@ -27,15 +31,18 @@ from bench.report import (
     write_plots,
 )
 from bench.scenarios import (
+    DEFAULT_SCENARIOS,
     SCENARIO_SYSTEMS,
     SCENARIOS,
     SYSTEMS,
     Harness,
     build_cases,
     make_plan,
+    parse_worker_counts,
     peer_table,
     run_case,
 )
+from bench.workers_report import write_workers_outputs
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -113,6 +120,10 @@ def summary_line(r: dict[str, Any]) -> str:
         parts.append(f"all streaming in {r.get('all_streaming_s', 0):.3f} s")
     elif sc == "replay":
         parts.append(replay_summary(r))
+    elif sc == "workers":
+        parts.append(f"{r['throughput_rps'] / 1e6:.3f} M rec/s")
+        if r.get("server_cpu_s_per_m") is not None:
+            parts.append(f"{r['server_cpu_s_per_m']:.3f} gateway CPU s/M")
     loss = (
         "loss-free"
         if r.get("loss_free")
@@ -159,8 +170,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="tiny N and durations (seconds)")
     p.add_argument(
         "--scenarios",
-        default=",".join(SCENARIOS),
-        help=f"comma-separated subset of {','.join(SCENARIOS)}",
+        default=None,
+        help=f"comma-separated subset of {','.join(SCENARIOS)} (default: all but workers; "
+        "with --workers, all)",
     )
     p.add_argument(
         "--systems",
@@ -180,7 +192,39 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--duration", type=float, help="seconds of publishing per throughput case")
     p.add_argument("--note", default="", help="a line to print in RESULTS.md")
-    return p.parse_args(argv)
+    p.add_argument(
+        "--workers",
+        default=None,
+        metavar="N[,N...]",
+        help="run every gateway case with the gateway at each of these worker counts "
+        "(`gateway serve --workers N`; 1 = the single process); peers run once. The "
+        "workers scenario measures at these counts (1 always included)",
+    )
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=None,
+        help="repeats of each workers-scenario case (medians; default 3, 1 with --quick)",
+    )
+    p.add_argument(
+        "--profile-rate", type=int, default=200, help="py-spy samples per second (--profile)"
+    )
+    p.add_argument(
+        "--profile-format",
+        choices=("flamegraph", "raw", "speedscope"),
+        default="flamegraph",
+        help="py-spy output (--profile): raw = collapsed stacks, for python -m bench.pyspy_top",
+    )
+    args = p.parse_args(argv)
+    try:
+        args.worker_counts = parse_worker_counts(args.workers) if args.workers else (1,)
+    except ValueError as exc:
+        p.error(str(exc))
+    if args.repeat is not None and args.repeat < 1:
+        p.error("--repeat must be >= 1")
+    if args.scenarios is None:
+        args.scenarios = ",".join(SCENARIOS if args.workers else DEFAULT_SCENARIOS)
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -214,7 +258,9 @@ def main(argv: list[str] | None = None) -> int:
         if not p.available:
             print(f"peer {p.name} skipped: {p.reason}", file=sys.stderr)
     harness = Harness(outdir, plan, peers, profile=bool(args.profile))
-    cases = build_cases(harness, scenarios, systems)
+    harness.profile_rate = args.profile_rate
+    harness.profile_format = args.profile_format
+    cases = build_cases(harness, scenarios, systems, args.worker_counts, args.repeat)
     meta: dict[str, Any] = {
         "run_id": run_id,
         "quick": args.quick,
@@ -226,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         "profile": args.profile,
         "note": args.note,
         "argv": sys.argv[1:],
+        "gateway_workers": list(args.worker_counts),
     }
     doc: dict[str, Any] = {"meta": meta, "peers": peer_table(peers), "results": []}
     progress = Progress(len(cases))
@@ -248,6 +295,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # plots are a nicety; never lose the numbers over them
         doc["plots"] = []
         print(f"plots failed: {exc}", file=sys.stderr)
+    doc["workers"] = write_workers_outputs(outdir, doc, plot_caption(meta), log=sys.stderr)
+    if doc["workers"].get("plot"):
+        doc["plots"].append(doc["workers"]["plot"])
     if args.quick:
         for t in doc["targets"]:
             if t["status"] == "n/a" and "not run" in t["detail"]:

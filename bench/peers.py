@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Final
 
-from bench.procs import free_port, raise_nofile, stop_process
+from bench.procs import cpu_seconds, free_port, raise_nofile, rss_kib, stop_process
 from bench.records import API_KEY, DATASET
 
 __all__ = [
@@ -184,7 +184,14 @@ def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 10.0) 
 
 
 class GatewayServer(Server):
-    """``python -m gateway serve`` with a config file that admits enough sessions."""
+    """``python -m gateway serve`` with a config file that admits enough sessions.
+
+    ``workers`` > 1 starts it with ``--workers N`` (a supervisor and N worker processes
+    sharing the client port); 1 is today's single process, started exactly as before
+    (no ``--workers`` on its command line). A multi-worker gateway prints
+    ``workers N pids=P1,P2,…`` before ``listening …``: ``worker_pids`` keeps them, and
+    ``cpu_seconds()`` / ``rss_kib()`` cover the whole process tree.
+    """
 
     ingest_port: int = 0
     metrics_port: int = 0
@@ -195,13 +202,43 @@ class GatewayServer(Server):
         *,
         max_sessions: int = 30_000,
         extra_config: dict[str, Any] | None = None,
+        workers: int = 1,
     ) -> None:
         super().__init__("gateway")
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
         self.workdir = workdir
         self.max_sessions = max_sessions
         #: more config keys (a scenario mode may need a gateway option): a dict value is a
         #: table (``{"journal": {"dir": ...}}`` -> ``[journal]``)
         self.extra_config = extra_config or {}
+        self.workers = workers
+        #: the worker processes' pids, from the ``workers N pids=…`` line (empty for N=1)
+        self.worker_pids: list[int] = []
+
+    def command(self, cfg: Path) -> list[str]:
+        """The gateway's command line (``--workers N`` only when N > 1)."""
+        cmd = [sys.executable, "-m", "gateway", "serve", "--config", str(cfg)]
+        if self.workers > 1:
+            cmd += ["--workers", str(self.workers)]
+        return cmd
+
+    def process_tree(self) -> list[int]:
+        """The supervisor, the workers it reported and any other live child of it."""
+        if self.proc is None:
+            return []
+        return process_tree(self.proc.pid, self.worker_pids)
+
+    def cpu_seconds(self) -> float:
+        """CPU seconds of the whole gateway: every process of the tree, plus children the
+        supervisor has reaped (a restarted worker's CPU is not lost)."""
+        if self.proc is None:
+            return 0.0
+        return tree_cpu_seconds(self.proc.pid, self.worker_pids)
+
+    def rss_kib(self) -> int:
+        """VmRSS summed over the tree (shared pages, e.g. the ring, count once per process)."""
+        return sum(rss_kib(pid) for pid in self.process_tree())
 
     def start(self) -> GatewayServer:
         cfg = self.workdir / "gateway.toml"
@@ -221,30 +258,63 @@ class GatewayServer(Server):
         )
         log = self.workdir / "gateway.stderr.log"
         self.logs.append(log)
+        start_of_log = log.stat().st_size if log.exists() else 0
         with open(log, "ab") as err:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "gateway", "serve", "--config", str(cfg)],
+                self.command(cfg),
                 cwd=REPO,
                 stdout=subprocess.PIPE,
                 stderr=err,
                 preexec_fn=raise_nofile,
             )
         assert self.proc.stdout is not None
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            line = self.proc.stdout.readline().decode()
-            if not line:
-                raise RuntimeError(f"gateway exited while starting (see {log})")
-            fields = dict(t.split("=", 1) for t in line.split() if "=" in t)
-            if line.startswith("ingest "):
-                self.ingest_port = int(fields["port"])
-            elif line.startswith("listening "):
-                self.port = int(fields["port"])
-                self.metrics_port = int(fields.get("metrics_port", 0))
-                break
-        if not self.port or not self.ingest_port:
-            raise RuntimeError("gateway did not report its ports")
+        deadline = time.monotonic() + 20 + 5 * self.workers
+        try:
+            while time.monotonic() < deadline:
+                line = self.proc.stdout.readline().decode()
+                if not line:
+                    raise RuntimeError(
+                        f"gateway exited while starting (see {log})"
+                        + self._why_not_workers(log, start_of_log)
+                    )
+                if line.startswith("ingest "):
+                    self.ingest_port = int(startup_fields(line)["port"])
+                elif line.startswith("workers "):
+                    self.worker_pids = parse_workers_line(line, self.workers)
+                elif line.startswith("listening "):
+                    fields = startup_fields(line)
+                    self.port = int(fields["port"])
+                    self.metrics_port = int(fields.get("metrics_port", 0))
+                    break
+            if not self.port or not self.ingest_port:
+                raise RuntimeError("gateway did not report its ports")
+            if self.workers > 1 and not self.worker_pids:
+                raise RuntimeError(
+                    f"gateway started with --workers {self.workers} printed no "
+                    "'workers N pids=...' line before 'listening': it is not running "
+                    "worker processes (is --workers implemented in this checkout?)"
+                )
+        except BaseException:
+            self.stop()
+            raise
         return self
+
+    def _why_not_workers(self, log: Path, start: int) -> str:
+        """For N > 1: the gateway's own complaint (e.g. an unknown ``--workers``)."""
+        if self.workers <= 1:
+            return ""
+        try:
+            with open(log, "rb") as f:
+                f.seek(start)
+                tail = f.read().decode(errors="replace").strip().splitlines()
+        except OSError:
+            tail = []
+        last = tail[-1] if tail else ""
+        return (
+            f"; with --workers {self.workers}: {last[:300]}"
+            if last
+            else f"; --workers {self.workers} may not be implemented in this checkout"
+        )
 
     def wait_feed_up(self, timeout: float = 10.0) -> None:
         """Until /readyz says the feed is up (the publisher's Metadata was processed)."""
@@ -264,6 +334,82 @@ class GatewayServer(Server):
                 return
             time.sleep(0.02)
         raise RuntimeError("gateway feed did not come up after the publisher connected")
+
+
+def startup_fields(line: str) -> dict[str, str]:
+    """``listening host=127.0.0.1 port=5 metrics_port=6`` -> {"host": …, "port": "5", …}."""
+    return dict(t.split("=", 1) for t in line.split() if "=" in t)
+
+
+def parse_workers_line(line: str, expected: int | None = None) -> list[int]:
+    """The pids of ``workers N pids=P1,P2,…`` (the supervisor's start-up line).
+
+    Raises ValueError when the line is malformed, or names another count of workers than
+    ``expected`` (or than the pids it lists).
+    """
+    parts = line.split()
+    if len(parts) < 3 or parts[0] != "workers" or not parts[1].isdigit():
+        raise ValueError(f"not a 'workers N pids=...' line: {line.strip()!r}")
+    n = int(parts[1])
+    pids_text = startup_fields(line).get("pids", "")
+    try:
+        pids = [int(p) for p in pids_text.split(",") if p]
+    except ValueError:
+        raise ValueError(f"bad pids in {line.strip()!r}") from None
+    if len(pids) != n or (expected is not None and n != expected):
+        raise ValueError(
+            f"{line.strip()!r}: {len(pids)} pids for {n} workers"
+            + (f" (asked for {expected})" if expected is not None else "")
+        )
+    return pids
+
+
+def children_of(pid: int) -> list[int]:
+    """Live child pids of ``pid`` (from /proc/<pid>/task/*/children where the kernel has
+    it, else by scanning /proc for a matching parent)."""
+    found: list[int] = []
+    tasks = Path(f"/proc/{pid}/task")
+    readable = False
+    try:
+        for task in tasks.iterdir():
+            try:
+                found += [int(c) for c in (task / "children").read_text().split()]
+                readable = True
+            except OSError:
+                continue
+    except OSError:
+        return []
+    if readable:
+        return sorted(set(found))
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            found.append(int(entry.name))
+    return sorted(found)
+
+
+def process_tree(root: int, known: list[int] | tuple[int, ...] = ()) -> list[int]:
+    """``root``, the ``known`` pids still alive and every other live child of ``root``."""
+    pids = [root]
+    for pid in [*known, *children_of(root)]:
+        if pid not in pids and Path(f"/proc/{pid}").exists():
+            pids.append(pid)
+    return pids
+
+
+def tree_cpu_seconds(root: int, known: list[int] | tuple[int, ...] = ()) -> float:
+    """utime+stime of ``root`` and its live children, plus the cutime+cstime of ``root``
+    (children it has already reaped): a difference of two readings stays the CPU the
+    tree used in between even when a worker died and was reaped meanwhile."""
+    total = cpu_seconds(root, with_children=True)
+    for pid in process_tree(root, known)[1:]:
+        total += cpu_seconds(pid)
+    return total
 
 
 class NatsServer(Server):

@@ -38,15 +38,19 @@ def raise_nofile(wanted: int = NOFILE_WANTED) -> int:
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of ``pid`` (all its threads) in seconds; 0.0 if it is gone."""
+def cpu_seconds(pid: int, *, with_children: bool = False) -> float:
+    """utime + stime of ``pid`` (all its threads) in seconds; 0.0 if it is gone.
+    ``with_children`` adds cutime + cstime (children it has waited for)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             stat = f.read()
     except OSError:
         return 0.0
     fields = stat.rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    ticks = int(fields[11]) + int(fields[12])
+    if with_children:
+        ticks += int(fields[13]) + int(fields[14])
+    return ticks / CLK_TCK
 
 
 def rss_kib(pid: int) -> int:
@@ -119,8 +123,35 @@ def machine_info() -> dict[str, object]:
     return {
         "cpu_model": model or platform.processor() or "unknown",
         "cores": os.cpu_count() or 0,
+        #: CPUs this process may run on (what ``workers = "auto"`` would use)
+        "usable_cpus": len(os.sched_getaffinity(0)),
+        **cpuinfo_counts(),
         "memory_gib": round(mem_kib / 1024 / 1024, 1),
         "kernel": platform.release(),
         "hostname": socket.gethostname(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
+
+
+def cpuinfo_counts(path: str = "/proc/cpuinfo") -> dict[str, int]:
+    """Logical processors, and physical cores where /proc/cpuinfo says (distinct
+    (physical id, core id) pairs; 0 when it does not, as in many VMs)."""
+    processors = 0
+    cores: set[tuple[str, str]] = set()
+    phys = core = ""
+    try:
+        with open(path) as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "processor":
+                    processors += 1
+                    phys = core = ""
+                elif key == "physical id":
+                    phys = value.strip()
+                elif key == "core id":
+                    core = value.strip()
+                    cores.add((phys, core))
+    except OSError:
+        pass
+    return {"logical_cpus": processors, "physical_cores": len(cores)}

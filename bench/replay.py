@@ -47,7 +47,6 @@ import numpy as np
 import numpy.typing as npt
 
 from bench.peers import GatewayServer
-from bench.procs import cpu_seconds
 from bench.records import (
     API_KEY,
     BATCH,
@@ -502,7 +501,11 @@ class ReplayBench:
         }
 
     def _gateway(self) -> GatewayServer:
-        return GatewayServer(self.h.workdir, extra_config=self.journal_config()).start()
+        return GatewayServer(
+            self.h.workdir,
+            extra_config=self.journal_config(),
+            workers=self.h.gateway_workers,
+        ).start()
 
     def _readers(self, port: int, count: int, **kw: Any) -> list[tuple[Any, Connection]]:
         from bench.scenarios import CTX
@@ -588,9 +591,9 @@ class ReplayBench:
         try:
             for _ in range(self.plan.sendfile_repeats):
                 raws.append(self._raw())
-                cpu0 = cpu_seconds(gw.pid)
+                cpu0 = gw.cpu_seconds()
                 runs.append(self._replay(gw.port, symbols=None, start=0, seq_from=0))
-                runs[-1]["sender_cpu_s"] = cpu_seconds(gw.pid) - cpu0
+                runs[-1]["sender_cpu_s"] = gw.cpu_seconds() - cpu0
             metrics = _scrape(gw)
         finally:
             gw.stop()

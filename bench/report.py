@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from bench.replay_report import replay_table, replay_targets
+from bench.workers_report import workers_table, workers_targets
 
 __all__ = ["evaluate_targets", "plot_caption", "write_json", "write_markdown", "write_plots"]
 
@@ -196,6 +197,7 @@ def evaluate_targets(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             )
         )
     out += replay_targets(results)
+    out += workers_targets(results)
     return out
 
 
@@ -271,8 +273,13 @@ def write_markdown(path: Path, doc: dict[str, Any]) -> None:
     lines = [f"# Benchmark results, {meta['run_id']}", ""]
     lines += [
         f"- **Date:** {m['date']}",
-        f"- **Machine:** {m['cpu_model']}, {m['cores']} cores, {m['memory_gib']} GiB, "
-        f"kernel {m['kernel']} (host `{m['hostname']}`)",
+        f"- **Machine:** {m['cpu_model']}, {m['cores']} cores"
+        + (
+            f" ({m['usable_cpus']} usable)"
+            if m.get("usable_cpus", m["cores"]) != m["cores"]
+            else ""
+        )
+        + f", {m['memory_gib']} GiB, kernel {m['kernel']} (host `{m['hostname']}`)",
         "- **Versions:** " + ", ".join(f"{k} {val}" for k, val in v.items()),
         f"- **Mode:** {'quick (tiny N and durations: a correctness run, not timings)' if meta['quick'] else 'full'}; "  # noqa: E501
         f"throughput runs {meta['plan']['duration_s']} s of publishing per case, latency runs "
@@ -323,6 +330,7 @@ def write_markdown(path: Path, doc: dict[str, Any]) -> None:
     lines += _fanout_table(results) + _filtered_table(results) + _zstd_table(results)
     lines += _latency_table(results) + _idle_table(results) + _connect_table(results)
     lines += replay_table(results)
+    lines += workers_table(results)
     errors = [r for r in results if r.get("status") == "error"]
     if errors:
         lines += ["", "## Errors", ""]

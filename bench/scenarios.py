@@ -69,7 +69,14 @@ class Plan:
     connect_sessions: int
     duration_s: float
     latency_duration_s: float
+    #: subscriber worker processes per case (not the gateway's workers)
     workers: int = 2
+    #: the ``workers`` scenario: fan-out sessions for CPU per record, filtered and
+    #: zstd-distinct sessions for the scaling curve, and repeats of each (medians)
+    scaling_fanout_n: int = 100
+    scaling_filtered_n: int = 1000
+    scaling_zstd_n: int = 1000
+    scaling_repeats: int = 3
 
 
 def make_plan(quick: bool) -> Plan:
@@ -87,6 +94,10 @@ def make_plan(quick: bool) -> Plan:
             connect_sessions=30,
             duration_s=0.25,
             latency_duration_s=0.5,
+            scaling_fanout_n=3,
+            scaling_filtered_n=3,
+            scaling_zstd_n=2,
+            scaling_repeats=1,
         )
     return Plan(
         quick=False,
@@ -240,6 +251,12 @@ class Harness:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.schedule = Schedule()
         self.case_no = 0
+        #: the gateway's worker processes for the case being run (``--workers``); peers
+        #: never change with it
+        self.gateway_workers = 1
+        #: py-spy's sampling rate and output format for ``--profile``
+        self.profile_rate = 200
+        self.profile_format = "flamegraph"
         #: called once every case has run (e.g. removing a scenario's journal)
         self.cleanups: list[Callable[[], None]] = []
 
@@ -251,7 +268,9 @@ class Harness:
 
     def start_server(self, system: str, gateway_config: dict[str, Any] | None = None) -> Server:
         if system == "gateway":
-            return GatewayServer(self.workdir, extra_config=gateway_config).start()
+            return GatewayServer(
+                self.workdir, extra_config=gateway_config, workers=self.gateway_workers
+            ).start()
         if system == "nats":
             return NatsServer(self.workdir, self.peers["nats"].path).start()
         if system == "redis":
@@ -270,19 +289,17 @@ class Harness:
         local = Path(sys.executable).parent / "py-spy"
         pyspy = shutil.which("py-spy") or str(local)
         name = "profile-" + "".join(ch if ch.isalnum() else "-" for ch in label)[:80]
-        out = self.outdir / f"{name}.svg"
+        ext = {"flamegraph": "svg", "raw": "txt", "speedscope": "json"}[self.profile_format]
+        out = self.outdir / f"{name}.{ext}"
         proc = subprocess.Popen(
-            [
+            pyspy_command(
                 pyspy,
-                "record",
-                "--pid",
-                str(server.pid),
-                "--rate",
-                "200",
-                "--nonblocking",
-                "-o",
-                str(out),
-            ],
+                server.pid,
+                out,
+                rate=self.profile_rate,
+                fmt=self.profile_format,
+                subprocesses=self.gateway_workers > 1,
+            ),
             stdout=subprocess.DEVNULL,
             stderr=open(self.workdir / "py-spy.log", "ab"),
         )
@@ -432,14 +449,14 @@ class Harness:
             self.check_ready(ready, progress)
             pid = server.pid or pub.proc.pid
             with self.profiler(server, label):
-                cpu0, mach0, rss0 = cpu_seconds(pid), MachineCpu.read(), rss_kib(pid)
+                cpu0, mach0, rss0 = _cpu(server, pid), MachineCpu.read(), _rss(server, pid)
                 with during(server) if during is not None else nullcontext({}) as beside:
                     pub.send(("go",))
                     budget = job.duration_s + (60 if job.rate else 120)
                     report: PublishReport = pub.recv(budget, "the publisher to finish")[1]
                     expected = self.expected_counts(specs, report.records, cfg.per_instrument)
                     results = self.collect(workers, expected, 30 + n * 0.02)
-                    cpu1, mach1, rss1 = cpu_seconds(pid), MachineCpu.read(), rss_kib(pid)
+                    cpu1, mach1, rss1 = _cpu(server, pid), MachineCpu.read(), _rss(server, pid)
             result = self.summarize(specs, expected, results, ready, report)
             if beside:
                 result["beside"] = beside
@@ -689,16 +706,16 @@ class Harness:
             specs = [ConnSpec(i, system, server.port or port, heartbeat_s=hb) for i in range(n)]
             workers = self.start_workers(WorkerConfig(), progress)
             time.sleep(0.3)
-            rss0 = rss_kib(pid)
+            rss0 = _rss(server, pid)
             t0 = time.perf_counter()
             ready = self.connect(workers, specs, 200, timeout=180)
             self.check_ready(ready, progress)
             connect_s = time.perf_counter() - t0
             time.sleep(1.0)
-            rss1 = rss_kib(pid)
-            cpu0, mach0 = cpu_seconds(pid), MachineCpu.read()
+            rss1 = _rss(server, pid)
+            cpu0, mach0 = _cpu(server, pid), MachineCpu.read()
             time.sleep(plan.idle_window_s)
-            cpu1, mach1 = cpu_seconds(pid), MachineCpu.read()
+            cpu1, mach1 = _cpu(server, pid), MachineCpu.read()
             heartbeats = 0
             with_hb = 0
             for w in workers:
@@ -746,11 +763,11 @@ class Harness:
             specs = [ConnSpec(i, system, server.port or port) for i in range(n)]
             workers = self.start_workers(WorkerConfig(), progress)
             time.sleep(0.3)
-            cpu0 = cpu_seconds(pid)
+            cpu0 = _cpu(server, pid)
             with self.profiler(server, f"connect-{system}-{n}"):
                 ready = self.connect(workers, specs, n, timeout=120)
                 self.check_ready(ready, progress)
-                cpu1 = cpu_seconds(pid)
+                cpu1 = _cpu(server, pid)
                 pub.send(("go",))
                 report: PublishReport = pub.recv(120, "the burst")[1]
                 expected = self.expected_counts(specs, report.records, False)
@@ -775,6 +792,31 @@ class Harness:
             _shut_down(workers, pub, server)
 
 
+def _cpu(server: Server, pid: int) -> float:
+    """CPU seconds of the server under test: the whole gateway (supervisor and workers),
+    else the process ``pid``."""
+    if isinstance(server, GatewayServer):
+        return server.cpu_seconds()
+    return cpu_seconds(pid)
+
+
+def _rss(server: Server, pid: int) -> int:
+    if isinstance(server, GatewayServer):
+        return server.rss_kib()
+    return rss_kib(pid)
+
+
+def pyspy_command(
+    pyspy: str, pid: int, out: Path, *, rate: int, fmt: str, subprocesses: bool
+) -> list[str]:
+    """``py-spy record`` of ``pid`` (and its child processes: a multi-worker gateway)."""
+    cmd = [pyspy, "record", "--pid", str(pid), "--rate", str(rate), "--nonblocking"]
+    cmd += ["--format", fmt, "-o", str(out)]
+    if subprocesses:
+        cmd.append("--subprocesses")
+    return cmd
+
+
 def _shut_down(workers: list[_Child], pub: _Child | None, server: Any) -> None:
     """Close the subscriber workers and the publisher, then stop the server."""
     for w in workers:
@@ -794,8 +836,22 @@ def _replace(obj: Any, **changes: Any) -> Any:
     return dataclasses.replace(obj, **changes)
 
 
-SCENARIOS: Final = ("fanout", "filtered", "zstd", "latency", "idle", "connect", "replay")
+SCENARIOS: Final = (
+    "fanout",
+    "filtered",
+    "zstd",
+    "latency",
+    "idle",
+    "connect",
+    "replay",
+    "workers",
+)
+#: what ``python -m bench`` runs without ``--scenarios`` (``workers`` joins them when
+#: ``--workers`` names counts)
+DEFAULT_SCENARIOS: Final = SCENARIOS[:-1]
 SYSTEMS: Final = ("gateway", "raw", "nats", "redis", "zmq")
+#: the ``workers`` scenario's parts: what each measures at every worker count
+SCALING_PARTS: Final = ("fanout-cpu", "filtered", "zstd-distinct")
 SCENARIO_SYSTEMS: Final = {
     "fanout": ("raw", "gateway", "nats", "redis", "zmq"),
     "filtered": ("gateway", "nats", "redis", "zmq"),
@@ -804,12 +860,53 @@ SCENARIO_SYSTEMS: Final = {
     "idle": ("gateway", "nats", "redis"),
     "connect": ("gateway", "nats", "redis", "zmq"),
     "replay": ("gateway",),
+    "workers": ("gateway",),
 }
 
 
-def build_cases(h: Harness, scenarios: list[str], systems: list[str]) -> list[Case]:
+def _at_workers(h: Harness, workers: int, run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Run one case with the gateway at ``workers`` processes."""
+    before = h.gateway_workers
+    h.gateway_workers = workers
+    try:
+        res = run()
+    finally:
+        h.gateway_workers = before
+    res["gateway_workers"] = workers
+    return res
+
+
+def parse_worker_counts(text: str) -> tuple[int, ...]:
+    """``"1,2,4,8"`` -> (1, 2, 4, 8): distinct, in the order given; ValueError naming the
+    bad item otherwise."""
+    counts: list[int] = []
+    for item in text.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        if not item.isdigit() or int(item) < 1:
+            raise ValueError(f"--workers: {item!r} is not a worker count (an integer >= 1)")
+        if int(item) not in counts:
+            counts.append(int(item))
+    if not counts:
+        raise ValueError("--workers: no worker count given (e.g. --workers 1,2)")
+    return tuple(counts)
+
+
+def build_cases(
+    h: Harness,
+    scenarios: list[str],
+    systems: list[str],
+    workers: tuple[int, ...] = (1,),
+    repeats: int | None = None,
+) -> list[Case]:
+    """The cases to run. Every gateway case runs once per count in ``workers`` (its params
+    then say ``workers=N``; peers run once); the ``workers`` scenario runs its parts at
+    every count, 1 included, ``repeats`` times (default the plan's), interleaved so that a
+    drift of the machine touches every count alike."""
     plan = h.plan
     cases: list[Case] = []
+    tagged = tuple(workers) != (1,)
 
     def add(
         scenario: str,
@@ -818,7 +915,12 @@ def build_cases(h: Harness, scenarios: list[str], systems: list[str]) -> list[Ca
         params: dict[str, Any],
         run: Callable[[], dict[str, Any]],
     ) -> None:
-        cases.append(Case(scenario, system, n, params, run))
+        if system != "gateway" or scenario == "workers":
+            cases.append(Case(scenario, system, n, params, run))
+            return
+        for count in workers:
+            p = {**params, "workers": count} if tagged else params
+            cases.append(Case(scenario, system, n, p, partial(_at_workers, h, count, run)))
 
     for scenario in scenarios:
         wanted = [s for s in SCENARIO_SYSTEMS[scenario] if s in systems]
@@ -856,6 +958,26 @@ def build_cases(h: Harness, scenarios: list[str], systems: list[str]) -> list[Ca
             add(scenario, "gateway", 1, {"part": "filtered"}, rb.filtered)
             add(scenario, "gateway", rp.live_sessions, {"part": "beside-live"}, rb.beside_live)
             add(scenario, "gateway", rp.fanout_n, {"part": "fanout-journal"}, rb.fanout_journal)
+        elif scenario == "workers" and "gateway" in systems:
+            counts = (1, *[c for c in workers if c != 1])
+            zmode = next(m for m in ZSTD_MODES if m.name == "zstd-distinct")
+            runs: dict[str, tuple[int, Callable[[], dict[str, Any]]]] = {
+                "fanout-cpu": (
+                    plan.scaling_fanout_n,
+                    partial(h.fanout, "gateway", plan.scaling_fanout_n),
+                ),
+                "filtered": (
+                    plan.scaling_filtered_n,
+                    partial(h.filtered, "gateway", plan.scaling_filtered_n),
+                ),
+                "zstd-distinct": (plan.scaling_zstd_n, partial(h.zstd, zmode, plan.scaling_zstd_n)),
+            }
+            for rep in range(repeats or plan.scaling_repeats):
+                for part in SCALING_PARTS:
+                    n, run = runs[part]
+                    for count in counts:
+                        wparams = {"part": part, "workers": count, "repeat": rep}
+                        add(scenario, "gateway", n, wparams, partial(_at_workers, h, count, run))
     return cases
 
 
