@@ -5,6 +5,13 @@ answer a client parses before authentication), counted in
 ``gateway_connections_total{result="rejected"}`` and ``gateway_limit_hits_total`` (by its
 ``reason``) and logged at most once a second per reason. The limits are the ``[limits]``
 section of the config (``LimitsConfig``) as it is; a reload replaces it.
+
+With ``--workers N`` (``Admission.shared``, a ``gateway.workers.limits.SharedLimits``) the
+connection counts are the whole gateway's: ``max_connections`` and ``max_unauthenticated``
+are checked and counted in the shared file, with the same refusal lines; the per-IP rate
+stays per worker, each allowing ``per_ip_rate / N`` a second and a burst of
+``ceil(per_ip_burst / N)``. Without it (one process) nothing here looks at it but one
+``None`` check per connection attempt.
 """
 
 from __future__ import annotations
@@ -20,8 +27,9 @@ from gateway.config import LimitsConfig
 
 if TYPE_CHECKING:
     from gateway.metrics import Metrics
+    from gateway.workers.limits import SharedLimits
 
-__all__ = ["Admission", "Refusal", "peer_of_socket", "refuse_queued"]
+__all__ = ["Admission", "Refusal", "burst_per_worker", "peer_of_socket", "refuse_queued"]
 
 log = logging.getLogger("gateway.session")
 
@@ -37,12 +45,23 @@ class Refusal:
     text: str
 
 
+_MAX_CONNECTIONS = Refusal("max_connections", "too many connections to this gateway")
+_MAX_UNAUTHENTICATED = Refusal("max_unauthenticated", "too many unauthenticated connections")
+
+
+def burst_per_worker(burst: int, workers: int) -> int:
+    """A worker's share of ``per_ip_burst`` with ``workers`` workers: divided, rounded up."""
+    return -(-burst // max(1, workers))
+
+
 @dataclass
 class Admission:
     """Admission decisions for new connections, and the connections still to authenticate."""
 
     #: connections admitted that have not authenticated yet (released once, by discard)
     unauthenticated: set[object] = field(default_factory=set)
+    #: with ``--workers N``: the gateway-wide counts (None: this process is the gateway)
+    shared: SharedLimits | None = None
     _ip_tokens: dict[str, tuple[float, float]] = field(default_factory=dict)
     _rejections_logged: dict[str, tuple[float, int]] = field(default_factory=dict)
 
@@ -53,10 +72,18 @@ class Admission:
         if not accepting:
             return Refusal("shutting_down", "gateway is shutting down")
         if open_connections >= limits.max_connections:
-            return Refusal("max_connections", "too many connections to this gateway")
-        if len(self.unauthenticated) >= limits.max_unauthenticated:
-            return Refusal("max_unauthenticated", "too many unauthenticated connections")
+            return _MAX_CONNECTIONS
+        shared = self.shared
+        if shared is None:
+            if len(self.unauthenticated) >= limits.max_unauthenticated:
+                return _MAX_UNAUTHENTICATED
+        else:
+            reason = shared.try_open(limits.max_connections, limits.max_unauthenticated)
+            if reason is not None:
+                return _MAX_CONNECTIONS if reason == "max_connections" else _MAX_UNAUTHENTICATED
         if not self._admit_ip(ip, now, limits):
+            if shared is not None:
+                shared.undo_open()
             return Refusal("ip_rate", f"too many new connections per second from {ip}; wait 1 s")
         return None
 
@@ -87,8 +114,12 @@ class Admission:
                     return True
             except ValueError:
                 pass
-        tokens, at = self._ip_tokens.get(ip, (float(lim.per_ip_burst), now))
-        tokens = min(float(lim.per_ip_burst), tokens + (now - at) * lim.per_ip_rate)
+        rate, burst = lim.per_ip_rate, float(lim.per_ip_burst)
+        if self.shared is not None:  # this worker's share of the gateway's rate
+            workers = self.shared.workers
+            rate, burst = rate / workers, float(burst_per_worker(lim.per_ip_burst, workers))
+        tokens, at = self._ip_tokens.get(ip, (burst, now))
+        tokens = min(burst, tokens + (now - at) * rate)
         if tokens < 1.0:
             self._ip_tokens[ip] = (tokens, now)
             return False

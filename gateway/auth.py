@@ -4,6 +4,11 @@ CRAM: the client answers ``sha256_hex(challenge + "|" + key) + "-" + key[-5:]``;
 server finds candidate keys by that 5-character bucket id and recomputes the hash with
 its own challenge. Keys are compared in constant time and never logged: logs and
 metrics use ``KeyEntry.key_id``.
+
+Sessions per key: ``KeyEntry.active`` counts this process's; with ``--workers N``
+(``Authenticator.shared``, a ``gateway.workers.limits.SharedLimits``) ``max_sessions`` is
+checked against the key's sessions over every worker, and the refusal names that count in
+the same words.
 """
 
 from __future__ import annotations
@@ -12,9 +17,13 @@ import hmac
 import secrets
 import string
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from gateway.control import cram_response
 from gateway.errors import AuthError
+
+if TYPE_CHECKING:
+    from gateway.workers.limits import SharedLimits
 
 __all__ = ["Authenticator", "KeyEntry", "cram_response", "new_challenge"]
 
@@ -42,6 +51,8 @@ class Authenticator:
     """Holds the configured keys and the count of sessions open under each."""
 
     def __init__(self, entries: list[KeyEntry]) -> None:
+        #: with ``--workers N``: sessions per key counted over every worker (None: here only)
+        self.shared: SharedLimits | None = None
         self._by_bucket: dict[str, list[KeyEntry]] = {}
         for entry in entries:
             self._by_bucket.setdefault(entry.key[-5:], []).append(entry)
@@ -93,15 +104,26 @@ class Authenticator:
             raise AuthError(f"Unknown dataset {dataset[:40]}", "unknown_dataset")
         if not entry.allows(dataset):
             raise AuthError(f"API key is not entitled to dataset {dataset}", "not_entitled")
-        if entry.active >= entry.max_sessions:
-            raise AuthError(
-                f"Connection limit exceeded: this API key already has "
-                f"{entry.active} of {entry.max_sessions} sessions",
-                "session_limit",
-                limit="sessions_per_key",
-            )
+        shared = self.shared
+        if shared is None:
+            if entry.active >= entry.max_sessions:
+                raise _session_limit(entry.active, entry.max_sessions)
+        else:
+            held = shared.try_acquire(entry.key, entry.max_sessions)
+            if held is not None:
+                raise _session_limit(held, entry.max_sessions)
         entry.active += 1
 
-    @staticmethod
-    def release(entry: KeyEntry) -> None:
+    def release(self, entry: KeyEntry) -> None:
+        """One session of ``entry`` (admitted by ``acquire``) ended."""
         entry.active = max(0, entry.active - 1)
+        if self.shared is not None:
+            self.shared.release_key(entry.key)
+
+
+def _session_limit(held: int, max_sessions: int) -> AuthError:
+    return AuthError(
+        f"Connection limit exceeded: this API key already has {held} of {max_sessions} sessions",
+        "session_limit",
+        limit="sessions_per_key",
+    )

@@ -94,11 +94,17 @@ class ServerState:
     #: (gateway.workers.pins.PinTracker); None in the single-process gateway
     pins: Any = None
     #: with ``--workers N``: gateway-wide connection and per-key session counts
-    #: (gateway.workers.limits.SharedLimits); None in the single-process gateway
+    #: (gateway.workers.limits.SharedLimits); None in the single-process gateway. Given
+    #: here it is bound at once (admission, authenticator and the connection sets count
+    #: in it); set later, call ``shared_limits.bind(state)``
     shared_limits: Any = None
     _ids: itertools.count[int] = field(
         default_factory=lambda: itertools.count(int(time.time()) * 1000)
     )
+
+    def __post_init__(self) -> None:
+        if self.shared_limits is not None:
+            self.shared_limits.bind(self)
 
     def admit(self, conn: ClientConnection, ip: str, now: float) -> bytes | None:
         """Admit a new connection (counted as open and unauthenticated), or return the
