@@ -93,6 +93,8 @@ class Feed:
         #: the dataset's journal (``[journal] dir``): every chunk is appended to it before
         #: the fan-out sees it, every mapping learnt is recorded in it; None: no journal
         self.journal: DatasetJournal | None = None
+        #: the journal seq of the chunk being published (0: no journal, or disabled)
+        self.journal_seq = 0
         #: called with True when the source must stop reading, False to resume
         self.flow_listeners: list[Callable[[bool], None]] = []
         #: lossless pauses (a session over its high-water mark): since when, total, count
@@ -360,7 +362,8 @@ class Feed:
                 return
         journal = self.journal
         if journal is not None:
-            journal.append(index)  # write-ahead: on file before any session is sent it
+            # write-ahead: on file before any session is sent it (its seq for a RingSink)
+            self.journal_seq = journal.append(index)
         self.fanout.publish(index)
 
     # --- feed health ----------------------------------------------------------------------
