@@ -1,4 +1,10 @@
-"""The composition root: config -> feeds, fan-out, listeners, metrics; start and stop."""
+"""The composition root: config -> feeds, fan-out, listeners, metrics; start and stop.
+
+Why one module: ``Gateway`` is the single-process gateway whole -- its start, readiness,
+snapshot, reload and shutdown read the same fields -- and a ``--workers N`` worker process
+(``gateway.workers.worker``) is this class with another ``start``; ``run`` is the one entry
+(``workers`` > 1 hands over to ``gateway.workers.supervisor``).
+"""
 
 from __future__ import annotations
 
@@ -18,7 +24,7 @@ import msgspec
 from gateway import __version__, transport
 from gateway.aio import cancel_and_wait
 from gateway.auth import Authenticator, KeyEntry
-from gateway.config import Config
+from gateway.config import Config, worker_count
 from gateway.errors import ConfigError, FeedError, GatewayError
 from gateway.fanout import FanOut
 from gateway.feeds import Feed, Source, build_source, parse_feed_uri
@@ -102,9 +108,10 @@ class Gateway:
         #: the in-gateway probe (serve --strobe)
         self.strobe: Prober | None = None
         # /metrics reads the feeds' and sessions' totals when scraped, via snapshot()
-        self.metrics.registry.register(
-            GatewayCollector(self.snapshot, per_key=cfg.metrics_per_key, created=self.started_at)
+        self.collector = GatewayCollector(
+            self.snapshot, per_key=cfg.metrics_per_key, created=self.started_at
         )
+        self.metrics.registry.register(self.collector)
         #: RLIMIT_NOFILE (soft, hard) after raising the soft limit at start
         self.fd_limit: tuple[int, int] = (0, 0)
         #: called once listening (after the "listening" line), e.g. --print-connect-help
@@ -402,7 +409,8 @@ class Gateway:
         if server is None or not server.is_serving():
             return False
         sockets = list(server.sockets)
-        successor = transport.other_listeners(sockets) > 0
+        # --workers N: the other workers' listeners on the port are siblings, not successors
+        successor = transport.other_listeners(sockets) > self.state.siblings
         text = HANDOVER_TEXT if successor else SHUTDOWN_TEXT
         queued = 0
         if not (successor and transport.migrates_accept_queue()):
@@ -529,6 +537,10 @@ def run(
     on_listening: Callable[[Gateway], None] | None = None,
     reload: Callable[[], Config] | None = None,
 ) -> int:
+    if worker_count(cfg) > 1:  # --workers N: a supervisor and N worker processes
+        from gateway.workers.supervisor import run as run_workers
+
+        return run_workers(cfg, on_listening=on_listening, reload=reload)
     setup_logging(cfg.log_format, cfg.log_level)
     try:
         loop_name = transport.choose_loop(cfg)

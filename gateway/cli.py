@@ -13,6 +13,7 @@ from gateway import __version__
 from gateway.config import (
     ApiKeyConfig,
     Config,
+    WorkersConfig,
     dump_config,
     key_file_warning,
     load_config,
@@ -65,6 +66,15 @@ def _cpu_list(text: str) -> list[int]:
         raise ConfigError(
             f"--cpu-affinity {text!r}: expected CPU numbers such as 2 or 2,3"
         ) from None
+
+
+def _workers_arg(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError(f"--workers {text!r}: expected a number of workers or auto") from None
 
 
 @dataclass(frozen=True)
@@ -147,6 +157,12 @@ SERVE_FLAGS: tuple[Flag, ...] = (
         "serve DATASET from URI (repeatable)",
         action="append",
         metavar="DATASET=URI",
+    ),
+    Flag(
+        "--workers",
+        "worker processes sharing the client port (default 1: one process; auto: one per "
+        "CPU; see README: Multi-core)",
+        metavar="N|auto",
     ),
     Flag(
         "--loop",
@@ -394,6 +410,12 @@ def config_from_args(args: argparse.Namespace) -> Config:
         value = getattr(args, flag.dest)
         if flag.path is not None and value is not None:
             set_path(cfg, flag.path, flag.convert(value) if flag.convert else value)
+    if args.workers is not None:
+        count = _workers_arg(args.workers)
+        if isinstance(cfg.workers, WorkersConfig):
+            cfg.workers.count = count  # type: ignore[assignment]  # validate() checks it
+        else:
+            cfg.workers = count  # type: ignore[assignment]
     for key in args.api_key:
         cfg.api_keys.append(ApiKeyConfig(key=key))
     for path in args.api_key_file:

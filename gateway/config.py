@@ -33,6 +33,7 @@ __all__ = [
     "SlowReaderConfig",
     "StrobeConfig",
     "TransportConfig",
+    "WorkersConfig",
     "api_key_problem",
     "dump_config",
     "key_file_warning",
@@ -42,6 +43,8 @@ __all__ = [
     "read_key_file",
     "resolve_probe_key",
     "validate",
+    "worker_count",
+    "workers_settings",
 ]
 
 #: the environment variable the official clients read their key from
@@ -176,6 +179,30 @@ class JournalConfig(_Base):
     replay_bytes_per_s: NonNegInt = 0
 
 
+#: the most worker processes (``workers``): the shared ring's header has a slot for each
+MAX_WORKERS = 64
+WorkerCount = Annotated[int, msgspec.Meta(ge=1, le=MAX_WORKERS)]
+
+
+class WorkersConfig(_Base):
+    """``--workers N``: worker processes share the client port (SO_REUSEPORT) and are fed
+    by one supervisor through a shared-memory ring per dataset. Written either as
+    ``workers = 4`` (or ``"auto"``) at the top level, or as a ``[workers]`` table with
+    ``count`` and the settings below."""
+
+    #: worker processes; "auto": one per CPU this process may run on; 1: one process
+    count: WorkerCount | Literal["auto"] = 1
+    #: bytes of each dataset's shared ring: how far a worker may fall behind the feed
+    #: before its sessions are skipped ahead or cut (per their slow-reader policy)
+    ring_bytes: Annotated[int, msgspec.Meta(ge=1 << 20, le=1 << 40)] = 64 << 20
+    #: a worker whose loop has not ticked for this long while the ring is full is killed
+    #: (SIGKILL) and restarted
+    worker_stall_s: Seconds = 5.0
+    #: first delay before restarting a worker that died; doubled (up to 5 s) while
+    #: restarted workers keep dying within 10 s
+    restart_backoff_s: Annotated[float, msgspec.Meta(gt=0, le=60)] = 0.2
+
+
 class Config(_Base):
     host: str = "127.0.0.1"
     port: Port = 13000
@@ -203,6 +230,23 @@ class Config(_Base):
     metrics_per_key: bool = False
     strobe: StrobeConfig = msgspec.field(default_factory=StrobeConfig)
     journal: JournalConfig = msgspec.field(default_factory=JournalConfig)
+    #: worker processes (``workers = 4`` / ``"auto"``) or the ``[workers]`` table
+    workers: WorkerCount | Literal["auto"] | WorkersConfig = 1
+
+
+def workers_settings(cfg: Config) -> WorkersConfig:
+    """The ``[workers]`` settings, also when the config says only ``workers = N``."""
+    w = cfg.workers
+    return w if isinstance(w, WorkersConfig) else WorkersConfig(count=w)
+
+
+def worker_count(cfg: Config) -> int:
+    """How many worker processes: ``auto`` is the CPUs this process may run on (at most
+    :data:`MAX_WORKERS`); 1 is the single-process gateway."""
+    count = workers_settings(cfg).count
+    if count == "auto":
+        return max(1, min(MAX_WORKERS, len(os.sched_getaffinity(0))))
+    return count
 
 
 _UNKNOWN = "Object contains unknown field `"
@@ -218,6 +262,8 @@ def _fields_at(path: str) -> tuple[str, ...]:
         if name not in hints:
             return ()
         typ = hints[name]
+        # ``workers``: a number or a table: the table's fields
+        typ = next((a for a in getattr(typ, "__args__", ()) if _is_struct(a)), typ)
         if "[" in part:  # api_keys[0]: the element type of list[ApiKeyConfig]
             args = getattr(typ, "__args__", ())
             typ = args[0] if args else typ
@@ -225,6 +271,10 @@ def _fields_at(path: str) -> tuple[str, ...]:
         return tuple(f.name for f in msgspec.structs.fields(typ))
     except TypeError:
         return ()
+
+
+def _is_struct(typ: Any) -> bool:
+    return isinstance(typ, type) and issubclass(typ, msgspec.Struct)
 
 
 def _where(exc: msgspec.ValidationError) -> str:
@@ -392,6 +442,16 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("journal.dir: empty path (omit it for no journal)")
     if jr.segment_bytes > jr.max_bytes:
         raise ConfigError("journal: need segment_bytes <= max_bytes")
+    if worker_count(cfg) > 1:
+        if cfg.zstd_mode == "per_session":
+            raise ConfigError(
+                "zstd_mode: per_session is not supported with workers > 1 (use shared)"
+            )
+        if tr.reuse_port is False:
+            raise ConfigError(
+                "transport.reuse_port: workers > 1 share the client port with SO_REUSEPORT; "
+                "it cannot be false"
+            )
     st = cfg.strobe
     if st.enabled:
         from gateway.dbn import SCHEMAS

@@ -71,12 +71,32 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(doc, default=str)
 
 
-def setup_logging(fmt: str, level: str) -> None:
+class _WorkerName(logging.Filter):
+    """Names the worker process (``--workers N``) in every line: a ``worker`` attribute,
+    which the JSON formatter writes as a field and the text format as ``worker=w3``."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.worker = name
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.worker = self.worker
+        return True
+
+
+def setup_logging(fmt: str, level: str, worker: str | None = None) -> None:
+    """Log lines on stderr, text or JSON; ``worker``: the worker process's name (``w3``),
+    in every line (text: ``worker=w3`` before the message; JSON: a ``"worker"`` field)."""
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+        tag = f"worker={worker} " if worker else ""
+        handler.setFormatter(
+            logging.Formatter(f"%(asctime)s %(levelname)s %(name)s {tag}%(message)s")
+        )
+    if worker:
+        handler.addFilter(_WorkerName(worker))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -56,6 +56,7 @@ from gateway.transport.sockets import (
     SO_BUSY_POLL,
     SocketTuner,
     pin_loop_thread,
+    place_workers,
     tune_listeners,
 )
 from gateway.transport.vendors import LAUNCH_MARKER, VENDORS, TransportError, Vendor
@@ -87,6 +88,7 @@ __all__ = [
     "open_fds",
     "other_listeners",
     "pin_loop_thread",
+    "place_workers",
     "plan_launch",
     "raise_fd_limit",
     "read_env_file",

@@ -15,7 +15,7 @@ from gateway.errors import ConfigError
 if TYPE_CHECKING:
     from gateway.config import Config
 
-__all__ = ["SO_BUSY_POLL", "SocketTuner", "pin_loop_thread", "tune_listeners"]
+__all__ = ["SO_BUSY_POLL", "SocketTuner", "pin_loop_thread", "place_workers", "tune_listeners"]
 
 log = logging.getLogger("gateway.transport")
 SO_BUSY_POLL = getattr(socket, "SO_BUSY_POLL", 46)
@@ -109,3 +109,16 @@ def pin_loop_thread(cfg: Config, loop: Any = None) -> dict[str, str]:
 
 def _cpulist(cpus: Iterable[int]) -> str:
     return "+".join(str(c) for c in sorted(cpus))  # no commas: the report line uses them
+
+
+def place_workers(
+    cpus: Sequence[int] | None, workers: int
+) -> tuple[list[int] | None, list[list[int] | None]]:
+    """``transport.cpu_affinity`` with ``--workers N``: (the supervisor's CPUs, each worker's
+    CPUs). The supervisor (feeds, journal, ring writer) gets the first CPU, worker ``i`` the
+    CPU ``cpus[1 + i % (len(cpus) - 1)]``; one CPU given: all of them on it. No CPUs given:
+    None (every process may run anywhere)."""
+    if not cpus:
+        return None, [None] * workers
+    first, rest = cpus[0], list(cpus[1:]) or [cpus[0]]
+    return [first], [[rest[i % len(rest)]] for i in range(workers)]
