@@ -347,10 +347,13 @@ class FollowerJournal(DatasetJournal):
         return min(super().skip_before_ts(rtypes, ts), self.last_seq)
 
     def mappings_as_of(self, seq: int) -> dict[str, int]:
+        self.refresh()
         self._symbols.refresh()
         return super().mappings_as_of(min(seq, self.last_seq + 1))
 
     def mapping_changes(self, after_seq: int, upto_seq: int) -> list[tuple[int, str, int]]:
+        # the planner reads ``segments`` right after this (its fast path): rows first
+        self.refresh(upto_seq)
         self._symbols.refresh()
         return super().mapping_changes(after_seq, min(upto_seq, self.last_seq + 1))
 

@@ -1,0 +1,408 @@
+"""The journal's read-only follower (issue 15, ``--workers N``): a worker reads the
+journal the supervisor writes. Against a writer in the same test (and one follower in a
+separate process): the same entries, row slices, mappings, order bytes and replay plans
+for every seq; a row being written is not there until whole; segments the writer deleted
+are noticed while open descriptors keep working; the follower never touches a file."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gateway import dbn
+from gateway.config import JournalConfig
+from gateway.dbn import ChunkIndex, index_records
+from gateway.errors import ConfigError
+from gateway.feeds.base import Feed
+from gateway.journal import DatasetJournal, JournalLockedError, JournalStore
+from gateway.journal.follower import (
+    FollowerJournal,
+    FollowerStore,
+    attach_follower,
+    open_follower,
+)
+from gateway.journal.format import ROW_LEN
+from gateway.journal.symlog import SYMBOLOGY_NAME
+from gateway.replay.plan import Replay, check
+from tests.unit.test_replay_plan import T0, Sub, data_of, mapping_symbols, play
+
+from .conftest import mbo, ohlcv, trade
+
+DATASET = "TEST.FOLLOW"
+REPO = Path(__file__).resolve().parents[2]
+RTYPES = (0x00, 0xA0, 0x20)
+
+
+def chunk(records: list[bytes]) -> ChunkIndex:
+    index, used = index_records(b"".join(records))
+    assert used == sum(len(r) for r in records)
+    return index
+
+
+def chunks(seed: int, n: int) -> list[list[bytes]]:
+    """Chunks of trades, some mixed with mbo and ohlcv records (several rtypes, lengths)."""
+    rng = np.random.default_rng(seed)
+    out: list[list[bytes]] = []
+    k = 0
+    for c in range(n):
+        records: list[bytes] = []
+        for _ in range(int(rng.integers(1, 6))):
+            iid = int(rng.choice((11, 22, 33)))
+            ts = T0 + k * 1000 + int(rng.integers(-3000, 3000))
+            kind = int(rng.integers(0, 6)) if c % 3 else 0
+            records.append(
+                mbo(iid, ts) if kind == 1 else ohlcv(iid, ts) if kind == 2 else trade(iid, ts)
+            )
+            k += 1
+        out.append(records)
+    return out
+
+
+@pytest.fixture
+def writer(tmp_path: Path) -> Iterator[JournalStore]:
+    # small segments: the journal rolls every few chunks
+    s = JournalStore.open(tmp_path / "journal", segment_bytes=1500, max_bytes=1 << 30)
+    yield s
+    s.close()
+
+
+def tree_state(root: Path) -> dict[str, tuple[int, int, str]]:
+    """Every file's (size, mtime_ns, sha256) under root."""
+    out = {}
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            st = path.stat()
+            out[str(path.relative_to(root))] = (
+                st.st_size,
+                st.st_mtime_ns,
+                hashlib.sha256(path.read_bytes()).hexdigest(),
+            )
+    return out
+
+
+def publish(wj: DatasetJournal, fj: FollowerJournal, records: list[bytes]) -> int:
+    """The supervisor appends a chunk; the worker's feeder notes its seq, its Feed appends."""
+    index = chunk(records)
+    seq = wj.append(index)
+    assert seq > 0
+    fj.note_seq(seq)
+    assert fj.append(index) == seq
+    return seq
+
+
+def view(j: DatasetJournal) -> dict[str, object]:
+    """Everything the read API says about the journal, for every seq."""
+    last = j.last_seq
+    entries = j.entries(RTYPES, 0, last, max_rows=100_000)
+    out: dict[str, object] = {
+        "last": last,
+        "first": j.first_seq(),
+        "oldest": j.oldest_ts(),
+        "newest": j.newest_ts(),
+        "entries": [
+            (e.seq, e.rtype, e.nparts, e.segment.id, e.offset, e.length, e.count)
+            + (e.min_ts, e.max_ts, e.order_off)
+            for e in entries
+        ],
+        "order": [j.order_bytes(e).hex() for e in entries if e.order_off >= 0],
+        "slices": [
+            (seg.id, rows.tobytes().hex())
+            for after in range(0, last + 1, 3)
+            for seg, rows in j.row_slices(after, min(last, after + 5))
+        ],
+        "as_of": [sorted(j.mappings_as_of(s).items()) for s in range(last + 2)],
+        "changes": [j.mapping_changes(a, last + 1) for a in range(last + 1)],
+        "skip": [
+            j.skip_before_ts((rt,), T0 + ts) for rt in RTYPES for ts in range(-5000, 90_000, 7000)
+        ],
+    }
+    stats = j.stats()
+    out["stats"] = (stats.first_seq, stats.last_seq, stats.segments, stats.bytes, stats.enabled)
+    return out
+
+
+def test_follower_reads_what_the_writer_reads_for_every_seq(writer: JournalStore) -> None:
+    root = writer.path
+    wj = writer.dataset(DATASET)
+    wj.learn([("AAA", 11), ("BBB", 22)], ts=T0)
+    follower = FollowerStore.open(root)  # no lock: the writer holds it
+    fj = follower.dataset(DATASET)
+    assert fj.last_seq == 0 and fj.first_seq() == 0
+    for c, records in enumerate(chunks(1, 30)):
+        if c % 4 == 3:
+            wj.learn([("CCC", 33 + c), ("AAA", 11 + c)], ts=T0 + c)
+        publish(wj, fj, records)
+        if c % 5 == 4:
+            assert view(fj) == view(wj), c
+    assert len(wj.segments) > 3
+    assert view(fj) == view(wj)
+    # a follower opened now reads the same from scratch
+    again = FollowerStore.open(root).dataset(DATASET)
+    assert view(again) == view(wj)
+    follower.close()
+
+
+def test_follower_never_modifies_a_file_and_takes_no_lock(writer: JournalStore) -> None:
+    root = writer.path
+    wj = writer.dataset(DATASET)
+    wj.learn([("AAA", 11)], ts=T0)
+    fs = FollowerStore.open(root)
+    fj = fs.dataset(DATASET)
+    for records in chunks(2, 12):
+        publish(wj, fj, records)
+    before = tree_state(root)
+    view(fj)
+    fs.maintain()
+    replay = Replay(fj, [Sub("trades", start_ns=0)], schema_rtype=dbn.SCHEMA_RTYPE)
+    play(replay)
+    replay.close()
+    fj.learn([("ZZZ", 99)], ts=T0)  # a no-op
+    fs.close()
+    assert tree_state(root) == before
+    with pytest.raises(JournalLockedError):
+        JournalStore.open(root)  # the writer still holds its lock
+
+
+_CHILD = """
+import json, sys
+from gateway.journal.follower import FollowerStore
+from tests.unit.test_journal_follower import view
+store = FollowerStore.open(sys.argv[1])
+j = store.dataset(sys.argv[2])
+print(json.dumps(view(j)))
+store.close()
+"""
+
+
+def test_a_follower_in_another_process_reads_the_same(writer: JournalStore) -> None:
+    root = writer.path
+    wj = writer.dataset(DATASET)
+    wj.learn([("AAA", 11), ("BBB", 22)], ts=T0)
+    for c, records in enumerate(chunks(3, 16)):
+        if c == 7:
+            wj.learn([("BBB", 44)], ts=T0)
+        wj.append(chunk(records))
+    before = tree_state(root)
+    proc = subprocess.run(
+        [sys.executable, "-c", _CHILD, str(root), DATASET],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = json.loads(proc.stdout)
+    assert got == json.loads(json.dumps(view(wj)))
+    assert tree_state(root) == before
+
+
+def test_last_seq_is_what_this_process_published(writer: JournalStore) -> None:
+    wj = writer.dataset(DATASET)
+    wj.learn([("AAA", 11)], ts=T0)
+    fj = FollowerStore.open(writer.path).dataset(DATASET)
+    indexes = [chunk(r) for r in chunks(4, 6)]
+    seqs = [wj.append(i) for i in indexes]
+    wj.learn([("BBB", 22)], ts=T0)  # effective before seq 7
+    # The worker has published chunks 1-3 only: reads stop there.
+    for seq, index in zip(seqs[:3], indexes[:3], strict=True):
+        fj.note_seq(seq)
+        assert fj.append(index) == seq
+    assert fj.last_seq == 3
+    assert [e.seq for e in fj.entries(RTYPES, 0, 6)] == [e.seq for e in wj.entries(RTYPES, 0, 3)]
+    assert [s.id for s, _ in fj.row_slices(0, 6)] == [s.id for s, _ in wj.row_slices(0, 3)]
+    assert fj.skip_before_ts((0x00,), T0 + 10**12) == 3
+    assert fj.mapping_changes(0, 10) == [(1, "AAA", 11)]
+    assert fj.mappings_as_of(10) == {"AAA": 11}
+    ahead = check(fj, [Sub("trades", resume_after=4)], T0 + 10**12)
+    assert ahead is not None and ahead.reason == "bad_resume"
+    # the rest, then the mapping learnt after the last chunk
+    for seq, index in zip(seqs[3:], indexes[3:], strict=True):
+        fj.note_seq(seq)
+        fj.append(index)
+    assert fj.mapping_changes(0, 10) == wj.mapping_changes(0, 10)
+    # append without a noted seq: nothing to report (never a guess)
+    assert fj.append(indexes[0]) == 0 and fj.last_seq == 6
+
+
+def test_seq_zero_means_the_writer_is_disabled(writer: JournalStore) -> None:
+    wj = writer.dataset(DATASET)
+    fs = FollowerStore.open(writer.path)
+    fj = fs.dataset(DATASET)
+    publish(wj, fj, [trade(11, T0)])
+    assert fj.enabled and fj.stats().enabled
+    fj.note_seq(0)
+    assert fj.append(chunk([trade(11, T0 + 1)])) == 0
+    assert not fj.enabled and not fj.stats().enabled
+    assert fj.last_seq == 1
+    fj.note_seq(2)  # a later seq does not bring it back (there would be a gap)
+    assert fj.append(chunk([trade(11, T0 + 2)])) == 0 and not fj.enabled
+
+
+def test_a_torn_tail_row_is_not_there_until_it_is_whole(writer: JournalStore) -> None:
+    wj = writer.dataset(DATASET)
+    wj.learn([("AAA", 11)], ts=T0)
+    fj = FollowerStore.open(writer.path).dataset(DATASET)
+    for records in chunks(5, 3):
+        publish(wj, fj, records)
+    # The writer appends a mixed chunk (2 index rows) and a mapping; we then take the tail
+    # of both files back and write them again piece by piece, as a writer mid-write would
+    # leave them: a row cut short, a whole row of an incomplete chunk, a row without its crc.
+    wj.learn([("BBB", 22)], ts=T0)
+    index = chunk([trade(11, T0 + 10), mbo(22, T0 + 11), trade(33, T0 + 12)])
+    seq = wj.append(index)
+    seg = wj.segments[-1]
+    index_path = seg._dir / "index.bin"
+    sym_path = writer.path / DATASET / SYMBOLOGY_NAME
+    rows = index_path.read_bytes()[-2 * ROW_LEN :]
+    sym = sym_path.read_bytes()
+    sym_row = sym[-(24 + 3 + 4) :]
+    os.truncate(index_path, index_path.stat().st_size - 2 * ROW_LEN)
+    os.truncate(sym_path, len(sym) - len(sym_row))
+    fj.note_seq(seq)
+    assert fj.append(index) == seq
+    want = wj.entries(RTYPES, 0, seq)
+    with open(index_path, "ab") as fh, open(sym_path, "ab") as sh:
+        for torn in (rows[:10], rows[10:ROW_LEN], rows[ROW_LEN : 2 * ROW_LEN - 4]):
+            fh.write(torn)
+            fh.flush()
+            assert [e.seq for e in fj.entries(RTYPES, 0, seq)][-1] == seq - 1
+        sh.write(sym_row[:-1])
+        sh.flush()
+        assert fj.mapping_changes(0, seq + 1) == [(1, "AAA", 11)]
+        fh.write(rows[-4:])
+        sh.write(sym_row[-1:])
+    assert fj.entries(RTYPES, 0, seq) == want
+    assert [e.segment.id for e in fj.entries(RTYPES, 0, seq)] == [e.segment.id for e in want]
+    assert fj.mapping_changes(0, seq + 1) == [(1, "AAA", 11), (seq, "BBB", 22)]
+    assert view(fj) == view(wj)
+
+
+def test_segments_the_writer_deletes_are_noticed_and_open_fds_keep_working(
+    writer: JournalStore,
+) -> None:
+    wj = writer.dataset(DATASET)
+    wj.learn([("AAA", 11), ("BBB", 22), ("CCC", 33)], ts=T0)
+    fs = FollowerStore.open(writer.path)
+    fj = fs.dataset(DATASET)
+    all_chunks = chunks(6, 24)
+    for records in all_chunks:
+        publish(wj, fj, records)
+    fj.refresh()
+    assert len(fj.segments) == len(wj.segments) > 3
+    # A replay in the worker has begun on the oldest segment (its descriptor open).
+    replay = Replay(fj, [Sub("trades", start_ns=0)], schema_rtype=dbn.SCHEMA_RTYPE)
+    first_items = replay.step(200)
+    assert first_items
+    oldest = fj.segments[0]
+    fd = oldest.open_fd(0x00)
+    expect = os.pread(fd, 1 << 20, 0)
+    # Retention in the supervisor deletes the two oldest segments.
+    gone = wj.segments[:2]
+    for seg in gone:
+        wj.delete_segment(seg, "retention")
+    fs.maintain()
+    assert [s.id for s in fj.segments] == [s.id for s in wj.segments]
+    assert oldest.deleted
+    assert fj.first_seq() == wj.first_seq() > 1
+    assert view(fj) == view(wj)
+    assert os.pread(fd, 1 << 20, 0) == expect  # the inode lives while the fd is open
+    os.close(fd)
+    with pytest.raises(FileNotFoundError):
+        oldest.open_fd(0x00)
+    # A resume from a position the supervisor deleted is refused as aged out, as in one
+    # process; a start before the oldest data kept too.
+    now = T0 + 10**12
+    for sub in (Sub("trades", resume_after=1), Sub("trades", start_ns=T0 - 10**9)):
+        got = check(fj, [sub], now)
+        assert got == check(wj, [sub], now) and got is not None and got.reason == "aged_out"
+    replay.close()
+    # deletion noticed on a read alone too (no maintain call)
+    wj.delete_segment(wj.segments[0], "max_bytes")
+    assert fj.first_seq() == wj.first_seq()
+    assert [e.seq for e in fj.entries(RTYPES, 0, fj.last_seq)] == [
+        e.seq for e in wj.entries(RTYPES, 0, wj.last_seq)
+    ]
+
+
+def test_the_planner_makes_the_same_replay_from_a_follower(writer: JournalStore) -> None:
+    wj = writer.dataset(DATASET)
+    wj.learn([("AAA", 11), ("BBB", 22), ("CCC", 33)], ts=T0)
+    fj = FollowerStore.open(writer.path).dataset(DATASET)
+    data = chunks(7, 40)
+    for c, records in enumerate(data[:30]):
+        if c == 12:
+            wj.learn([("BBB", 55)], ts=T0)
+        publish(wj, fj, records)
+    cases = [
+        ([Sub("trades", start_ns=0)], False),
+        ([Sub("trades", start_ns=T0 + 20_000)], False),
+        ([Sub("trades", symbols=("AAA", "BBB"), start_ns=T0 + 5_000)], True),
+        ([Sub("trades", start_ns=0), Sub("mbo", symbols=("CCC",), start_ns=0)], False),
+        ([Sub("trades", resume_after=9), Sub("ohlcv-1s", resume_after=9)], False),
+    ]
+    for subs, ts_out in cases:
+        plans = [
+            Replay(j, subs, schema_rtype=dbn.SCHEMA_RTYPE, clock_ns=lambda: T0, ts_out=ts_out)
+            for j in (wj, fj)
+        ]
+        outs = []
+        for plan in plans:
+            opening = b"".join(plan.begin([b""] * len(subs)))
+            out, items = play(plan, budget=700)
+            kinds = [
+                (type(i).__name__, getattr(i, "offset", None), getattr(i, "length", None))
+                for i in items
+            ]
+            outs.append((opening, out, kinds, plan.cursor, plan.checkpoint_from))
+        assert outs[0] == outs[1], subs
+        assert data_of(outs[1][1]), subs
+        # the journal grows; both follow it
+        if subs[0].start_ns == 0 and len(subs) == 1:
+            for records in data[30:]:
+                publish(wj, fj, records)
+            for plan in plans:
+                plan.extend(plan.journal.last_seq)
+            more = [play(plan, budget=700)[0] for plan in plans]
+            assert more[0] == more[1] and data_of(more[1])
+            assert mapping_symbols(outs[1][0])  # the opening: mappings as of the start
+            # a mapping learnt after the last chunk comes with the hand-over, on both
+            wj.learn([("DDD", 77)], ts=T0)
+            done = [plan.finish(plan.journal.last_seq) for plan in plans]
+            assert done[0] == done[1] and mapping_symbols(b"".join(done[1])) == [(77, "DDD")]
+        for plan in plans:
+            plan.close()
+
+
+def test_open_and_attach_like_the_writer(tmp_path: Path, writer: JournalStore) -> None:
+    assert open_follower(JournalConfig()) is None
+    with pytest.raises(ConfigError, match="not found"):
+        open_follower(JournalConfig(dir=str(tmp_path / "nowhere")))
+    wj = writer.dataset(DATASET)
+    wj.learn([("AAA", 11), ("BBB", 22)], ts=T0)
+    wj.append(chunk([trade(11, T0)]))
+    wj.learn([("AAA", 33)], ts=T0)  # after the last chunk: known before the next
+    store = open_follower(JournalConfig(dir=str(writer.path)))
+    assert store is not None
+    assert set(store.datasets()) == {DATASET}
+    feed = Feed(DATASET)
+    attach_follower(store, feed)
+    assert feed.journal is store.dataset(DATASET)
+    assert feed.directory.by_symbol == {"AAA": 33, "BBB": 22}
+    # the Feed publishes a chunk the supervisor journaled: append gives the noted seq
+    index = chunk([trade(33, T0 + 1)])
+    seq = wj.append(index)
+    assert isinstance(feed.journal, FollowerJournal)
+    feed.journal.note_seq(seq)
+    feed.publish(index)
+    assert feed.journal.last_seq == seq
+    assert not (tmp_path / "nowhere").exists()
+    store.close()
