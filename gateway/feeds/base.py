@@ -115,6 +115,8 @@ class Feed:
         # is paused and its chunks are held, so records never overtake their mappings.
         self._learning: deque[tuple[str, int]] = deque()
         self._held: deque[ChunkIndex] = deque()
+        #: held chunks whose own mappings are already queued for learning
+        self._learnt_held: set[ChunkIndex] = set()
         self._flow_paused = False
         #: slices run and the most units any one slice handled (observability, tests)
         self.slices = 0
@@ -352,14 +354,20 @@ class Feed:
 
     def _publish_now(self, index: ChunkIndex) -> None:
         if index.rtype_set & SYMBOLOGY_RTYPES:
-            self.learn_many(mappings_in_chunk(index))
-            index = without_gateway_records(index)
-            if index.count == 0:
-                return
-            if self._learning:
-                self._held.appendleft(index)  # its definitions are being learnt
-                self._update_flow()
-                return
+            if index in self._learnt_held:
+                # Held behind its own definitions, now learnt: learning them again would
+                # start the same burst again and hold it for ever.
+                self._learnt_held.discard(index)
+            else:
+                self.learn_many(mappings_in_chunk(index))
+                index = without_gateway_records(index)
+                if index.count == 0:
+                    return
+                if self._learning:
+                    self._held.appendleft(index)  # its definitions are being learnt
+                    self._learnt_held.add(index)
+                    self._update_flow()
+                    return
         journal = self.journal
         if journal is not None:
             # write-ahead: on file before any session is sent it (its seq for a RingSink)

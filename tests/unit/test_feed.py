@@ -4,6 +4,8 @@ gateway-only rtypes never forwarded, tbbo vs mbp-1 (``gateway/subscriptions.py``
 
 from __future__ import annotations
 
+import asyncio
+
 import databento_dbn as d
 import pytest
 
@@ -503,3 +505,109 @@ def test_journal_learn_before_any_record_has_no_time():
 
 def test_no_journal_by_default():
     assert new_feed().journal is None
+
+
+# --- the --workers hooks (gateway/workers: RingSink, RingFeeder) ---------------------------
+
+
+def test_worker_hooks_are_off_by_default():
+    feed = new_feed()
+    assert feed.on_learned is None and feed.on_state is None and feed.on_schema is None
+    assert feed.on_held is None
+    assert not feed.sink_blocked and not feed.remote_blocked_slots
+    assert feed.journal_seq == 0
+
+
+def test_on_learned_gets_only_changed_mappings_after_the_journal():
+    feed, log = journaled_feed()
+    feed.on_learned = lambda changed: log.append(("hook", list(changed)))
+    feed.learn_many([("ESZ4", 1001), ("NEWCO", 2000)])
+    assert log == [("learn", [("NEWCO", 2000)], None), ("hook", [("NEWCO", 2000)])]
+    log.clear()
+    feed.learn_many([("ESZ4", 1001)])
+    assert log == []
+
+
+def test_on_state_only_on_a_change_with_the_notify_flag():
+    feed = new_feed()
+    seen: list = []
+    feed.on_state = lambda connected, detail, notify: seen.append((connected, detail, notify))
+    feed.set_state(True, "up", notify=False)
+    feed.set_state(True, "up")
+    feed.set_state(False, "publisher gone")
+    assert seen == [(True, "up", False), (False, "publisher gone", True)]
+
+
+def test_on_schema_comes_before_the_metadata_mappings():
+    class Meta:
+        schema = "tbbo"
+        mappings: list = []
+
+    feed = Feed("GLBX.MDP3")
+    seen: list = []
+    feed.on_schema = lambda name: seen.append(("schema", name))
+    feed.on_learned = lambda changed: seen.append(("learned", list(changed)))
+    feed.on_metadata(Meta(), mappings=[("ESZ4", 1001)])
+    assert seen == [("schema", "tbbo"), ("learned", [("ESZ4", 1001)])]
+    assert feed.schema_rtype["tbbo"] == 0x01
+
+
+def test_journal_seq_of_the_chunk_being_published():
+    feed, log = journaled_feed()
+    seqs: list = []
+
+    class SeqFanOut(FanOut):
+        def publish(self, index: dbn.ChunkIndex) -> None:
+            seqs.append(feed.journal_seq)
+
+    feed.fanout = SeqFanOut()
+    publish(feed, [trade(1001, NOW_NS)])
+    publish(feed, [trade(1002, NOW_NS)])
+    assert seqs == [1, 2]
+
+
+def test_set_sink_blocked_pauses_and_resumes_the_source():
+    feed = new_feed()
+    flow: list = []
+    feed.flow_listeners.append(flow.append)
+    feed.set_sink_blocked(True)
+    feed.set_sink_blocked(True)
+    assert feed.paused and flow == [True]
+    feed.set_sink_blocked(False)
+    assert not feed.paused and flow == [True, False]
+    assert feed.pauses == 0  # not a lossless pause
+
+
+@pytest.mark.parametrize("lossless", [True, False])
+def test_remote_blocked_pauses_a_lossless_feed_while_any_worker_says_so(lossless):
+    feed = Feed("GLBX.MDP3", backpressure=lossless)
+    flow: list = []
+    feed.flow_listeners.append(flow.append)
+    feed.remote_blocked(1, True)
+    feed.remote_blocked(2, True)
+    feed.remote_blocked(1, False)
+    assert feed.paused is lossless
+    feed.remote_blocked(2, False)  # e.g. the worker died: its slot cleared
+    assert not feed.paused
+    assert flow == ([True, False] if lossless else [])
+    assert feed.pauses == (1 if lossless else 0)
+    assert feed.paused_since is None
+
+
+async def test_a_chunk_with_more_definitions_than_a_slice_is_published_once():
+    # Before: the held chunk learnt its own definitions again when published, which
+    # started the same burst again: held (and the source paused) for ever.
+    feed = Feed("GLBX.MDP3", fanout=FanOut(clock_ns=lambda: CLOCK), slice_size=8)
+    member, _ = join(feed, sub([ALL_SYMBOLS]))
+    held: list = []
+    feed.on_held = lambda index: held.append(None if index is None else index.count)
+    chunk = [definition(2000 + i, f"S{i}") for i in range(20)] + [trade(2007, NOW_NS)]
+    publish(feed, chunk)
+    assert feed.paused and feed.holding
+    for _ in range(100):
+        if not feed.paused:
+            break
+        await asyncio.sleep(0)
+    assert not feed.paused and not feed.holding
+    assert member.data == trade(2007, NOW_NS)
+    assert held == [21, None]
