@@ -467,11 +467,17 @@ def open_follower(jc: JournalConfig) -> FollowerStore | None:
     return store
 
 
-def attach_follower(store: FollowerStore, feed: Feed) -> None:
+def attach_follower(store: FollowerStore, feed: Feed, *, start_seq: int | None = None) -> None:
     """Give ``feed`` its dataset's follower, its directory seeded with every mapping on
     file as of the next chunk (the writer's Feed learnt them before this process started;
-    seeded mappings are not learnt again)."""
+    seeded mappings are not learnt again). ``start_seq``: the journal seq of the last chunk
+    before the first one this process will see live (the supervisor knows it when it makes
+    the worker's ring slot live: ``FeedStart.journal_seq``); without it the newest seq on
+    file now is taken, exact unless a chunk is journaled between this call and the ring's
+    start position (a replay handed over to live in that window could miss or repeat it)."""
     journal = store.dataset(feed.dataset)
+    if start_seq is not None and start_seq >= 0:
+        journal.start_at(start_seq)
     known = journal.mappings_as_of(journal.last_seq + 1)
     if known:
         feed.directory.learn_many(list(known.items()))

@@ -406,3 +406,14 @@ def test_open_and_attach_like_the_writer(tmp_path: Path, writer: JournalStore) -
     assert feed.journal.last_seq == seq
     assert not (tmp_path / "nowhere").exists()
     store.close()
+    # A worker (re)started while the supervisor journals: the seq before the first chunk
+    # its ring slot will show is given, whatever the files hold by then.
+    for records in chunks(8, 3):
+        wj.append(chunk(records))
+    late = open_follower(JournalConfig(dir=str(writer.path)))
+    assert late is not None
+    feed2 = Feed(DATASET)
+    attach_follower(late, feed2, start_seq=seq + 1)
+    assert feed2.journal is not None and feed2.journal.last_seq == seq + 1
+    assert [e.seq for e in feed2.journal.entries(RTYPES, 0, 99)] == list(range(1, seq + 2))
+    late.close()
