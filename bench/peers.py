@@ -203,6 +203,7 @@ class GatewayServer(Server):
         max_sessions: int = 30_000,
         extra_config: dict[str, Any] | None = None,
         workers: int = 1,
+        tree: Path | None = None,
     ) -> None:
         super().__init__("gateway")
         if workers < 1:
@@ -213,6 +214,9 @@ class GatewayServer(Server):
         #: table (``{"journal": {"dir": ...}}`` -> ``[journal]``)
         self.extra_config = extra_config or {}
         self.workers = workers
+        #: the checkout whose gateway runs (another one: a worktree of an older commit, for
+        #: before/after figures with this environment's Python); default this one
+        self.tree = tree or REPO
         #: the worker processes' pids, from the ``workers N pids=…`` line (empty for N=1)
         self.worker_pids: list[int] = []
 
@@ -260,9 +264,11 @@ class GatewayServer(Server):
         self.logs.append(log)
         start_of_log = log.stat().st_size if log.exists() else 0
         with open(log, "ab") as err:
+            env = None if self.tree == REPO else dict(os.environ, PYTHONPATH=str(self.tree))
             self.proc = subprocess.Popen(
                 self.command(cfg),
-                cwd=REPO,
+                cwd=self.tree,
+                env=env,
                 stdout=subprocess.PIPE,
                 stderr=err,
                 preexec_fn=raise_nofile,
