@@ -49,8 +49,8 @@ import secrets
 import struct
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from gateway.errors import GatewayError
 
@@ -342,9 +342,10 @@ class RingWriter:
         return max(0, _now_ms() - self._hdr[_slot_word(slot, _ALIVE)]) / 1000.0
 
 
-@dataclass(frozen=True, slots=True)
-class Entry:
-    """One ring entry; ``payload`` views the mapping (read-only, no copy)."""
+class Entry(NamedTuple):
+    """One ring entry; ``payload`` views the mapping (read-only, no copy). A NamedTuple
+    (immutable like a frozen dataclass) because it is made per entry: ~0.2 us against
+    ~1.2 us for a frozen dataclass on this VM."""
 
     kind: int
     pos: int
@@ -352,6 +353,9 @@ class Entry:
     seq: int
     records: int
     payload: memoryview
+
+
+_new = tuple.__new__
 
 
 class RingReader:
@@ -403,7 +407,7 @@ class RingReader:
             if kind == PAD:
                 continue
             start = off + ENTRY_HEADER
-            return Entry(kind, pos, end, seq, records, self._data[start : start + n])
+            return _new(Entry, (kind, pos, end, seq, records, self._data[start : start + n]))
 
     def resync(self) -> int:
         """Jump to the writer's head; the bytes skipped."""
