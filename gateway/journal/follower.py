@@ -244,10 +244,12 @@ class FollowerJournal(DatasetJournal):
         except FileNotFoundError:
             return
         ids = sorted(int(n) for n in names if n.isdigit() and int(n) > newest)
-        for seg_id in ids:
+        for pos, seg_id in enumerate(ids):
             seg = self._open_segment(seg_id)
             if seg is None:
-                break  # being created: its header is not there yet
+                if pos == len(ids) - 1:
+                    break  # being created: its header is not there yet
+                continue  # being deleted (or unreadable): the next one says where we are
             if self.segments:
                 prev = self.segments[-1]
                 self._load_rows(prev)  # sealed now: its last rows are on file
@@ -358,7 +360,9 @@ class FollowerJournal(DatasetJournal):
         return super().mapping_changes(after_seq, min(upto_seq, self.last_seq + 1))
 
     def stats(self) -> JournalStats:
-        self.refresh()
+        """What is loaded (no rows read for it: the supervisor reports the journal; a
+        worker that serves no replay keeps only what it read at open)."""
+        self._drop_deleted()
         return super().stats()
 
 

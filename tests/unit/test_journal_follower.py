@@ -417,3 +417,36 @@ def test_open_and_attach_like_the_writer(tmp_path: Path, writer: JournalStore) -
     assert feed2.journal is not None and feed2.journal.last_seq == seq + 1
     assert [e.seq for e in feed2.journal.entries(RTYPES, 0, 99)] == list(range(1, seq + 2))
     late.close()
+
+
+def test_a_segment_being_created_or_deleted_is_skipped_until_it_is_readable(
+    writer: JournalStore,
+) -> None:
+    wj = writer.dataset(DATASET)
+    fj = FollowerStore.open(writer.path).dataset(DATASET)
+    for records in chunks(9, 40):
+        publish(wj, fj, records)
+        if wj.segments[-1].nbytes >= 1500:
+            break  # the next append rolls to a new segment
+    else:
+        pytest.fail("the segment never filled")
+    last = wj.last_seq
+    # The new segment's directory and empty index file, as the writer creates them
+    # (its header not written yet): not a segment yet.
+    new_dir = writer.path / DATASET / f"{last + 1:010d}"
+    new_dir.mkdir()
+    (new_dir / "index.bin").write_bytes(b"")
+    fj.note_seq(last + 1)
+    fj.append(chunk([trade(11, T0)]))  # the follower is told before it can read it
+    assert fj.entries(RTYPES, 0, last + 1)[-1].seq == last
+    assert [s.id for s in fj.segments] == [s.id for s in wj.segments]
+    # The writer writes it for real; the follower reads it on the next read.
+    index = chunk([trade(11, T0 + 1)])
+    assert wj.append(index) == last + 1 and wj.segments[-1].id == last + 1
+    assert fj.entries(RTYPES, 0, last + 1) == wj.entries(RTYPES, 0, last + 1)
+    # An older segment half deleted (its index gone first): skipped, the rest is read.
+    gone = wj.segments[0]
+    (gone._dir / "index.bin").unlink()
+    again = FollowerStore.open(writer.path).dataset(DATASET)
+    assert [s.id for s in again.segments] == [s.id for s in wj.segments[1:]]
+    assert again.first_seq() == wj.segments[1].id
