@@ -442,6 +442,8 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("journal.dir: empty path (omit it for no journal)")
     if jr.segment_bytes > jr.max_bytes:
         raise ConfigError("journal: need segment_bytes <= max_bytes")
+    if workers_settings(cfg).ring_bytes % 4096:
+        raise ConfigError("workers.ring_bytes: must be a multiple of 4096 (a page)")
     if worker_count(cfg) > 1:
         if cfg.zstd_mode == "per_session":
             raise ConfigError(

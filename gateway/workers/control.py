@@ -25,6 +25,7 @@ import msgspec
 from gateway.config import Config
 from gateway.errors import GatewayError
 from gateway.ops.snapshot import GatewaySnapshot
+from gateway.workers.aggregate import Family
 
 __all__ = [
     "MAX_FRAME",
@@ -60,14 +61,12 @@ class FeedStart(msgspec.Struct, kw_only=True):
     """A dataset as the supervisor's feed knows it when a worker is (re)started; what
     happens after comes through the ring from ``start_pos`` on, in order."""
 
-    connected: bool = False
-    detail: str = "starting"
-    #: the feed's schema from its metadata (None: no metadata seen yet)
-    schema: str | None = None
-    #: every mapping learnt so far, in order (symbol, instrument_id)
-    mappings: list[tuple[str, int]] = []
-    #: the ring position this worker reads from
-    start_pos: int = 0
+    #: the supervisor's ``RingSink.snapshot()``: symbology log, schema, state
+    snapshot: bytes
+    #: the ring position this worker reads from (its slot was made live there)
+    start_pos: int
+    #: the journal seq of the last chunk before ``start_pos`` (-1: no journal)
+    journal_seq: int = -1
 
 
 class Init(msgspec.Struct, tag="init", kw_only=True):
@@ -115,7 +114,7 @@ class Stats(msgspec.Struct, tag="stats", kw_only=True):
     serialisable form made by ``gateway.workers.aggregate.families_of``)."""
 
     snapshot: GatewaySnapshot
-    families: list[Any] = []
+    families: list[Family] = []
 
 
 class Blocked(msgspec.Struct, tag="blocked", kw_only=True):

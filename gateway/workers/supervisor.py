@@ -46,12 +46,10 @@ from gateway import __version__, transport
 from gateway.aio import cancel_and_wait
 from gateway.config import Config, worker_count, workers_settings
 from gateway.errors import FeedError, GatewayError
-from gateway.fanout import FanOut
 from gateway.feeds import Feed, Source, build_source, parse_feed_uri
 from gateway.journal import JournalStore
 from gateway.journal_setup import attach_feed, open_store
 from gateway.metrics import Metrics
-from gateway.ops.collector import GatewayCollector
 from gateway.ops.http import StatusServer
 from gateway.ops.logs import print_error, setup_logging
 from gateway.ops.probe import Prober, start_strobe
@@ -59,11 +57,11 @@ from gateway.ops.snapshot import (
     GatewayInfo,
     GatewaySnapshot,
     ReplaySnapshot,
-    SessionCounts,
     SessionsSnapshot,
     Totals,
     feed_snapshot,
 )
+from gateway.workers.aggregate import Family, merge_snapshots, merged_registry
 from gateway.workers.control import (
     Blocked,
     ControlChannel,
@@ -76,6 +74,9 @@ from gateway.workers.control import (
     describe,
     open_channel,
 )
+from gateway.workers.limits import SharedLimits
+from gateway.workers.ring import Ring, RingWriter, remove_stale
+from gateway.workers.sink import RingSink, Waker
 
 __all__ = ["Supervisor", "WorkerProc", "run"]
 
@@ -107,6 +108,10 @@ class WorkerProc:
     ready: bool = False
     report: str = ""
     stats: Stats | None = None
+    #: its metric families from the last Stats
+    families: list[Family] | None = None
+    #: SIGKILLed as stuck (reaped and restarted as any death)
+    killed: bool = False
     #: monotonic time of the last spawn
     started: float = 0.0
     backoff: float = 0.0
@@ -158,12 +163,20 @@ class Supervisor:
             ["worker"],
             registry=self.metrics.registry,
         )
-        # TODO(PROC, waits on AGG): the merged collector (supervisor families + workers'
-        # families + GatewayCollector over the merged snapshot)
-        self.collector = GatewayCollector(
-            self.snapshot, per_key=cfg.metrics_per_key, created=self.started_at
+        #: what /metrics serves: the supervisor's registry merged with every worker's
+        #: families, and the gateway's figures over the merged snapshot
+        self.registry = merged_registry(
+            self.metrics.registry,
+            self._worker_families,
+            self.snapshot,
+            per_key=cfg.metrics_per_key,
+            created=self.started_at,
         )
-        self.metrics.registry.register(self.collector)
+        self.rings: dict[str, Ring] = {}
+        self.writers: dict[str, RingWriter] = {}
+        self.sinks: dict[str, RingSink] = {}
+        self.waker = Waker()
+        self.limits: SharedLimits | None = None
 
     # --- start ---------------------------------------------------------------------------
 
@@ -175,13 +188,16 @@ class Supervisor:
         if store is not None:
             self.journal = store
         self._reserve_port()
-        # TODO(PROC, waits on RING/LINK): one Ring per dataset (Ring.create(ring_bytes,
-        # max_workers=count)), its RingWriter, and a RingSink as each feed's fan-out.
+        for name in remove_stale():  # left by a supervisor that was killed
+            log.info("removed stale shared ring %s", name)
+        self.limits = SharedLimits.create(self.count)
         for dataset, uri in cfg.feeds.items():
             spec = parse_feed_uri(dataset, uri)
-            feed = Feed(
-                dataset, fanout=FanOut(zstd_level=cfg.zstd_level), backpressure=spec.backpressure
-            )
+            ring = self.rings[dataset] = Ring.create(self.settings.ring_bytes, self.count)
+            writer = self.writers[dataset] = RingWriter(ring)
+            sink = self.sinks[dataset] = RingSink(writer, wake=self.waker.wake)
+            feed = Feed(dataset, fanout=sink, backpressure=spec.backpressure)
+            sink.attach(feed)
             self.feeds[dataset] = feed
             if self.journal is not None:
                 attach_feed(self.journal, feed)
@@ -209,7 +225,7 @@ class Supervisor:
         await self._wait_ready()
         self._start_failed = None
         if cfg.metrics_port is not None:
-            self._http = StatusServer(self, registry=self.metrics.registry)
+            self._http = StatusServer(self, registry=self.registry)
             self.metrics_port = await self._http.start(
                 cfg.metrics_host,
                 cfg.metrics_port,
@@ -279,18 +295,23 @@ class Supervisor:
 
     # --- workers -------------------------------------------------------------------------
 
-    def _feed_starts(self) -> dict[str, FeedStart]:
+    def _go_live(self, w: WorkerProc) -> dict[str, FeedStart]:
+        """Make the slot live in every ring at its head and say what each feed knows up
+        to there (in one loop step: nothing is written in between)."""
         out: dict[str, FeedStart] = {}
-        for ds, feed in self.feeds.items():
-            schemas = feed.schemas
+        for ds, writer in self.writers.items():
+            head = writer.head
+            writer.set_live(w.slot, True, at=head)
+            journal = self.feeds[ds].journal
             out[ds] = FeedStart(
-                connected=feed.connected,
-                detail=feed.state_detail,
-                schema=next(iter(schemas)) if schemas else None,
-                mappings=list(feed.directory.log),
-                start_pos=0,  # TODO(PROC, waits on RING): the ring writer's head
+                snapshot=self.sinks[ds].snapshot(),
+                start_pos=head,
+                journal_seq=journal.last_seq if journal is not None else -1,
             )
         return out
+
+    def _worker_families(self) -> list[list[Family]]:
+        return [w.families for w in self.workers if w.families is not None and w.alive]
 
     async def _spawn(self, w: WorkerProc) -> None:
         loop = asyncio.get_running_loop()
@@ -318,10 +339,10 @@ class Supervisor:
             raise
         finally:
             child.close()
-        w.proc, w.ready, w.stats, w.report = proc, False, None, ""
-        w.started = time.monotonic()
-        # TODO(PROC, waits on RING): writer.set_live(w.slot, True, at=head) per ring,
-        # together with the Init's start_pos (same loop turn: nothing written between).
+        w.proc, w.ready, w.stats, w.families, w.report = proc, False, None, None, ""
+        w.started, w.killed = time.monotonic(), False
+        if self.limits is not None:
+            self.limits.clear_worker(w.slot)
         init = Init(
             config=self.cfg,
             slot=w.slot,
@@ -331,11 +352,12 @@ class Supervisor:
             port=self.port,
             loop=self.loop_name,
             eventfd=w.eventfd,
-            rings={},
-            limits_path="",
+            rings={ds: ring.name for ds, ring in self.rings.items()},
+            limits_path=self.limits.path if self.limits is not None else "",
             cpus=self.worker_cpus[w.slot],
-            feeds=self._feed_starts(),
+            feeds=self._go_live(w),
         )
+        self.waker.add(w.slot, w.eventfd)
         try:
             w.pidfd = os.pidfd_open(proc.pid)
             loop.add_reader(w.pidfd, self._reap, w)
@@ -353,7 +375,7 @@ class Supervisor:
 
     def _on_message(self, w: WorkerProc, msg: Message) -> None:
         if isinstance(msg, Stats):
-            w.stats = msg
+            w.stats, w.families = msg, msg.families
         elif isinstance(msg, Blocked):
             feed = self.feeds.get(msg.dataset)
             if feed is not None:
@@ -380,9 +402,15 @@ class Supervisor:
         if w.channel is not None:
             w.channel.close()
             w.channel = None
-        was_ready, w.ready, w.stats = w.ready, False, None
-        # TODO(PROC, waits on RING/AGG): writer.set_live(slot, False) per ring; the shared
-        # limits row of the slot zeroed.
+        was_ready, w.ready, w.stats, w.families = w.ready, False, None, None
+        self.waker.remove(w.slot)
+        for writer in self.writers.values():
+            writer.set_live(w.slot, False)
+        if self.limits is not None:
+            self.limits.clear_worker(w.slot)
+        for sink in self.sinks.values():
+            if sink.pending:
+                sink.drain()  # the space it held is free now
         for feed in self.feeds.values():
             feed.remote_blocked(w.slot, False)
         if self.stopping:
@@ -426,14 +454,34 @@ class Supervisor:
         while True:
             await asyncio.sleep(TICK_S)
             self._note_feed_states()
-            # TODO(PROC, waits on RING): stuck workers — a live slot among writer.holders()
-            # of a full ring whose heartbeat_age_s > worker_stall_s: SIGKILL (reaped and
-            # restarted as any death), logged and counted.
+            self._kill_stuck()
             if self.journal is not None:
                 try:
                     self.journal.maintain()
                 except Exception:  # pragma: no cover - the ticker must go on
                     log.exception("journal maintenance failed")
+
+    def _kill_stuck(self) -> None:
+        """A worker holding a full ring whose loop has not ticked for ``worker_stall_s``
+        is killed (SIGKILL): the only way the writer gets past it. Reaped and restarted
+        as any death."""
+        stall = self.settings.worker_stall_s
+        for ds, writer in self.writers.items():
+            for slot in writer.holders():
+                w = self.workers[slot]
+                age = writer.heartbeat_age_s(slot)
+                if age <= stall or not w.alive or w.killed or w.proc is None:
+                    continue
+                log.warning(
+                    "worker %s pid=%d stuck: no heartbeat for %.1f s while the ring of %s "
+                    "is full; killing it (SIGKILL)",
+                    w.name,
+                    w.pid,
+                    age,
+                    ds,
+                )
+                w.killed = True
+                w.proc.kill()
 
     # --- StatusSource --------------------------------------------------------------------
 
@@ -466,37 +514,11 @@ class Supervisor:
         return self.serving and not self.stopping and workers_ok and feeds_ok, detail
 
     def snapshot(self) -> GatewaySnapshot:
-        """The whole gateway: the feeds' input side from here, sessions and output summed
-        over the workers' last reports."""
-        # TODO(PROC, waits on AGG): gateway.workers.aggregate's merge replaces this.
+        """The whole gateway: the feeds' input side and the journal from here, sessions
+        and output summed over the workers' last reports (``aggregate.merge_snapshots``)."""
         now, mono = time.time(), time.monotonic()
         ready, detail = self.ready()
-        parts = [w.stats.snapshot for w in self.workers if w.stats is not None and w.alive]
-        feeds = []
-        for ds, feed in self.feeds.items():
-            fs = feed_snapshot(feed, detail.get(ds, ""), now, mono)
-            outs = [f for p in parts for f in p.feeds if f.dataset == ds]
-            fs.sessions = sum(f.sessions for f in outs)
-            fs.records_out = sum(f.records_out for f in outs)
-            fs.fanout_groups = sum(f.fanout_groups for f in outs)
-            feeds.append(fs)
-        by_dataset: dict[str, SessionCounts] = {}
-        key_sessions = {k.name or f"key-{k.key[-5:]}": 0 for k in self.cfg.api_keys}
-        bytes_out: dict[str, float] = {}
-        replays = ReplaySnapshot()
-        for p in parts:
-            for ds, c in p.sessions.by_dataset.items():
-                mine = by_dataset.setdefault(ds, SessionCounts())
-                mine.streaming += c.streaming
-                mine.authenticated += c.authenticated
-            for k, n in p.key_sessions.items():
-                key_sessions[k] = key_sessions.get(k, 0) + n
-            for k, b in p.bytes_out.items():
-                bytes_out[k] = bytes_out.get(k, 0.0) + b
-            replays.active += p.replays.active
-            for k, n in p.replays.bytes.items():
-                replays.bytes[k] = replays.bytes.get(k, 0) + n
-        return GatewaySnapshot(
+        own = GatewaySnapshot(
             taken_at=now,
             gateway=GatewayInfo(
                 version=__version__,
@@ -508,17 +530,19 @@ class Supervisor:
                 loop=self.loop_name,
             ),
             sessions=SessionsSnapshot(
-                total=sum(p.sessions.total for p in parts),
-                by_dataset=by_dataset,
-                connections_open=sum(p.sessions.connections_open for p in parts),
-                unauthenticated=sum(p.sessions.unauthenticated for p in parts),
+                total=0, by_dataset={}, connections_open=0, unauthenticated=0
             ),
-            feeds=feeds,
-            connections_unauthenticated=sum(p.connections_unauthenticated for p in parts),
-            key_sessions=key_sessions,
-            bytes_out=bytes_out,
-            replays=replays,
+            feeds=[
+                feed_snapshot(feed, detail.get(ds, ""), now, mono)
+                for ds, feed in self.feeds.items()
+            ],
+            connections_unauthenticated=0,
+            key_sessions={k.name or f"key-{k.key[-5:]}": 0 for k in self.cfg.api_keys},
+            bytes_out={},
+            replays=ReplaySnapshot(),
         )
+        parts = [w.stats.snapshot for w in self.workers if w.stats is not None and w.alive]
+        return merge_snapshots(own, parts, expected=self.count)
 
     def totals(self) -> Totals:
         feeds = self.feeds.values()
@@ -611,7 +635,15 @@ class Supervisor:
             for feed in self.feeds.values():
                 feed.journal = None
             store.close()
-        # TODO(PROC, waits on RING): close and unlink every ring
+        for sink in self.sinks.values():
+            sink.close()
+        for ring in self.rings.values():
+            ring.unlink()
+            ring.close()
+        self.rings.clear()
+        if self.limits is not None:
+            self.limits.unlink()
+            self.limits = None
         if self._reserved is not None:
             self._reserved.close()
             self._reserved = None

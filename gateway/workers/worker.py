@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ctypes
+import functools
 import logging
 import os
 import signal
@@ -22,7 +23,6 @@ import socket
 import sys
 import time
 from collections.abc import Sequence
-from types import SimpleNamespace
 
 import msgspec
 
@@ -33,13 +33,14 @@ from gateway.config import Config
 from gateway.errors import GatewayError
 from gateway.fanout import FanOut
 from gateway.feeds import Feed, parse_feed_uri
+from gateway.journal.follower import FollowerJournal, attach_follower, open_follower
 from gateway.ops.logs import print_error, setup_logging
-from gateway.server import connection_factory
+from gateway.workers.aggregate import families_of
+from gateway.workers.conn import WorkerConnection
 from gateway.workers.control import (
     Blocked,
     ControlChannel,
     ControlError,
-    FeedStart,
     Init,
     Message,
     Ready,
@@ -49,6 +50,10 @@ from gateway.workers.control import (
     open_channel,
     recv_message,
 )
+from gateway.workers.feeder import RingFeeder
+from gateway.workers.limits import SharedLimits
+from gateway.workers.pins import PinTracker
+from gateway.workers.ring import Ring, RingReader
 
 __all__ = ["WorkerGateway", "main", "set_parent_death_signal"]
 
@@ -89,26 +94,56 @@ class WorkerGateway(Gateway):
         self._stats_task: asyncio.Task[None] | None = None
         self._next_config: Config | None = None
         self.reloader = self._reloaded_config
+        self.rings: list[Ring] = []
+        self.feeder: RingFeeder | None = None
+        self.shared_limits: SharedLimits | None = None
 
     # --- start ---------------------------------------------------------------------------
 
     async def start(self) -> None:
         cfg, init = self.cfg, self.init
+        loop = asyncio.get_running_loop()
         self.fd_limit = transport.raise_fd_limit()
+        state = self.state
+        if init.limits_path:
+            self.shared_limits = SharedLimits.attach(init.limits_path, init.slot)
+            state.shared_limits = self.shared_limits
+            self.shared_limits.bind(state)
+        state.pins = PinTracker.for_loop(loop)
+        follower = open_follower(cfg.journal)
+        if follower is not None:
+            self.journal = state.journal = follower
+            state.journal_enabled = True
+        readers: dict[str, RingReader] = {}
+        lossless: dict[str, bool] = {}
         for dataset, uri in cfg.feeds.items():
             spec = parse_feed_uri(dataset, uri)
             feed = Feed(
                 dataset, fanout=FanOut(zstd_level=cfg.zstd_level), backpressure=spec.backpressure
             )
             self.feeds[dataset] = feed
-            _seed_feed(feed, init.feeds.get(dataset))
-        # TODO(PROC, waits on RING/LINK/JRNL): attach the rings (Ring.attach per
-        # init.rings), a RingReader per dataset at init.feeds[ds].start_pos, the RingFeeder
-        # on the eventfd, state.pins = PinTracker, WorkerConnection as the connection
-        # factory, the journal follower; until then the worker's feeds get no data.
-        loop = asyncio.get_running_loop()
+            lossless[dataset] = spec.backpressure
+            ring = Ring.attach(init.rings[dataset], creator=init.supervisor_pid)
+            self.rings.append(ring)
+            start = init.feeds[dataset]
+            readers[dataset] = RingReader(ring, init.slot, start=start.start_pos)
+            if follower is not None:
+                attach_follower(follower, feed)
+                if start.journal_seq >= 0 and isinstance(feed.journal, FollowerJournal):
+                    feed.journal.start_at(start.journal_seq)
+        self.feeder = RingFeeder(
+            self.feeds,
+            readers,
+            state.pins,
+            lossless,
+            self.notify_blocked,
+            efd=init.eventfd if init.eventfd >= 0 else None,
+            registry=self.metrics.registry,
+        )
+        for dataset, start in init.feeds.items():
+            self.feeder.restore(dataset, start.snapshot)
         self.server = await loop.create_server(
-            connection_factory(self.state),
+            functools.partial(WorkerConnection, state),
             cfg.host,
             init.port,
             backlog=4096,
@@ -129,6 +164,7 @@ class WorkerGateway(Gateway):
         self._note_feed_states()
         self._ticker = loop.create_task(self._tick())
         self._stats_task = loop.create_task(self._push_stats())
+        self.feeder.start()
         self._send(Ready(pid=os.getpid(), report=report.line()))
         log.info(
             "worker %s listening on %s:%d pid=%d (loop=%s, datasets=%s)",
@@ -169,16 +205,17 @@ class WorkerGateway(Gateway):
         self._send(Blocked(dataset=dataset, blocked=blocked))
 
     async def _push_stats(self) -> None:
+        """Every tick: the feeder's heartbeat and releases, the figures to the supervisor."""
         while True:
             await asyncio.sleep(TICK_S)
+            if self.feeder is not None:
+                self.feeder.tick()
             try:
-                self._send(Stats(snapshot=self.snapshot(), families=self._families()))
+                self._send(
+                    Stats(snapshot=self.snapshot(), families=families_of(self.metrics.registry))
+                )
             except Exception:  # pragma: no cover - the figures must not stop the worker
                 log.exception("could not send stats")
-
-    def _families(self) -> list[object]:
-        # TODO(PROC, waits on AGG): gateway.workers.aggregate.families_of(registry)
-        return []
 
     # --- run -----------------------------------------------------------------------------
 
@@ -196,20 +233,14 @@ class WorkerGateway(Gateway):
         log.info("worker %s: shutting down", self.name)
         await self.shutdown()
         await cancel_and_wait(self._stats_task)
+        if self.feeder is not None:
+            self.feeder.stop()
         if self.channel is not None:
             self.channel.close()
-
-
-def _seed_feed(feed: Feed, start: FeedStart | None) -> None:
-    """What the supervisor's feed knew when this worker was (re)started: its state, its
-    schema and every mapping learnt so far (later ones come through the ring, in order)."""
-    if start is None:
-        return
-    if start.schema is not None:
-        feed.on_metadata(SimpleNamespace(schema=start.schema), mappings=[])
-    if start.mappings:
-        feed.directory.learn_many(start.mappings)
-    feed.set_state(start.connected, start.detail, notify=False)
+        if self.shared_limits is not None:
+            self.shared_limits.close()
+        for ring in self.rings:
+            ring.close()
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
