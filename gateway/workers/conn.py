@@ -11,7 +11,10 @@ wants its space back:
 - behind path (bytes already queued): the transport would queue the view itself, so the
   session gets a copy (one ``bytes`` copy per entry, shared by every session behind).
 
-Under the stdlib loop up to 3.11 (it copies) the view is written unchanged either way.
+A view that is not the entry's own object is copied if it is read-only (every view of the
+ring's PROT_READ mapping is; the fan-out's filtered selections are views of fresh writable
+numpy copies and go out as they are). Under the stdlib loop up to 3.11 (it copies) every
+payload is written unchanged.
 ``connection_lost`` drops the connection's pins.
 """
 
@@ -32,10 +35,11 @@ class WorkerConnection(ClientConnection):
         if self.closing or transport is None:
             return
         pins: PinTracker = self.state.pins
-        ring_view = pins.enabled and type(data) is memoryview
+        ring_view = pins.enabled and type(data) is memoryview and data.readonly
         if ring_view and data is not pins.current_view:
-            # A view the fan-out derived from the entry (not the entry's own object): copy
-            # it rather than guess what it holds.
+            # Read-only but not the entry's own object: possibly a view derived from the
+            # ring (every view of the PROT_READ mapping is read-only); copied. The fan-out's
+            # own selections are views of fresh, writable numpy copies: written as they are.
             data = bytes(data)
             ring_view = False
         now = self.state.clock()

@@ -55,22 +55,30 @@ class PinTracker:
         self.current_pos = -1
         #: its payload: the object the fan-out hands to plain sessions unchanged
         self.current_view: memoryview | None = None
+        #: which ring the current entry is in (``begin(key=)``: e.g. the dataset); pins of
+        #: different rings are kept apart in ``floors``
+        self.current_key: object = None
+        #: after ``sweep``: the oldest pinned position per ring key
+        self.floors: dict[object, int] = {}
         self._copy_of: memoryview | None = None
         self._copy = b""
         self._pins: dict[PinHolder, deque[tuple[int, int]]] = {}
+        self._keys: dict[PinHolder, object] = {}
 
     @classmethod
     def for_loop(cls, loop: asyncio.AbstractEventLoop) -> PinTracker:
         return cls(loop_keeps_references(loop))
 
-    def begin(self, pos: int, view: memoryview) -> None:
-        """The entry at ``pos`` is being published (its payload ``view``)."""
+    def begin(self, pos: int, view: memoryview, key: object = None) -> None:
+        """The entry at ``pos`` of ring ``key`` is being published (its payload ``view``)."""
         self.current_pos = pos
         self.current_view = view
+        self.current_key = key
 
     def end(self) -> None:
         self.current_pos = -1
         self.current_view = None
+        self.current_key = None
         self._copy_of = None
         self._copy = b""
 
@@ -86,21 +94,28 @@ class PinTracker:
         return self._copy
 
     def note(self, conn: PinHolder, pos: int, mark: int) -> None:
-        """``conn``'s transport kept part of entry ``pos``; released once its write buffer
-        is no larger than ``conn.bytes_sent - mark``."""
+        """``conn``'s transport kept part of entry ``pos`` (of ring ``current_key``: a
+        connection reads one ring); released once its write buffer is no larger than
+        ``conn.bytes_sent - mark``."""
         pins = self._pins.get(conn)
         if pins is None:
             self._pins[conn] = deque(((pos, mark),))
+            self._keys[conn] = self.current_key
         else:
             pins.append((pos, mark))
 
     def drop(self, conn: PinHolder) -> None:
         """``conn`` is gone (connection_lost): its transport holds nothing any more."""
         self._pins.pop(conn, None)
+        self._keys.pop(conn, None)
 
     def sweep(self) -> int | None:
-        """Forget released pins; the oldest pinned position left (None: no pins)."""
+        """Forget released pins; the oldest pinned position left (None: no pins), and
+        ``floors``: the oldest per ring key (positions of different rings do not compare:
+        with several datasets use ``floors[key]``)."""
         oldest: int | None = None
+        floors: dict[object, int] = {}
+        keys = self._keys
         gone = []
         for conn, pins in self._pins.items():
             transport = conn.transport
@@ -112,15 +127,28 @@ class PinTracker:
                 pins.popleft()
             if not pins:
                 gone.append(conn)
-            elif oldest is None or pins[0][0] < oldest:
-                oldest = pins[0][0]
+            else:
+                pos = pins[0][0]
+                if oldest is None or pos < oldest:
+                    oldest = pos
+                key = keys.get(conn)
+                if key not in floors or pos < floors[key]:
+                    floors[key] = pos
         for conn in gone:
             del self._pins[conn]
+            keys.pop(conn, None)
+        self.floors = floors
         return oldest
 
-    def older_than(self, pos: int) -> list[PinHolder]:
-        """Pinned connections that still hold an entry below ``pos`` (as of the last sweep)."""
-        return [conn for conn, pins in self._pins.items() if pins and pins[0][0] < pos]
+    def older_than(self, pos: int, key: object = ...) -> list[PinHolder]:
+        """Pinned connections that still hold an entry below ``pos`` (as of the last
+        sweep); only those of ring ``key`` when given."""
+        keys = self._keys
+        return [
+            conn
+            for conn, pins in self._pins.items()
+            if pins and pins[0][0] < pos and (key is ... or keys.get(conn) == key)
+        ]
 
     def __len__(self) -> int:
         return len(self._pins)

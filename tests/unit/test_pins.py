@@ -114,3 +114,31 @@ async def test_for_the_running_test_loop():
     pins = PinTracker.for_loop(asyncio.get_running_loop())
     if sys.version_info < (3, 12):
         assert pins.enabled == (TEST_LOOP == "uvloop")
+
+
+def test_floors_keep_the_rings_of_different_datasets_apart():
+    pins = PinTracker(enabled=True)
+    a, b, c = Conn(), Conn(), Conn()
+    view = memoryview(b"xyz")
+    pins.begin(5000, view, key="A")
+    a.write(10, kept=10)
+    pins.note(a, pins.current_pos, a.bytes_sent)
+    pins.end()
+    pins.begin(70, view, key="B")
+    b.write(10, kept=10)
+    pins.note(b, pins.current_pos, b.bytes_sent)
+    pins.end()
+    pins.begin(90, view, key="B")
+    c.write(10, kept=10)
+    pins.note(c, pins.current_pos, c.bytes_sent)
+    pins.end()
+    assert pins.current_key is None
+    assert pins.sweep() == 70
+    assert pins.floors == {"A": 5000, "B": 70}
+    assert pins.older_than(6000, key="B") == [b, c]
+    assert pins.older_than(6000, key="A") == [a]
+    assert pins.older_than(80) == [b]
+    b.drain(10)
+    assert pins.sweep() == 90 and pins.floors == {"A": 5000, "B": 90}
+    pins.drop(a)
+    assert pins.sweep() == 90 and pins.floors == {"B": 90}

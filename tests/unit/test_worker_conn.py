@@ -84,11 +84,13 @@ async def rig() -> AsyncIterator[Rig]:
     server_side.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     transport, _ = await loop.connect_accepted_socket(asyncio.Protocol, server_side)
     transport.set_write_buffer_limits(high=64 << 20)
+    mapped = Ring.attach(ring.name, creator=os.getpid())  # read-only, as in a worker
     try:
-        yield Rig(ring, writer, RingReader(ring, 0), pins, state, peer, transport)
+        yield Rig(ring, writer, RingReader(mapped, 0), pins, state, peer, transport)
     finally:
         transport.abort()
         peer.close()
+        mapped.close()
         ring.close()
         ring.unlink()
 
@@ -208,6 +210,23 @@ async def test_a_view_derived_from_the_entry_is_copied(rig):
         assert type(written[0]) is bytes and written[0] == b"x" * 50
     else:
         assert written[0] == b"x" * 50
+    assert len(rig.pins) == 0
+
+
+async def test_a_writable_view_of_a_fresh_copy_goes_out_as_it_is(rig):
+    """The fan-out's filtered selections are views of fresh numpy gathers (writable):
+    neither copied nor pinned."""
+    conn = connection(rig)
+    spy = Spy(rig.transport)
+    conn.transport = spy  # type: ignore[assignment]
+    assert rig.writer.try_write(CHUNK, b"y" * 64) is not None
+    entry = rig.reader.next()
+    assert entry is not None
+    fresh = memoryview(bytearray(ENTRY))
+    rig.pins.begin(entry.pos, entry.payload)
+    conn.deliver(fresh, 1)
+    rig.pins.end()
+    assert spy.written[0] is fresh
     assert len(rig.pins) == 0
 
 
