@@ -163,6 +163,8 @@ class Server:
     def stop(self) -> None:
         if self.proc is not None:
             stop_process(self.proc)
+            if self.proc.stdout is not None:
+                self.proc.stdout.close()
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
