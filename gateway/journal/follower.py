@@ -71,6 +71,9 @@ _RO: Final = os.O_RDONLY | os.O_CLOEXEC
 _SYM_MAGIC: Final = b"LSGS"
 #: noted seqs kept for chunks not yet appended (a Feed holds few; more means a caller bug)
 _MAX_NOTED: Final = 4096
+#: a chunk published from this many bytes up may be a piece of a larger one: the ring
+#: splits chunks over a quarter of its size (at least 1 MiB: 256 KiB), less a record
+_PIECE_BYTES: Final = 64 * 1024
 
 
 def _pread_from(path: Path, offset: int) -> tuple[bytes, int] | None:
@@ -156,6 +159,9 @@ class FollowerJournal(DatasetJournal):
         self._noted: deque[int] = deque()
         #: newest seq whose index rows are loaded
         self._loaded = 0
+        #: a chunk published in pieces (see ``append``): its seq, records published so far
+        self._partial_seq = 0
+        self._partial_done = 0
 
     @classmethod
     def open(cls, directory: Path, dataset: str, settings: _Settings) -> FollowerJournal:
@@ -188,15 +194,45 @@ class FollowerJournal(DatasetJournal):
         self._noted.append(seq)
 
     def append(self, index: ChunkIndex) -> int:
-        """The noted seq of the chunk being published (0: none, or disabled)."""
+        """The noted seq of the chunk being published (0: none, or disabled).
+
+        ``last_seq`` moves to it once the whole chunk is published: the ring carries a
+        chunk larger than a quarter of it in pieces (each noted with the chunk's seq), and
+        until the last piece is out a hand-over or a checkpoint at that seq would promise
+        records live has not delivered yet. A piece can only be that large, so a smaller
+        one is a whole chunk (or its last piece); a large one is counted against the
+        chunk's index rows."""
         if not self._noted:
             return 0
         seq = self._noted.popleft()
         if not self.enabled or self._closed:
             return 0
-        if seq > self.last_seq:
+        if seq <= self.last_seq:
+            return seq
+        if index.nbytes < _PIECE_BYTES and seq != self._partial_seq:
             self.last_seq = seq
+            self._partial_seq = 0
+            return seq
+        if seq != self._partial_seq:
+            self._partial_seq, self._partial_done = seq, 0
+        self._partial_done += index.count
+        total = self._records_of(seq)
+        if total is None or self._partial_done >= total:
+            self.last_seq = seq
+            self._partial_seq = 0
         return seq
+
+    def _records_of(self, seq: int) -> int | None:
+        """How many records the writer journaled in chunk ``seq`` (None: not on file)."""
+        if seq > self._loaded:
+            self._load_new()
+        for seg in reversed(self.segments):
+            if seg.first_seq <= seq <= seg.last_seq:
+                seqs = seg.rows["seq"]
+                lo = int(np.searchsorted(seqs, seq, side="left"))
+                hi = int(np.searchsorted(seqs, seq, side="right"))
+                return int(seg.rows["count"][lo:hi].sum()) if hi > lo else None
+        return None
 
     def learn(self, changed: Sequence[tuple[str, int]], ts: int | None = None) -> None:
         """The writer journals mappings; nothing to do here."""

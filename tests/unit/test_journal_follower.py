@@ -450,3 +450,24 @@ def test_a_segment_being_created_or_deleted_is_skipped_until_it_is_readable(
     again = FollowerStore.open(writer.path).dataset(DATASET)
     assert [s.id for s in again.segments] == [s.id for s in wj.segments[1:]]
     assert again.first_seq() == wj.segments[1].id
+
+
+def test_a_chunk_published_in_pieces_counts_once_its_last_piece_is_out(
+    writer: JournalStore,
+) -> None:
+    wj = writer.dataset(DATASET)
+    fj = FollowerStore.open(writer.path).dataset(DATASET)
+    publish(wj, fj, [trade(11, T0)])
+    # 400 KiB of trades: a ring of 1 MiB carries it in pieces of at most 256 KiB
+    big = chunk([trade(11, T0)] * (400 * 1024 // 48))
+    seq = wj.append(big)
+    cut = [0, 4000, 7000, big.count]  # pieces at record boundaries, each over 64 KiB
+    pieces = [index_records(bytes(big.data[cut[i] * 48 : cut[i + 1] * 48]))[0] for i in range(3)]
+    for n, piece in enumerate(pieces):
+        fj.note_seq(seq)
+        assert fj.append(piece) == seq
+        # a hand-over or checkpoint at seq only once every record of it is out
+        assert fj.last_seq == (seq if n == 2 else seq - 1), n
+    # a small whole chunk after: at once
+    publish(wj, fj, [trade(22, T0 + 1)])
+    assert fj.last_seq == seq + 1
