@@ -19,6 +19,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -246,6 +247,27 @@ class GatewayServer(Server):
         """VmRSS summed over the tree (shared pages, e.g. the ring, count once per process)."""
         return sum(rss_kib(pid) for pid in self.process_tree())
 
+    def stop(self) -> None:
+        """SIGTERM the supervisor (it drains its workers: up to shutdown_grace_s and more),
+        then make sure no worker it reported is left: a worker still alive after a few
+        seconds is SIGKILLed by its pid (checked to still be a gateway process)."""
+        if self.proc is None:
+            return
+        workers = self.process_tree()[1:] if self.workers > 1 else []
+        stop_process(self.proc, grace_s=5.0 if self.workers <= 1 else 15.0)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        deadline = time.monotonic() + 5
+        while workers and time.monotonic() < deadline:
+            workers = [pid for pid in workers if _is_gateway(pid)]
+            if workers:
+                time.sleep(0.05)
+        for pid in workers:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+
     def start(self) -> GatewayServer:
         cfg = self.workdir / "gateway.toml"
         items = self.extra_config.items()
@@ -342,6 +364,16 @@ class GatewayServer(Server):
                 return
             time.sleep(0.02)
         raise RuntimeError("gateway feed did not come up after the publisher connected")
+
+
+def _is_gateway(pid: int) -> bool:
+    """``pid`` is alive (not a zombie) and runs the gateway."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z" and b"gateway" in cmdline
 
 
 def startup_fields(line: str) -> dict[str, str]:
