@@ -1,0 +1,305 @@
+"""``gateway serve --workers 2`` as real processes over real sockets: the start-up lines,
+sessions spread over both workers and all complete and in order, a worker killed with
+SIGKILL (its sessions end, the others go on, a new worker serves), the supervisor killed
+with SIGKILL (no process left holding the port), the SIGTERM drain, and every worker
+under a preload library."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import tempfile
+import time
+from pathlib import Path
+
+from gateway.connection import SHUTDOWN_TEXT
+from gateway.dbn import encode_publisher_metadata
+from gateway.transport import mapped_libraries
+from tests.integration.helpers import (
+    KEY,
+    GatewayProcess,
+    RawClient,
+    error_texts,
+    gateway,
+    http_get,
+    poll_until,
+    start_gateway,
+    synthetic_trades,
+)
+from tests.integration.test_transport import (  # noqa: F401 - the fakes fixture
+    Fakes,
+    check_byte_exact_fanout,
+    fakes,
+)
+
+DATASET = "T.FEED"
+FEEDS = {DATASET: "ingest://127.0.0.1:0"}
+#: 1 MiB rings, a short drain: small and quick
+CONFIG = "shutdown_grace_s = 2.0\n[workers]\nring_bytes = 1048576\n"
+GATEWAY_RTYPES = {0x15, 0x16, 0x17}  # ErrorMsg, SymbolMappingMsg, SystemMsg
+
+
+# --- helpers -------------------------------------------------------------------------------
+
+
+class Session:
+    """A raw ALL_SYMBOLS trades session; ``pump`` reads what has arrived."""
+
+    def __init__(self, port: int) -> None:
+        self.client = RawClient(port)
+        assert "success=1" in self.client.handshake(KEY, DATASET)
+        self.client.subscribe("trades", "ALL_SYMBOLS")
+        self.client.start()
+        self.local_port = self.client.sock.getsockname()[1]
+        self.buf = b""
+        self.header = False
+        self.records: list[bytes] = []
+        self.eof = False
+
+    @property
+    def data(self) -> list[bytes]:
+        return [r for r in self.records if r[1] not in GATEWAY_RTYPES]
+
+    def pump(self, limit: float = 0.05) -> None:
+        if self.eof:
+            return
+        self.client.sock.settimeout(limit)
+        try:
+            chunk = self.client.sock.recv(1 << 20)
+        except TimeoutError:
+            return
+        except ConnectionResetError:
+            chunk = b""
+        if not chunk:
+            self.eof = True
+            return
+        self.buf += chunk
+        if not self.header:
+            if len(self.buf) < 8 or len(self.buf) < 8 + int.from_bytes(self.buf[4:8], "little"):
+                return
+            assert self.buf[:3] == b"DBN"
+            self.buf = self.buf[8 + int.from_bytes(self.buf[4:8], "little") :]
+            self.header = True
+        off = 0
+        while len(self.buf) - off >= 1 and len(self.buf) - off >= self.buf[off] * 4 > 0:
+            size = self.buf[off] * 4
+            self.records.append(self.buf[off : off + size])
+            off += size
+        self.buf = self.buf[off:]
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def pump_until(sessions: list[Session], done: object, timeout: float, what: str) -> None:
+    def check() -> bool:
+        for s in sessions:
+            s.pump(0.01)
+        return all(done(s) for s in sessions)  # type: ignore[operator]
+
+    poll_until(check, timeout, 0.0, what)
+
+
+def children(pid: int) -> list[int]:
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(p) for p in text.split()]
+
+
+def socket_owner(server_port: int, client_port: int, pids: list[int]) -> int | None:
+    """The pid (of ``pids``) holding the server end of the connection from ``client_port``."""
+    inode = None
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        parts = line.split()
+        local, remote = parts[1].split(":"), parts[2].split(":")
+        if int(local[1], 16) == server_port and int(remote[1], 16) == client_port:
+            inode = parts[9]
+    if inode is None or inode == "0":
+        return None
+    want = f"socket:[{inode}]"
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{fd}") == want:
+                    return pid
+            except OSError:
+                continue
+    return None
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")
+
+
+def spread_sessions(
+    gw: GatewayProcess, pids: list[int], per_worker: int
+) -> dict[int, list[Session]]:
+    """Open sessions until every worker in ``pids`` has ``per_worker`` (bounded tries)."""
+    by_pid: dict[int, list[Session]] = {pid: [] for pid in pids}
+    extra: list[Session] = []
+    for _ in range(16 * per_worker * len(pids)):
+        if all(len(v) >= per_worker for v in by_pid.values()):
+            break
+        s = Session(gw.port)
+        owner = poll_until(
+            lambda s=s: socket_owner(gw.port, s.local_port, pids), 5, what="the session's worker"
+        )
+        (by_pid[owner] if len(by_pid[owner]) < per_worker else extra).append(s)
+    for s in extra:
+        s.close()
+    assert all(len(v) >= per_worker for v in by_pid.values()), {
+        p: len(v) for p, v in by_pid.items()
+    }
+    return by_pid
+
+
+def streaming(gw: GatewayProcess, n: int) -> bool:
+    status, body = http_get(gw.metrics_port, "/status.json")
+    if not (status == 200 and f'"streaming": {n}' in body):
+        print("status:", body[:700])
+        return False
+    return True
+
+
+def publish(pub: socket.socket, n: int, seed: int) -> list[bytes]:
+    _, records = synthetic_trades(n, seed)
+    pub.sendall(b"".join(records))
+    return records
+
+
+def publisher(gw: GatewayProcess) -> tuple[socket.socket, dict[str, int]]:
+    ids, _ = synthetic_trades(1, 1)
+    pub = socket.create_connection(("127.0.0.1", gw.ingest_ports[DATASET]), timeout=10)
+    pub.sendall(encode_publisher_metadata(DATASET, time.time_ns(), ids, schema="trades"))
+    poll_until(lambda: f"feed {DATASET} up" in gw.log(), 10, what="the feed up")
+    return pub, ids
+
+
+# --- tests ---------------------------------------------------------------------------------
+
+
+def test_sessions_spread_complete_in_order_survive_a_worker_kill_and_drain() -> None:
+    gw = start_gateway("--workers", "2", "--metrics-port", "0", feeds=FEEDS, config=CONFIG)
+    sessions: list[Session] = []
+    try:
+        # Start-up lines: ingest, then workers N pids=..., then listening.
+        lines = [ln.strip() for ln in gw.lines]
+        assert re.fullmatch(r"ingest dataset=T\.FEED port=\d+", lines[0]), lines
+        m = re.fullmatch(r"workers 2 pids=(\d+),(\d+)", lines[1])
+        assert m, lines
+        assert lines[2].startswith("listening host=127.0.0.1 port="), lines
+        pids = [int(m.group(1)), int(m.group(2))]
+        assert sorted(children(gw.proc.pid)) == sorted(pids)
+        for pid in pids:  # each worker logs as itself and reports its transport
+            assert re.search(rf"worker w\d pid={pid} ready transport transport=plain", gw.log())
+        assert re.search(r"INFO gateway\.\S+ worker=w0 ", gw.log())
+        assert re.search(r"INFO gateway\.\S+ worker=w1 ", gw.log())
+
+        pub, _ = publisher(gw)
+        by_pid = spread_sessions(gw, pids, 2)
+        sessions = [s for v in by_pid.values() for s in v]
+        poll_until(lambda: streaming(gw, len(sessions)), 10, 0.05, "every session streaming")
+
+        first = publish(pub, 2000, seed=3)
+        pump_until(sessions, lambda s: len(s.data) >= len(first), 15, "every record")
+        for s in sessions:
+            assert s.data == first  # complete, in order, byte for byte
+
+        # SIGKILL one worker: its sessions end, the other worker's go on.
+        victim, survivor = pids
+        os.kill(victim, signal.SIGKILL)
+        pump_until(by_pid[victim], lambda s: s.eof, 10, "the killed worker's sessions to end")
+        second = publish(pub, 500, seed=4)
+        kept = by_pid[survivor]
+        pump_until(kept, lambda s: len(s.data) >= len(first) + len(second), 15, "the survivors")
+        for s in kept:
+            assert s.data == first + second and not s.eof
+        # A new worker serves within seconds.
+        fresh = poll_until(
+            lambda: [p for p in children(gw.proc.pid) if p not in pids], 10, what="a new worker"
+        )[0]
+        poll_until(lambda: http_get(gw.metrics_port, "/readyz")[0] == 200, 10, what="ready")
+        assert re.search(r"worker w\d pid=\d+ exited \(signal 9\); restarting", gw.log())
+        added = spread_sessions(gw, [survivor, fresh], 1)
+        live = kept + added[survivor] + added[fresh]
+        sessions += added[survivor] + added[fresh]
+        poll_until(lambda: streaming(gw, len(live)), 10, 0.05, "the new sessions streaming")
+        third = publish(pub, 300, seed=5)
+        pump_until(added[fresh], lambda s: len(s.data) >= len(third), 15, "the new worker")
+        assert added[fresh][0].data == third
+
+        # SIGTERM: every session gets the shutdown ErrorMsg, then EOF; everything exits 0.
+        gw.proc.send_signal(signal.SIGTERM)
+        pump_until(live, lambda s: s.eof, 15, "EOF after the drain")
+        for s in live:
+            assert SHUTDOWN_TEXT in [t for _, t in error_texts(s.records)], s.records[-2:]
+        assert gw.proc.wait(15) == 0
+        assert not [p for p in [*pids, fresh] if alive(p)]
+        pub.close()
+    finally:
+        for s in sessions:
+            s.close()
+        gw.stop()
+        gw.cleanup()
+
+
+def test_supervisor_killed_leaves_no_worker_and_no_port() -> None:
+    with tempfile.TemporaryDirectory(prefix="gw-workers-") as tmp:
+        gw = start_gateway("--workers", "2", feeds=FEEDS, config=CONFIG, env={"TMPDIR": tmp})
+        try:
+            pids = [int(p) for p in re.findall(r"\d+", gw.lines[1].split("pids=")[1])]
+            assert len(pids) == 2 and all(alive(p) for p in pids)
+            gw.proc.kill()
+            gw.proc.wait(5)
+
+            def port_free() -> bool:
+                with socket.socket() as probe:  # no SO_REUSEPORT, no SO_REUSEADDR
+                    try:
+                        probe.bind(("127.0.0.1", gw.port))
+                        probe.listen()
+                    except OSError:
+                        return False
+                return True
+
+            poll_until(port_free, 10, 0.05, "the client port free")
+            poll_until(lambda: not any(alive(p) for p in pids), 10, 0.05, "no worker left")
+        finally:
+            gw.stop()
+            gw.cleanup()
+            for path in Path("/dev/shm").glob(f"lsg-{gw.proc.pid}-*"):
+                path.unlink(missing_ok=True)
+
+
+def test_every_worker_runs_under_the_preload(fakes: Fakes, tmp_path: Path) -> None:  # noqa: F811
+    report = tmp_path / "counts"
+    with gateway(
+        "--workers",
+        "2",
+        "--transport",
+        f"preload:{fakes.preload}",
+        feeds={"ING.T": "ingest://127.0.0.1:0"},
+        config=CONFIG,
+        env={"FAKE_BYPASS_REPORT": str(report)},
+    ) as gw:
+        pids = children(gw.proc.pid)
+        assert len(pids) == 2
+        for pid in pids:
+            assert str(fakes.preload) in mapped_libraries(pid)
+            line = re.search(rf"worker w\d pid={pid} ready transport (.*)", gw.log())
+            assert line, gw.log()[-3000:]
+            fields = dict(re.findall(r"(\w+)=(\{[^}]*\}|\S+)", line.group(1)))
+            assert fields["transport"] == "preload" and fields["loaded"] == "1"
+            assert fields["lib"] == str(fakes.preload)
+        check_byte_exact_fanout(gw)
