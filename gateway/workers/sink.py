@@ -206,8 +206,12 @@ class RingSink(FanOut):
         if self.pending:
             self.pending.append((kind, payload, seq, records))
             return
-        if self.writer.try_write(kind, payload, seq=seq, records=records) is None:
+        writer = self.writer
+        head = writer.head
+        if writer.try_write(kind, payload, seq=seq, records=records) is None:
             self.pending.append((kind, payload, seq, records))
+            if writer.head != head and self._wake is not None:
+                self._wake()  # a PAD to the wrap was written: readers move past it
             self._full()
             return
         self.entries += 1
@@ -239,6 +243,7 @@ class RingSink(FanOut):
         """Write what is pending, in order, while it fits; True when nothing is left (the
         source is then told to resume)."""
         pending = self.pending
+        head = self.writer.head
         wrote = False
         try_write = self.writer.try_write
         while pending:
@@ -249,7 +254,7 @@ class RingSink(FanOut):
             self.entries += 1
             self.bytes += len(payload)
             wrote = True
-        if wrote and self._wake is not None:
+        if (wrote or self.writer.head != head) and self._wake is not None:
             self._wake()
         if pending:
             self._schedule_retry()
