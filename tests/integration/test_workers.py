@@ -6,6 +6,7 @@ under a preload library."""
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import signal
@@ -153,9 +154,8 @@ def spread_sessions(
         if all(len(v) >= per_worker for v in by_pid.values()):
             break
         s = Session(gw.port)
-        owner = poll_until(
-            lambda s=s: socket_owner(gw.port, s.local_port, pids), 5, what="the session's worker"
-        )
+        find = functools.partial(socket_owner, gw.port, s.local_port, pids)
+        owner = poll_until(find, 5, what="the session's worker")
         (by_pid[owner] if len(by_pid[owner]) < per_worker else extra).append(s)
     for s in extra:
         s.close()
@@ -167,10 +167,7 @@ def spread_sessions(
 
 def streaming(gw: GatewayProcess, n: int) -> bool:
     status, body = http_get(gw.metrics_port, "/status.json")
-    if not (status == 200 and f'"streaming": {n}' in body):
-        print("status:", body[:700])
-        return False
-    return True
+    return status == 200 and f'"streaming": {n}' in body
 
 
 def publish(pub: socket.socket, n: int, seed: int) -> list[bytes]:
