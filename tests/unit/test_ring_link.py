@@ -334,6 +334,7 @@ async def test_budget_per_turn_and_release_at_the_reader(worlds):
     world = worlds(workers=1)
     w = world.workers[0]
     w.feeder.budget_entries = 4
+    w.feeder.budget_s = 10.0  # (the time budget is not what this checks)
     for n in range(10):
         world.sup.publish(chunk(trades(1001, at=n)))
     assert w.feeder.run() is True  # more left: another turn is scheduled
@@ -645,3 +646,40 @@ async def test_a_worker_started_late_restores_the_snapshot(worlds):
     assert late.feed.schema_rtype["tbbo"] == 0x01 and late.feed.schema_rtype["mbp-1"] < 0
     assert (late.feed.connected, late.feed.state_detail) == (True, "publisher connected")
     assert decode(late.members["named"].data) == decode(b"".join(trades(1003, 1002, at=5)))
+
+
+async def test_pins_of_one_dataset_do_not_hold_another_datasets_ring():
+    # one worker, two datasets, one pin tracker: ring positions of different datasets are
+    # not comparable, so a pin in A must not hold B's release back (nor B's pins A's)
+    rings = {ds: Ring.create(64 << 10, 2) for ds in ("A", "B")}
+    try:
+        writers = {ds: RingWriter(ring) for ds, ring in rings.items()}
+        sinks = {ds: RingSink(writer) for ds, writer in writers.items()}
+        sups = {ds: Feed(ds, fanout=sinks[ds]) for ds in rings}
+        for ds in rings:
+            sinks[ds].attach(sups[ds])
+            writers[ds].set_live(0, True)
+        readers = {ds: RingReader(rings[ds], 0) for ds in rings}
+        feeds = {ds: Feed(ds) for ds in rings}
+        pins = PinTracker(enabled=True)
+        feeder = RingFeeder(feeds, readers, pins, {"A": False, "B": False}, lambda ds, b: None)
+        sups["B"].publish(chunk(trades(1001)))  # B is ahead of A
+        sups["B"].publish(chunk(trades(1001)))
+        feeder.run()
+        conn = PinnedConn(feeds["A"])
+        conn.transport.buffered = conn.bytes_sent = 1
+        pinned_at = writers["A"].head
+        pins.note(conn, pinned_at, 1)
+        for n in range(20):
+            for ds in rings:
+                sups[ds].publish(chunk(trades(1001, 1002, at=n)))
+            feeder.run()
+        assert writers["A"].release_of(0) == pinned_at < readers["A"].pos
+        assert writers["B"].release_of(0) == readers["B"].pos == writers["B"].head
+        conn.transport.buffered = 0
+        feeder.tick()
+        assert writers["A"].release_of(0) == readers["A"].pos == writers["A"].head
+    finally:
+        for ring in rings.values():
+            ring.unlink()
+            ring.close()
