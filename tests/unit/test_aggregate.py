@@ -91,7 +91,8 @@ def test_merge_counters_gauges_histograms_and_exceptions() -> None:
     w2 = _worker_metrics(4, [0.0001], 1, 110.0)
     f1, f2 = _fams(w1), _fams(w2)
     merged = {
-        f.name: f for f in merge_families(families_of(own.registry), [f1.values(), f2.values()])
+        f.name: f
+        for f in merge_families(families_of(own.registry), [list(f1.values()), list(f2.values())])
     }
 
     sessions = merged["gateway_sessions"]
