@@ -338,6 +338,16 @@ class RingWriter:
             if hdr[_slot_word(slot, _LIVE)] and hdr[_slot_word(slot, _RELEASE)] + self.size < need
         ]
 
+    def used(self) -> int:
+        """Bytes the live slots still hold (head - the lowest live release): how full the
+        ring is for the writer (a gauge; ``size`` means the next entry waits)."""
+        hdr = self._hdr
+        low = self._head
+        for slot in range(self.ring.max_workers):
+            if hdr[_slot_word(slot, _LIVE)]:
+                low = min(low, hdr[_slot_word(slot, _RELEASE)])
+        return int(self._head - low)
+
     def heartbeat_age_s(self, slot: int) -> float:
         return max(0, _now_ms() - self._hdr[_slot_word(slot, _ALIVE)]) / 1000.0
 

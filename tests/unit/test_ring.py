@@ -156,6 +156,7 @@ def test_writer_never_overwrites_a_live_slots_release(ring):
         assert accepted < 100
     assert accepted == SIZE // entry_bytes(n)
     assert w.holders() == [0, 2]
+    assert w.used() == SIZE  # the PAD to the wrap went in too
     while fast.next() is not None:
         pass
     fast.release(fast.pos)
@@ -166,6 +167,7 @@ def test_writer_never_overwrites_a_live_slots_release(ring):
     slow.release(first.end)  # frees exactly the first entry
     assert w.try_write(CHUNK, payload(accepted, n), seq=accepted + 1) is not None
     assert w.holders() == []
+    assert w.used() == SIZE + entry_bytes(n) - first.end
     # the slow reader still reads every entry it had not released, intact
     for i in range(1, accepted):
         e = slow.next()
