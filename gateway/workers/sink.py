@@ -33,11 +33,13 @@ import asyncio
 import logging
 import os
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import msgspec
+from prometheus_client import CollectorRegistry, Counter
 
 from gateway.dbn import ChunkIndex
 from gateway.fanout import FanOut, Payload
@@ -58,6 +60,22 @@ LEARN_PAIRS = 4096
 _MAX_ENTRY_DIV = 4
 
 _encode = msgspec.msgpack.Encoder().encode
+
+
+_full_counters: weakref.WeakKeyDictionary[CollectorRegistry, Counter] = weakref.WeakKeyDictionary()
+
+
+def _full_counter(registry: CollectorRegistry) -> Counter:
+    """The registry's ring-full counter (made once per registry: one per dataset's sink)."""
+    counter = _full_counters.get(registry)
+    if counter is None:
+        counter = _full_counters[registry] = Counter(
+            "gateway_worker_ring_full",
+            "Times a dataset's shared ring was full (its source paused until workers released)",
+            ["dataset"],
+            registry=registry,
+        )
+    return counter
 
 
 class Snapshot(msgspec.Struct, array_like=True):
@@ -126,6 +144,7 @@ class RingSink(FanOut):
         wake: Callable[[], None] | None = None,
         retry_s: float = 0.001,
         clock: Callable[[], float] = time.monotonic,
+        registry: CollectorRegistry | None = None,
     ) -> None:
         super().__init__()
         self.writer = writer
@@ -147,6 +166,11 @@ class RingSink(FanOut):
         self.full_events = 0
         self.full_since: float | None = None
         self.full_total_s = 0.0
+        #: ``gateway_worker_ring_full_total{dataset}`` where a registry is given (the
+        #: supervisor's; the sinks of every dataset share one counter)
+        self._full_metric: Counter | None = None
+        if registry is not None:
+            self._full_metric = _full_counter(registry)
 
     def attach(self, feed: Feed) -> None:
         """Install the Feed hooks (the Feed must have been built with ``fanout=self``)."""
@@ -221,6 +245,8 @@ class RingSink(FanOut):
 
     def _full(self) -> None:
         self.full_events += 1
+        if self._full_metric is not None:
+            self._full_metric.labels(self.feed.dataset if self.feed is not None else "").inc()
         self.full_since = self._clock()
         if self.feed is not None:
             self.feed.set_sink_blocked(True)

@@ -146,7 +146,10 @@ class Worker:
         self.feed.journal = self.follower  # type: ignore[assignment]  # a stand-in follower
         self.members = add_members(self.feed, behavior=world.behavior, lossless=world.lossless)
         world.writer.set_live(slot, True)
-        self.reader = reader_cls(world.ring, slot, start=world.writer.head)
+        # as a worker process maps it: the data area read-only
+        self.ring = Ring.attach(world.ring.name, creator=os.getpid())
+        assert self.ring.data.readonly
+        self.reader = reader_cls(self.ring, slot, start=world.writer.head)
         self.efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         world.waker.add(slot, self.efd)
         self.blocked: list[bool] = []
@@ -186,7 +189,8 @@ class World:
         self.ring = Ring.create(ring_bytes, 4)
         self.writer = RingWriter(self.ring)
         self.waker = Waker()
-        self.sink = RingSink(self.writer, wake=self.waker.wake)
+        self.registry = CollectorRegistry()
+        self.sink = RingSink(self.writer, wake=self.waker.wake, registry=self.registry)
         self.sup = Feed(
             DS, fanout=self.sink, clock_ns=clock_ns, slice_size=SLICE, backpressure=lossless
         )
@@ -226,6 +230,7 @@ class World:
         for w in self.workers:
             w.feeder.stop()
             os.close(w.efd)
+            w.ring.close()
         self.sink.close()
         self.ring.unlink()
         self.ring.close()
@@ -382,6 +387,8 @@ async def test_ring_full_pauses_the_source_and_loses_nothing(worlds):
     )
     assert world.flow == [True]
     assert world.sink.full_events == 1
+    full = world.registry.get_sample_value("gateway_worker_ring_full_total", {"dataset": DS})
+    assert full == 1
     assert world.writer.holders() == [slow.slot]
     # The source may still push what it had read: it queues behind, in order.
     for k in range(5):
