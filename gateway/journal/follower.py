@@ -74,6 +74,8 @@ _MAX_NOTED: Final = 4096
 #: a chunk published from this many bytes up may be a piece of a larger one: the ring
 #: splits chunks over a quarter of its size (at least 1 MiB: 256 KiB), less a record
 _PIECE_BYTES: Final = 64 * 1024
+#: index rows at the end of a read whose crcs are checked (see ``_whole_chunks``)
+_CRC_TAIL: Final = 512
 
 
 def _pread_from(path: Path, offset: int) -> tuple[bytes, int] | None:
@@ -162,6 +164,8 @@ class FollowerJournal(DatasetJournal):
         #: a chunk published in pieces (see ``append``): its seq, records published so far
         self._partial_seq = 0
         self._partial_done = 0
+        #: segment id -> its index file's path (checked for deletion on reads)
+        self._index_paths: dict[int, str] = {}
 
     @classmethod
     def open(cls, directory: Path, dataset: str, settings: _Settings) -> FollowerJournal:
@@ -225,7 +229,7 @@ class FollowerJournal(DatasetJournal):
     def _records_of(self, seq: int) -> int | None:
         """How many records the writer journaled in chunk ``seq`` (None: not on file)."""
         if seq > self._loaded:
-            self._load_new()
+            self._load_new(seq)
         for seg in reversed(self.segments):
             if seg.first_seq <= seq <= seg.last_seq:
                 seqs = seg.rows["seq"]
@@ -261,19 +265,35 @@ class FollowerJournal(DatasetJournal):
         self._drop_deleted()
         want = self.last_seq if upto is None else min(upto, self.last_seq)
         if want > self._loaded:
-            self._load_new()
+            self._load_new(want)
 
     def _drop_deleted(self) -> None:
         segments = self.segments
-        while segments and not os.path.exists(segments[0]._dir / INDEX_NAME):
+        while segments and not self._exists(segments[0]):
             seg = segments.pop(0)
+            self._index_paths.pop(seg.id, None)
             seg.deleted = True
             self._counters.deleted["retention"] = self._counters.deleted.get("retention", 0) + 1
 
-    def _load_new(self) -> None:
-        """The newest segment's new rows, then any newer segment, in order."""
+    def _exists(self, seg: Segment) -> bool:
+        """Is the segment's index file still there (the writer deletes whole segments,
+        oldest first)."""
+        path = self._index_paths.get(seg.id)
+        if path is None:
+            path = self._index_paths[seg.id] = os.path.join(seg._dir, INDEX_NAME)
+        try:
+            os.stat(path)
+        except FileNotFoundError:
+            return False
+        return True
+
+    def _load_new(self, want: int | None = None) -> None:
+        """The newest segment's new rows, then (unless those reach ``want``) any newer
+        segment, in order."""
         if self.segments:
             self._load_rows(self.segments[-1])
+            if want is not None and self._loaded >= want:
+                return
         newest = self.segments[-1].id if self.segments else -1
         try:
             names = os.listdir(self._dir)
@@ -376,9 +396,8 @@ class FollowerJournal(DatasetJournal):
     def entries(
         self, rtypes: Collection[int], after_seq: int, upto_seq: int, max_rows: int = 4096
     ) -> list[Entry]:
-        upto = min(upto_seq, self.last_seq)
-        self.refresh(upto)
-        return super().entries(rtypes, after_seq, upto, max_rows)
+        # reads through ``row_slices`` (refreshed, capped at last_seq)
+        return super().entries(rtypes, after_seq, upto_seq, max_rows)
 
     def skip_before_ts(self, rtypes: Collection[int], ts: int) -> int:
         self.refresh()
@@ -404,9 +423,15 @@ class FollowerJournal(DatasetJournal):
 
 def _whole_chunks(rows: npt.NDArray[np.void], first_seq: int) -> int:
     """How many leading rows are whole chunks: crc-good rows, seqs ``first_seq``, +1, …,
-    each chunk all its ``nparts`` rows (a chunk cut short at the end is being written)."""
-    good = row_crcs(rows)
-    limit = int(np.argmin(good)) if not good.all() else len(rows)
+    each chunk all its ``nparts`` rows (a chunk cut short at the end is being written).
+
+    Only the last ``_CRC_TAIL`` rows' crcs are checked: the writer writes a chunk's rows
+    (at most 255) in one append, so only the bytes of the write in progress can be torn,
+    at the end of what is read; rows before it were whole when it began (a worker
+    restarted on a large journal does not crc every row in Python)."""
+    tail = max(0, len(rows) - _CRC_TAIL)
+    good = row_crcs(rows[tail:])
+    limit = tail + int(np.argmin(good)) if not good.all() else len(rows)
     if limit == 0:
         return 0
     seqs = rows["seq"][:limit].astype(np.int64)
