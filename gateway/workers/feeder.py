@@ -16,7 +16,9 @@ high-water mark) its ring is not read; the Feed's flow listener resumes it.
 Releases (what the supervisor may overwrite): after every turn each reader releases
 ``min(next unread entry, the chunk the Feed holds behind a mapping burst, the oldest entry a
 session's transport still references (pins.PinTracker))``. A session whose transport has
-held ring memory for more than half the ring is cut (``ring_pin``).
+held ring memory for more than half the ring is cut (``ring_pin``: its final ErrorMsg queued
+behind what it has not read); if it still holds it three quarters of the ring back (the
+writer, and so every worker's sessions, would soon wait for it) its transport is aborted.
 
 Falling behind: on a non-lossless feed a worker more than half the ring behind the
 supervisor jumps ahead (``skip_chunks``: mappings, states and schemas passed over are still
@@ -135,6 +137,7 @@ class RingFeeder:
         self._scheduled = False
         self._sweep_timer: asyncio.TimerHandle | None = None
         self._pin_cut: set[Any] = set()
+        self._pin_aborted: set[Any] = set()
         r = registry if registry is not None else CollectorRegistry()
         self.skips_metric = Counter(
             "gateway_worker_ring_skips",
@@ -154,6 +157,7 @@ class RingFeeder:
         self.laps = 0
         self.cuts = 0
         self.pin_cuts = 0
+        self.pin_aborts = 0
         #: entries applied (tests, observability)
         self.entries = 0
         for lane in self.lanes:
@@ -336,6 +340,8 @@ class RingFeeder:
                 head = reader.pos + reader.behind()
                 if floor < head - reader.size // _BEHIND_DIV:
                     self._cut_pinned(lane, head - reader.size // _BEHIND_DIV)
+                    if floor < head - reader.size * 3 // 4:
+                        self._abort_pinned(lane, head - reader.size * 3 // 4)
             reader.release(release)
             self._check_blocked(lane)
         if pinned:
@@ -347,7 +353,9 @@ class RingFeeder:
         pins = self.pins
         oldest = pins.sweep()
         if self._pin_cut:
-            self._pin_cut.intersection_update(pins.older_than(1 << 62))
+            still = pins.older_than(1 << 62)
+            self._pin_cut.intersection_update(still)
+            self._pin_aborted.intersection_update(still)
         if oldest is None:
             return {}
         if len(self.lanes) == 1:
@@ -376,6 +384,20 @@ class RingFeeder:
             cut = getattr(conn, "cut", None)
             if cut is not None:
                 cut("ring_pin", PIN_TEXT)
+
+    def _abort_pinned(self, lane: _Lane, limit: int) -> None:
+        """A session cut for pinning that still pins three quarters of the ring back: the
+        writer is about to wait for it (every dataset's sessions would): its transport is
+        aborted now rather than after the cut's grace (that drops what it holds)."""
+        for conn in self.pins.older_than(limit):
+            if getattr(conn, "feed", None) is not lane.feed or conn not in self._pin_cut:
+                continue
+            abort = getattr(getattr(conn, "transport", None), "abort", None)
+            if abort is not None and conn not in self._pin_aborted:
+                self._pin_aborted.add(conn)
+                self.pin_aborts += 1
+                log.warning("session transport aborted reason=ring_pin dataset=%s", lane.dataset)
+                abort()
 
     def _schedule_sweep(self) -> None:
         if self._sweep_timer is not None or self._loop is None:

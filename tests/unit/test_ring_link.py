@@ -580,9 +580,13 @@ async def test_release_never_passes_a_chunk_held_behind_a_mapping_burst(worlds):
 class FakeTransport:
     def __init__(self) -> None:
         self.buffered = 0
+        self.aborted = 0
 
     def get_write_buffer_size(self) -> int:
         return self.buffered
+
+    def abort(self) -> None:
+        self.aborted += 1
 
 
 class PinnedConn:
@@ -617,8 +621,17 @@ async def test_pins_hold_the_release_and_a_pin_too_old_is_cut(worlds):
         assert world.writer.release_of(0) <= pinned_at
         n += 1
     assert conn.cuts == [("ring_pin", PIN_TEXT)]
-    assert w.feeder.pin_cuts == 1
-    assert world.sup.paused or world.writer.head - pinned_at > world.ring.size // 2
+    assert w.feeder.pin_cuts == 1 and not conn.transport.aborted
+    assert world.writer.head - pinned_at > world.ring.size // 2
+    # still pinned three quarters of the ring back, before the writer has to wait: aborted
+    while not conn.transport.aborted:
+        assert n < 2000 and not world.sup.paused, "the pinned session was never aborted"
+        world.sup.publish(chunk(trades(1002, 1001, at=2 * n)))
+        await asyncio.sleep(0)
+        assert world.writer.release_of(0) <= pinned_at
+        n += 1
+    assert world.writer.head - pinned_at > world.ring.size * 3 // 4
+    assert w.feeder.pin_aborts == 1 and conn.transport.aborted == 1
     # once its transport has sent the entry (or the connection is gone) the release moves
     conn.transport.buffered = 0
     await world.settle()
