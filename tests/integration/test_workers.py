@@ -20,6 +20,7 @@ from gateway.dbn import encode_publisher_metadata
 from gateway.transport import mapped_libraries
 from tests.integration.helpers import (
     KEY,
+    OTHER_KEY,
     GatewayProcess,
     RawClient,
     error_texts,
@@ -237,11 +238,31 @@ def test_sessions_spread_complete_in_order_survive_a_worker_kill_and_drain() -> 
         pump_until(added[fresh], lambda s: len(s.data) >= len(third), 15, "the new worker")
         assert added[fresh][0].data == third
 
+        # SIGHUP: the supervisor reads the config again and every worker applies it.
+        assert gw.config_path is not None
+        gw.config_path.write_text(
+            gw.config_path.read_text() + f'[[api_keys]]\nkey = "{OTHER_KEY}"\n'
+        )
+        gw.proc.send_signal(signal.SIGHUP)
+        poll_until(
+            lambda: len(re.findall(r"worker=w\d config reloaded keys=2 added=1", gw.log())) == 2,
+            10,
+            0.05,
+            "both workers reloaded",
+        )
+        assert "config reloaded keys=2 forwarded_to_workers=2" in gw.log()
+        late = RawClient(gw.port)
+        try:
+            assert "success=1" in late.handshake(OTHER_KEY, DATASET)
+        finally:
+            late.close()
+
         # SIGTERM: every session gets the shutdown ErrorMsg, then EOF; everything exits 0.
         gw.proc.send_signal(signal.SIGTERM)
         pump_until(live, lambda s: s.eof, 15, "EOF after the drain")
         for s in live:
             assert SHUTDOWN_TEXT in [t for _, t in error_texts(s.records)], s.records[-2:]
+            s.close()  # the gateway's lingering close ends when the client closes
         assert gw.proc.wait(15) == 0
         assert not [p for p in [*pids, fresh] if alive(p)]
         pub.close()
