@@ -23,6 +23,7 @@ from typing import Any, TextIO
 from bench.peers import ensure_peers, versions
 from bench.procs import machine_info, raise_nofile
 from bench.report import (
+    by_workers,
     evaluate_targets,
     loss_summary,
     plot_caption,
@@ -326,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
 def summary_table(results: list[dict[str, Any]]) -> str:
     """Every case on one line, as a terminal table (the full tables are in RESULTS.md)."""
     rows = [("scenario", "system", "N", "result", "complete")]
-    for r in results:
+    for r in by_workers(results):
         complete = "yes" if r.get("loss_free") else ("-" if r.get("status") != "ok" else "NO")
         rows.append(
             (

@@ -10,24 +10,74 @@ from typing import Any, Final
 from bench.replay_report import replay_table, replay_targets
 from bench.workers_report import workers_table, workers_targets
 
-__all__ = ["evaluate_targets", "plot_caption", "write_json", "write_markdown", "write_plots"]
+__all__ = [
+    "by_workers",
+    "evaluate_targets",
+    "plot_caption",
+    "write_json",
+    "write_markdown",
+    "write_plots",
+]
 
+#: a gateway case run with ``--workers N`` (N > 1) is shown as the system ``gateway-wN``
+WORKERS_PREFIX: Final = "gateway-w"
 SYSTEM_ORDER: Final = ("raw", "gateway", "nats", "redis", "zmq")
-SYSTEM_NAMES: Final = {
-    "raw": "raw limit (Python epoll sender)",
-    "gateway": "gateway",
-    "nats": "NATS",
-    "redis": "Redis pub/sub",
-    "zmq": "ZeroMQ (XPUB, byte-counting subscribers)",
-}
+
+
+class _BySystem(dict[str, str]):
+    """System -> name/colour, ``gateway-wN`` included (derived from the gateway's)."""
+
+    def __init__(self, known: dict[str, str], workers: str) -> None:
+        super().__init__(known)
+        self.workers = workers
+
+    def __missing__(self, key: str) -> str:
+        if key.startswith(WORKERS_PREFIX) and key[len(WORKERS_PREFIX) :].isdigit():
+            n = int(key[len(WORKERS_PREFIX) :])
+            if self.workers.startswith("#"):  # a colour: darker blues for more workers
+                shades = ("#17becf", "#3b5b92", "#9467bd", "#8c564b", "#e377c2")
+                return shades[(n.bit_length() - 2) % len(shades)]
+            return self.workers.format(n=n)
+        raise KeyError(key)
+
+
+SYSTEM_NAMES: Final = _BySystem(
+    {
+        "raw": "raw limit (Python epoll sender)",
+        "gateway": "gateway",
+        "nats": "NATS",
+        "redis": "Redis pub/sub",
+        "zmq": "ZeroMQ (XPUB, byte-counting subscribers)",
+    },
+    "gateway, {n} workers",
+)
 #: one colour per system in every plot
-SYSTEM_COLORS: Final = {
-    "raw": "#7f7f7f",
-    "gateway": "#1f77b4",
-    "nats": "#2ca02c",
-    "redis": "#d62728",
-    "zmq": "#ff7f0e",
-}
+SYSTEM_COLORS: Final = _BySystem(
+    {
+        "raw": "#7f7f7f",
+        "gateway": "#1f77b4",
+        "nats": "#2ca02c",
+        "redis": "#d62728",
+        "zmq": "#ff7f0e",
+    },
+    "#",
+)
+
+
+def by_workers(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The results as the tables and plots show them: a gateway case run at N > 1 workers
+    becomes system ``gateway-wN`` (its own row and line; targets read the single-process
+    rows), its params without ``workers``. The ``workers`` scenario keeps its own rows."""
+    out = []
+    for r in results:
+        params = r.get("params") or {}
+        workers = params.get("workers")
+        if r.get("system") == "gateway" and r.get("scenario") != "workers" and workers:
+            rest = {k: v for k, v in params.items() if k != "workers"}
+            system = "gateway" if workers == 1 else f"{WORKERS_PREFIX}{workers}"
+            r = {**r, "system": system, "params": rest}
+        out.append(r)
+    return out
 
 
 def _ok(case: dict[str, Any] | None) -> bool:
@@ -84,6 +134,7 @@ def _why_missing(*cases: tuple[str, dict[str, Any] | None]) -> str:
 
 
 def evaluate_targets(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    results = by_workers(results)
     out = []
     gw = find(results, "fanout", "gateway", 100)
     raw = find(results, "fanout", "raw", 100)
@@ -258,7 +309,13 @@ def _cell(case: dict[str, Any] | None, value: str) -> str:
 
 def _systems(results: list[dict[str, Any]], scenario: str) -> list[str]:
     present = {r["system"] for r in results if r["scenario"] == scenario}
-    return [s for s in SYSTEM_ORDER if s in present]
+    order = [s for s in SYSTEM_ORDER if s in present]
+    workers = sorted(
+        (s for s in present if s.startswith(WORKERS_PREFIX)),
+        key=lambda s: int(s[len(WORKERS_PREFIX) :]),
+    )
+    at = order.index("gateway") + 1 if "gateway" in order else min(len(order), 1)
+    return order[:at] + workers + order[at:]
 
 
 def _ns(results: list[dict[str, Any]], scenario: str) -> list[int]:
@@ -267,7 +324,7 @@ def _ns(results: list[dict[str, Any]], scenario: str) -> list[int]:
 
 def write_markdown(path: Path, doc: dict[str, Any]) -> None:
     meta = doc["meta"]
-    results: list[dict[str, Any]] = doc["results"]
+    results: list[dict[str, Any]] = by_workers(doc["results"])
     m = meta["machine"]
     v = meta["versions"]
     lines = [f"# Benchmark results, {meta['run_id']}", ""]
@@ -422,12 +479,18 @@ def _zstd_table(results: list[dict[str, Any]]) -> list[str]:
         "compression ratio | loss-free |",
         "|---|---|---|---|---|---|",
     ]
-    for r in sorted(rows, key=lambda r: (r["params"]["mode"], r["n"])):
+    for r in sorted(
+        rows, key=lambda r: (r["params"]["mode"], r["n"], len(r["system"]), r["system"])
+    ):
+        mode = r["params"]["mode"]
+        if r["system"] != "gateway":
+            mode += f" ({SYSTEM_NAMES[r['system']].removeprefix('gateway, ')})"
         if r.get("status") != "ok":
-            lines.append(f"| {r['params']['mode']} | {r['n']} | {r.get('status')} | | | |")
+            why = f": {r.get('reason', '')[:80]}" if r.get("status") == "skipped" else ""
+            lines.append(f"| {mode} | {r['n']} | {r.get('status')}{why} | | | |")
             continue
         lines.append(
-            f"| {r['params']['mode']} | {r['n']} | {_m(r, 'throughput_rps')} | "
+            f"| {mode} | {r['n']} | {_m(r, 'throughput_rps')} | "
             f"{r.get('server_cpu_s_per_m', 0):.3f} | {r['compression_ratio']:.2f} | "
             f"{'yes' if r['loss_free'] else 'NO'} |"
         )
@@ -543,6 +606,7 @@ def plot_caption(meta: dict[str, Any]) -> str:
 
 
 def write_plots(outdir: Path, results: list[dict[str, Any]], caption: str = "") -> list[str]:
+    results = by_workers(results)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -628,14 +692,15 @@ def write_plots(outdir: Path, results: list[dict[str, Any]], caption: str = "") 
     zrows = [r for r in results if r["scenario"] == "zstd" and _ok(r)]
     if zrows:
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        modes = sorted({r["params"]["mode"] for r in zrows})
-        for mode in modes:
+        modes = sorted({(r["params"]["mode"], r["system"]) for r in zrows})
+        for mode, system in modes:
             pts = sorted(
                 (r["n"], r.get("server_cpu_s_per_m", 0))
                 for r in zrows
-                if r["params"]["mode"] == mode
+                if r["params"]["mode"] == mode and r["system"] == system
             )
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=mode)
+            label = mode if system == "gateway" else f"{mode}, {SYSTEM_NAMES[system][9:]}"
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
         ax.set_xscale("log")
         ax.set_xlabel("sessions (N)")
         ax.set_ylabel("gateway CPU s per million delivered records")

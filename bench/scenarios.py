@@ -129,6 +129,8 @@ class ZstdMode:
     distinct: bool
     gateway_config: dict[str, str | int | float | bool] = field(default_factory=dict)
     description: str = ""
+    #: the gateway runs this mode in a single process only (it refuses ``--workers N``)
+    single_process: bool = False
 
 
 ZSTD_MODES: Final[list[ZstdMode]] = [
@@ -150,6 +152,7 @@ ZSTD_MODES: Final[list[ZstdMode]] = [
         False,
         {"zstd_mode": "per_session"},
         description="zstd, one streaming compressor per session (the naive baseline)",
+        single_process=True,
     ),
     ZstdMode("none-shared", False, False, description="uncompressed, one subscription"),
     ZstdMode(
@@ -876,6 +879,18 @@ def _at_workers(h: Harness, workers: int, run: Callable[[], dict[str, Any]]) -> 
     return res
 
 
+def _skipped(reason: str) -> dict[str, Any]:
+    return {"status": "skipped", "reason": reason}
+
+
+def _single_process_only(scenario: str, params: dict[str, Any]) -> str:
+    """Why a case cannot run with workers ("" when it can)."""
+    mode = next((m for m in ZSTD_MODES if m.name == params.get("mode")), None)
+    if scenario == "zstd" and mode is not None and mode.single_process:
+        return f"{mode.name}: the gateway runs {mode.gateway_config} in one process only"
+    return ""
+
+
 def parse_worker_counts(text: str) -> tuple[int, ...]:
     """``"1,2,4,8"`` -> (1, 2, 4, 8): distinct, in the order given; ValueError naming the
     bad item otherwise."""
@@ -918,9 +933,13 @@ def build_cases(
         if system != "gateway" or scenario == "workers":
             cases.append(Case(scenario, system, n, params, run))
             return
+        why = _single_process_only(scenario, params)
         for count in workers:
             p = {**params, "workers": count} if tagged else params
-            cases.append(Case(scenario, system, n, p, partial(_at_workers, h, count, run)))
+            run_at = (
+                partial(_skipped, why) if why and count > 1 else partial(_at_workers, h, count, run)
+            )
+            cases.append(Case(scenario, system, n, p, run_at))
 
     for scenario in scenarios:
         wanted = [s for s in SCENARIO_SYSTEMS[scenario] if s in systems]

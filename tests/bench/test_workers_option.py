@@ -291,3 +291,36 @@ def test_pyspy_top_self_and_inclusive() -> None:
         "g (gateway/b.py)" in table and "main (gateway/cli.py)" not in table.split("inclusive")[1]
     )
     assert parse_lines(["main (x.py:1) 3"], under="nothing").samples == 0
+
+
+def test_zstd_per_session_is_skipped_with_workers(tmp_path: Path) -> None:
+    h = Harness(tmp_path, make_plan(True), {})
+    cases = build_cases(h, ["zstd"], ["gateway"], (1, 2))
+    per_session = [c for c in cases if c.params["mode"] == "zstd-per-session"]
+    assert sorted(c.params["workers"] for c in per_session) == [1] * len(make_plan(True).zstd_n) + [
+        2
+    ] * len(make_plan(True).zstd_n)
+    for c in per_session:
+        if c.params["workers"] == 2:
+            res = c.run()  # nothing started: the case says why it is not run
+            assert res["status"] == "skipped" and "one process" in res["reason"]
+
+
+def test_tables_show_gateway_workers_as_their_own_system() -> None:
+    from bench.report import SYSTEM_COLORS, SYSTEM_NAMES, _systems, by_workers
+
+    results = [
+        {"scenario": "fanout", "system": "gateway", "n": 1, "params": {"workers": 1}},
+        {"scenario": "fanout", "system": "gateway", "n": 1, "params": {"workers": 4}},
+        {"scenario": "fanout", "system": "nats", "n": 1, "params": {}},
+        {"scenario": "fanout", "system": "raw", "n": 1, "params": {}},
+        {"scenario": "workers", "system": "gateway", "n": 1, "params": {"workers": 2}},
+    ]
+    shown = by_workers(results)
+    assert [r["system"] for r in shown] == ["gateway", "gateway-w4", "nats", "raw", "gateway"]
+    assert shown[1]["params"] == {} and results[1]["params"] == {"workers": 4}  # a copy
+    assert _systems(shown, "fanout") == ["raw", "gateway", "gateway-w4", "nats"]
+    assert SYSTEM_NAMES["gateway-w4"] == "gateway, 4 workers"
+    assert SYSTEM_COLORS["gateway-w4"].startswith("#")
+    with pytest.raises(KeyError):
+        SYSTEM_NAMES["gateway-wx"]
