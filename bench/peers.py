@@ -243,6 +243,16 @@ class GatewayServer(Server):
             return 0.0
         return tree_cpu_seconds(self.proc.pid, self.worker_pids)
 
+    def cpu_by_process(self) -> dict[str, float]:
+        """CPU seconds per process: ``supervisor`` (with the children it reaped) and each
+        worker it reported, by its place in the ``workers N pids=`` line (``w0``, ``w1``…)."""
+        if self.proc is None:
+            return {}
+        out = {"supervisor": cpu_seconds(self.proc.pid, with_children=True)}
+        for i, pid in enumerate(self.worker_pids):
+            out[f"w{i}"] = cpu_seconds(pid)
+        return out
+
     def rss_kib(self) -> int:
         """VmRSS summed over the tree (shared pages, e.g. the ring, count once per process)."""
         return sum(rss_kib(pid) for pid in self.process_tree())

@@ -452,6 +452,7 @@ class Harness:
             self.check_ready(ready, progress)
             pid = server.pid or pub.proc.pid
             with self.profiler(server, label):
+                split0 = _cpu_split(server)
                 cpu0, mach0, rss0 = _cpu(server, pid), MachineCpu.read(), _rss(server, pid)
                 with during(server) if during is not None else nullcontext({}) as beside:
                     pub.send(("go",))
@@ -460,6 +461,7 @@ class Harness:
                     expected = self.expected_counts(specs, report.records, cfg.per_instrument)
                     results = self.collect(workers, expected, 30 + n * 0.02)
                     cpu1, mach1, rss1 = _cpu(server, pid), MachineCpu.read(), _rss(server, pid)
+                    split1 = _cpu_split(server)
             result = self.summarize(specs, expected, results, ready, report)
             if beside:
                 result["beside"] = beside
@@ -476,6 +478,10 @@ class Harness:
             )
             if delivered:
                 result["server_cpu_s_per_m"] = round((cpu1 - cpu0) / delivered * 1e6, 4)
+            if split1:  # a multi-worker gateway: where its CPU went
+                result["server_cpu_by_process_s"] = {
+                    k: round(v - split0.get(k, 0.0), 3) for k, v in split1.items()
+                }
             if not server.proc or server.alive():
                 pass
             else:
@@ -801,6 +807,13 @@ def _cpu(server: Server, pid: int) -> float:
     if isinstance(server, GatewayServer):
         return server.cpu_seconds()
     return cpu_seconds(pid)
+
+
+def _cpu_split(server: Server) -> dict[str, float]:
+    """Per process CPU of a multi-worker gateway (supervisor, w0, w1…); {} otherwise."""
+    if isinstance(server, GatewayServer) and server.worker_pids:
+        return server.cpu_by_process()
+    return {}
 
 
 def _rss(server: Server, pid: int) -> int:

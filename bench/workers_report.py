@@ -75,6 +75,15 @@ def scaling_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "median_rps": _median(rps),
                 "cpu_s_per_m": cpu,
                 "median_cpu_s_per_m": _median(cpu),
+                #: the supervisor's part of the gateway's CPU (N > 1: ingest, ring writes)
+                "median_supervisor_share": _median(
+                    [
+                        split["supervisor"] / total
+                        for r in ok
+                        if (split := r.get("server_cpu_by_process_s"))
+                        and (total := sum(split.values())) > 0
+                    ]
+                ),
                 "machine_busy": _median([float(r.get("machine_busy", 0)) for r in ok]),
             }
         )
@@ -140,26 +149,29 @@ def workers_table(results: list[dict[str, Any]]) -> list[str]:
         "",
         "Medians over the repeats (single runs in brackets). Gateway CPU is the whole "
         "process tree: the supervisor and its workers (utime+stime from /proc). "
-        "× 1 worker: the median against the median at one worker.",
+        "× 1 worker: the median against the median at one worker. Supervisor: its share "
+        "of the gateway's CPU (ingest and the ring writes; N > 1 only).",
         "",
         "| part | sessions | workers | M rec/s delivered | × 1 worker | "
-        "gateway CPU s per M records | × 1 worker | machine busy | loss-free |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "gateway CPU s per M records | × 1 worker | supervisor | machine busy | loss-free |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if not r["ok_runs"]:
             why = "; ".join(r["errors"][:1])[-140:]
             lines.append(
-                f"| {r['part']} | {r['sessions']} | {r['workers']} | error: …{why} | | | | | |"
+                f"| {r['part']} | {r['sessions']} | {r['workers']} | error: …{why} | | | | | | |"
             )
             continue
         runs = ", ".join(f"{v / 1e6:.3f}" for v in r["throughput_rps"])
         cpu_runs = ", ".join(f"{v:.4f}" for v in r["cpu_s_per_m"])
         busy = r["machine_busy"]
+        share = r["median_supervisor_share"]
         lines.append(
             f"| {r['part']} | {r['sessions']:,} | {r['workers']} | "
             f"**{_fmt(r['median_rps'], 1e6)}** ({runs}) | {_fmt(r['rps_ratio'], 1, 2)} | "
             f"{_fmt(r['median_cpu_s_per_m'], 1, 4)} ({cpu_runs}) | {_fmt(r['cpu_ratio'], 1, 2)} | "
+            f"{'–' if share is None else f'{100 * share:.0f}%'} | "
             f"{'–' if busy is None else f'{100 * busy:.0f}%'} | "
             f"{'yes' if r['loss_free'] else 'NO'}"
             + (f" ({len(r['errors'])} failed)" if r["errors"] else "")

@@ -169,6 +169,7 @@ def test_gateway_workers_line_gives_the_process_tree(tmp_path: Path) -> None:
         assert server.process_tree()[0] == server.pid
         assert server.cpu_seconds() >= cpu_seconds(server.pid)
         assert server.rss_kib() > 0
+        assert list(server.cpu_by_process()) == ["supervisor", "w0", "w1"]
     finally:
         server.stop()
         for pid in server.worker_pids:  # the fake's children, by pid, if SIGTERM left them
@@ -228,6 +229,7 @@ def _results() -> list[dict[str, Any]]:
     for rep, (a, b) in enumerate([(1.0, 1.1), (1.2, 1.3), (0.9, 1.0)]):
         out.append(_row("fanout-cpu", 1, 30e6, 0.040 * a, rep))
         out.append(_row("fanout-cpu", 2, 31e6, 0.040 * b, rep))
+        out[-1]["server_cpu_by_process_s"] = {"supervisor": 0.5, "w0": 0.7, "w1": 0.8}
         out.append(_row("filtered", 1, 1.8e6 * a, 0.5, rep))
         out.append(_row("filtered", 2, 3.0e6 * a, 0.5, rep))
     out.append(
@@ -250,6 +252,8 @@ def test_scaling_rows_take_medians_and_ratios() -> None:
     assert fan1["median_cpu_s_per_m"] == pytest.approx(0.040)
     assert fan2["median_cpu_s_per_m"] == pytest.approx(0.044)
     assert fan2["cpu_ratio"] == pytest.approx(1.1)
+    assert fan2["median_supervisor_share"] == pytest.approx(0.25)
+    assert fan1["median_supervisor_share"] is None
     assert rows[("filtered", 2)]["rps_ratio"] == pytest.approx(3.0 / 1.8, abs=1e-3)
     assert rows[("filtered", 1)]["runs"] == 3 and rows[("filtered", 1)]["loss_free"]
     broken = rows[("zstd-distinct", 2)]
@@ -272,6 +276,7 @@ def test_workers_outputs_json_markdown_and_plot(tmp_path: Path) -> None:
     assert saved["machine"]["usable_cpus"] >= 1 and len(saved["rows"]) == 5
     text = (tmp_path / "WORKERS.md").read_text()
     assert "## workers:" in text and "Machine:" in text and "| filtered | 1,000 | 2 |" in text
+    assert "| 25% |" in text  # the supervisor's share of fan-out CPU at 2 workers
     assert write_workers_outputs(tmp_path / "none", {"meta": {}, "results": []}, "") == {}
 
 
