@@ -382,6 +382,11 @@ class DatasetJournal:
 
     # --- reading ----------------------------------------------------------------------
 
+    def end_seq(self) -> int:
+        """The newest seq journaled: a resume may name any position up to it. (A worker's
+        follower: on file, which can be ahead of ``last_seq``, what its feed published.)"""
+        return self.last_seq
+
     def first_seq(self) -> int:
         for seg in self.segments:
             if seg.n:

@@ -403,16 +403,25 @@ class FollowerJournal(DatasetJournal):
         self.refresh()
         return min(super().skip_before_ts(rtypes, ts), self.last_seq)
 
+    def end_seq(self) -> int:
+        """The newest seq on file (ahead of ``last_seq`` while this process's feed has
+        not published it yet): a resume from a sibling worker's checkpoint is valid up
+        to it, and its replay hands over once the feed is there."""
+        self._load_new(self.last_seq + 1)
+        return max(self.last_seq, self._loaded)
+
     def mappings_as_of(self, seq: int) -> dict[str, int]:
+        # not capped at last_seq + 1: a resume ahead of this process's feed (``end_seq``)
+        # starts from the mappings as of its own position
         self.refresh()
         self._symbols.refresh()
-        return super().mappings_as_of(min(seq, self.last_seq + 1))
+        return super().mappings_as_of(seq)
 
     def mapping_changes(self, after_seq: int, upto_seq: int) -> list[tuple[int, str, int]]:
         # the planner reads ``segments`` right after this (its fast path): rows first
         self.refresh(upto_seq)
         self._symbols.refresh()
-        return super().mapping_changes(after_seq, min(upto_seq, self.last_seq + 1))
+        return super().mapping_changes(after_seq, upto_seq)
 
     def stats(self) -> JournalStats:
         """What is loaded (no rows read for it: the supervisor reports the journal; a

@@ -96,11 +96,12 @@ def check(journal: DatasetJournal, subs: Sequence[ReplayRequest], now_ns: int) -
         elif sub.resume_after is not None:
             after = sub.resume_after
             first = journal.first_seq()
-            if after > journal.last_seq:
+            end = journal.end_seq()
+            if after > end:
                 return Refusal(
                     "bad_resume",
                     ErrorCode.INVALID_SUBSCRIPTION,
-                    f"Invalid lsg_resume_after {after}: the journal ends at {journal.last_seq}",
+                    f"Invalid lsg_resume_after {after}: the journal ends at {end}",
                 )
             if first and after < first - 1:
                 oldest = journal.oldest_ts()

@@ -46,6 +46,8 @@ log = logging.getLogger("gateway.replay")
 
 #: a replaying session that asked for checkpoints gets one at most this often
 CHECKPOINT_EVERY_S = 0.5
+#: how often a replay ahead of its feed (a resume in a worker behind) looks again
+BEHIND_WAIT_S = 0.001
 
 
 class ReplayRun:
@@ -215,6 +217,12 @@ class ReplayRun:
             return
         last = journal.last_seq
         plan = self.plan
+        if plan.cursor > last:
+            # A resume from past what this process's feed has published (``--workers``: a
+            # worker behind the sibling that gave the client its checkpoint): hand over
+            # once the feed is there, so that its next chunk is the one after the cursor.
+            self._defer(BEHIND_WAIT_S)
+            return
         if not plan.caught_up or plan.cursor < last:
             plan.extend(last)
             self.pump.kick()

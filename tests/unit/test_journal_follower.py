@@ -6,19 +6,23 @@ are noticed while open descriptors keep working; the follower never touches a fi
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
+import struct
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 from gateway import dbn
 from gateway.config import JournalConfig
+from gateway.control import START_SESSION, encode_subscription
 from gateway.dbn import ChunkIndex, index_records
 from gateway.errors import ConfigError
 from gateway.feeds.base import Feed
@@ -32,6 +36,7 @@ from gateway.journal.follower import (
 from gateway.journal.format import ROW_LEN
 from gateway.journal.symlog import SYMBOLOGY_NAME
 from gateway.replay.plan import Replay, check
+from tests.unit import test_adapter
 from tests.unit.test_replay_plan import T0, Sub, data_of, mapping_symbols, play
 
 from .conftest import mbo, ohlcv, trade
@@ -39,6 +44,8 @@ from .conftest import mbo, ohlcv, trade
 DATASET = "TEST.FOLLOW"
 REPO = Path(__file__).resolve().parents[2]
 RTYPES = (0x00, 0xA0, 0x20)
+
+server = test_adapter.server  # the fixture: a listener on the loop under test
 
 
 def chunk(records: list[bytes]) -> ChunkIndex:
@@ -220,10 +227,16 @@ def test_last_seq_is_what_this_process_published(writer: JournalStore) -> None:
     assert [e.seq for e in fj.entries(RTYPES, 0, 6)] == [e.seq for e in wj.entries(RTYPES, 0, 3)]
     assert [s.id for s, _ in fj.row_slices(0, 6)] == [s.id for s, _ in wj.row_slices(0, 3)]
     assert fj.skip_before_ts((0x00,), T0 + 10**12) == 3
-    assert fj.mapping_changes(0, 10) == [(1, "AAA", 11)]
-    assert fj.mappings_as_of(10) == {"AAA": 11}
-    ahead = check(fj, [Sub("trades", resume_after=4)], T0 + 10**12)
-    assert ahead is not None and ahead.reason == "bad_resume"
+    assert fj.mapping_changes(0, fj.last_seq + 1) == [(1, "AAA", 11)]
+    assert fj.mappings_as_of(fj.last_seq + 1) == {"AAA": 11}
+    # mappings past it are what the file says (a resume ahead of this worker starts there)
+    assert fj.mapping_changes(0, 10) == wj.mapping_changes(0, 10)
+    assert fj.mappings_as_of(10) == wj.mappings_as_of(10) == {"AAA": 11, "BBB": 22}
+    # a resume may name any seq on file (a sibling worker ahead gave the checkpoint)
+    assert fj.end_seq() == wj.end_seq() == 6
+    assert check(fj, [Sub("trades", resume_after=6)], T0 + 10**12) is None
+    ahead = check(fj, [Sub("trades", resume_after=7)], T0 + 10**12)
+    assert ahead is not None and ahead.reason == "bad_resume" and "ends at 6" in ahead.text
     # the rest, then the mapping learnt after the last chunk
     for seq, index in zip(seqs[3:], indexes[3:], strict=True):
         fj.note_seq(seq)
@@ -471,3 +484,66 @@ def test_a_chunk_published_in_pieces_counts_once_its_last_piece_is_out(
     # a small whole chunk after: at once
     publish(wj, fj, [trade(22, T0 + 1)])
     assert fj.last_seq == seq + 1
+
+
+# --- a worker's session (the adapter over a real socket, a follower as the feed's journal) ---
+
+
+async def test_a_resume_ahead_of_this_worker_waits_for_its_feed(
+    server: Any, writer: JournalStore
+) -> None:
+    """A ResumingClient's checkpoint came from a sibling worker a few chunks ahead of this
+    one: the resume is not refused, and the session gets every chunk after it exactly once,
+    live from where this worker's feed takes over."""
+    wj = writer.dataset(test_adapter.DATASET)
+    wj.learn([("AAA", 11), ("BBB", 22)], ts=T0)
+    state = test_adapter.new_state()
+    feed = state.feeds[test_adapter.DATASET]
+    store = FollowerStore.open(writer.path)
+    attach_follower(store, feed)
+    state.journal = store
+    state.journal_enabled = True
+    sent = 0
+    backlog: list[tuple[int, ChunkIndex]] = []
+
+    def supervisor_chunk() -> None:
+        nonlocal sent
+        recs = [trade(11, T0 + (sent + k) * 1000, sequence=sent + k) for k in range(10)]
+        sent += 10
+        index = chunk(recs)
+        backlog.append((wj.append(index), index))
+
+    def worker_publishes(n: int) -> None:
+        for _ in range(min(n, len(backlog))):
+            seq, index = backlog.pop(0)
+            assert isinstance(feed.journal, FollowerJournal)
+            feed.journal.note_seq(seq)
+            feed.publish(index)
+
+    for _ in range(20):
+        supervisor_chunk()
+    worker_publishes(15)  # this worker is 5 chunks behind the supervisor
+    assert feed.journal is not None and feed.journal.last_seq == 15
+    connect = await server(state)
+    client, _ = await connect()
+    reply = await test_adapter.handshake(client, lsg_checkpoints=True)
+    assert reply.startswith(b"success=1")
+    client.send(encode_subscription("trades", "ALL_SYMBOLS", sub_id=1, resume_after=18))
+    client.send(START_SESSION)
+    await client.metadata()
+    for _ in range(10):
+        supervisor_chunk()
+        worker_publishes(2)
+        await asyncio.sleep(0)
+    worker_publishes(len(backlog))
+    last = sent - 1
+    got: list[bytes] = []
+    async with asyncio.timeout(10):
+        while not got or got[-1][1] != 0x00 or struct.unpack_from("<I", got[-1], 44)[0] != last:
+            got.append(await client.record(10))
+            if got[-1][1] == dbn.RTYPE_ERROR:
+                break
+    assert not [r for r in got if r[1] == dbn.RTYPE_ERROR], [test_adapter.text_of(r) for r in got]
+    seqs = [struct.unpack_from("<I", r, 44)[0] for r in got if r[1] == 0x00]
+    assert seqs == list(range(180, sent))  # chunks 19.. : nothing missed, nothing twice
+    store.close()
