@@ -6,6 +6,10 @@ dataset in it. A feed calls ``journal.append(index)`` right before it fans a chu
 when its SymbolDirectory learns mappings; replays read ``entries``/``skip_before_ts``/
 ``mappings_as_of``/``mapping_changes`` and open the segment files with ``Segment.open_fd``.
 The on-disk layout is in ``gateway.journal.format``.
+
+With ``--workers N`` the supervisor writes the journal and each worker reads it through
+``gateway.journal.follower`` (``open_follower``/``attach_follower``): the same read API,
+no lock, nothing ever written, rows read from the files as the writer appends them.
 """
 
 from gateway.journal.dataset import WRITE_BUCKETS, DatasetJournal, JournalStats

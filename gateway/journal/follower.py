@@ -26,7 +26,13 @@ seq on file at open (``start_at(seq)`` sets it when the caller knows the seq tha
 precedes the first chunk it will see). A CHUNK noted with seq 0 means the writer's journal
 is disabled (a write error): the follower reports disabled from then on, and replays are
 refused or interrupted as with a disabled writer. ``learn()`` is a no-op (the writer
-records mappings; mapping rows up to ``last_seq + 1`` are visible).
+records mappings; the rows on file are read). ``end_seq()`` is the newest seq on file: a
+resume may name a position this process's feed has not published yet (the checkpoint came
+from a sibling worker ahead of it); its replay hands over once the feed is there.
+
+Why one module: the tail-following (index rows, segments, symbology), the live position
+(noted seqs, pieces) and the read API overrides share one dataset's follower state, and
+the store and ``open_follower``/``attach_follower`` are its only entry points.
 """
 
 from __future__ import annotations
