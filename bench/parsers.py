@@ -333,6 +333,9 @@ class FrameParser:
                     if buf[base + off] != val:
                         return r
             return avail
+        for off, val in checks:  # a control message fails on its first row: no numpy then
+            if buf[pos + off] != val:
+                return 0
         rows = arr[pos : pos + avail * frame].reshape(avail, frame)
         ok: npt.NDArray[np.bool_] | None = None
         for off, val in checks:
