@@ -196,8 +196,8 @@ class WorkersConfig(_Base):
     #: before its sessions are skipped ahead or cut (per their slow-reader policy)
     ring_bytes: Annotated[int, msgspec.Meta(ge=1 << 20, le=1 << 40)] = 64 << 20
     #: a worker whose loop has not ticked for this long while the ring is full is killed
-    #: (SIGKILL) and restarted
-    worker_stall_s: Seconds = 5.0
+    #: (SIGKILL) and restarted (at least 1 s: a worker's loop ticks every 0.5 s)
+    worker_stall_s: Annotated[float, msgspec.Meta(ge=1, le=86_400)] = 5.0
     #: first delay before restarting a worker that died; doubled (up to 5 s) while
     #: restarted workers keep dying within 10 s
     restart_backoff_s: Annotated[float, msgspec.Meta(gt=0, le=60)] = 0.2

@@ -6,12 +6,14 @@ under a preload library."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import re
 import signal
 import socket
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -26,6 +28,8 @@ from tests.integration.helpers import (
     error_texts,
     gateway,
     http_get,
+    metric,
+    metric_samples,
     poll_until,
     start_gateway,
     synthetic_trades,
@@ -273,17 +277,54 @@ def test_sessions_spread_complete_in_order_survive_a_worker_kill_and_drain() -> 
         gw.cleanup()
 
 
-def test_supervisor_killed_leaves_no_worker_and_no_port() -> None:
+def test_a_stuck_worker_is_replaced_and_a_killed_supervisor_leaves_nothing() -> None:
+    config = CONFIG + "worker_stall_s = 1.0\n"
+    # lossless: the healthy worker never skips ahead, whatever the burst
+    feeds = {DATASET: "ingest://127.0.0.1:0?backpressure=1"}
     with tempfile.TemporaryDirectory(prefix="gw-workers-") as tmp:
-        gw = start_gateway("--workers", "2", feeds=FEEDS, config=CONFIG, env={"TMPDIR": tmp})
+        gw = start_gateway(
+            "--workers", "2", "--metrics-port", "0", feeds=feeds, config=config, env={"TMPDIR": tmp}
+        )
+        sessions: list[Session] = []
         try:
             pids = [int(p) for p in re.findall(r"\d+", gw.lines[1].split("pids=")[1])]
             assert len(pids) == 2 and all(alive(p) for p in pids)
+            pub, _ = publisher(gw)
+            by_pid = spread_sessions(gw, pids, 1)
+            sessions = [s for v in by_pid.values() for s in v]
+            poll_until(lambda: streaming(gw, 2), 10, 0.05, "both sessions streaming")
+            # A worker that stops reading (SIGSTOP) holds the 1 MiB ring full: the supervisor
+            # kills it after worker_stall_s and starts another; the other worker's session
+            # gets every record (the publisher waited meanwhile).
+            stuck, healthy = pids
+            os.kill(stuck, signal.SIGSTOP)
+            _, records = synthetic_trades(40_000, 6)  # 1.9 MB
+            sender = threading.Thread(target=pub.sendall, args=(b"".join(records),))
+            sender.start()
+            pump_until(by_pid[healthy], lambda s: len(s.data) >= len(records), 20, "every record")
+            sender.join(10)
+            assert by_pid[healthy][0].data == records
+            assert re.search(rf"worker w\d pid={stuck} stuck: no heartbeat for", gw.log())
+            assert f"pid={stuck} exited (signal 9); restarting" in gw.log()
+            fresh = poll_until(
+                lambda: [p for p in children(gw.proc.pid) if p not in pids], 10, what="a new worker"
+            )
+            samples = metric_samples(gw.metrics_port)
+            assert metric(samples, "gateway_worker_restarts_total") == 1
+            for s in sessions:
+                s.close()
+            pub.close()
+
+            # The supervisor killed: every worker exits, nothing holds the port.
             gw.proc.kill()
             gw.proc.wait(5)
+            everyone = [*pids, *fresh]
 
             def port_free() -> bool:
-                with socket.socket() as probe:  # no SO_REUSEPORT, no SO_REUSEADDR
+                # no SO_REUSEPORT: fails while any listener of the gateway is bound to it
+                # (SO_REUSEADDR only steps over the closed sessions' TIME_WAIT)
+                with socket.socket() as probe:
+                    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                     try:
                         probe.bind(("127.0.0.1", gw.port))
                         probe.listen()
@@ -292,8 +333,12 @@ def test_supervisor_killed_leaves_no_worker_and_no_port() -> None:
                 return True
 
             poll_until(port_free, 10, 0.05, "the client port free")
-            poll_until(lambda: not any(alive(p) for p in pids), 10, 0.05, "no worker left")
+            poll_until(lambda: not any(alive(p) for p in everyone), 10, 0.05, "no worker left")
         finally:
+            for s in sessions:
+                s.close()
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pids[0], signal.SIGCONT)
             gw.stop()
             gw.cleanup()
             for path in Path("/dev/shm").glob(f"lsg-{gw.proc.pid}-*"):

@@ -194,7 +194,7 @@ def test_workers_auto_is_the_usable_cpus() -> None:
         ("[workers]\nring_bytes = 4096", "workers.ring_bytes: Expected int >= 1048576"),
         ("[workers]\nring_bytes = 1048577", "workers.ring_bytes: must be a multiple of 4096"),
         ("[workers]\ncont = 2", "workers.cont: unknown field (did you mean count?)"),
-        ("[workers]\nworker_stall_s = 0", "workers.worker_stall_s: Expected float > 0"),
+        ("[workers]\nworker_stall_s = 0.5", "workers.worker_stall_s: Expected float >= 1"),
         (
             'workers = 2\nzstd_mode = "per_session"',
             "zstd_mode: per_session is not supported with workers > 1",
