@@ -20,8 +20,9 @@ held ring memory for more than half the ring is cut (``ring_pin``: its final Err
 behind what it has not read); if it still holds it three quarters of the ring back (the
 writer, and so every worker's sessions, would soon wait for it) its transport is aborted.
 
-Falling behind: on a non-lossless feed a worker more than half the ring behind the
-supervisor jumps ahead (``skip_chunks``: mappings, states and schemas passed over are still
+Falling behind: on a non-lossless feed a worker that has been more than half the ring
+behind the supervisor for ``skip_after_s`` (0.25 s; a worker catching up after a burst does
+not skip) jumps ahead (``skip_chunks``: mappings, states and schemas passed over are still
 applied, in order); its sessions of that dataset are told per their slow-reader policy:
 ``skip`` sessions are told how many records they missed (the slow-reader notice, before
 their next chunk), every other session is cut ("worker fell behind the feed by more than
@@ -96,6 +97,8 @@ class _Lane:
     held_pos: int | None = None
     #: what notify_blocked was last told
     blocked_sent: bool = False
+    #: since when (clock) the reader has been more than half the ring behind (None: not)
+    behind_since: float | None = None
 
 
 class RingFeeder:
@@ -121,6 +124,7 @@ class RingFeeder:
         registry: CollectorRegistry | None = None,
         budget_entries: int = 64,
         budget_s: float = 0.002,
+        skip_after_s: float = 0.25,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.pins = pins
@@ -128,6 +132,7 @@ class RingFeeder:
         self.efd = efd
         self.budget_entries = max(1, budget_entries)
         self.budget_s = budget_s
+        self.skip_after_s = skip_after_s
         self._clock = clock
         self.lanes = [
             _Lane(ds, feed, readers[ds], bool(lossless.get(ds, feed.backpressure)))
@@ -135,6 +140,7 @@ class RingFeeder:
         ]
         self._loop: asyncio.AbstractEventLoop | None = None
         self._scheduled = False
+        self._stopped = False
         self._sweep_timer: asyncio.TimerHandle | None = None
         self._pin_cut: set[Any] = set()
         self._pin_aborted: set[Any] = set()
@@ -185,6 +191,9 @@ class RingFeeder:
         self._kick()
 
     def stop(self) -> None:
+        """Stop watching the eventfd; turns already scheduled do nothing (the rings may be
+        closed next)."""
+        self._stopped = True
         loop = self._loop
         if loop is not None and self.efd is not None:
             loop.remove_reader(self.efd)
@@ -224,7 +233,8 @@ class RingFeeder:
 
     def _scheduled_run(self) -> None:
         self._scheduled = False
-        self.run()
+        if not self._stopped:
+            self.run()
 
     def run(self) -> bool:
         """One turn over every dataset; True when entries are left (another turn is
@@ -246,7 +256,7 @@ class RingFeeder:
         if feed.paused:
             return False  # resumed by the flow listener
         try:
-            if not lane.lossless and reader.behind() > reader.size // _BEHIND_DIV:
+            if not lane.lossless and self._fell_behind(lane):
                 self._skip_ahead(lane)
                 if feed.paused:
                     return False
@@ -406,7 +416,8 @@ class RingFeeder:
 
     def _on_sweep(self) -> None:
         self._sweep_timer = None
-        self._after_turn()
+        if not self._stopped:
+            self._after_turn()
 
     def _check_blocked(self, lane: _Lane) -> None:
         if not lane.lossless:
@@ -417,6 +428,23 @@ class RingFeeder:
             self.notify_blocked(lane.dataset, blocked)
 
     # --- behind -------------------------------------------------------------------------
+
+    def _fell_behind(self, lane: _Lane) -> bool:
+        """More than half the ring behind at the start of every turn for ``skip_after_s``
+        (a worker that is merely catching up after a burst, or after the writer was held
+        by another worker, does not skip: with chunks of a quarter of a small ring, one
+        burst is already half of it)."""
+        reader = lane.reader
+        if reader.behind() <= reader.size // _BEHIND_DIV:
+            lane.behind_since = None
+            return False
+        now = self._clock()
+        if lane.behind_since is None:
+            lane.behind_since = now
+        if now - lane.behind_since < self.skip_after_s:
+            return False
+        lane.behind_since = None
+        return True
 
     def _skip_ahead(self, lane: _Lane) -> None:
         reader = lane.reader

@@ -383,7 +383,7 @@ async def test_ring_full_pauses_the_source_and_loses_nothing(worlds):
     fast, slow = world.workers
     fast.feeder.start()  # the slow worker does not read yet
     sent = await publish_until_full(
-        world, slow, lambda n: trades(1001, 1002, 1001, 1002, at=4 * n), ref=True
+        world, slow, lambda n: trades(*[1001, 1002] * 12, at=24 * n), ref=True
     )
     assert world.flow == [True]
     assert world.sink.full_events == 1
@@ -423,14 +423,15 @@ async def test_a_worker_behind_the_ring_skips_ahead_and_tells_its_sessions(world
     stalled.feed.join(whole)
     stalled.feed.subscribe(whole, Subscription("trades", "raw_symbol", (ALL_SYMBOLS,), 9))
     ok.feeder.start()
+    stalled.feeder.skip_after_s = 0.0  # (the persistence is checked below)
 
     def make(n: int) -> list[bytes]:
         if n == 5:
             world.sup.learn_many([("LATE", 4242)])  # among the chunks that will be skipped
-        return trades(1001, 1002, 4242, at=3 * n)
+        return trades(*[1001, 1002, 4242] * 8, at=24 * n)
 
     sent = await publish_until_full(world, stalled, make)
-    records = 3 * len(sent)
+    records = 24 * len(sent)
     assert stalled.reader.behind() > world.ring.size // 2
     # the source may still push a few: held (pending), read after the jump
     tail = [trades(2003, 1001, at=50_000 + k) for k in range(3)]
@@ -477,6 +478,40 @@ async def test_a_worker_behind_the_ring_skips_ahead_and_tells_its_sessions(world
         1 for r in decode(b"".join(sent)) if r.instrument_id in (1001, 2003)
     )
     assert not any(m.cuts for m in ok.members.values()) and ok.feeder.skips[DS] == 0
+
+
+async def test_a_worker_catching_up_after_a_burst_does_not_skip(worlds):
+    # More than half the ring behind for a moment (the writer was held by another worker,
+    # or one burst of large chunks) is not falling behind: it catches up, nothing skipped.
+    world = worlds(ring_bytes=64 << 10, workers=2)
+    ok, late = world.workers
+    ok.feeder.start()
+    sent = await publish_until_full(world, late, lambda n: trades(*[1001, 2003] * 12, at=24 * n))
+    assert late.reader.behind() > world.ring.size // 2
+    late.feeder.start()
+    await world.settle()
+    assert late.feeder.skips[DS] == 0
+    assert not any(m.cuts for m in late.members.values())
+    want = [r for r in decode(b"".join(sent)) if r.instrument_id in (1001, 2003)]
+    assert decode(late.members["by_id"].data) == want
+
+
+async def test_a_worker_skips_only_after_being_behind_for_skip_after_s(worlds):
+    world = worlds(ring_bytes=64 << 10, workers=2)
+    ok, slow = world.workers
+    now = [100.0]
+    slow.feeder._clock = lambda: now[0]
+    slow.feeder.budget_entries = 2  # a worker that cannot catch up in one turn
+    ok.feeder.start()
+    await publish_until_full(world, slow, lambda n: trades(*[1001] * 24, at=24 * n))
+    assert slow.feeder.run() is True  # behind: noted, not skipped yet
+    now[0] += 0.2
+    slow.feeder.run()
+    assert slow.feeder.skips[DS] == 0 and slow.feeder.entries == 4
+    now[0] += 0.06  # behind at the start of every turn for 0.26 s
+    slow.feeder.run()
+    assert slow.feeder.skips[DS] == 1
+    assert all(m.cuts for m in slow.members.values())
 
 
 # --- lossless: blocked notifications, no skipping ----------------------------------------------
