@@ -26,6 +26,10 @@ How samples merge (the same sample name and labels in several processes):
   supervisor has none (a worker's ``gateway_transport`` info where the supervisor has
   none, for example).
 
+Workers that died: their counters would drop out of the sums (Prometheus would read a
+counter reset), so the supervisor keeps their last report in a :class:`Retired` and adds
+its counters -- never its gauges -- to both merges.
+
 The merged snapshot: each feed's input side (records and bytes in, connected, detail,
 pauses, lag, journal) is the supervisor's; its output side (records out, fan-out groups
 and variants, zstd work, sessions joined) the sum over workers, as are sessions,
@@ -55,6 +59,7 @@ __all__ = [
     "GATEWAY_FAMILIES",
     "Family",
     "MergedCollector",
+    "Retired",
     "Sample",
     "decode_families",
     "families_of",
@@ -158,11 +163,16 @@ def to_metrics(families: Iterable[Family]) -> Iterator[Metric]:
 
 
 def merge_snapshots(
-    own: GatewaySnapshot, workers: Sequence[GatewaySnapshot], *, expected: int | None = None
+    own: GatewaySnapshot,
+    workers: Sequence[GatewaySnapshot],
+    *,
+    expected: int | None = None,
+    retired: Retired | None = None,
 ) -> GatewaySnapshot:
     """The whole gateway's snapshot: the supervisor's (``own``: feeds' input side, journal,
     gateway info) with the workers' output side, sessions and connections added up.
-    ``expected``: how many workers should have reported (fewer: not ready)."""
+    ``expected``: how many workers should have reported (fewer: not ready); ``retired``:
+    what dead workers counted (added to the counters, so they never go down)."""
     gw = own.gateway
     everyone_ready = all(w.gateway.ready for w in workers)
     if expected is not None and len(workers) < expected:
@@ -173,10 +183,16 @@ def merge_snapshots(
         accepting=gw.accepting and bool(workers) and all(w.gateway.accepting for w in workers),
         port=gw.port or next((w.gateway.port for w in workers if w.gateway.port), 0),
     )
-    feeds = [_merge_feed(f, [w.feeds for w in workers]) for f in own.feeds]
+    parts = [w.feeds for w in workers]
+    if retired is not None:
+        parts.append(retired.feeds)
+    feeds = [_merge_feed(f, parts) for f in own.feeds]
     key_sessions = dict(own.key_sessions)
     bytes_out: dict[str, float] = {}
     replays = ReplaySnapshot(active=0, bytes=dict.fromkeys(own.replays.bytes, 0))
+    if retired is not None:
+        _add_into(bytes_out, retired.bytes_out)
+        _add_into(replays.bytes, retired.replay_bytes)
     for w in workers:
         _add_into(key_sessions, w.key_sessions)
         _add_into(bytes_out, w.bytes_out)
@@ -213,6 +229,64 @@ def _merge_feed(own: FeedSnapshot, workers: Sequence[list[FeedSnapshot]]) -> Fee
     theirs = [f for feeds in workers for f in feeds if f.dataset == own.dataset]
     sums: dict[str, Any] = {name: sum(getattr(f, name) for f in theirs) for name in _FEED_SUMS}
     return msgspec.structs.replace(own, **sums)
+
+
+#: a feed's counters (they only grow): what a dead worker's last snapshot leaves behind
+_FEED_COUNTERS = tuple(name for name in _FEED_SUMS if name not in ("fanout_groups", "sessions"))
+#: the sample name suffixes of counters and histograms that only grow (``_created`` not)
+_GROWING = ("_total", "_bucket", "_count", "_sum")
+
+
+class Retired:
+    """What workers that died had counted, so the gateway's counters never go down.
+
+    A worker's counters (records and bytes out, refusals, CPU seconds, histograms...) live
+    in its process; when it dies its share would drop out of every sum and Prometheus
+    would read a counter reset. The supervisor gives :meth:`add` the dead worker's last
+    families and snapshot; :meth:`families` then joins the workers' families at each
+    scrape and ``merge_snapshots(..., retired=)`` adds :attr:`feeds`, :attr:`bytes_out` and
+    :attr:`replay_bytes`. Gauges (sessions, connections, memory) are not kept: they left
+    with the process.
+    """
+
+    def __init__(self) -> None:
+        self._families: list[Family] = []
+        #: per dataset: the dead workers' feed counters (sessions and groups 0)
+        self.feeds: list[FeedSnapshot] = []
+        self.bytes_out: dict[str, float] = {}
+        self.replay_bytes: dict[str, int] = {}
+
+    def add(self, families: Sequence[Family] | None, snapshot: GatewaySnapshot | None) -> None:
+        """Keep the counters of a worker that died (its last report; either may be None)."""
+        if families:
+            growing = [
+                Family(
+                    f.name,
+                    f.type,
+                    f.documentation,
+                    f.unit,
+                    [s for s in f.samples if s.name.endswith(_GROWING)],
+                )
+                for f in families
+                if f.type in ("counter", "histogram", "summary") and f.name not in GATEWAY_FAMILIES
+            ]
+            self._families = merge_families(self._families, [growing])
+        if snapshot is not None:
+            _add_into(self.bytes_out, snapshot.bytes_out)
+            _add_into(self.replay_bytes, snapshot.replays.bytes)
+            mine = {f.dataset: f for f in self.feeds}
+            for feed in snapshot.feeds:
+                kept = mine.get(feed.dataset)
+                if kept is None:
+                    kept = msgspec.structs.replace(feed, sessions=0, fanout_groups=0)
+                    self.feeds.append(kept)
+                    continue
+                for name in _FEED_COUNTERS:
+                    setattr(kept, name, getattr(kept, name) + getattr(feed, name))
+
+    def families(self) -> list[Family]:
+        """The dead workers' counter and histogram families (one more "worker")."""
+        return self._families
 
 
 def _merge_sessions(parts: Sequence[SessionsSnapshot]) -> SessionsSnapshot:

@@ -22,6 +22,7 @@ from gateway.ops.snapshot import (
 from gateway.workers.aggregate import (
     GATEWAY_FAMILIES,
     Family,
+    Retired,
     Sample,
     decode_families,
     families_of,
@@ -365,3 +366,55 @@ def test_collector_reads_the_latest_at_each_scrape() -> None:
     latest.append(families_of(_worker_metrics(5, [], 0, 1.0).registry))
     assert metric(parse_samples(generate_latest(registry).decode()), "gateway_sessions") == 6
     assert isinstance(registry, CollectorRegistry)
+
+
+def test_a_dead_workers_counters_are_kept_and_its_gauges_dropped() -> None:
+    own = Metrics()
+    w1 = _worker_metrics(3, [0.002], 2, 120.0)
+    w2 = _worker_metrics(4, [0.3], 1, 110.0)
+    f1, f2 = families_of(w1.registry), families_of(w2.registry)
+    s1, s2 = _worker_snapshot(2), _worker_snapshot(3)
+    retired = Retired()
+    live: list[list[Family]] = [f1, f2]
+    snaps = [s1, s2]
+    registry = merged_registry(
+        own.registry,
+        lambda: [*live, retired.families()],
+        lambda: merge_snapshots(_own_snapshot(), snaps, retired=retired),
+    )
+    before = parse_samples(generate_latest(registry).decode())
+    # worker 1 dies: the supervisor keeps its last report's counters
+    retired.add(f1, s1)
+    live.remove(f1)
+    snaps.remove(s1)
+    after = parse_samples(generate_latest(registry).decode())
+    for name, labels in (
+        ("gateway_connections_total", {"result": "accepted"}),
+        ("gateway_limit_hits_total", {}),
+        ("gateway_event_loop_lag_seconds_count", {}),
+        ("gateway_event_loop_lag_seconds_bucket", {"le": "0.0025"}),
+        ("gateway_records_out_total", {}),
+        ("gateway_bytes_out_total", {}),
+        ("gateway_replay_bytes_total", {}),
+        ("gateway_fanout_variant_writes_total", {}),
+    ):
+        assert metric(after, name, **labels) == metric(before, name, **labels), name
+    assert metric(after, "process_cpu_seconds_total") >= metric(before, "process_cpu_seconds_total")
+    # gauges left with the process
+    assert metric(after, "gateway_sessions") == 5
+    assert metric(after, "gateway_connections_open") == 5
+    assert metric(after, "gateway_fanout_groups") == 1
+    assert metric(after, "process_resident_memory_bytes") < metric(
+        before, "process_resident_memory_bytes"
+    )
+    # a second death adds up; the kept counters are plain data
+    retired.add(f2, s2)
+    live.clear()
+    snaps.clear()
+    final = parse_samples(generate_latest(registry).decode())
+    assert metric(final, "gateway_records_out_total") == 500
+    assert metric(final, "gateway_connections_total", result="accepted") == 9
+    assert metric(final, "gateway_sessions") == 0
+    assert retired.families() == decode_families(
+        msgspec.msgpack.decode(msgspec.msgpack.encode(retired.families()))
+    )
