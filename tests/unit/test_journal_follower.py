@@ -13,6 +13,7 @@ import os
 import struct
 import subprocess
 import sys
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -547,3 +548,84 @@ async def test_a_resume_ahead_of_this_worker_waits_for_its_feed(
     seqs = [struct.unpack_from("<I", r, 44)[0] for r in got if r[1] == 0x00]
     assert seqs == list(range(180, sent))  # chunks 19.. : nothing missed, nothing twice
     store.close()
+
+
+_WRITER = """
+import sys
+from gateway.dbn import index_records
+from gateway.journal import JournalStore
+from tests.unit.conftest import mbo, trade
+store = JournalStore.open(sys.argv[1], segment_bytes=4096, max_bytes=64 * 1024)
+journal = store.dataset(sys.argv[2])
+kinds = [
+    index_records(b"".join([trade(11, 10**18 + k), mbo(22, 10**18 + k)][: 1 + k % 2] * (1 + k))
+    )[0]
+    for k in range(8)
+]
+print("open", flush=True)
+for c in range(1500):
+    if c % 50 == 0:
+        journal.learn([(f"S{c}", c)])
+    journal.append(kinds[c % len(kinds)])
+    if c % 100 == 0:
+        store.maintain()  # retention: max_bytes deletes the oldest segments
+store.close()
+"""
+
+
+def test_following_a_writer_in_another_process_as_it_writes_rolls_and_deletes(
+    tmp_path: Path,
+) -> None:
+    """Real concurrency: every read while another process appends, rolls segments and
+    deletes old ones gives whole, crc-good parts with contiguous seqs."""
+    root = tmp_path / "journal"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _WRITER, str(root), DATASET],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "open\n"
+        fj = FollowerStore.open(root).dataset(DATASET)
+        dummy = chunk([trade(11, T0)])
+        reads = 0
+        while True:
+            done = proc.poll() is not None
+            end = fj.end_seq()
+            for seq in range(fj.last_seq + 1, end + 1):  # this process "publishes" them
+                fj.note_seq(seq)
+                fj.append(dummy)
+            assert fj.last_seq == end
+            seqs: list[int] = []
+            for seg, rows in fj.row_slices(0, end):
+                try:
+                    fds = {rt: seg.open_fd(rt) for rt in set(rows["rtype"].tolist())}
+                except FileNotFoundError:
+                    seqs = []  # deleted by retention since (it and all before it)
+                    continue
+                try:
+                    for row in rows.tolist():
+                        data = os.pread(fds[row[1]], row[6], row[5])
+                        assert zlib.crc32(data) == row[7], (seg.id, row[0])
+                        if not seqs or seqs[-1] != row[0]:
+                            seqs.append(row[0])
+                finally:
+                    for fd in fds.values():
+                        os.close(fd)
+            assert seqs == list(range(seqs[0], seqs[0] + len(seqs))) if seqs else True
+            assert not seqs or seqs[-1] == end
+            changes = fj.mapping_changes(0, end + 1)
+            assert [a for a, _, _ in changes] == sorted(a for a, _, _ in changes)
+            reads += 1
+            if done:
+                break
+        assert proc.wait(30) == 0
+        assert fj.end_seq() == 1500 and fj.first_seq() > 1  # it rolled and deleted
+        assert reads > 3, reads
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        if proc.stdout is not None:
+            proc.stdout.close()
