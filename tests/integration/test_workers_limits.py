@@ -1,12 +1,13 @@
 """``--workers 2`` is one gateway to the outside: a key's ``max_sessions`` holds across the
 workers (the refusal is the single-process line whatever worker the connection lands on,
-and a session ending on one worker frees a place on the other), and the supervisor's one
-/metrics reports the sum over the workers."""
+a session ending on one worker frees a place on the other, and a reload keeps the counts),
+and the supervisor's one /metrics reports the sum over the workers."""
 
 from __future__ import annotations
 
 import os
 import re
+import signal
 import socket
 import time
 from pathlib import Path
@@ -200,6 +201,23 @@ def test_key_limit_and_metrics_hold_across_two_workers() -> None:
             return True
 
         poll_until(session_on_other, 10, 0.02, "a session on the other worker")
+
+        # SIGHUP with a lower limit: the counts carry over (the other worker has all 3).
+        assert gw.config_path is not None
+        text = gw.config_path.read_text()
+        gw.config_path.write_text(text.replace("max_sessions = 3", "max_sessions = 2"))
+        gw.proc.send_signal(signal.SIGHUP)
+        lowered = REFUSAL.replace("3 of 3", "3 of 2")
+
+        def refused_on_emptied_worker() -> bool:
+            client, pid = _connect(gw.port, pids)
+            clients.append(client)
+            line = client.handshake(KEY, DATASET)
+            client.close()
+            assert line in (REFUSAL, lowered), line
+            return pid == one and line == lowered
+
+        poll_until(refused_on_emptied_worker, 10, 0.02, "the lowered limit on the other worker")
         for c in clients:  # nothing left to drain: a quick stop
             c.close()
         assert gw.stop() == 0
