@@ -284,7 +284,7 @@ class RingFeeder:
         if kind == CHUNK:
             index, _ = index_records(entry.payload)
             pins = self.pins
-            pins.begin(entry.pos, index.data)
+            pins.begin(entry.pos, index.data, lane.dataset)
             try:
                 journal = feed.journal
                 if journal is not None:
@@ -322,7 +322,7 @@ class RingFeeder:
             if not lane.feed.holding:
                 lane.held_pos = None
         elif lane.held_pos is not None:
-            self.pins.begin(lane.held_pos, index.data)
+            self.pins.begin(lane.held_pos, index.data, lane.dataset)
 
     # --- after a turn: releases, pins, lossless ---------------------------------------------------
 
@@ -357,37 +357,20 @@ class RingFeeder:
         if pinned:
             self._schedule_sweep()
 
-    def _pin_floors(self) -> dict[str, int]:
-        """The oldest pinned position per dataset (positions of different rings are not
-        comparable: the tracker is shared by every dataset of the worker)."""
+    def _pin_floors(self) -> dict[object, int]:
+        """The oldest pinned position per dataset (pins are keyed by the dataset given to
+        ``PinTracker.begin``: positions of different rings do not compare)."""
         pins = self.pins
         oldest = pins.sweep()
         if self._pin_cut:
             still = pins.older_than(1 << 62)
             self._pin_cut.intersection_update(still)
             self._pin_aborted.intersection_update(still)
-        if oldest is None:
-            return {}
-        if len(self.lanes) == 1:
-            return {self.lanes[0].dataset: oldest}
-        floors: dict[str, int] = {}
-        table: dict[Any, Any] = getattr(pins, "_pins", {})
-        for conn, held in table.items():
-            if not held:
-                continue
-            feed = getattr(conn, "feed", None)
-            dataset = getattr(feed, "dataset", None)
-            pos = held[0][0]
-            keys = [dataset] if dataset is not None else [lane.dataset for lane in self.lanes]
-            for key in keys:
-                if key not in floors or pos < floors[key]:
-                    floors[key] = pos
-        return floors
+        return pins.floors if oldest is not None else {}
 
     def _cut_pinned(self, lane: _Lane, limit: int) -> None:
-        for conn in self.pins.older_than(limit):
-            feed = getattr(conn, "feed", None)
-            if feed is not lane.feed or conn in self._pin_cut:
+        for conn in self.pins.older_than(limit, key=lane.dataset):
+            if conn in self._pin_cut:
                 continue
             self._pin_cut.add(conn)
             self.pin_cuts += 1
@@ -399,8 +382,8 @@ class RingFeeder:
         """A session cut for pinning that still pins three quarters of the ring back: the
         writer is about to wait for it (every dataset's sessions would): its transport is
         aborted now rather than after the cut's grace (that drops what it holds)."""
-        for conn in self.pins.older_than(limit):
-            if getattr(conn, "feed", None) is not lane.feed or conn not in self._pin_cut:
+        for conn in self.pins.older_than(limit, key=lane.dataset):
+            if conn not in self._pin_cut:
                 continue
             abort = getattr(getattr(conn, "transport", None), "abort", None)
             if abort is not None and conn not in self._pin_aborted:

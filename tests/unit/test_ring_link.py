@@ -647,7 +647,9 @@ async def test_pins_hold_the_release_and_a_pin_too_old_is_cut(worlds):
     pinned_at = world.writer.head  # the next entry: its transport will keep part of it
     conn.transport.buffered = 100
     conn.bytes_sent = 100
+    w.pins.begin(pinned_at, memoryview(b""), DS)  # (as while that entry was published)
     w.pins.note(conn, pinned_at, 100)
+    w.pins.end()
     n = 0
     while not conn.cuts:
         assert n < 1000, "the pinned session was never cut"
@@ -724,7 +726,9 @@ async def test_pins_of_one_dataset_do_not_hold_another_datasets_ring():
         conn = PinnedConn(feeds["A"])
         conn.transport.buffered = conn.bytes_sent = 1
         pinned_at = writers["A"].head
+        pins.begin(pinned_at, memoryview(b""), "A")  # (as while that entry was published)
         pins.note(conn, pinned_at, 1)
+        pins.end()
         for n in range(20):
             for ds in rings:
                 sups[ds].publish(chunk(trades(1001, 1002, at=n)))
