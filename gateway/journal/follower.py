@@ -170,6 +170,8 @@ class FollowerJournal(DatasetJournal):
         #: a chunk published in pieces (see ``append``): its seq, records published so far
         self._partial_seq = 0
         self._partial_done = 0
+        #: the seq the first chunk published should have (``start_at``; 0: not known)
+        self._first = 0
         #: segment id -> its index file's path (checked for deletion on reads)
         self._index_paths: dict[int, str] = {}
 
@@ -189,6 +191,7 @@ class FollowerJournal(DatasetJournal):
         """The seq of the chunk just before the first one this process will see live."""
         if not self._noted:
             self.last_seq = seq
+            self._first = seq + 1
 
     def note_seq(self, seq: int) -> None:
         """The journal seq of the next chunk the Feed publishes (0: the writer's journal
@@ -217,6 +220,14 @@ class FollowerJournal(DatasetJournal):
         seq = self._noted.popleft()
         if not self.enabled or self._closed:
             return 0
+        if self._first:
+            if seq != self._first:
+                log.warning(
+                    "journal %s follower: the first chunk published is seq %d, not %d as "
+                    "the writer said (a replay handed over before it may be off)",
+                    *(self.dataset, seq, self._first),
+                )
+            self._first = 0
         if seq <= self.last_seq:
             return seq
         if index.nbytes < _PIECE_BYTES and seq != self._partial_seq:

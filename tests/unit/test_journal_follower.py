@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import os
 import struct
 import subprocess
@@ -396,7 +397,9 @@ def test_the_planner_makes_the_same_replay_from_a_follower(writer: JournalStore)
             plan.close()
 
 
-def test_open_and_attach_like_the_writer(tmp_path: Path, writer: JournalStore) -> None:
+def test_open_and_attach_like_the_writer(
+    tmp_path: Path, writer: JournalStore, caplog: pytest.LogCaptureFixture
+) -> None:
     assert open_follower(JournalConfig()) is None
     with pytest.raises(ConfigError, match="not found"):
         open_follower(JournalConfig(dir=str(tmp_path / "nowhere")))
@@ -430,6 +433,12 @@ def test_open_and_attach_like_the_writer(tmp_path: Path, writer: JournalStore) -
     attach_follower(late, feed2, start_seq=seq + 1)
     assert feed2.journal is not None and feed2.journal.last_seq == seq + 1
     assert [e.seq for e in feed2.journal.entries(RTYPES, 0, 99)] == list(range(1, seq + 2))
+    # the first chunk this worker publishes is not the one after it: said in the log
+    assert isinstance(feed2.journal, FollowerJournal)
+    with caplog.at_level(logging.WARNING, logger="gateway.journal"):
+        feed2.journal.note_seq(seq + 3)
+        feed2.publish(chunk([trade(33, T0 + 2)]))
+    assert "the first chunk published is seq 5, not 4" in caplog.text
     late.close()
 
 
