@@ -92,6 +92,8 @@ class Init(msgspec.Struct, tag="init", kw_only=True):
     limits_path: str = ""
     #: CPUs to pin the worker's loop thread to (None: all it may use)
     cpus: list[int] | None = None
+    #: the CPUs the gateway may use (a worker inherits its parent thread's pinning)
+    allowed_cpus: list[int] | None = None
     #: dataset -> its feed at the start
     feeds: dict[str, FeedStart] = {}
 

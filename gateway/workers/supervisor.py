@@ -147,6 +147,8 @@ class Supervisor:
         self.supervisor_cpus, self.worker_cpus = transport.place_workers(
             cfg.transport.cpu_affinity, self.count
         )
+        #: before the supervisor pins itself: what every worker may use
+        self.allowed_cpus = sorted(os.sched_getaffinity(0))
         self.stopping = False
         self.serving = False
         self.on_listening: Callable[[Any], None] | None = None
@@ -355,6 +357,7 @@ class Supervisor:
             rings={ds: ring.name for ds, ring in self.rings.items()},
             limits_path=self.limits.path if self.limits is not None else "",
             cpus=self.worker_cpus[w.slot],
+            allowed_cpus=self.allowed_cpus,
             feeds=self._go_live(w),
         )
         self.waker.add(w.slot, w.eventfd)

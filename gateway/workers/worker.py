@@ -151,6 +151,8 @@ class WorkerGateway(Gateway):
         )
         self.port = self.server.sockets[0].getsockname()[1]
         sockopts = transport.tune_listeners(self.server.sockets, cfg)
+        if init.cpus and init.allowed_cpus:  # undo the supervisor's pinning, inherited
+            os.sched_setaffinity(0, init.allowed_cpus)
         placed = msgspec.structs.replace(
             cfg, transport=msgspec.structs.replace(cfg.transport, cpu_affinity=init.cpus)
         )

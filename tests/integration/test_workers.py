@@ -345,24 +345,36 @@ def test_a_stuck_worker_is_replaced_and_a_killed_supervisor_leaves_nothing() -> 
                 path.unlink(missing_ok=True)
 
 
-def test_every_worker_runs_under_the_preload(fakes: Fakes, tmp_path: Path) -> None:  # noqa: F811
+def test_every_worker_runs_under_the_preload_on_its_own_cpu(
+    fakes: Fakes,  # noqa: F811
+    tmp_path: Path,
+) -> None:
     report = tmp_path / "counts"
+    cpus = sorted(os.sched_getaffinity(0))[:3]
+    # supervisor on the first CPU, worker i on cpus[1 + i % (len - 1)]; one CPU: all on it
+    want = [cpus[1 + i % (len(cpus) - 1)] if len(cpus) > 1 else cpus[0] for i in range(2)]
     with gateway(
         "--workers",
         "2",
         "--transport",
         f"preload:{fakes.preload}",
+        "--cpu-affinity",
+        ",".join(map(str, cpus)),
         feeds={"ING.T": "ingest://127.0.0.1:0"},
         config=CONFIG,
         env={"FAKE_BYPASS_REPORT": str(report)},
     ) as gw:
         pids = children(gw.proc.pid)
         assert len(pids) == 2
+        assert os.sched_getaffinity(gw.proc.pid) == {cpus[0]}
         for pid in pids:
             assert str(fakes.preload) in mapped_libraries(pid)
-            line = re.search(rf"worker w\d pid={pid} ready transport (.*)", gw.log())
+            line = re.search(rf"worker (w\d) pid={pid} ready transport (.*)", gw.log())
             assert line, gw.log()[-3000:]
-            fields = dict(re.findall(r"(\w+)=(\{[^}]*\}|\S+)", line.group(1)))
+            fields = dict(re.findall(r"(\w+)=(\{[^}]*\}|\S+)", line.group(2)))
             assert fields["transport"] == "preload" and fields["loaded"] == "1"
             assert fields["lib"] == str(fakes.preload)
+            cpu = want[int(line.group(1)[1:])]
+            assert f"cpus:{cpu}" in fields["sockopts"]
+            assert os.sched_getaffinity(pid) == {cpu}
         check_byte_exact_fanout(gw)
