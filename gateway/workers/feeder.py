@@ -141,6 +141,7 @@ class RingFeeder:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._scheduled = False
         self._stopped = False
+        self._first = 0
         self._sweep_timer: asyncio.TimerHandle | None = None
         self._pin_cut: set[Any] = set()
         self._pin_aborted: set[Any] = set()
@@ -238,10 +239,13 @@ class RingFeeder:
 
     def run(self) -> bool:
         """One turn over every dataset; True when entries are left (another turn is
-        scheduled)."""
+        scheduled). The dataset served first rotates: one busy dataset cannot spend every
+        turn's time budget before the others get an entry."""
         deadline = self._clock() + self.budget_s
         more = False
-        for lane in self.lanes:
+        lanes = self.lanes
+        first = self._first = (self._first + 1) % len(lanes) if lanes else 0
+        for lane in lanes[first:] + lanes[:first] if first else lanes:
             lane.reader.heartbeat()
             if self._turn(lane, deadline):
                 more = True

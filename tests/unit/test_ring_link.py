@@ -742,3 +742,38 @@ async def test_pins_of_one_dataset_do_not_hold_another_datasets_ring():
         for ring in rings.values():
             ring.unlink()
             ring.close()
+
+
+def test_the_dataset_served_first_rotates():
+    rings = {ds: Ring.create(64 << 10, 2) for ds in ("A", "B")}
+    try:
+        sups: dict[str, Feed] = {}
+        for ds, ring in rings.items():
+            writer = RingWriter(ring)
+            sink = RingSink(writer)
+            sups[ds] = Feed(ds, fanout=sink)
+            sink.attach(sups[ds])
+            writer.set_live(0, True)
+        readers = {ds: RingReader(rings[ds], 0) for ds in rings}
+        feeds = {ds: Feed(ds) for ds in rings}
+        ticks = iter(range(1000))
+        feeder = RingFeeder(
+            feeds,
+            readers,
+            PinTracker(enabled=False),
+            {"A": False, "B": False},
+            lambda ds, b: None,
+            budget_s=3.5,  # four entries of this clock: the first dataset uses it up
+            clock=lambda: float(next(ticks)),
+        )
+        for n in range(10):
+            for sup in sups.values():
+                sup.publish(chunk(trades(1001, at=n)))
+        feeder.run()
+        feeder.run()
+        # (4 + 1 each; served in the same order every turn: 8 and 2)
+        assert feeds["A"].stats.chunks_in == feeds["B"].stats.chunks_in == 5
+    finally:
+        for ring in rings.values():
+            ring.unlink()
+            ring.close()
