@@ -61,7 +61,7 @@ from gateway.ops.snapshot import (
     Totals,
     feed_snapshot,
 )
-from gateway.workers.aggregate import Family, merge_snapshots, merged_registry
+from gateway.workers.aggregate import Family, Retired, merge_snapshots, merged_registry
 from gateway.workers.control import (
     Blocked,
     ControlChannel,
@@ -178,6 +178,8 @@ class Supervisor:
         self.writers: dict[str, RingWriter] = {}
         self.sinks: dict[str, RingSink] = {}
         self.waker = Waker()
+        #: the counters of workers that died (the gateway's counters never go down)
+        self.retired = Retired()
         self.limits: SharedLimits | None = None
 
     # --- start ---------------------------------------------------------------------------
@@ -313,7 +315,8 @@ class Supervisor:
         return out
 
     def _worker_families(self) -> list[list[Family]]:
-        return [w.families for w in self.workers if w.families is not None and w.alive]
+        live = [w.families for w in self.workers if w.families is not None and w.alive]
+        return [*live, self.retired.families()]
 
     async def _spawn(self, w: WorkerProc) -> None:
         loop = asyncio.get_running_loop()
@@ -405,6 +408,7 @@ class Supervisor:
         if w.channel is not None:
             w.channel.close()
             w.channel = None
+        self.retired.add(w.families, w.stats.snapshot if w.stats is not None else None)
         was_ready, w.ready, w.stats, w.families = w.ready, False, None, None
         self.waker.remove(w.slot)
         for writer in self.writers.values():
@@ -545,16 +549,19 @@ class Supervisor:
             replays=ReplaySnapshot(),
         )
         parts = [w.stats.snapshot for w in self.workers if w.stats is not None and w.alive]
-        return merge_snapshots(own, parts, expected=self.count)
+        return merge_snapshots(own, parts, expected=self.count, retired=self.retired)
 
     def totals(self) -> Totals:
         feeds = self.feeds.values()
         parts = [w.stats.snapshot for w in self.workers if w.stats is not None and w.alive]
+        gone = self.retired
         return Totals(
             records_in=sum(f.stats.records_in for f in feeds),
             bytes_in=sum(f.stats.bytes_in for f in feeds),
-            records_out=sum(f.records_out for p in parts for f in p.feeds),
-            bytes_out=float(sum(sum(p.bytes_out.values()) for p in parts)),
+            records_out=sum(f.records_out for p in parts for f in p.feeds)
+            + sum(f.records_out for f in gone.feeds),
+            bytes_out=float(sum(sum(p.bytes_out.values()) for p in parts))
+            + sum(gone.bytes_out.values()),
         )
 
     # --- reload and shutdown -------------------------------------------------------------

@@ -29,6 +29,7 @@ from tests.integration.helpers import (
     gateway,
     http_get,
     metric,
+    metric_at_least,
     metric_samples,
     poll_until,
     start_gateway,
@@ -218,11 +219,15 @@ def test_sessions_spread_complete_in_order_survive_a_worker_kill_and_drain() -> 
         pump_until(sessions, lambda s: len(s.data) >= len(first), 15, "every record")
         for s in sessions:
             assert s.data == first  # complete, in order, byte for byte
+        out = "gateway_records_out_total"
+        sent = metric_at_least(gw.metrics_port, out, len(sessions) * len(first), 10)
 
         # SIGKILL one worker: its sessions end, the other worker's go on.
         victim, survivor = pids
         os.kill(victim, signal.SIGKILL)
         pump_until(by_pid[victim], lambda s: s.eof, 10, "the killed worker's sessions to end")
+        poll_until(lambda: f"pid={victim} exited (signal 9)" in gw.log(), 10, what="reaped")
+        assert metric(metric_samples(gw.metrics_port), out) >= sent  # counters never go down
         second = publish(pub, 500, seed=4)
         kept = by_pid[survivor]
         pump_until(kept, lambda s: len(s.data) >= len(first) + len(second), 15, "the survivors")
