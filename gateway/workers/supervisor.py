@@ -228,6 +228,15 @@ class Supervisor:
             await self._spawn(w)
         await self._wait_ready()
         self._start_failed = None
+        assert self._reserved is not None
+        sharing = transport.other_listeners([self._reserved]) - self.count
+        if sharing > 0:
+            log.warning(
+                "port %d is shared with %d other listener(s) (SO_REUSEPORT): new connections "
+                "are spread over them until they stop (hand-over: stop the old gateway now)",
+                self.port,
+                sharing,
+            )
         if cfg.metrics_port is not None:
             self._http = StatusServer(self, registry=self.registry)
             self.metrics_port = await self._http.start(
