@@ -30,10 +30,12 @@ import dataclasses
 import functools
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -78,7 +80,7 @@ from gateway.workers.limits import SharedLimits
 from gateway.workers.ring import Ring, RingWriter, remove_stale
 from gateway.workers.sink import RingSink, Waker
 
-__all__ = ["Supervisor", "WorkerProc", "run"]
+__all__ = ["Supervisor", "WorkerProc", "remove_stale_dirs", "run"]
 
 log = logging.getLogger("gateway.workers")
 
@@ -92,6 +94,8 @@ YOUNG_S = 10.0
 MAX_BACKOFF_S = 5.0
 #: after shutdown_grace_s, how much longer draining workers get before SIGKILL
 KILL_AFTER_S = 5.0
+#: the supervisor's private temporary directory: ``lsg-sup-<pid>-<random>``
+PRIVATE_PREFIX = "lsg-sup-"
 
 
 @dataclass
@@ -154,6 +158,8 @@ class Supervisor:
         self.on_listening: Callable[[Any], None] | None = None
         self.reloader: Callable[[], Config] | None = None
         self._reserved: socket.socket | None = None
+        #: the supervisor's private temporary directory (0700): the shared limits file
+        self._private_dir: str | None = None
         self._http: StatusServer | None = None
         self._ticker: asyncio.Task[None] | None = None
         self._ingest_lines: list[str] = []
@@ -194,7 +200,9 @@ class Supervisor:
         self._reserve_port()
         for name in remove_stale():  # left by a supervisor that was killed
             log.info("removed stale shared ring %s", name)
-        self.limits = SharedLimits.create(self.count)
+        remove_stale_dirs()
+        self._private_dir = tempfile.mkdtemp(prefix=f"{PRIVATE_PREFIX}{os.getpid()}-")
+        self.limits = SharedLimits.create(self.count, self._private_dir)
         for dataset, uri in cfg.feeds.items():
             spec = parse_feed_uri(dataset, uri)
             ring = self.rings[dataset] = Ring.create(self.settings.ring_bytes, self.count)
@@ -663,6 +671,9 @@ class Supervisor:
         if self.limits is not None:
             self.limits.unlink()
             self.limits = None
+        if self._private_dir is not None:
+            shutil.rmtree(self._private_dir, ignore_errors=True)
+            self._private_dir = None
         if self._reserved is not None:
             self._reserved.close()
             self._reserved = None
@@ -687,6 +698,29 @@ class Supervisor:
         await stop.wait()
         log.info("signal received: shutting down %d workers", self.count)
         await self.shutdown()
+
+
+def remove_stale_dirs() -> list[str]:
+    """Remove this user's supervisor directories (``lsg-<pid>-*`` in the temporary
+    directory) whose supervisor is gone (killed: it could not clean up); their paths."""
+    removed = []
+    root = tempfile.gettempdir()
+    uid = os.getuid()
+    for name in os.listdir(root):
+        if not name.startswith(PRIVATE_PREFIX):
+            continue
+        pid = name[len(PRIVATE_PREFIX) :].split("-", 1)[0]
+        path = os.path.join(root, name)
+        try:
+            if not pid.isdigit() or os.lstat(path).st_uid != uid:
+                continue
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+        except OSError:
+            continue
+    return removed
 
 
 def run(

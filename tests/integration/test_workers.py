@@ -17,9 +17,13 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from gateway.connection import SHUTDOWN_TEXT
 from gateway.dbn import encode_publisher_metadata
 from gateway.transport import mapped_libraries
+from gateway.workers.ring import remove_stale
+from gateway.workers.supervisor import remove_stale_dirs
 from tests.integration.helpers import (
     KEY,
     OTHER_KEY,
@@ -282,7 +286,9 @@ def test_sessions_spread_complete_in_order_survive_a_worker_kill_and_drain() -> 
         gw.cleanup()
 
 
-def test_a_stuck_worker_is_replaced_and_a_killed_supervisor_leaves_nothing() -> None:
+def test_a_stuck_worker_is_replaced_and_a_killed_supervisor_leaves_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     config = CONFIG + "worker_stall_s = 1.0\n"
     # lossless: the healthy worker never skips ahead, whatever the burst
     feeds = {DATASET: "ingest://127.0.0.1:0?backpressure=1"}
@@ -339,6 +345,12 @@ def test_a_stuck_worker_is_replaced_and_a_killed_supervisor_leaves_nothing() -> 
 
             poll_until(port_free, 10, 0.05, "the client port free")
             poll_until(lambda: not any(alive(p) for p in everyone), 10, 0.05, "no worker left")
+            # What it could not clean up, the next supervisor removes at its start.
+            left = list(Path(tmp).glob(f"lsg-sup-{gw.proc.pid}-*"))
+            assert len(left) == 1 and (left[0] / "limits").exists()
+            monkeypatch.setattr(tempfile, "tempdir", tmp)
+            assert remove_stale_dirs() == [str(left[0])]
+            assert f"lsg-{gw.proc.pid}-0-" in " ".join(remove_stale())
         finally:
             for s in sessions:
                 s.close()
