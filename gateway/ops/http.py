@@ -18,6 +18,7 @@ import logging
 import time
 from typing import Any, Protocol
 
+import msgspec
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from gateway.aio import cancel_and_wait
@@ -133,7 +134,11 @@ class StatusServer:
             if gw is None:
                 return "200 OK", "application/json", b'{"ready": true}'
             ok, detail = gw.ready()
-            body = json.dumps({"ready": ok, "feeds": detail}).encode()
+            doc: dict[str, Any] = {"ready": ok, "feeds": detail}
+            workers = getattr(gw, "workers_status", None)  # --workers N only
+            if workers is not None:
+                doc["workers"] = msgspec.to_builtins(workers())
+            body = json.dumps(doc).encode()
             return ("200 OK" if ok else "503 Service Unavailable"), "application/json", body
         if path == "/status.json":
             body = json.dumps(self.document(), indent=1).encode()

@@ -48,6 +48,7 @@ __all__ = [
     "SessionCounts",
     "SessionsSnapshot",
     "Totals",
+    "WorkersInfo",
     "feed_snapshot",
     "feed_status",
     "journal_parts",
@@ -68,7 +69,16 @@ class ConnectionFacts(NamedTuple):
     streaming: bool
 
 
-class GatewayInfo(msgspec.Struct, kw_only=True):
+class WorkersInfo(msgspec.Struct, kw_only=True):
+    """``--workers N``: worker processes up (Ready and alive) of how many, and the names
+    (``w<slot>``) of those down (dead, restarting or starting)."""
+
+    up: int
+    of: int
+    down: list[str] = msgspec.field(default_factory=list)
+
+
+class GatewayInfo(msgspec.Struct, kw_only=True, omit_defaults=True):
     """The gateway's own state (``/status.json`` ``gateway``)."""
 
     version: str
@@ -78,6 +88,8 @@ class GatewayInfo(msgspec.Struct, kw_only=True):
     accepting: bool
     port: int
     loop: str
+    #: only with ``--workers N`` (absent from the document otherwise)
+    workers: WorkersInfo | None = None
 
 
 class SessionCounts(msgspec.Struct, kw_only=True):

@@ -151,6 +151,11 @@ def assess(data: dict[str, Any]) -> tuple[str, list[str]]:
     gw = data.get("gateway")
     if gw is not None and not gw["ready"]:
         down.append("gateway not ready" + ("" if gw["accepting"] else " (shutting down)"))
+    workers = (gw or {}).get("workers") or {}
+    if workers.get("down"):
+        degraded.append(
+            f"worker(s) down: {', '.join(workers['down'])} ({workers['up']} of {workers['of']} up)"
+        )
     for feed in data.get("feeds") or []:
         name = feed["dataset"]
         if not feed["connected"]:
