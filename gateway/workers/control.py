@@ -3,9 +3,15 @@ msgspec Structs (a tagged union) as msgpack, each frame prefixed with its length
 big-endian).
 
 supervisor -> worker: :class:`Init` (first, once: the config, the slot, the rings...),
-:class:`Reload` (SIGHUP). worker -> supervisor: :class:`Ready` (listening, with its
-transport report), :class:`Stats` (every tick), :class:`Blocked` (a lossless feed's session
-over its high-water mark, or clear again).
+:class:`Start` (once, the answer to :class:`Prepared`: each feed as of the ring position the
+worker's slot was made live at), :class:`Reload` (SIGHUP). worker -> supervisor:
+:class:`Prepared` (imports done, state built: ready to read the rings), :class:`Ready`
+(listening, with its transport report), :class:`Stats` (every tick), :class:`Blocked` (a
+lossless feed's session over its high-water mark, or clear again).
+
+Start-up is in two steps so that a (re)starting worker's ring slot goes live only once the
+worker can read: while it boots (a second or two of imports) its slot does not hold the
+writer, and a busy feed never pauses every worker's sessions for one that is starting.
 
 Nothing secret travels in a worker's argv or environment: the config (API keys included)
 arrives in :class:`Init`, over the socketpair only the two processes hold.
@@ -36,8 +42,10 @@ __all__ = [
     "FrameReader",
     "Init",
     "Message",
+    "Prepared",
     "Ready",
     "Reload",
+    "Start",
     "Stats",
     "describe",
     "encode",
@@ -58,8 +66,9 @@ class ControlError(GatewayError):
 
 
 class FeedStart(msgspec.Struct, kw_only=True):
-    """A dataset as the supervisor's feed knows it when a worker is (re)started; what
-    happens after comes through the ring from ``start_pos`` on, in order."""
+    """A dataset as the supervisor's feed knows it when a worker's slot goes live (its
+    :class:`Prepared`); what happens after comes through the ring from ``start_pos`` on,
+    in order."""
 
     #: the supervisor's ``RingSink.snapshot()``: symbology log, schema, state
     snapshot: bytes
@@ -94,7 +103,19 @@ class Init(msgspec.Struct, tag="init", kw_only=True):
     cpus: list[int] | None = None
     #: the CPUs the gateway may use (a worker inherits its parent thread's pinning)
     allowed_cpus: list[int] | None = None
-    #: dataset -> its feed at the start
+
+
+class Prepared(msgspec.Struct, tag="prepared", kw_only=True):
+    """The worker has its state built (config, limits, rings mapped, feeds, journal
+    follower, loop): its slot can go live now. Answered by :class:`Start`."""
+
+    pid: int
+
+
+class Start(msgspec.Struct, tag="start", kw_only=True):
+    """The worker's slot is live in every ring: each dataset's feed as of there."""
+
+    #: dataset -> its feed at the worker's start position
     feeds: dict[str, FeedStart] = {}
 
 
@@ -126,7 +147,7 @@ class Blocked(msgspec.Struct, tag="blocked", kw_only=True):
     blocked: bool
 
 
-Message = Init | Reload | Ready | Stats | Blocked
+Message = Init | Start | Reload | Prepared | Ready | Stats | Blocked
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)

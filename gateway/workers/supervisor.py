@@ -9,6 +9,13 @@ workers restart), the rings created, the feeds built and their sources started, 
 workers spawned, each with a control socketpair and an eventfd; once every worker is Ready
 the supervisor prints the ``ingest …`` lines, ``workers N pids=…`` and ``listening …``.
 
+A worker starts in two steps: ``Init`` (config, slot, rings; no feed state) -> the worker
+imports and builds its state, then says ``Prepared`` -> only then is its slot made live in
+every ring, at the head, with each feed's snapshot and journal seq as of there (one loop
+step), sent in ``Start`` -> the worker restores, reads, listens and says ``Ready``. A worker
+that is booting (imports take a second or two) therefore never holds the writer: a busy
+feed does not pause every worker's sessions while a crashed one comes back.
+
 Faults: each worker is watched through a pidfd; one that dies (even by SIGKILL) is logged,
 its ring slot and shared-limits row cleared, and it is restarted after a backoff (doubling
 while restarts keep dying young). A worker whose loop is stuck while the ring is full is
@@ -61,6 +68,7 @@ from gateway.ops.snapshot import (
     ReplaySnapshot,
     SessionsSnapshot,
     Totals,
+    WorkersInfo,
     feed_snapshot,
 )
 from gateway.workers.aggregate import Family, Retired, merge_snapshots, merged_registry
@@ -70,14 +78,16 @@ from gateway.workers.control import (
     FeedStart,
     Init,
     Message,
+    Prepared,
     Ready,
     Reload,
+    Start,
     Stats,
     describe,
     open_channel,
 )
 from gateway.workers.limits import SharedLimits
-from gateway.workers.ring import Ring, RingWriter, remove_stale
+from gateway.workers.ring import CHUNK, Ring, RingWriter, remove_stale
 from gateway.workers.sink import RingSink, Waker
 
 __all__ = ["Supervisor", "WorkerProc", "remove_stale_dirs", "run"]
@@ -207,7 +217,9 @@ class Supervisor:
             spec = parse_feed_uri(dataset, uri)
             ring = self.rings[dataset] = Ring.create(self.settings.ring_bytes, self.count)
             writer = self.writers[dataset] = RingWriter(ring)
-            sink = self.sinks[dataset] = RingSink(writer, wake=self.waker.wake)
+            sink = self.sinks[dataset] = RingSink(
+                writer, wake=self.waker.wake, registry=self.metrics.registry
+            )
             feed = Feed(dataset, fanout=sink, backpressure=spec.backpressure)
             sink.attach(feed)
             self.feeds[dataset] = feed
@@ -323,12 +335,17 @@ class Supervisor:
         for ds, writer in self.writers.items():
             head = writer.head
             writer.set_live(w.slot, True, at=head)
+            sink = self.sinks[ds]
             journal = self.feeds[ds].journal
-            out[ds] = FeedStart(
-                snapshot=self.sinks[ds].snapshot(),
-                start_pos=head,
-                journal_seq=journal.last_seq if journal is not None else -1,
-            )
+            # Chunks journaled but still pending (the ring was full) reach this worker
+            # after ``head``: its journal position is the seq before the first of them.
+            queued = next((s for k, _, s, _ in sink.pending if k == CHUNK and s), 0)
+            if journal is None:
+                seq = -1
+            else:
+                seq = queued - 1 if queued else journal.last_seq
+            out[ds] = FeedStart(snapshot=sink.snapshot(), start_pos=head, journal_seq=seq)
+        self.waker.add(w.slot, w.eventfd)
         return out
 
     def _worker_families(self) -> list[list[Family]]:
@@ -378,9 +395,7 @@ class Supervisor:
             limits_path=self.limits.path if self.limits is not None else "",
             cpus=self.worker_cpus[w.slot],
             allowed_cpus=self.allowed_cpus,
-            feeds=self._go_live(w),
         )
-        self.waker.add(w.slot, w.eventfd)
         try:
             w.pidfd = os.pidfd_open(proc.pid)
             loop.add_reader(w.pidfd, self._reap, w)
@@ -403,6 +418,10 @@ class Supervisor:
             feed = self.feeds.get(msg.dataset)
             if feed is not None:
                 feed.remote_blocked(w.slot, msg.blocked)
+        elif isinstance(msg, Prepared):
+            # its slot goes live only now: while it booted it held nothing in the rings
+            if w.channel is not None and w.alive and not self.stopping:
+                w.channel.send(Start(feeds=self._go_live(w)))
         elif isinstance(msg, Ready):
             w.ready, w.report = True, msg.report
             log.info("worker %s pid=%d ready transport %s", w.name, msg.pid, msg.report)
@@ -517,9 +536,18 @@ class Supervisor:
             else:
                 self._feed_down_since.setdefault(ds, mono)
 
+    def workers_status(self) -> WorkersInfo:
+        """Workers up (Ready and alive) of how many, and the names of those down (dead,
+        restarting or still starting)."""
+        down = [w.name for w in self.workers if not (w.ready and w.alive)]
+        return WorkersInfo(up=self.count - len(down), of=self.count, down=down)
+
     def ready(self) -> tuple[bool, dict[str, str]]:
-        """Every worker Ready and alive, and every feed connected or within
-        ``feed_grace_s`` (as the single-process gateway)."""
+        """Started, not stopping, at least one worker Ready and alive (SO_REUSEPORT: the
+        kernel hands new connections only to live listeners, so one worker restarting
+        does not stop the gateway serving), and every feed connected or within
+        ``feed_grace_s`` (as the single-process gateway). ``workers_status`` says which
+        workers are down."""
         now = time.monotonic()
         grace = self.cfg.feed_grace_s
         detail: dict[str, str] = {}
@@ -534,7 +562,7 @@ class Supervisor:
             else:
                 feeds_ok = False
                 detail[ds] = "down: " + f.state_detail
-        workers_ok = all(w.ready and w.alive for w in self.workers)
+        workers_ok = any(w.ready and w.alive for w in self.workers)
         return self.serving and not self.stopping and workers_ok and feeds_ok, detail
 
     def snapshot(self) -> GatewaySnapshot:
@@ -566,7 +594,10 @@ class Supervisor:
             replays=ReplaySnapshot(),
         )
         parts = [w.stats.snapshot for w in self.workers if w.stats is not None and w.alive]
-        return merge_snapshots(own, parts, expected=self.count, retired=self.retired)
+        merged = merge_snapshots(own, parts, retired=self.retired)
+        # ready as /readyz says (one worker restarting does not make the gateway unready)
+        info = msgspec.structs.replace(merged.gateway, ready=ready, workers=self.workers_status())
+        return msgspec.structs.replace(merged, gateway=info)
 
     def totals(self) -> Totals:
         feeds = self.feeds.values()

@@ -3,7 +3,11 @@
 Started by the supervisor as ``python -m gateway.workers.worker --control-fd N``. It first
 asks the kernel to SIGTERM it when the supervisor dies (``PR_SET_PDEATHSIG``), reads its
 :class:`~gateway.workers.control.Init` from the control socket, checks the supervisor is
-still its parent, and then runs a :class:`WorkerGateway`: the single-process ``Gateway``
+still its parent, builds its state (limits, rings mapped, feeds, journal follower, loop) and
+says :class:`~gateway.workers.control.Prepared`; the supervisor then makes its ring slot live
+and answers :class:`~gateway.workers.control.Start` (each feed as of there), and the worker
+restores its feeds, reads the rings, listens and says Ready. It runs a
+:class:`WorkerGateway`: the single-process ``Gateway``
 with its feeds fed from the shared rings instead of sources, its listener bound to the
 client port with ``SO_REUSEPORT`` beside its siblings, and no sources, status port, strobe
 or journal writer of its own (the supervisor has those). It drains and exits on SIGTERM,
@@ -23,6 +27,7 @@ import socket
 import sys
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import msgspec
 
@@ -33,7 +38,7 @@ from gateway.config import Config
 from gateway.errors import GatewayError
 from gateway.fanout import FanOut
 from gateway.feeds import Feed, parse_feed_uri
-from gateway.journal.follower import FollowerJournal, attach_follower, open_follower
+from gateway.journal.follower import FollowerStore, attach_follower, open_follower
 from gateway.ops.logs import print_error, setup_logging
 from gateway.workers.aggregate import families_of
 from gateway.workers.conn import WorkerConnection
@@ -43,8 +48,10 @@ from gateway.workers.control import (
     ControlError,
     Init,
     Message,
+    Prepared,
     Ready,
     Reload,
+    Start,
     Stats,
     describe,
     open_channel,
@@ -61,7 +68,7 @@ log = logging.getLogger("gateway.workers")
 
 #: prctl(2) option: the signal this process gets when its parent thread exits
 PR_SET_PDEATHSIG = 1
-#: how long a worker waits for its Init before giving up
+#: how long a worker waits for its Init (and its Start) before giving up
 INIT_TIMEOUT_S = 30.0
 
 
@@ -73,6 +80,10 @@ def set_parent_death_signal(sig: int = signal.SIGTERM) -> bool:
         return int(libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)) == 0
     except (OSError, AttributeError):
         return False
+
+
+class StoppedEarly(Exception):
+    """SIGTERM (or the supervisor gone) before the worker had its Start."""
 
 
 class WorkerGateway(Gateway):
@@ -97,6 +108,8 @@ class WorkerGateway(Gateway):
         self.rings: list[Ring] = []
         self.feeder: RingFeeder | None = None
         self.shared_limits: SharedLimits | None = None
+        #: the supervisor's Start (answer to Prepared); an error when it went away first
+        self._started: asyncio.Future[Start] | None = None
 
     # --- start ---------------------------------------------------------------------------
 
@@ -114,7 +127,7 @@ class WorkerGateway(Gateway):
         if follower is not None:
             self.journal = state.journal = follower
             state.journal_enabled = True
-        readers: dict[str, RingReader] = {}
+        rings: dict[str, Ring] = {}
         lossless: dict[str, bool] = {}
         for dataset, uri in cfg.feeds.items():
             spec = parse_feed_uri(dataset, uri)
@@ -123,14 +136,17 @@ class WorkerGateway(Gateway):
             )
             self.feeds[dataset] = feed
             lossless[dataset] = spec.backpressure
-            ring = Ring.attach(init.rings[dataset], creator=init.supervisor_pid)
+            ring = rings[dataset] = Ring.attach(init.rings[dataset], creator=init.supervisor_pid)
             self.rings.append(ring)
-            start = init.feeds[dataset]
-            readers[dataset] = RingReader(ring, init.slot, start=start.start_pos)
-            if follower is not None:
-                attach_follower(follower, feed)
-                if start.journal_seq >= 0 and isinstance(feed.journal, FollowerJournal):
-                    feed.journal.start_at(start.journal_seq)
+        # Ready to read: only now does the supervisor make this worker's slot live (while
+        # it booted, its slot held nothing) and say where each feed starts.
+        start = await self._await_start()
+        readers = {
+            ds: RingReader(ring, init.slot, start=start.feeds[ds].start_pos)
+            for ds, ring in rings.items()
+        }
+        if follower is not None:
+            self._follow(follower, start)
         self.feeder = RingFeeder(
             self.feeds,
             readers,
@@ -140,8 +156,8 @@ class WorkerGateway(Gateway):
             efd=init.eventfd if init.eventfd >= 0 else None,
             registry=self.metrics.registry,
         )
-        for dataset, start in init.feeds.items():
-            self.feeder.restore(dataset, start.snapshot)
+        for dataset, fs in start.feeds.items():
+            self.feeder.restore(dataset, fs.snapshot)
         self.server = await loop.create_server(
             functools.partial(WorkerConnection, state),
             cfg.host,
@@ -178,6 +194,35 @@ class WorkerGateway(Gateway):
             ",".join(self.feeds) or "none",
         )
 
+    async def _await_start(self) -> Start:
+        """Say Prepared and wait for the supervisor's Start (StoppedEarly: SIGTERM or the
+        supervisor gone first; GatewayError: no answer in time)."""
+        loop = asyncio.get_running_loop()
+        started: asyncio.Future[Start] = loop.create_future()
+        self._started = started
+        self._send(Prepared(pid=os.getpid()))
+        stopping = loop.create_task(self._stop.wait())
+        waiting: list[asyncio.Future[Any]] = [started, stopping]
+        try:
+            await asyncio.wait(
+                waiting,
+                timeout=INIT_TIMEOUT_S,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        finally:
+            await cancel_and_wait(stopping)
+        if started.done():
+            return started.result()
+        if self._stop.is_set():
+            raise StoppedEarly
+        raise GatewayError(f"no start message after {INIT_TIMEOUT_S:.0f} s")
+
+    def _follow(self, follower: FollowerStore, start: Start) -> None:
+        """Each feed's follower journal, its position and directory as of the start."""
+        for dataset, feed in self.feeds.items():
+            seq = start.feeds[dataset].journal_seq
+            attach_follower(follower, feed, start_seq=seq if seq >= 0 else None)
+
     # --- the control channel -------------------------------------------------------------
 
     def _send(self, msg: Message) -> None:
@@ -185,7 +230,12 @@ class WorkerGateway(Gateway):
             self.channel.send(msg)
 
     def _on_message(self, msg: Message) -> None:
-        if isinstance(msg, Reload):
+        if isinstance(msg, Start):
+            if self._started is not None and not self._started.done():
+                self._started.set_result(msg)
+            else:
+                log.warning("control: a second start message ignored")
+        elif isinstance(msg, Reload):
             self._next_config = msg.config
             self.reload()
         else:
@@ -230,10 +280,14 @@ class WorkerGateway(Gateway):
         sock, self._control_sock = self._control_sock, None
         assert sock is not None
         self.channel = await open_channel(sock, self._on_message, self._on_control_closed)
-        await self.start()
-        await self._stop.wait()
-        log.info("worker %s: shutting down", self.name)
-        await self.shutdown()
+        try:
+            await self.start()
+        except StoppedEarly:
+            log.info("worker %s: stopped before it started", self.name)
+        else:
+            await self._stop.wait()
+            log.info("worker %s: shutting down", self.name)
+            await self.shutdown()
         await cancel_and_wait(self._stats_task)
         if self.feeder is not None:
             self.feeder.stop()
