@@ -56,7 +56,7 @@ from gateway.aio import cancel_and_wait
 from gateway.config import Config, worker_count, workers_settings
 from gateway.errors import FeedError, GatewayError
 from gateway.feeds import Feed, Source, build_source, parse_feed_uri
-from gateway.journal import JournalStore
+from gateway.journal import DatasetJournal, JournalStore
 from gateway.journal_setup import attach_feed, open_store
 from gateway.metrics import Metrics
 from gateway.ops.http import StatusServer
@@ -90,7 +90,7 @@ from gateway.workers.limits import SharedLimits
 from gateway.workers.ring import CHUNK, Ring, RingWriter, remove_stale
 from gateway.workers.sink import RingSink, Waker
 
-__all__ = ["Supervisor", "WorkerProc", "remove_stale_dirs", "run"]
+__all__ = ["Supervisor", "WorkerProc", "remove_stale_dirs", "run", "start_seq"]
 
 log = logging.getLogger("gateway.workers")
 
@@ -336,15 +336,11 @@ class Supervisor:
             head = writer.head
             writer.set_live(w.slot, True, at=head)
             sink = self.sinks[ds]
-            journal = self.feeds[ds].journal
-            # Chunks journaled but still pending (the ring was full) reach this worker
-            # after ``head``: its journal position is the seq before the first of them.
-            queued = next((s for k, _, s, _ in sink.pending if k == CHUNK and s), 0)
-            if journal is None:
-                seq = -1
-            else:
-                seq = queued - 1 if queued else journal.last_seq
-            out[ds] = FeedStart(snapshot=sink.snapshot(), start_pos=head, journal_seq=seq)
+            out[ds] = FeedStart(
+                snapshot=sink.snapshot(),
+                start_pos=head,
+                journal_seq=start_seq(sink, self.feeds[ds].journal),
+            )
         self.waker.add(w.slot, w.eventfd)
         return out
 
@@ -729,6 +725,17 @@ class Supervisor:
         await stop.wait()
         log.info("signal received: shutting down %d workers", self.count)
         await self.shutdown()
+
+
+def start_seq(sink: RingSink, journal: DatasetJournal | None) -> int:
+    """The journal seq of the last chunk before the ring's head (-1: no journal): the
+    journal's newest, unless chunks journaled already are still pending in ``sink`` (the
+    ring was full): those reach a worker starting at the head after it, so its position is
+    the seq before the first of them (a replay handed over there would repeat them)."""
+    if journal is None:
+        return -1
+    queued = next((seq for kind, _, seq, _ in sink.pending if kind == CHUNK and seq), 0)
+    return queued - 1 if queued else journal.last_seq
 
 
 def remove_stale_dirs() -> list[str]:

@@ -62,7 +62,7 @@ from gateway.workers.limits import SharedLimits
 from gateway.workers.pins import PinTracker
 from gateway.workers.ring import Ring, RingReader
 
-__all__ = ["WorkerGateway", "main", "set_parent_death_signal"]
+__all__ = ["StoppedEarly", "WorkerGateway", "follow", "main", "set_parent_death_signal"]
 
 log = logging.getLogger("gateway.workers")
 
@@ -146,7 +146,7 @@ class WorkerGateway(Gateway):
             for ds, ring in rings.items()
         }
         if follower is not None:
-            self._follow(follower, start)
+            follow(follower, self.feeds, start)
         self.feeder = RingFeeder(
             self.feeds,
             readers,
@@ -216,12 +216,6 @@ class WorkerGateway(Gateway):
         if self._stop.is_set():
             raise StoppedEarly
         raise GatewayError(f"no start message after {INIT_TIMEOUT_S:.0f} s")
-
-    def _follow(self, follower: FollowerStore, start: Start) -> None:
-        """Each feed's follower journal, its position and directory as of the start."""
-        for dataset, feed in self.feeds.items():
-            seq = start.feeds[dataset].journal_seq
-            attach_follower(follower, feed, start_seq=seq if seq >= 0 else None)
 
     # --- the control channel -------------------------------------------------------------
 
@@ -297,6 +291,15 @@ class WorkerGateway(Gateway):
             self.shared_limits.close()
         for ring in self.rings:
             ring.close()
+
+
+def follow(follower: FollowerStore, feeds: dict[str, Feed], start: Start) -> None:
+    """Give each feed its follower journal, positioned at the supervisor's journal seq for
+    the worker's start and its directory seeded with the mappings on file as of there (the
+    ones after come through the ring)."""
+    for dataset, feed in feeds.items():
+        seq = start.feeds[dataset].journal_seq
+        attach_follower(follower, feed, start_seq=seq if seq >= 0 else None)
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

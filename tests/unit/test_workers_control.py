@@ -8,19 +8,26 @@ import json
 import logging
 import socket
 import struct
+from pathlib import Path
 
 import pytest
 
 from gateway.cli import build_parser, config_from_args
 from gateway.config import (
     Config,
+    JournalConfig,
     WorkersConfig,
     dump_config,
     parse_config,
     validate,
     worker_count,
 )
+from gateway.dbn import ChunkIndex, index_records
 from gateway.errors import ConfigError
+from gateway.feeds import Feed
+from gateway.journal import DatasetJournal, JournalStore
+from gateway.journal.follower import open_follower
+from gateway.journal_setup import attach_feed
 from gateway.ops.logs import setup_logging
 from gateway.ops.snapshot import GatewayInfo, GatewaySnapshot, SessionsSnapshot
 from gateway.transport import place_workers
@@ -42,6 +49,12 @@ from gateway.workers.control import (
     open_channel,
     recv_message,
 )
+from gateway.workers.ring import Ring, RingWriter
+from gateway.workers.sink import RingSink
+from gateway.workers.supervisor import start_seq
+from gateway.workers.worker import follow
+
+from .conftest import NOW_NS, trade
 
 KEY = "db-UNITKEY00000000000000000000AB"
 
@@ -281,3 +294,69 @@ def test_logs_name_the_worker(fmt: str, capsys: pytest.CaptureFixture[str]) -> N
         assert doc["worker"] == "w3" and doc["peer"] == "x" and doc["msg"] == "hello peer=x"
     else:
         assert err.endswith("INFO gateway.test worker=w3 hello peer=x")
+
+
+# --- where a (re)started worker's feeds begin ------------------------------------------------
+
+
+def _chunk(n: int, at: int) -> ChunkIndex:
+    index, _ = index_records(b"".join(trade(1001, NOW_NS + at + i) for i in range(n)))
+    return index
+
+
+def test_a_worker_starts_before_the_chunks_still_pending_for_a_full_ring(
+    tmp_path: Path,
+) -> None:
+    store = JournalStore.open(tmp_path / "journal")
+    ring = Ring.create(1 << 20, 1)
+    sink = RingSink(RingWriter(ring))
+    try:
+        sink.writer.set_live(0, True)  # a worker that releases nothing: the ring fills
+        feed = Feed("T.FEED", fanout=sink)
+        sink.attach(feed)
+        attach_feed(store, feed)
+        journal = feed.journal
+        assert isinstance(journal, DatasetJournal)
+        assert start_seq(sink, journal) == journal.last_seq
+        for n in range(100):  # 24 KiB chunks: bounded well past 1 MiB
+            feed.publish(_chunk(512, n * 512))
+            if len(sink.pending) >= 3:
+                break
+        queued = [seq for _, _, seq, _ in sink.pending]
+        assert len(queued) >= 3 and queued[-1] == journal.last_seq, queued
+        # journaled already, but reaching a worker starting at the head only after it
+        assert start_seq(sink, journal) == queued[0] - 1 < journal.last_seq
+        assert start_seq(sink, None) == -1
+        sink.pending.clear()
+        assert start_seq(sink, journal) == journal.last_seq
+    finally:
+        sink.close()
+        ring.unlink()
+        ring.close()
+        store.close()
+
+
+def test_a_worker_journal_and_directory_start_at_the_start_seq(tmp_path: Path) -> None:
+    store = JournalStore.open(tmp_path / "journal")
+    try:
+        writer = Feed("T.FEED")
+        attach_feed(store, writer)
+        writer.learn_many([("AAA", 1001)])
+        writer.publish(_chunk(4, 0))
+        start = writer.journal_seq  # the worker's slot goes live after this chunk ...
+        writer.publish(_chunk(4, 10))
+        writer.learn_many([("BBB", 1002)])  # ... so this comes to it through the ring
+        writer.publish(_chunk(4, 20))
+        assert writer.journal_seq == start + 2
+        follower = open_follower(JournalConfig(dir=str(tmp_path / "journal")))
+        assert follower is not None
+        feed = Feed("T.FEED")
+        follow(
+            follower,
+            {"T.FEED": feed},
+            Start(feeds={"T.FEED": FeedStart(snapshot=b"", start_pos=0, journal_seq=start)}),
+        )
+        assert feed.journal is not None and feed.journal.last_seq == start
+        assert [sym for sym, _ in feed.directory.log] == ["AAA"]  # BBB: not yet
+    finally:
+        store.close()
