@@ -158,6 +158,7 @@ class WorkerGateway(Gateway):
         )
         for dataset, fs in start.feeds.items():
             self.feeder.restore(dataset, fs.snapshot)
+        self.feeder.start()  # reading at once: the slot is live, the writer waits for it
         self.server = await loop.create_server(
             functools.partial(WorkerConnection, state),
             cfg.host,
@@ -182,7 +183,6 @@ class WorkerGateway(Gateway):
         self._note_feed_states()
         self._ticker = loop.create_task(self._tick())
         self._stats_task = loop.create_task(self._push_stats())
-        self.feeder.start()
         self._send(Ready(pid=os.getpid(), report=report.line()))
         log.info(
             "worker %s listening on %s:%d pid=%d (loop=%s, datasets=%s)",
