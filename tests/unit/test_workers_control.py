@@ -10,6 +10,7 @@ import socket
 import struct
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from gateway.cli import build_parser, config_from_args
@@ -29,7 +30,8 @@ from gateway.journal import DatasetJournal, JournalStore
 from gateway.journal.follower import open_follower
 from gateway.journal_setup import attach_feed
 from gateway.ops.logs import setup_logging
-from gateway.ops.snapshot import GatewayInfo, GatewaySnapshot, SessionsSnapshot
+from gateway.ops.snapshot import GatewayInfo, GatewaySnapshot, SessionsSnapshot, WorkersInfo
+from gateway.ops.status import assess
 from gateway.transport import place_workers
 from gateway.workers.aggregate import Family, Sample
 from gateway.workers.control import (
@@ -360,3 +362,17 @@ def test_a_worker_journal_and_directory_start_at_the_start_seq(tmp_path: Path) -
         assert [sym for sym, _ in feed.directory.log] == ["AAA"]  # BBB: not yet
     finally:
         store.close()
+
+
+def test_a_worker_down_degrades_the_status_and_single_process_documents_are_unchanged() -> None:
+    info = _snapshot().gateway
+    assert "workers" not in msgspec.to_builtins(info)  # one process: no new field
+    down = msgspec.structs.replace(info, workers=WorkersInfo(up=1, of=2, down=["w0"]))
+    gw = msgspec.to_builtins(down)
+    assert gw["workers"] == {"up": 1, "of": 2, "down": ["w0"]}
+    assert assess({"gateway": gw, "feeds": []}) == (
+        "degraded",
+        ["worker(s) down: w0 (1 of 2 up)"],
+    )
+    gw["workers"] = {"up": 2, "of": 2, "down": []}
+    assert assess({"gateway": gw, "feeds": []}) == ("operational", [])
