@@ -16,7 +16,8 @@ high-water mark) its ring is not read; the Feed's flow listener resumes it.
 Releases (what the supervisor may overwrite): after every turn each reader releases
 ``min(next unread entry, the chunk the Feed holds behind a mapping burst, the oldest entry a
 session's transport still references (pins.PinTracker))``. A session whose transport has
-held ring memory for more than half the ring is cut (``ring_pin``: its final ErrorMsg queued
+held ring memory for more than half the ring (on a lossless feed: for ``lossless_pin_s``,
+the feed waiting for it meanwhile) is cut (``ring_pin``: its final ErrorMsg queued
 behind what it has not read); if it still holds it three quarters of the ring back (the
 writer, and so every worker's sessions, would soon wait for it) its transport is aborted.
 
@@ -99,6 +100,9 @@ class _Lane:
     blocked_sent: bool = False
     #: since when (clock) the reader has been more than half the ring behind (None: not)
     behind_since: float | None = None
+    #: lossless: since when (clock) a session has pinned ring memory more than half the
+    #: ring back (None: none does)
+    pinned_since: float | None = None
 
 
 class RingFeeder:
@@ -125,9 +129,14 @@ class RingFeeder:
         budget_entries: int = 64,
         budget_s: float = 0.002,
         skip_after_s: float = 0.25,
+        lossless_pin_s: float = 10.0,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.pins = pins
+        #: lossless feeds: how long a session may pin ring memory more than half the ring
+        #: back before it is cut (the feed waits for it meanwhile, as for a session over its
+        #: high-water mark; the worker passes ``[slow_reader] stall_timeout_s``)
+        self.lossless_pin_s = lossless_pin_s
         self.notify_blocked = notify_blocked
         self.efd = efd
         self.budget_entries = max(1, budget_entries)
@@ -352,14 +361,27 @@ class RingFeeder:
                     release = floor
                     pinned = True
                 head = reader.pos + reader.behind()
-                if floor < head - reader.size // _BEHIND_DIV:
+                if floor < head - reader.size // _BEHIND_DIV and self._pin_overdue(lane):
                     self._cut_pinned(lane, head - reader.size // _BEHIND_DIV)
                     if floor < head - reader.size * 3 // 4:
                         self._abort_pinned(lane, head - reader.size * 3 // 4)
+            else:
+                lane.pinned_since = None
             reader.release(release)
             self._check_blocked(lane)
         if pinned:
             self._schedule_sweep()
+
+    def _pin_overdue(self, lane: _Lane) -> bool:
+        """A session pins ring memory more than half the ring back: cut it now, or (a
+        lossless feed: the feed waits for its slowest session, the source paused while the
+        ring is full) once that has lasted ``lossless_pin_s``."""
+        if not lane.lossless:
+            return True
+        now = self._clock()
+        if lane.pinned_since is None:
+            lane.pinned_since = now
+        return now - lane.pinned_since >= self.lossless_pin_s
 
     def _pin_floors(self) -> dict[object, int]:
         """The oldest pinned position per dataset (pins are keyed by the dataset given to

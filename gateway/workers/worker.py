@@ -155,6 +155,7 @@ class WorkerGateway(Gateway):
             self.notify_blocked,
             efd=init.eventfd if init.eventfd >= 0 else None,
             registry=self.metrics.registry,
+            lossless_pin_s=self.cfg.slow_reader.stall_timeout_s,
         )
         for dataset, fs in start.feeds.items():
             self.feeder.restore(dataset, fs.snapshot)

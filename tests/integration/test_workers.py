@@ -429,3 +429,52 @@ def test_every_worker_runs_under_the_preload_on_its_own_cpu(
             assert f"cpus:{cpu}" in fields["sockopts"]
             assert os.sched_getaffinity(pid) == {cpu}
         check_byte_exact_fanout(gw)
+
+
+def test_lossless_feed_waits_for_a_slow_session_on_either_worker() -> None:
+    """``?backpressure=1`` with two workers: a session that stops reading makes the feed
+    wait (under uvloop its socket still holds ring memory, so the ring fills and the source
+    pauses; under the stdlib loop it goes over its high-water mark and its worker asks the
+    supervisor to pause: either way counted); once it reads again every session on both
+    workers has every record, in order, and nobody was cut or skipped."""
+    feeds = {DATASET: "ingest://127.0.0.1:0?backpressure=1"}
+    # small kernel buffers on both ends: a few MB are past all of them
+    config = CONFIG + "[transport]\nsndbuf = 65536\n"
+    with gateway("--workers", "2", "--metrics-port", "0", feeds=feeds, config=config) as gw:
+        pids = [int(p) for p in re.findall(r"\d+", gw.lines[1].split("pids=")[1])]
+        pub, _ = publisher(gw)
+        by_pid = spread_sessions(gw, pids, 2)
+        sessions = [s for v in by_pid.values() for s in v]
+        try:
+            poll_until(lambda: streaming(gw, 4), 10, 0.05, "four sessions streaming")
+            slow = by_pid[pids[0]][0]  # not read until the feed has waited for it
+            slow.client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+            others = [s for s in sessions if s is not slow]
+            _, records = synthetic_trades(80_000, 9)  # 3.8 MB
+            sender = threading.Thread(target=pub.sendall, args=(b"".join(records),))
+            sender.start()
+
+            def waited() -> bool:
+                for s in others:
+                    s.pump(0.01)
+                samples = metric_samples(gw.metrics_port)
+                full = metric(samples, "gateway_worker_ring_full_total", dataset=DATASET)
+                paused = metric(samples, "gateway_feed_pauses_total", dataset=DATASET)
+                return full + paused >= 1
+
+            poll_until(waited, 30, 0.0, "the lossless feed waiting for the slow session")
+            pump_until(sessions, lambda s: len(s.data) >= len(records), 30, "every record")
+            sender.join(10)
+            assert not sender.is_alive()
+            for s in sessions:
+                assert s.data == records
+                assert not s.eof
+            samples = metric_samples(gw.metrics_port)
+            assert metric(samples, "gateway_worker_ring_skips_total") == 0
+            assert metric(samples, "gateway_records_skipped_total") == 0
+            ended = metric(samples, "gateway_disconnects_total")
+            assert ended == metric(samples, "gateway_disconnects_total", reason="client_closed")
+        finally:
+            for s in sessions:
+                s.close()
+            pub.close()
