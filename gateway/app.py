@@ -28,6 +28,7 @@ from gateway.config import Config, worker_count
 from gateway.errors import ConfigError, FeedError, GatewayError
 from gateway.fanout import FanOut
 from gateway.feeds import Feed, Source, build_source, parse_feed_uri
+from gateway.feeds.readiness import FeedReadiness
 from gateway.journal import JournalStore
 from gateway.journal_setup import attach_feed, open_store
 from gateway.metrics import Metrics
@@ -103,8 +104,8 @@ class Gateway:
         self._ticker: asyncio.Task[None] | None = None
         self._http: StatusServer | None = None
         self.started_at = time.time()
-        #: when each feed went down (monotonic; readiness grace), noted every tick
-        self._feed_down_since: dict[str, float] = {}
+        #: whether the feeds are up or within ``feed_grace_s`` (noted every tick)
+        self.readiness = FeedReadiness(self.feeds, cfg.feed_grace_s)
         #: the in-gateway probe (serve --strobe)
         self.strobe: Prober | None = None
         # /metrics reads the feeds' and sessions' totals when scraped, via snapshot()
@@ -174,7 +175,7 @@ class Gateway:
         self._fit_connections_under_fd_limit()
         self.metrics.info.info({"version": __version__, "loop": _loop_name()})
         self.metrics.start_time.set(self.started_at)
-        self._note_feed_states()
+        self.readiness.note()
         self._ticker = loop.create_task(self._tick())
         if cfg.strobe.enabled:
             self.strobe = await start_strobe(self)
@@ -243,20 +244,7 @@ class Gateway:
     def ready(self) -> tuple[bool, dict[str, str]]:
         """Listening, and every feed connected or still within ``feed_grace_s`` of going
         down (or of the start); the detail says which, per dataset."""
-        now = time.monotonic()
-        grace = self.cfg.feed_grace_s
-        detail: dict[str, str] = {}
-        feeds_ok = True
-        for ds, f in self.feeds.items():
-            if f.connected:
-                detail[ds] = "up: " + f.state_detail
-                continue
-            left = grace - (now - self._feed_down_since.get(ds, now))
-            if left > 0:
-                detail[ds] = f"down, {left:.1f} s of grace left: {f.state_detail}"
-            else:
-                feeds_ok = False
-                detail[ds] = "down: " + f.state_detail
+        feeds_ok, detail = self.readiness.check()
         listening = self.server is not None and self.server.is_serving()
         return listening and self.state.accepting and feeds_ok, detail
 
@@ -271,21 +259,12 @@ class Gateway:
             expected = now + TICK_S
             for conn in list(self.state.connections):
                 conn.tick(now)
-            self._note_feed_states()
+            self.readiness.note()
             if self.journal is not None:
                 try:
                     self.journal.maintain()  # retention, interval fsync
                 except Exception:  # pragma: no cover - the ticker must go on
                     log.exception("journal maintenance failed")
-
-    def _note_feed_states(self) -> None:
-        """When each feed went down (readiness gives it ``feed_grace_s`` from then)."""
-        mono = time.monotonic()
-        for ds, feed in self.feeds.items():
-            if feed.connected:
-                self._feed_down_since.pop(ds, None)
-            else:
-                self._feed_down_since.setdefault(ds, mono)
 
     def snapshot(self) -> GatewaySnapshot:
         """The gateway's figures now: what /metrics, /status and /status.json report."""

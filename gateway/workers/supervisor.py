@@ -56,6 +56,7 @@ from gateway.aio import cancel_and_wait
 from gateway.config import Config, worker_count, workers_settings
 from gateway.errors import FeedError, GatewayError
 from gateway.feeds import Feed, Source, build_source, parse_feed_uri
+from gateway.feeds.readiness import FeedReadiness
 from gateway.journal import DatasetJournal, JournalStore
 from gateway.journal_setup import attach_feed, open_store
 from gateway.metrics import Metrics
@@ -173,7 +174,8 @@ class Supervisor:
         self._http: StatusServer | None = None
         self._ticker: asyncio.Task[None] | None = None
         self._ingest_lines: list[str] = []
-        self._feed_down_since: dict[str, float] = {}
+        #: whether the feeds are up or within ``feed_grace_s`` (noted every tick)
+        self.readiness = FeedReadiness(self.feeds, cfg.feed_grace_s)
         self._start_failed: asyncio.Future[str] | None = None
         self.restarts_total = PromCounter(
             "gateway_worker_restarts",
@@ -267,7 +269,7 @@ class Supervisor:
         self.metrics.info.info({"version": __version__, "loop": self.loop_name})
         self.metrics.start_time.set(self.started_at)
         self.serving = True
-        self._note_feed_states()
+        self.readiness.note()
         self._ticker = loop.create_task(self._tick())
         if cfg.strobe.enabled:
             self.strobe = await start_strobe(cast(Any, self))
@@ -492,7 +494,7 @@ class Supervisor:
     async def _tick(self) -> None:
         while True:
             await asyncio.sleep(TICK_S)
-            self._note_feed_states()
+            self.readiness.note()
             self._kill_stuck()
             if self.journal is not None:
                 try:
@@ -524,14 +526,6 @@ class Supervisor:
 
     # --- StatusSource --------------------------------------------------------------------
 
-    def _note_feed_states(self) -> None:
-        mono = time.monotonic()
-        for ds, feed in self.feeds.items():
-            if feed.connected:
-                self._feed_down_since.pop(ds, None)
-            else:
-                self._feed_down_since.setdefault(ds, mono)
-
     def workers_status(self) -> WorkersInfo:
         """Workers up (Ready and alive) of how many, and the names of those down (dead,
         restarting or still starting)."""
@@ -544,20 +538,7 @@ class Supervisor:
         does not stop the gateway serving), and every feed connected or within
         ``feed_grace_s`` (as the single-process gateway). ``workers_status`` says which
         workers are down."""
-        now = time.monotonic()
-        grace = self.cfg.feed_grace_s
-        detail: dict[str, str] = {}
-        feeds_ok = True
-        for ds, f in self.feeds.items():
-            if f.connected:
-                detail[ds] = "up: " + f.state_detail
-                continue
-            left = grace - (now - self._feed_down_since.get(ds, now))
-            if left > 0:
-                detail[ds] = f"down, {left:.1f} s of grace left: {f.state_detail}"
-            else:
-                feeds_ok = False
-                detail[ds] = "down: " + f.state_detail
+        feeds_ok, detail = self.readiness.check()
         workers_ok = any(w.ready and w.alive for w in self.workers)
         return self.serving and not self.stopping and workers_ok and feeds_ok, detail
 

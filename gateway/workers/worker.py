@@ -181,7 +181,7 @@ class WorkerGateway(Gateway):
         self._fit_connections_under_fd_limit()
         self.metrics.info.info({"version": __version__, "loop": self.loop_name})
         self.metrics.start_time.set(self.started_at)
-        self._note_feed_states()
+        self.readiness.note()
         self._ticker = loop.create_task(self._tick())
         self._stats_task = loop.create_task(self._push_stats())
         self._send(Ready(pid=os.getpid(), report=report.line()))
