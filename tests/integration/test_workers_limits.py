@@ -12,6 +12,8 @@ import socket
 import time
 from pathlib import Path
 
+import pytest
+
 from gateway.dbn import encode_publisher_metadata
 from tests.integration.helpers import (
     KEY,
@@ -98,6 +100,7 @@ class _Stream:
         return off
 
 
+@pytest.mark.slow_e2e  # counting across processes and merging metrics: not a loop check
 def test_key_limit_and_metrics_hold_across_two_workers() -> None:
     gw = start_gateway(
         "--workers", "2", "--metrics-port", "0", feeds=FEEDS, config=CONFIG, max_sessions=3

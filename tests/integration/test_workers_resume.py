@@ -97,6 +97,7 @@ def jdir() -> Iterator[Path]:
 # --- (a) ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow_e2e  # the follower and the planner, byte for byte: not a loop check
 def test_start_replays_through_each_worker_are_what_one_process_replays(jdir: Path) -> None:
     t0 = time.time_ns() - 30 * 10**9
     gw = start_gateway(*WORKERS, "--journal-dir", str(jdir), feeds=FEEDS)
