@@ -67,14 +67,14 @@ class SessionAccount:
 
     def phase(self, conn: ClientConnection, phase: str | None) -> None:
         """Move the connection's gauge series to ``phase`` (None: out of the gauge)."""
-        gauge = self.metrics.sessions
+        series = self.metrics.session_series
         if self._gauge is not None:
-            gauge.labels(*self._gauge).dec()
+            series(self._gauge).dec()
             self._gauge = None
         if phase is not None and conn.feed is not None:
             compression = "zstd" if conn.zstd else "none"
             labels = (conn.feed.dataset, compression, "1" if conn.ts_out else "0", phase)
-            gauge.labels(*labels).inc()
+            series(labels).inc()
             self._gauge = labels
 
     def export_bytes(self, conn: ClientConnection) -> None:
