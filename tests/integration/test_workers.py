@@ -472,8 +472,10 @@ def test_lossless_feed_waits_for_a_slow_session_on_either_worker() -> None:
             samples = metric_samples(gw.metrics_port)
             assert metric(samples, "gateway_worker_ring_skips_total") == 0
             assert metric(samples, "gateway_records_skipped_total") == 0
-            ended = metric(samples, "gateway_disconnects_total")
-            assert ended == metric(samples, "gateway_disconnects_total", reason="client_closed")
+            # (sessions spread_sessions closed are counted as the client's close or reset)
+            cuts = ("ring_pin", "ring_behind", "ring_lapped", "lossless_stall", "slow_reader_cap")
+            for reason in cuts:
+                assert metric(samples, "gateway_disconnects_total", reason=reason) == 0
         finally:
             for s in sessions:
                 s.close()
