@@ -302,3 +302,28 @@ def synthetic_records(schema: str, n: int, seed: int) -> tuple[dict[str, int], l
 
 def synthetic_trades(n: int, seed: int) -> tuple[dict[str, int], list[bytes]]:
     return synthetic_records("trades", n, seed)
+
+
+def socket_owner(server_port: int, client_port: int, pids: list[int]) -> int | None:
+    """The pid (of ``pids``) holding the server end of the connection from ``client_port``."""
+    inode = None
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        parts = line.split()
+        local, remote = parts[1].split(":"), parts[2].split(":")
+        if int(local[1], 16) == server_port and int(remote[1], 16) == client_port:
+            inode = parts[9]
+    if inode is None or inode == "0":
+        return None
+    want = f"socket:[{inode}]"
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{fd}") == want:
+                    return pid
+            except OSError:
+                continue
+    return None

@@ -37,6 +37,7 @@ from tests.integration.helpers import (
     metric_at_least,
     metric_samples,
     poll_until,
+    socket_owner,
     start_gateway,
     synthetic_trades,
 )
@@ -120,31 +121,6 @@ def children(pid: int) -> list[int]:
     except OSError:
         return []
     return [int(p) for p in text.split()]
-
-
-def socket_owner(server_port: int, client_port: int, pids: list[int]) -> int | None:
-    """The pid (of ``pids``) holding the server end of the connection from ``client_port``."""
-    inode = None
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        parts = line.split()
-        local, remote = parts[1].split(":"), parts[2].split(":")
-        if int(local[1], 16) == server_port and int(remote[1], 16) == client_port:
-            inode = parts[9]
-    if inode is None or inode == "0":
-        return None
-    want = f"socket:[{inode}]"
-    for pid in pids:
-        try:
-            fds = os.listdir(f"/proc/{pid}/fd")
-        except OSError:
-            continue
-        for fd in fds:
-            try:
-                if os.readlink(f"/proc/{pid}/fd/{fd}") == want:
-                    return pid
-            except OSError:
-                continue
-    return None
 
 
 def alive(pid: int) -> bool:

@@ -5,12 +5,10 @@ and the supervisor's one /metrics reports the sum over the workers."""
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import socket
 import time
-from pathlib import Path
 
 import pytest
 
@@ -21,6 +19,7 @@ from tests.integration.helpers import (
     metric,
     metric_samples,
     poll_until,
+    socket_owner,
     start_gateway,
     synthetic_trades,
 )
@@ -35,37 +34,11 @@ REFUSAL = "success=0|error=Connection limit exceeded: this API key already has 3
 GATEWAY_RTYPES = {0x15, 0x16, 0x17}  # ErrorMsg, SymbolMappingMsg, SystemMsg
 
 
-def _owner(server_port: int, client_port: int, pids: list[int]) -> int | None:
-    """The worker (of ``pids``) whose descriptor holds the server end of the connection
-    from ``client_port`` (None until one has accepted it)."""
-    inode = None
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        parts = line.split()
-        local, remote = parts[1].split(":"), parts[2].split(":")
-        if int(local[1], 16) == server_port and int(remote[1], 16) == client_port:
-            inode = parts[9]
-    if inode in (None, "0"):
-        return None
-    want = f"socket:[{inode}]"
-    for pid in pids:
-        try:
-            fds = os.listdir(f"/proc/{pid}/fd")
-        except OSError:
-            continue
-        for fd in fds:
-            try:
-                if os.readlink(f"/proc/{pid}/fd/{fd}") == want:
-                    return pid
-            except OSError:
-                continue
-    return None
-
-
 def _connect(port: int, pids: list[int]) -> tuple[RawClient, int]:
     """A connection and the worker that accepted it."""
     client = RawClient(port)
     local = client.sock.getsockname()[1]
-    return client, poll_until(lambda: _owner(port, local, pids), 5, 0.01, "its worker")
+    return client, poll_until(lambda: socket_owner(port, local, pids), 5, 0.01, "its worker")
 
 
 class _Stream:

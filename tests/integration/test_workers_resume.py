@@ -21,7 +21,13 @@ from pathlib import Path
 import pytest
 
 from gateway.dbn import SCHEMA_RTYPE
-from tests.integration.helpers import GatewayProcess, apoll_until, poll_until, start_gateway
+from tests.integration.helpers import (
+    GatewayProcess,
+    apoll_until,
+    poll_until,
+    socket_owner,
+    start_gateway,
+)
 from tests.integration.test_client_resume import (
     Publisher as SeqPublisher,
     Sink,
@@ -58,34 +64,9 @@ def worker_pids(gw: GatewayProcess) -> list[int]:
     return [int(p) for p in text.split()]
 
 
-def _server_inode(gw_port: int, client_port: int) -> int | None:
-    """The inode of the gateway's end of the TCP connection from ``client_port``."""
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        cols = line.split()
-        local, remote, inode = cols[1], cols[2], int(cols[9])
-        if int(local.split(":")[1], 16) == gw_port and int(remote.split(":")[1], 16) == client_port:
-            return inode
-    return None
-
-
 def worker_of(gw: GatewayProcess, sock: socket.socket) -> int | None:
     """The pid of the worker process serving the connection of ``sock`` (None: none yet)."""
-    inode = _server_inode(gw.port, sock.getsockname()[1])
-    if inode is None:
-        return None
-    want = f"socket:[{inode}]"
-    for pid in worker_pids(gw):
-        try:
-            fds = os.listdir(f"/proc/{pid}/fd")
-        except OSError:
-            continue
-        for fd in fds:
-            try:
-                if os.readlink(f"/proc/{pid}/fd/{fd}") == want:
-                    return pid
-            except OSError:
-                continue
-    return None
+    return socket_owner(gw.port, sock.getsockname()[1], worker_pids(gw))
 
 
 @pytest.fixture
