@@ -36,6 +36,19 @@ records and minus the repeats, plus whatever gateway records each session sends 
 ErrorMsg that ended a connection, SymbolMappingMsgs again after a resume, SystemMsgs).
 ``metadata`` is the first session's Metadata; ``reconnects`` counts the resumes.
 
+Upstreams and a first connection that may wait (what the relay feed,
+``gateway.feeds.relay``, builds on): ``alternates`` lists more (host, port) pairs tried in
+order when the current one cannot be reached; a resume by position is only ever sent to
+the gateway that gave the checkpoint (another one has its own journal, where the same
+number means other records), which is retried alone for ``failover_after_s`` first. A
+switch to another one carries on live and reports a ``Gap`` (reason ``failover``). A
+client made with the constructor takes its subscriptions with ``subscribe`` while not
+connected, may be given a saved position with ``restore``, and ``connect_retrying``
+makes its first connection with the same backoff as a reconnect (a refused replay then
+carries on live with a ``Gap`` instead of raising). ``key`` may be a callable, asked at
+every connection (a key file read again). ``on_lost(why)`` and
+``on_connected(mode, upstream)`` follow the connection.
+
 Limits: every subscription must be made before ``start()`` (a later one could not be
 replayed the same way: ``subscribe`` raises then); authentication refused on a reconnect
 (a key removed) and a refused ``start`` on the very first connection are raised, not
@@ -126,7 +139,7 @@ class ResumingClient:
         self,
         host: str,
         port: int,
-        key: str,
+        key: str | Callable[[], str],
         dataset: str,
         *,
         ts_out: bool = False,
@@ -138,9 +151,21 @@ class ResumingClient:
         on_gap: Callable[[Gap], None] | None = None,
         on_reconnect: Callable[[int, str], None] | None = None,
         rng: random.Random | None = None,
+        alternates: Sequence[tuple[str, int]] = (),
+        failover_after_s: float = 10.0,
+        on_lost: Callable[[str], None] | None = None,
+        on_connected: Callable[[str, int], None] | None = None,
     ) -> None:
         self.host, self.port, self.dataset = host, port, dataset
         self._key = key
+        #: every upstream, in the order they are tried; ``upstream``: the one in use
+        self.upstreams: list[tuple[str, int]] = [(host, port), *alternates]
+        self.upstream = 0
+        #: the upstream whose checkpoints ``cursor`` counts from (None: no position)
+        self.cursor_upstream: int | None = None
+        self.failover_after_s = failover_after_s
+        self.on_lost = on_lost
+        self.on_connected = on_connected
         self.ts_out = ts_out
         self.compression = compression
         self.heartbeat_interval_s = heartbeat_interval_s
@@ -165,13 +190,14 @@ class ResumingClient:
         # limits span connections that end before anything arrives)
         self._streak = 0
         self._lost_at: float | None = None
+        self._round = 0  # upstreams tried in order, after the failover wait
 
     @classmethod
     async def connect(
         cls,
         host: str,
         port: int,
-        key: str,
+        key: str | Callable[[], str],
         dataset: str,
         *,
         ts_out: bool = False,
@@ -206,10 +232,12 @@ class ResumingClient:
         return client
 
     async def _open(self) -> LiveClient:
+        host, port = self.upstreams[self.upstream]
+        key = self._key() if callable(self._key) else self._key
         return await LiveClient.connect(
-            self.host,
-            self.port,
-            self._key,
+            host,
+            port,
+            key,
             self.dataset,
             ts_out=self.ts_out,
             compression=self.compression,
@@ -231,8 +259,9 @@ class ResumingClient:
         stype_in: str = "raw_symbol",
         start: int | str | None = None,
     ) -> int:
-        """Subscribe (before ``start()``); ``start`` (UNIX ns or ISO 8601) replays from then."""
-        if self.started or self.live is None:
+        """Subscribe (before ``start()``); ``start`` (UNIX ns or ISO 8601) replays from then.
+        Not connected yet (``connect_retrying`` comes next): only remembered."""
+        if self.started:
             raise ClientError("a resuming client takes every subscription before start()")
         items = (symbols,) if isinstance(symbols, str) else tuple(symbols)
         self._sub_id += 1
@@ -240,9 +269,37 @@ class ResumingClient:
             schema, items, stype_in, None if start is None else str(start), self._sub_id
         )
         self.subscriptions.append(sub)
-        self.live._writer.write(sub.lines(resume_after=None, with_start=True))
-        await self.live._writer.drain()
+        if self.live is not None:
+            self.live._writer.write(sub.lines(resume_after=None, with_start=True))
+            await self.live._writer.drain()
         return sub.sub_id
+
+    def restore(self, seq: int, count: int, upstream: int) -> None:
+        """Start from a saved position (before ``connect_retrying``): ``count`` data
+        records after checkpoint ``seq`` of upstream number ``upstream`` were already
+        handed over."""
+        if self.started:
+            raise ClientError("restore() comes before the first connection")
+        self.cursor.seq = seq
+        self.cursor.count = count
+        self.cursor_upstream = upstream
+
+    async def connect_retrying(self) -> Any:
+        """The first connection of a client made with the constructor, retried with the
+        backoff like a reconnect (resuming from ``restore``'s position, if any); returns
+        the Metadata. ``ClientError`` only for a refused key."""
+        if self.started or self.live is not None:
+            raise ClientError("connect_retrying() is for a client that never connected")
+        self._first = False  # a refused replay carries on live (a Gap), it does not raise
+        await self._reconnect("starting", None, initial=True)
+        return self.metadata
+
+    async def reconnect(self, why: str) -> None:
+        """Connect again now (after ``batches()`` raised for a refused key, say), with
+        the same backoff, resuming where the cursor stands."""
+        if self.live is not None:
+            await self._drop(self.live)
+        await self._reconnect(why, None)
 
     async def start(self, timeout: float = 10.0) -> Any:
         """Send start_session and return the first session's Metadata."""
@@ -310,15 +367,31 @@ class ResumingClient:
         if refused is not None and refused.kind != "busy":
             return "live", None
         if self.cursor.seq is not None:
+            if self.cursor_upstream not in (None, self.upstream):
+                return "live", None  # another gateway's journal: a failover
             return "resume", self.cursor.seq
         if self._any_start():
             return "start", None
         return "live", None
 
-    async def _reconnect(self, why: str, refused: _Refused | None) -> None:
-        log.info("connection lost (%s); reconnecting", why)
+    def _pick_upstream(self, attempt: int, elapsed: float) -> int:
+        """Which upstream attempt ``attempt`` of an outage goes to: the one the position
+        came from for ``failover_after_s``, then every one in order, round and round."""
+        n = len(self.upstreams)
+        home = self.cursor_upstream
+        if n == 1 or (home is not None and elapsed < self.failover_after_s):
+            return home or 0
+        self._round += 1
+        return (self._round - 1) % n
+
+    async def _reconnect(self, why: str, refused: _Refused | None, initial: bool = False) -> None:
+        if not initial:
+            log.info("connection lost (%s); reconnecting", why)
+        if self.on_lost is not None:
+            self.on_lost(why)
         if self._lost_at is None:
             self._lost_at = time.monotonic()
+        self._round = 0
         lost = self._lost_at
         attempt = self._streak
         last_error = why
@@ -328,13 +401,16 @@ class ResumingClient:
                     f"could not reconnect after {attempt} attempts "
                     f"({time.monotonic() - lost:.1f} s): {last_error}"
                 )
-            try:
-                await asyncio.wait_for(self._closed.wait(), self.backoff.delay(attempt, self._rng))
-            except TimeoutError:
-                pass
+            if attempt or not initial:
+                try:
+                    delay = self.backoff.delay(attempt, self._rng)
+                    await asyncio.wait_for(self._closed.wait(), delay)
+                except TimeoutError:
+                    pass
             if self._closing:
                 return
             attempt += 1
+            self.upstream = self._pick_upstream(attempt - 1, time.monotonic() - lost)
             mode, resume_after = self._plan(refused)
             live: LiveClient | None = None
             try:
@@ -364,25 +440,43 @@ class ResumingClient:
         self.live = live
         self._first = False
         self._resumed_with = mode
-        self.reconnects += 1
+        if initial:
+            self.metadata = metadata
+        else:
+            self.reconnects += 1
+        failover = self.cursor.seq is not None and self.cursor_upstream not in (
+            None,
+            self.upstream,
+        )
         if mode == "live":
             if refused is not None:
                 reason, text = refused.kind, refused.text
+            elif failover:
+                reason = "failover"
+                text = (
+                    f"switched to upstream {self.upstream + 1} of {len(self.upstreams)}, "
+                    "whose journal positions are not the previous upstream's"
+                )
             else:
                 reason = "no_checkpoint"
                 text = "the connection was lost before the first checkpoint"
-            self._report(reason, text, metadata)
+            if not initial or failover or refused is not None:
+                self._report(reason, text, metadata)
             self.cursor.reset()
         else:
             self.cursor.begin_resume()
+        self.cursor_upstream = self.upstream
         log.info(
-            "reconnected (%s) after %d attempt(s), after_seq=%s, dropping %d record(s)",
+            "%s (%s) after %d attempt(s), after_seq=%s, dropping %d record(s)",
+            "connected" if initial else "reconnected",
             mode,
             attempt,
             self.cursor.seq,
             self.cursor.skip,
         )
-        if self.on_reconnect is not None:
+        if self.on_connected is not None:
+            self.on_connected(mode, self.upstream)
+        if self.on_reconnect is not None and not initial:
             self.on_reconnect(self.reconnects, mode)
 
     def _report(self, reason: str, text: str, metadata: Any) -> None:

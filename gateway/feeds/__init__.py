@@ -3,6 +3,8 @@
 synthetic:[?rate=2000&instruments=50&seed=7&schemas=trades,mbp-1,ohlcv-1s]
 file:PATH[?pace=realtime|max|<factor>&loop=1&backpressure=0|1]
 ingest://HOST:PORT[?backpressure=0|1&idle_timeout_s=30&allow=CIDR,CIDR]
+lsg://HOST:PORT[,HOST2:PORT2...]?schemas=trades[&dataset=D&symbols=A,B&stype_in=raw_symbol
+      &compression=zstd&key_env=VAR|key_file=PATH&heartbeat_interval_s=5&failover_after_s=10]
 
 Every bad value is a ConfigError that names the feed and the option.
 """
@@ -26,6 +28,7 @@ from gateway.feeds.ingest import (
     Network,
     parse_allow,
 )
+from gateway.feeds.relay import RELAY_OPTIONS, RelayOptions, RelaySource, parse_relay
 from gateway.feeds.synthetic import MAX_RATE, SyntheticOptions, SyntheticSource
 
 __all__ = ["Feed", "FeedSpec", "Source", "build_source", "parse_feed_uri"]
@@ -55,6 +58,7 @@ class FeedSpec:
     synthetic: SyntheticOptions | None = None
     idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S
     allow: tuple[Network, ...] = DEFAULT_ALLOW
+    relay: RelayOptions | None = None
 
 
 def _flag(value: str, name: str) -> bool:
@@ -170,15 +174,25 @@ def parse_feed_uri(dataset: str, uri: str) -> FeedSpec:
             idle_timeout_s=idle,
             allow=allow,
         )
+    elif scheme == "lsg":
+        known = set(RELAY_OPTIONS)
+        spec = FeedSpec(dataset, "relay", uri, relay=parse_relay(dataset, parts, query))
     else:
         raise ConfigError(
-            f"feeds.{dataset}: unknown feed URI {uri!r} "
-            "(synthetic:, file:PATH or ingest://HOST:PORT)"
+            f"feeds.{dataset}: unknown feed URI {_redacted(uri)!r} "
+            "(synthetic:, file:PATH, ingest://HOST:PORT or lsg://HOST:PORT)"
         )
     unknown = set(query) - known
     if unknown:
-        raise ConfigError(f"feeds.{dataset}: unknown option {sorted(unknown)[0]!r} in {uri!r}")
+        raise ConfigError(
+            f"feeds.{dataset}: unknown option {sorted(unknown)[0]!r} in {_redacted(uri)!r}"
+        )
     return spec
+
+
+def _redacted(uri: str) -> str:
+    """The URI without its query: an option named wrong could be a key pasted in."""
+    return uri.split("?", 1)[0] + ("?..." if "?" in uri else "")
 
 
 def build_source(spec: FeedSpec, feed: Feed, *, reuse_port: bool = False) -> Source:
@@ -188,6 +202,9 @@ def build_source(spec: FeedSpec, feed: Feed, *, reuse_port: bool = False) -> Sou
     if spec.kind == "file":
         assert spec.path is not None
         return FileSource(feed, spec.path, spec.pace, spec.loop)
+    if spec.kind == "relay":
+        assert spec.relay is not None
+        return RelaySource(feed, spec.relay)
     return IngestSource(
         feed, spec.host, spec.port, spec.idle_timeout_s, spec.allow, reuse_port=reuse_port
     )

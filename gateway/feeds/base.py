@@ -45,6 +45,7 @@ from gateway.symbology import (
 )
 
 if TYPE_CHECKING:
+    from gateway.feeds.relay import RelayStats
     from gateway.journal import DatasetJournal
 
 __all__ = ["SLICE_SIZE", "Feed", "FeedMember", "FeedStats", "SymbolDirectory"]
@@ -136,6 +137,8 @@ class Feed:
         #: sessions are over their high-water mark (``remote_blocked``)
         self.sink_blocked = False
         self.remote_blocked_slots: set[int] = set()
+        #: a relay feed's upstream figures (gateway/feeds/relay.py); None for other sources
+        self.relay: RelayStats | None = None
         self.subscriptions = SubscriptionIndex(
             dataset,
             self.directory,
@@ -195,6 +198,11 @@ class Feed:
     def paused(self) -> bool:
         """The source should not read now (see ``_update_flow``)."""
         return self._flow_paused
+
+    @property
+    def settled(self) -> bool:
+        """Every chunk published so far has gone through (none held behind mappings)."""
+        return not self._learning and not self._held
 
     @property
     def holding(self) -> bool:
@@ -287,14 +295,16 @@ class Feed:
 
     def on_metadata(self, metadata: object, mappings: list[tuple[str, int]] | None = None) -> None:
         """Learn the feed's schema (tbbo vs mbp-1) and its symbol mappings (``mappings``
-        when the source read them from the raw header, else from the decoded Metadata)."""
+        when the source read them from the raw header, else from the decoded Metadata).
+        A relay declares the schemas it subscribed to as one comma-separated name."""
         schema = getattr(metadata, "schema", None)
         name = str(getattr(schema, "value", schema) or "") if schema is not None else ""
         if self.on_schema is not None:
             self.on_schema(name)
         self._metadata_seen = True
-        self.schemas = frozenset({name}) if name in dbn.SCHEMAS else None
-        tbbo = name == "tbbo"
+        names = frozenset(name.split(","))
+        self.schemas = names if names.issubset(dbn.SCHEMAS) else None
+        tbbo = "tbbo" in names
         if (self.schema_rtype["tbbo"] == 0x01) != tbbo:
             self.schema_rtype["tbbo"] = 0x01 if tbbo else -1
             self.schema_rtype["mbp-1"] = -1 if tbbo else 0x01

@@ -387,6 +387,18 @@ class DatasetJournal:
         follower: on file, which can be ahead of ``last_seq``, what its feed published.)"""
         return self.last_seq
 
+    @property
+    def directory(self) -> Path:
+        """Where this dataset's journal lives (a relay keeps its position beside it)."""
+        return self._dir
+
+    def records_after(self, seq: int) -> int:
+        """How many records the chunks after ``seq`` hold (those still retained)."""
+        total = 0
+        for _, rows in self.row_slices(seq, self.last_seq):
+            total += int(rows["count"].sum())
+        return total
+
     def first_seq(self) -> int:
         for seg in self.segments:
             if seg.n:

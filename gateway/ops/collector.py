@@ -15,6 +15,11 @@ the journal's cumulative bucket counts. ``gateway_replays_active`` and
 histogram and the refusals counter are ordinary prometheus-client objects in
 ``gateway.metrics``: they are observed as things happen.)
 
+A relay feed (``lsg://``) adds the ``gateway_relay_*`` families, labelled by dataset: the
+upstream up or not and which of the list is in use (by position, never by address),
+reconnections by mode, gaps reported by reason, replayed records dropped as already
+relayed, the last outage's length and the silence since the upstream last sent anything.
+
 Labels stay bounded (datasets, event names); the one per-key family,
 ``gateway_key_sessions{key_id}``, has samples only when the config sets
 ``metrics_per_key = true`` (bounded by the configured key list).
@@ -32,14 +37,16 @@ from prometheus_client.core import (
 )
 
 from gateway.journal import WRITE_BUCKETS
-from gateway.ops.snapshot import FeedSnapshot, GatewaySnapshot, JournalTotals
+from gateway.ops.snapshot import FeedSnapshot, GatewaySnapshot, JournalTotals, RelayStatus
 
-__all__ = ["FEED_EVENTS", "JOURNAL_DELETE_REASONS", "GatewayCollector"]
+__all__ = ["FEED_EVENTS", "JOURNAL_DELETE_REASONS", "RELAY_GAP_REASONS", "GatewayCollector"]
 
 #: gateway_feed_events{event}: how each is counted from a feed's snapshot
 FEED_EVENTS = (("up", "ups"), ("down", "downs"), ("invalid", "invalid_inputs"))
 #: gateway_journal_segments_deleted{reason}: every reason has a series (0 until it happens)
 JOURNAL_DELETE_REASONS = ("retention", "max_bytes")
+#: gateway_relay_gaps_total{reason}: every reason has a series (0 until it happens)
+RELAY_GAP_REASONS = ("aged_out", "unavailable", "bad_resume", "failover", "no_checkpoint")
 
 
 class GatewayCollector:
@@ -83,6 +90,8 @@ class GatewayCollector:
                 fams.feed_last_record_age.add_metric(ds, max(0.0, f.last_record_age_s))
             if f.journal_totals is not None:
                 self._journal(fams, f, f.journal_totals)
+            if f.relay is not None:
+                self._relay(fams, f.dataset, f.relay)
         for key, n in snap.bytes_out.items():
             dataset, _, compression = key.rpartition("/")
             fams.bytes_out.add_metric([dataset, compression], n, self.created)
@@ -107,6 +116,22 @@ class GatewayCollector:
         for path, n in sorted(snap.replays.bytes.items()):
             fams.replay_bytes.add_metric([path], n, self.created)
         return iter(fams.all())
+
+    def _relay(self, fams: _Families, dataset: str, r: RelayStatus) -> None:
+        ds = [dataset]
+        fams.relay_up.add_metric(ds, 1 if r.up else 0)
+        fams.relay_index.add_metric(ds, r.upstream)
+        for mode in ("resume", "live"):
+            fams.relay_reconnects.add_metric(
+                [dataset, mode], r.reconnects.get(mode, 0), self.created
+            )
+        gaps = dict.fromkeys(RELAY_GAP_REASONS, 0) | r.gaps
+        for reason, n in sorted(gaps.items()):
+            fams.relay_gaps.add_metric([dataset, reason], n, self.created)
+        fams.relay_dedup.add_metric(ds, r.deduplicated, self.created)
+        fams.relay_resume.add_metric(ds, r.resume_s)
+        if r.silence_s is not None:
+            fams.relay_silence.add_metric(ds, r.silence_s)
 
     def _journal(self, fams: _Families, f: FeedSnapshot, t: JournalTotals) -> None:
         ds = [f.dataset]
@@ -265,6 +290,39 @@ class _Families:
             "Time to append one chunk to the journal (all its files)",
             labels=ds,
         )
+        self.relay_up = gauge(
+            "gateway_relay_upstream_up", "1 while a relay feed's upstream session is up", ds
+        )
+        self.relay_index = gauge(
+            "gateway_relay_upstream_index",
+            "1-based position in the feed's list of the upstream in use (0 while none)",
+            ds,
+        )
+        self.relay_reconnects = counter(
+            "gateway_relay_reconnects",
+            "Relay reconnections, by mode (resume: exact; live: with a gap reported)",
+            ("dataset", "mode"),
+        )
+        self.relay_gaps = counter(
+            "gateway_relay_gaps",
+            "Gaps a relay reported to its sessions, by reason",
+            ("dataset", "reason"),
+        )
+        self.relay_dedup = counter(
+            "gateway_relay_records_deduplicated",
+            "Records a resumed upstream stream sent again, dropped by the relay",
+            ds,
+        )
+        self.relay_resume = gauge(
+            "gateway_relay_resume_seconds",
+            "The last upstream outage: loss to the first byte of the resumed stream",
+            ds,
+        )
+        self.relay_silence = gauge(
+            "gateway_relay_upstream_silence_seconds",
+            "Seconds since the upstream last sent anything (records or heartbeats)",
+            ds,
+        )
         self.replays_active = gauge("gateway_replays_active", "Sessions replaying from the journal")
         self.replay_bytes = counter(
             "gateway_replay_bytes",
@@ -286,6 +344,13 @@ class _Families:
             self.connections_unauthenticated,
             self.feed_last_record_age,
             self.feed_paused,
+            self.relay_up,
+            self.relay_index,
+            self.relay_reconnects,
+            self.relay_gaps,
+            self.relay_dedup,
+            self.relay_resume,
+            self.relay_silence,
             self.key_sessions,
             self.ready,
             self.journal_enabled,

@@ -255,6 +255,17 @@ def _replays_tile(sessions: dict[str, Any]) -> str:
     )
 
 
+def relay_text(relay: dict[str, Any] | None) -> str:
+    """A relay feed's upstream in words, after its detail ("" for other feeds)."""
+    if not relay:
+        return ""
+    n = relay["upstreams"]
+    where = f"upstream {relay['upstream']} of {n}" if relay["upstream"] else "no upstream"
+    gaps = sum(relay["gaps"].values())
+    resumes = relay["reconnects"].get("resume", 0)
+    return f" · relay: {where}, {resumes} exact resume(s), {gaps} gap(s) reported"
+
+
 def replay_text(journal: dict[str, Any] | None) -> str:
     """How far back a dataset can be replayed, in words (never the journal's error: a
     path or an errno is for the log)."""
@@ -385,7 +396,7 @@ def _feeds_section(feeds: list[dict[str, Any]]) -> str:
             + _td(_e(f"{f['records_in']:,}"), "records in", num=True)
             + _td(_e(paused if f["lossless"] or f["pauses"] else "–"), "paused", num=True)
             + _td(_e(replay_text(f.get("journal"))), "replay", cls=_replay_class(f))
-            + _td(_e(f["detail"]), "detail", cls="detail")
+            + _td(_e(f["detail"] + relay_text(f.get("relay"))), "detail", cls="detail")
             + "</tr>"
         )
     return (

@@ -160,6 +160,26 @@ class ReplaySnapshot(msgspec.Struct, kw_only=True):
     bytes: dict[str, int] = msgspec.field(default_factory=lambda: {"sendfile": 0, "copy": 0})
 
 
+class RelayStatus(msgspec.Struct, kw_only=True):
+    """A relay feed's upstream (``lsg://``): never its address, only its place in the list."""
+
+    up: bool
+    #: 1-based position of the upstream in use in the feed's list (0 while none)
+    upstream: int
+    upstreams: int
+    #: reconnections by how they carried on: "resume" (exact) or "live" (with a gap)
+    reconnects: dict[str, int]
+    #: gaps reported to sessions, by reason (aged_out, unavailable, bad_resume, failover,
+    #: no_checkpoint)
+    gaps: dict[str, int]
+    #: records a resumed stream sent again and the relay dropped
+    deduplicated: int
+    #: the last outage: loss to the first byte of the resumed stream (0: none yet)
+    resume_s: float
+    #: seconds since the upstream last sent anything (records or heartbeats)
+    silence_s: float | None
+
+
 class FeedStatus(msgspec.Struct, kw_only=True):
     """One feed as ``/status.json`` shows it (and in this order)."""
 
@@ -182,6 +202,8 @@ class FeedStatus(msgspec.Struct, kw_only=True):
     readiness: str
     #: its journal: how far back it can be replayed ("off" without one)
     journal: JournalStatus = msgspec.field(default_factory=JournalStatus)
+    #: a relay feed's upstream (None for other sources)
+    relay: RelayStatus | None = None
 
 
 class FeedSnapshot(FeedStatus, kw_only=True):
@@ -273,6 +295,23 @@ def feed_snapshot(feed: Feed, readiness: str, now: float, mono: float) -> FeedSn
         zstd_frames_built=fo.frames_built,
         zstd_frames_written=fo.frames_written,
         zstd_compress_seconds=fo.compress_seconds,
+        relay=_relay_status(feed, mono),
+    )
+
+
+def _relay_status(feed: Feed, mono: float) -> RelayStatus | None:
+    r = feed.relay
+    if r is None:
+        return None
+    return RelayStatus(
+        up=r.up,
+        upstream=r.upstream_index,
+        upstreams=r.upstreams,
+        reconnects=dict(r.reconnects),
+        gaps=dict(r.gaps),
+        deduplicated=r.deduplicated,
+        resume_s=r.resume_s,
+        silence_s=max(0.0, mono - r.last_heard) if r.last_heard else None,
     )
 
 
@@ -315,6 +354,7 @@ def feed_status(feed: FeedSnapshot) -> dict[str, Any]:
     out["paused_total_s"] = round(feed.paused_total_s, 3)
     journal = feed.journal
     out["journal"] = {**msgspec.to_builtins(journal), "span_s": journal.span_s}
+    out["relay"] = msgspec.to_builtins(feed.relay) if feed.relay is not None else None
     return out
 
 

@@ -75,6 +75,13 @@ FAMILIES = {
     "gateway_journal_write_seconds": "histogram",
     "gateway_replays_active": "gauge",
     "gateway_replay_bytes": "counter",
+    "gateway_relay_upstream_up": "gauge",
+    "gateway_relay_upstream_index": "gauge",
+    "gateway_relay_reconnects": "counter",
+    "gateway_relay_gaps": "counter",
+    "gateway_relay_records_deduplicated": "counter",
+    "gateway_relay_resume_seconds": "gauge",
+    "gateway_relay_upstream_silence_seconds": "gauge",
 }
 
 
