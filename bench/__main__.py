@@ -22,6 +22,12 @@ from typing import Any, TextIO
 
 from bench.peers import ensure_peers, versions
 from bench.procs import machine_info, raise_nofile
+from bench.relay_report import (
+    append_relay_section,
+    relay_summary,
+    relay_targets,
+    write_relay_outputs,
+)
 from bench.report import (
     by_workers,
     evaluate_targets,
@@ -33,6 +39,7 @@ from bench.report import (
 )
 from bench.scenarios import (
     DEFAULT_SCENARIOS,
+    QUICK_OPT_IN,
     SCENARIO_SYSTEMS,
     SCENARIOS,
     SYSTEMS,
@@ -121,6 +128,8 @@ def summary_line(r: dict[str, Any]) -> str:
         parts.append(f"all streaming in {r.get('all_streaming_s', 0):.3f} s")
     elif sc == "replay":
         parts.append(replay_summary(r))
+    elif sc == "relay":
+        parts.append(relay_summary(r))
     elif sc == "workers":
         parts.append(f"{r['throughput_rps'] / 1e6:.3f} M rec/s")
         if r.get("server_cpu_s_per_m") is not None:
@@ -225,6 +234,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--repeat must be >= 1")
     if args.scenarios is None:
         args.scenarios = ",".join(SCENARIOS if args.workers else DEFAULT_SCENARIOS)
+        if args.quick:
+            args.scenarios = ",".join(s for s in args.scenarios.split(",") if s not in QUICK_OPT_IN)
     return args
 
 
@@ -290,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     progress.close()
     meta["elapsed_s"] = round(time.monotonic() - started, 1)
     doc["targets"] = evaluate_targets(doc["results"])
+    doc["targets"] += relay_targets(doc["results"])
     doc["loss"] = loss_summary(doc["results"])
     try:
         doc["plots"] = write_plots(outdir, doc["results"], plot_caption(meta))
@@ -299,12 +311,16 @@ def main(argv: list[str] | None = None) -> int:
     doc["workers"] = write_workers_outputs(outdir, doc, plot_caption(meta), log=sys.stderr)
     if doc["workers"].get("plot"):
         doc["plots"].append(doc["workers"]["plot"])
+    doc["relay"] = write_relay_outputs(outdir, doc, plot_caption(meta), log=sys.stderr)
+    if doc["relay"].get("plot"):
+        doc["plots"].append(doc["relay"]["plot"])
     if args.quick:
         for t in doc["targets"]:
             if t["status"] == "n/a" and "not run" in t["detail"]:
                 t["detail"] = "not measured by --quick (make bench measures it)"
     write_json(outdir / "results.json", doc)
     write_markdown(outdir / "RESULTS.md", doc)
+    append_relay_section(outdir / "RESULTS.md", doc["results"])
     print(summary_table(doc["results"]))
     for t in doc["targets"]:
         print(

@@ -869,6 +869,7 @@ SCENARIOS: Final = (
     "idle",
     "connect",
     "replay",
+    "relay",
     "workers",
 )
 #: what ``python -m bench`` runs without ``--scenarios`` (``workers`` joins them when
@@ -885,8 +886,12 @@ SCENARIO_SYSTEMS: Final = {
     "idle": ("gateway", "nats", "redis"),
     "connect": ("gateway", "nats", "redis", "zmq"),
     "replay": ("gateway",),
+    "relay": ("gateway", "raw"),
     "workers": ("gateway",),
 }
+#: scenarios a ``--quick`` run leaves out unless ``--scenarios`` names them (``relay``:
+#: four extra gateways per repeat; ``--quick --scenarios relay`` is its correctness run)
+QUICK_OPT_IN: Final = ("relay",)
 
 
 def _at_workers(h: Harness, workers: int, run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
@@ -999,6 +1004,11 @@ def build_cases(
             add(scenario, "gateway", 1, {"part": "filtered"}, rb.filtered)
             add(scenario, "gateway", rp.live_sessions, {"part": "beside-live"}, rb.beside_live)
             add(scenario, "gateway", rp.fanout_n, {"part": "fanout-journal"}, rb.fanout_journal)
+        elif scenario == "relay":
+            from bench.relay import relay_cases
+
+            for system, n, rparams, run in relay_cases(h, systems, repeats):
+                cases.append(Case(scenario, system, n, rparams, run))
         elif scenario == "workers" and "gateway" in systems:
             counts = (1, *[c for c in workers if c != 1])
             zmode = next(m for m in ZSTD_MODES if m.name == "zstd-distinct")
