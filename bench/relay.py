@@ -99,12 +99,13 @@ class RelayPlan:
     rate: int
     latency_duration_s: float
     #: the edge throughput case paces its publisher on the subscribers' progress so that
-    #: at most this many bytes per subscriber are in flight (0: no pacing). The edge's
-    #: relay feed is a live feed (it never waits for its sessions), so unpaced, the edge
-    #: would buffer what its sessions cannot take up to the slow-reader hard cap (32 MiB)
-    #: and cut them; the primary's lossless ingest pushes back on the publisher only for
-    #: the edge's own upstream session.
-    edge_window_bytes: int = 4 << 20
+    #: at most this many bytes per subscriber are in flight (0: no pacing), and at most the
+    #: harness's FLIGHT_BUDGET across all of them. The edge's relay feed is a live feed (it
+    #: has no lossless mode: it never waits for its sessions), so unpaced, an edge whose
+    #: sessions fall behind buffers for them up to the slow-reader hard cap (32 MiB) and
+    #: cuts them; the primary's lossless ingest pushes back on the publisher only for the
+    #: edge's own upstream session. Half the hard cap keeps every session under it.
+    edge_window_bytes: int = 16 << 20
     schemas: str = "mbp-1"
     #: seconds to wait for the edge's relay feed to come up
     edge_up_timeout_s: float = 30.0
@@ -456,7 +457,7 @@ class RelayBench:
         """One streaming case through two servers: ``kind`` "raw" (raw sender → bare relay
         → raw receivers) or "edge" (publisher → primary → edge → DBN sessions); ``rate``
         records/s with stamps (a latency case) or 0 (throughput, for the plan's duration)."""
-        from bench.scenarios import CTX, _shut_down
+        from bench.scenarios import CTX, FLIGHT_BUDGET, _shut_down
 
         h = self.h
         plan = self.plan
@@ -489,7 +490,8 @@ class RelayBench:
                 servers.append(primary)
                 window = 0
                 if not rate and plan.edge_window_bytes:
-                    window = max(1, plan.edge_window_bytes // REC_LEN)
+                    per_sub = min(plan.edge_window_bytes, FLIGHT_BUDGET // max(n, 1))
+                    window = max(1, per_sub // REC_LEN)
                 job = PublishJob(
                     "gateway",
                     port=primary.ingest_port,
