@@ -107,6 +107,8 @@ class RelayPlan:
     #: edge's own upstream session. Half the hard cap keeps every session under it.
     edge_window_bytes: int = 16 << 20
     schemas: str = "mbp-1"
+    #: the bare relay's largest read from the raw sender
+    raw_read_max: int = READ_MAX
     #: seconds to wait for the edge's relay feed to come up
     edge_up_timeout_s: float = 30.0
 
@@ -132,7 +134,9 @@ def relay_plan(plan: Plan, repeats: int | None = None) -> RelayPlan:
 # --- the bare relay: the physical analogue ----------------------------------------------
 
 
-def bare_relay_main(ctrl: Connection, upstream_port: int, receivers: int) -> None:
+def bare_relay_main(
+    ctrl: Connection, upstream_port: int, receivers: int, read_max: int = READ_MAX
+) -> None:
     """A process that relays bytes: it listens (reports ``("listening", port)``),
     connects to ``upstream_port``, accepts ``receivers`` connections, then reads the
     upstream and writes every chunk it read to every receiver, in order, lossless: a
@@ -185,7 +189,7 @@ def bare_relay_main(ctrl: Connection, upstream_port: int, receivers: int) -> Non
             for fd, events in ep.poll(0.1):
                 if fd == up_fd:
                     try:
-                        data = up.recv(READ_MAX)
+                        data = up.recv(read_max)
                     except BlockingIOError:
                         continue
                     if not data:
@@ -290,6 +294,7 @@ class BareRelay:
 
     upstream_port: int
     receivers: int
+    read_max: int = READ_MAX
     proc: Any = None
     conn: Connection | None = None
     port: int = 0
@@ -300,7 +305,9 @@ class BareRelay:
 
         parent, child = CTX.Pipe()
         self.proc = CTX.Process(
-            target=bare_relay_main, args=(child, self.upstream_port, self.receivers), daemon=True
+            target=bare_relay_main,
+            args=(child, self.upstream_port, self.receivers, self.read_max),
+            daemon=True,
         )
         self.proc.start()
         child.close()
@@ -478,7 +485,7 @@ class RelayBench:
             if kind == "raw":
                 job = PublishJob("raw", duration_s=duration, expect_peers=1)
                 pub, up_port = h.start_publisher(job, progress)
-                relay = BareRelay(up_port, n).start()
+                relay = BareRelay(up_port, n, plan.raw_read_max).start()
                 servers.append(relay)
                 port = relay.port
                 measured["relay"] = lambda: cpu_seconds(relay.pid)
