@@ -155,9 +155,10 @@ def parse_relay(dataset: str, parts: SplitResult, query: dict[str, str]) -> Rela
     if key_env is not None and (not key_env or not key_env.replace("_", "a").isalnum()):
         raise ConfigError(f"feeds.{dataset}: key_env={key_env!r} must be a variable name")
     hb_text = query.get("heartbeat_interval_s", str(DEFAULT_HEARTBEAT_S))
-    if not hb_text.isdigit() or not 1 <= int(hb_text) <= 3600:
+    if not hb_text.isdigit() or not 5 <= int(hb_text) <= 1800:
         raise ConfigError(
-            f"feeds.{dataset}: heartbeat_interval_s={hb_text!r} must be 1-3600 seconds"
+            f"feeds.{dataset}: heartbeat_interval_s={hb_text!r} must be 5-1800 seconds "
+            "(the Live API's range)"
         )
     fo_text = query.get("failover_after_s", "10")
     try:
@@ -229,6 +230,8 @@ class RelayStats:
     reconnects: dict[str, int] = field(default_factory=lambda: {"resume": 0, "live": 0})
     gaps: dict[str, int] = field(default_factory=dict)
     deduplicated: int = 0
+    #: the upstream's last checkpoint (its journal position; None: none yet)
+    checkpoint: int | None = None
     #: the last outage: loss of the upstream to the first byte of the resumed stream
     resume_s: float = 0.0
     #: monotonic time of the last data or heartbeat from the upstream (0: none yet)
@@ -444,9 +447,10 @@ class RelaySource:
                         await self._flowing.wait()
                 return  # closed
             except ClientError as exc:
-                # the upstream refused the key (or the session): keep trying, slowly
+                # the upstream refused the key or the session (a wrong dataset): keep trying,
+                # slowly (its reason is in the log, not told to sessions)
                 log.error("feed %s: upstream refused the relay: %s", feed.dataset, exc)
-                feed.set_state(False, "upstream refused the relay's credentials; retrying")
+                feed.set_state(False, "upstream refused the relay's session; retrying")
                 self.stats.up = False
                 await asyncio.sleep(REFUSED_RETRY_S)
                 if not first:
@@ -466,6 +470,7 @@ class RelaySource:
         client = self.client
         if client is not None:
             stats.deduplicated = client.cursor.dropped
+            stats.checkpoint = client.cursor.seq
         rtset = index.rtype_set
         if RTYPE_SYSTEM in rtset or RTYPE_ERROR in rtset:
             index = self._upstream_notices(index)

@@ -174,6 +174,8 @@ class RelayStatus(msgspec.Struct, kw_only=True):
     gaps: dict[str, int]
     #: records a resumed stream sent again and the relay dropped
     deduplicated: int
+    #: the upstream's last checkpoint, where a resume would start (None: none yet)
+    checkpoint: int | None = None
     #: the last outage: loss to the first byte of the resumed stream (0: none yet)
     resume_s: float
     #: seconds since the upstream last sent anything (records or heartbeats)
@@ -310,6 +312,7 @@ def _relay_status(feed: Feed, mono: float) -> RelayStatus | None:
         reconnects=dict(r.reconnects),
         gaps=dict(r.gaps),
         deduplicated=r.deduplicated,
+        checkpoint=r.checkpoint,
         resume_s=r.resume_s,
         silence_s=max(0.0, mono - r.last_heard) if r.last_heard else None,
     )

@@ -1,0 +1,398 @@
+"""The relay feed (``lsg://``) between real gateway processes: a primary with an ingest feed
+and a journal, an edge relaying it, clients on the edge.
+
+(a) Exact across faults: the primary killed with SIGKILL and restarted on its journal, then
+    the edge killed with SIGKILL and restarted on its own journal. The project's resuming
+    client on the edge ends up with exactly the records the primary journaled, byte for byte
+    and in order (a ``start=0`` replay on the last primary is the reference); the edge
+    reports no gap and dropped the records the primary sent again.
+(b) A gap is never silent: a primary without a journal sends no checkpoints and cannot
+    replay, so after its restart the edge carries on live, tells its sessions (a SystemMsg
+    ``Feed D: gap: ...``) and counts it (``gateway_relay_gaps_total{reason="no_checkpoint"}``).
+(c) While the upstream is down the edge keeps its sessions (heartbeats), ``/readyz`` says
+    503 naming the feed after ``feed_grace_s``, and the official client reads on once the
+    upstream is back. The key never shows: not in the log, ``/metrics``, ``/status.json``
+    or the command line.
+(d) An edge with ``--workers 2`` relays to the official client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from gateway.client import LiveClient
+from gateway.dbn import RTYPE_SYSTEM
+from tests.integration.helpers import (
+    KEY,
+    GatewayProcess,
+    OfficialSession,
+    apoll_until,
+    data_records,
+    http_get,
+    metric_samples,
+    start_gateway,
+)
+from tests.integration.test_client_resume import Publisher, Sink, _connect, journal_dir
+from tests.support.prometheus import metric
+
+DATASET = "ING.R"
+
+
+@contextlib.contextmanager
+def key_file(tmp: Path) -> Iterator[Path]:
+    path = tmp / "upstream.key"
+    path.write_text(KEY + "\n")
+    path.chmod(0o600)
+    yield path
+
+
+@contextlib.asynccontextmanager
+async def processes() -> AsyncIterator[list[GatewayProcess]]:
+    started: list[GatewayProcess] = []
+    try:
+        yield started
+    finally:
+        for gw in started:
+            gw.stop()
+            gw.cleanup()
+
+
+async def _primary(started: list[GatewayProcess], jdir: Path | None, *args: str) -> GatewayProcess:
+    extra = ("--journal-dir", str(jdir)) if jdir is not None else ()
+    gw = await asyncio.to_thread(
+        start_gateway, *extra, *args, feeds={DATASET: "ingest://127.0.0.1:0"}
+    )
+    started.append(gw)
+    return gw
+
+
+def _relay_uri(upstream: int, key: Path, extra: str = "") -> str:
+    return f"lsg://127.0.0.1:{upstream}?schemas=trades&key_file={key}&heartbeat_interval_s=5{extra}"
+
+
+async def _edge(
+    started: list[GatewayProcess],
+    upstream: int,
+    key: Path,
+    *args: str,
+    config: str = "",
+) -> GatewayProcess:
+    gw = await asyncio.to_thread(
+        start_gateway,
+        "--metrics-port",
+        "0",
+        *args,
+        feeds={DATASET: _relay_uri(upstream, key)},
+        config=config,
+    )
+    started.append(gw)
+    return gw
+
+
+def _relay_status(gw: GatewayProcess) -> dict[str, Any]:
+    doc = json.loads(http_get(gw.metrics_port, "/status.json")[1])
+    feed = next(f for f in doc["feeds"] if f["dataset"] == DATASET)
+    relay: dict[str, Any] = feed["relay"]
+    return relay
+
+
+def _edge_metric(gw: GatewayProcess, name: str, **labels: str) -> float:
+    return metric(metric_samples(gw.metrics_port), name, dataset=DATASET, **labels)
+
+
+async def test_edge_is_exact_across_primary_kill9_and_edge_kill9(tmp_path: Path) -> None:
+    with journal_dir() as pj, journal_dir() as ej, key_file(tmp_path) as key:
+        async with processes() as started:
+            primary = await _primary(started, pj)
+            pport = primary.port
+            edge = await _edge(started, pport, key, "--journal-dir", str(ej))
+            eport = edge.port
+            await apoll_until(
+                lambda: _edge_metric(edge, "gateway_relay_upstream_up") == 1,
+                15.0,
+                0.02,
+                "the edge connected upstream",
+            )
+            sink = Sink(await _connect(eport, DATASET))
+            pub = Publisher(primary.ingest_ports[DATASET], 0)
+            try:
+                # 1. the primary dies with SIGKILL and comes back on its journal
+                await sink.past_a_checkpoint(300)
+                primary.proc.kill()
+                await asyncio.to_thread(primary.proc.wait, 10)
+                pub.stop()
+                primary = await _primary(started, pj, "--port", str(pport))
+                pub = Publisher(primary.ingest_ports[DATASET], pub.next)
+                await apoll_until(
+                    lambda: (
+                        _edge_metric(edge, "gateway_relay_reconnects_total", mode="resume") >= 1
+                    ),
+                    30.0,
+                    0.05,
+                    "the edge resumed from the restarted primary",
+                )
+                # 2. the edge dies with SIGKILL and comes back on its journal
+                await sink.past_a_checkpoint(sink.count + 300)
+                edge.proc.kill()
+                await asyncio.to_thread(edge.proc.wait, 10)
+                edge = await _edge(
+                    started, pport, key, "--journal-dir", str(ej), "--port", str(eport)
+                )
+                await apoll_until(lambda: pub.sent >= 600, 15.0, 0.01, "records after that")
+            finally:
+                pub.stop()
+            last = pub.next
+            await apoll_until(
+                lambda: sink.count and sink.sequences()[-1] == last - 1,
+                30.0,
+                0.01,
+                "every record of the last publisher through the edge",
+            )
+            await sink.close()
+            ref = Sink(await _connect(pport, DATASET, start=0))
+            await apoll_until(lambda: ref.count >= sink.count, 15.0, 0.01, "the replay")
+            await asyncio.sleep(0)  # nothing more is coming: the publisher is gone
+            await ref.close()
+            relayed = _edge_metric(edge, "gateway_relay_gaps_total", reason="aged_out")
+            restored = "resuming upstream 1 after checkpoint" in edge.log()
+        assert sink.client.gaps == []
+        assert sink.client.reconnects >= 1  # the edge's kill -9
+        assert relayed == 0
+        assert restored, "the restarted edge did not resume from its saved position"
+        # byte for byte what the primary journaled, in order: no gap, no duplicate
+        assert sink.count == ref.count
+        assert bytes(sink.data) == bytes(ref.data)
+        seqs = sink.sequences()
+        assert len(np.unique(seqs)) == len(seqs)
+        assert np.all(np.diff(seqs) > 0)
+
+
+@pytest.mark.parametrize(
+    ("journals", "reason"), [("none", "no_checkpoint"), ("replaced", "bad_resume")]
+)
+async def test_a_gap_is_told_to_sessions_and_counted(
+    tmp_path: Path, journals: str, reason: str
+) -> None:
+    first = second = None
+    if journals == "replaced":  # the primary comes back on a new, empty journal
+        first, second = tmp_path / "j1", tmp_path / "j2"
+    with key_file(tmp_path) as key:
+        async with processes() as started:
+            primary = await _primary(started, first)
+            pport = primary.port
+            edge = await _edge(started, pport, key)
+            await apoll_until(
+                lambda: _edge_metric(edge, "gateway_relay_upstream_up") == 1,
+                15.0,
+                0.02,
+                "the edge connected upstream",
+            )
+            live = await LiveClient.connect("127.0.0.1", edge.port, KEY, DATASET)
+            await live.subscribe("trades", "ALL_SYMBOLS")
+            await live.start()
+            session = SystemTexts(live)
+            pub = Publisher(primary.ingest_ports[DATASET], 0)
+            try:
+                # the relay's checkpoints come with the records; then the primary dies
+                await apoll_until(lambda: pub.sent >= 400, 15.0, 0.01, "records published")
+                if first is not None:
+                    await apoll_until(
+                        lambda: _relay_status(edge)["checkpoint"] is not None,
+                        15.0,
+                        0.02,
+                        "a checkpoint from the primary",
+                    )
+                primary.proc.kill()
+                await asyncio.to_thread(primary.proc.wait, 10)
+                pub.stop()
+                primary = await _primary(started, second, "--port", str(pport))
+                pub = Publisher(primary.ingest_ports[DATASET], pub.next)
+                await apoll_until(
+                    lambda: _edge_metric(edge, "gateway_relay_gaps_total", reason=reason) == 1,
+                    30.0,
+                    0.05,
+                    "the gap counted",
+                )
+                await apoll_until(
+                    lambda: any("gap:" in t for t in session.texts),
+                    15.0,
+                    0.02,
+                    "the gap told to the session",
+                )
+            finally:
+                pub.stop()
+                await session.close()
+            resumed = _edge_metric(edge, "gateway_relay_reconnects_total", mode="live")
+            up = _edge_metric(edge, "gateway_relay_upstream_up")
+        gap = next(t for t in session.texts if "gap:" in t)
+        assert gap.startswith(f"Feed {DATASET}: gap:"), gap
+        assert f"({reason})" in gap
+        assert "127.0.0.1" not in gap and str(pport) not in gap  # no internals
+        assert resumed == 1 and up == 1
+
+
+async def test_upstream_down_keeps_sessions_and_fails_readyz_then_recovers(
+    tmp_path: Path,
+) -> None:
+    with journal_dir() as pj, key_file(tmp_path) as key:
+        async with processes() as started:
+            primary = await _primary(started, pj)
+            pport = primary.port
+            edge = await _edge(started, pport, key, config="feed_grace_s = 1\n")
+            await apoll_until(
+                lambda: _edge_metric(edge, "gateway_relay_upstream_up") == 1,
+                15.0,
+                0.02,
+                "the edge connected upstream",
+            )
+            official = OfficialSession(
+                edge.port,
+                DATASET,
+                [{"schema": "trades", "symbols": "ALL_SYMBOLS"}],
+                heartbeat_interval_s=5,
+            )
+            pub = Publisher(primary.ingest_ports[DATASET], 0)
+            try:
+                await asyncio.to_thread(official.start)
+                assert await asyncio.to_thread(
+                    official.wait_for, lambda recs: len(data_records(recs)) >= 100
+                )
+                primary.proc.kill()
+                await asyncio.to_thread(primary.proc.wait, 10)
+                pub.stop()
+                await apoll_until(
+                    lambda: http_get(edge.metrics_port, "/readyz")[0] == 503,
+                    15.0,
+                    0.05,
+                    "/readyz 503 while the upstream is down",
+                )
+                status, body = http_get(edge.metrics_port, "/readyz")
+                assert DATASET in body
+                # the session stays: it gets the edge's heartbeats meanwhile
+                before = len(official.records)
+                assert await asyncio.to_thread(
+                    official.wait_for,
+                    lambda recs: any(
+                        type(r).__name__ == "SystemMsg" and r.is_heartbeat() for r in recs[before:]
+                    ),
+                    15.0,
+                )
+                _, page = http_get(edge.metrics_port, "/status.json")
+                doc = json.loads(page)
+                feed = next(f for f in doc["feeds"] if f["dataset"] == DATASET)
+                assert feed["connected"] is False and feed["relay"]["up"] is False
+                primary = await _primary(started, pj, "--port", str(pport))
+                pub = Publisher(primary.ingest_ports[DATASET], pub.next)
+                await apoll_until(
+                    lambda: http_get(edge.metrics_port, "/readyz")[0] == 200,
+                    30.0,
+                    0.05,
+                    "/readyz 200 once the upstream is back",
+                )
+                mark = pub.next
+                assert await asyncio.to_thread(
+                    official.wait_for,
+                    lambda recs: any(
+                        getattr(r, "sequence", -1) >= mark + 40 for r in data_records(recs)
+                    ),
+                    20.0,
+                ), "the official client did not read on after the upstream came back"
+            finally:
+                pub.stop()
+                error = official.stop()
+            assert error is None or "closed" in str(error).lower()
+            metrics_text = http_get(edge.metrics_port, "/metrics")[1]
+            status_text = http_get(edge.metrics_port, "/status.json")[1]
+            page_text = http_get(edge.metrics_port, "/status")[1]
+            cmdline = Path(f"/proc/{edge.proc.pid}/cmdline").read_bytes()
+            log = edge.log()
+        for where, text in (
+            ("log", log),
+            ("/metrics", metrics_text),
+            ("/status.json", status_text),
+            ("/status", page_text),
+            ("cmdline", cmdline.decode(errors="replace")),
+        ):
+            assert KEY not in text, f"the upstream key shows in {where}"
+        seqs = [r.sequence for r in data_records(official.records)]
+        assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+
+
+async def test_an_edge_with_workers_relays_to_the_official_client(tmp_path: Path) -> None:
+    with key_file(tmp_path) as key:
+        async with processes() as started:
+            primary = await _primary(started, None)
+            edge = await _edge(started, primary.port, key, "--workers", "2")
+            await apoll_until(
+                lambda: _edge_metric(edge, "gateway_relay_upstream_up") == 1,
+                20.0,
+                0.02,
+                "the edge connected upstream",
+            )
+            official = OfficialSession(
+                edge.port, DATASET, [{"schema": "trades", "symbols": "ALL_SYMBOLS"}]
+            )
+            pub = Publisher(primary.ingest_ports[DATASET], 0)
+            try:
+                await asyncio.to_thread(official.start)
+                assert await asyncio.to_thread(
+                    official.wait_for, lambda recs: len(data_records(recs)) >= 500, 20.0
+                )
+            finally:
+                pub.stop()
+                official.stop()
+        seqs = [r.sequence for r in data_records(official.records)]
+        assert np.all(np.diff(seqs) == 1), "records skipped or repeated through the workers"
+        assert official.metadata is not None and official.metadata.dataset == DATASET
+
+
+def test_relay_config_errors_name_the_option(tmp_path: Path) -> None:
+    missing = tmp_path / "nothing-here"
+    for uri, words in (
+        ("lsg://127.0.0.1:1?schemas=tbbo,mbp-1", "share rtype"),
+        ("lsg://127.0.0.1:1", "schemas="),
+        (f"lsg://127.0.0.1:1?schemas=trades&key_file={missing}", "key_file"),
+        ("lsg://127.0.0.1?schemas=trades", "HOST:PORT"),
+        ("lsg://127.0.0.1:1?schemas=trades&bogus=1", "'bogus'"),
+    ):
+        env = dict(os.environ)
+        env.pop("DATABENTO_API_KEY", None)
+        try:
+            gw = start_gateway(feeds={DATASET: uri}, env=env, timeout=20.0)
+        except RuntimeError as exc:
+            assert words in str(exc), (uri, str(exc)[-600:])
+        else:
+            gw.stop()
+            gw.cleanup()
+            raise AssertionError(f"{uri} started")
+
+
+class SystemTexts:
+    """A plain LiveClient session on the edge; keeps the SystemMsg texts it is sent."""
+
+    def __init__(self, client: LiveClient) -> None:
+        self.client = client
+        self.texts: list[str] = []
+        self.task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        with contextlib.suppress(Exception):
+            async for batch in self.client.batches():
+                for rtype, _, rec in batch.records():
+                    if rtype == RTYPE_SYSTEM:
+                        self.texts.append(
+                            bytes(rec[16:318]).split(b"\0", 1)[0].decode("utf-8", "replace")
+                        )
+
+    async def close(self) -> None:
+        await self.client.close()
+        await asyncio.wait_for(self.task, 10.0)
