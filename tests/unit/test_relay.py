@@ -1,0 +1,226 @@
+"""The relay feed's sans-I/O parts: URI options, the key, the saved position, the order
+upstreams are tried in, what is taken out of an upstream stream, declared schemas."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from types import SimpleNamespace
+from urllib.parse import parse_qsl, urlsplit
+
+import pytest
+
+from gateway.client_resume import ResumingClient
+from gateway.dbn import ChunkIndex, SystemCode, encode_error, encode_system, index_records
+from gateway.errors import ConfigError
+from gateway.feeds import parse_feed_uri
+from gateway.feeds.base import Feed
+from gateway.feeds.relay import (
+    CursorFile,
+    RelayOptions,
+    RelaySource,
+    parse_relay,
+    read_key,
+)
+from tests.integration.helpers import synthetic_trades
+
+KEY = "db-RELAYKEY0000000000000000000000"[:32]
+ROTATED = "db-ROTATED000000000000000000000000"[:32]
+
+
+def _opts(uri: str, dataset: str = "EDGE") -> RelayOptions:
+    parts = urlsplit(uri)
+    return parse_relay(dataset, parts, dict(parse_qsl(parts.query, keep_blank_values=True)))
+
+
+def test_defaults_and_several_upstreams() -> None:
+    opts = _opts("lsg://10.0.0.1:13000,[::1]:13001,primary.local:9?schemas=trades,mbo")
+    assert opts.upstreams == (("10.0.0.1", 13000), ("::1", 13001), ("primary.local", 9))
+    assert opts.schemas == ("trades", "mbo")
+    assert opts.dataset == "EDGE"
+    assert opts.symbols == ("ALL_SYMBOLS",)
+    assert opts.stype_in == "raw_symbol"
+    assert opts.compression == "none"
+    assert opts.key_env == "DATABENTO_API_KEY" and opts.key_file is None
+    assert opts.heartbeat_interval_s == 5 and opts.failover_after_s == 10.0
+
+
+def test_every_option() -> None:
+    opts = _opts(
+        "lsg://h:1?schemas=mbp-1&dataset=XNAS.ITCH&symbols=AAPL,MSFT&stype_in=instrument_id"
+        "&compression=zstd&key_file=/run/secrets/upstream&heartbeat_interval_s=30"
+        "&failover_after_s=2.5"
+    )
+    assert opts.dataset == "XNAS.ITCH"
+    assert opts.symbols == ("AAPL", "MSFT")
+    assert opts.stype_in == "instrument_id"
+    assert opts.compression == "zstd"
+    assert opts.key_file == Path("/run/secrets/upstream") and opts.key_env is None
+    assert opts.heartbeat_interval_s == 30 and opts.failover_after_s == 2.5
+    spec = parse_feed_uri("EDGE", "lsg://h:1?schemas=trades&key_env=UPSTREAM_KEY")
+    assert spec.kind == "relay" and spec.relay is not None
+    assert spec.relay.key_env == "UPSTREAM_KEY"
+
+
+@pytest.mark.parametrize(
+    ("uri", "named"),
+    [
+        ("lsg://h:1", "schemas="),
+        ("lsg://h:1?schemas=", "schemas="),
+        ("lsg://h:1?schemas=trades,candles", "'candles'"),
+        ("lsg://h:1?schemas=tbbo,mbp-1", "share rtype 0x01"),
+        ("lsg://h?schemas=trades", "'h'"),
+        ("lsg://h:0?schemas=trades", "'h:0'"),
+        ("lsg://h:70000?schemas=trades", "'h:70000'"),
+        ("lsg://h:1,?schemas=trades", "''"),
+        ("lsg://h:1/x?schemas=trades", "no path"),
+        ("lsg://h:1?schemas=trades&stype_in=parent", "stype_in='parent'"),
+        ("lsg://h:1?schemas=trades&compression=gzip", "compression='gzip'"),
+        ("lsg://h:1?schemas=trades&key_env=A&key_file=/k", "not both"),
+        ("lsg://h:1?schemas=trades&key_env=A-B", "key_env='A-B'"),
+        ("lsg://h:1?schemas=trades&key_file=", "key_file= needs a path"),
+        ("lsg://h:1?schemas=trades&heartbeat_interval_s=2", "heartbeat_interval_s='2'"),
+        ("lsg://h:1?schemas=trades&failover_after_s=-1", "failover_after_s='-1'"),
+        ("lsg://h:1?schemas=trades&failover_after_s=nan", "failover_after_s='nan'"),
+        ("lsg://h:1?schemas=trades&symbols=A,,B", "empty symbol"),
+        ("lsg://h:1?schemas=trades&dataset=WAY.TOO.LONG.DATASET", "1-16 ASCII"),
+    ],
+)
+def test_bad_options_are_named(uri: str, named: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_feed_uri("EDGE", uri)
+    assert named in str(err.value)
+    assert str(err.value).startswith("feeds.EDGE:")
+
+
+def test_an_unknown_option_does_not_echo_the_query() -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_feed_uri("EDGE", f"lsg://h:1?schemas=trades&key={KEY}")
+    assert "'key'" in str(err.value) and KEY not in str(err.value)
+
+
+def test_key_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DATABENTO_API_KEY", f"  {KEY}\n")
+    assert read_key("EDGE", _opts("lsg://h:1?schemas=trades")) == KEY
+    monkeypatch.delenv("DATABENTO_API_KEY")
+    with pytest.raises(ConfigError, match="environment variable DATABENTO_API_KEY"):
+        read_key("EDGE", _opts("lsg://h:1?schemas=trades"))
+
+
+def test_key_from_a_file_is_read_at_every_call(tmp_path: Path) -> None:
+    path = tmp_path / "key"
+    opts = _opts(f"lsg://h:1?schemas=trades&key_file={path}")
+    with pytest.raises(ConfigError, match="cannot read key_file"):
+        read_key("EDGE", opts)
+    path.write_text(KEY + "\n")
+    assert read_key("EDGE", opts) == KEY
+    path.write_text(ROTATED)
+    assert read_key("EDGE", opts) == ROTATED
+    path.write_text("\n\n")
+    with pytest.raises(ConfigError, match="no upstream API key"):
+        read_key("EDGE", opts)
+
+
+def test_a_malformed_key_is_refused_without_showing_it(tmp_path: Path) -> None:
+    path = tmp_path / "key"
+    secret = "db-SECRET PART 0000000000000000"
+    path.write_text(secret)
+    with pytest.raises(ConfigError) as err:
+        read_key("EDGE", _opts(f"lsg://h:1?schemas=trades&key_file={path}"))
+    assert "malformed" in str(err.value) and "SECRET" not in str(err.value)
+
+
+def test_cursor_file_round_trip_and_damage(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "relay-cursor.json"
+    cf = CursorFile(path)
+    assert cf.load() is None
+    cf.save("h:1", "DS", 42, 7, 1000)
+    assert CursorFile(path).load() == {
+        "upstream": "h:1",
+        "dataset": "DS",
+        "seq": 42,
+        "count": 7,
+        "journal_seq": 1000,
+    }
+    assert not path.with_suffix(".tmp").exists()
+    caplog.set_level(logging.WARNING)
+    for body in ("{not json", "[1, 2]", json.dumps({"upstream": "h:1", "seq": 1})):
+        path.write_text(body)
+        assert CursorFile(path).load() is None
+    negative = {"upstream": "h:1", "dataset": "D", "seq": 1, "count": -1, "journal_seq": 0}
+    path.write_text(json.dumps(negative))
+    assert CursorFile(path).load() is None
+
+
+def _client(n: int, failover_after_s: float = 10.0) -> ResumingClient:
+    alternates = [(f"h{i}", 1) for i in range(1, n)]
+    return ResumingClient(
+        "h0", 1, KEY, "DS", alternates=alternates, failover_after_s=failover_after_s
+    )
+
+
+def test_the_upstream_the_position_came_from_is_retried_alone_first() -> None:
+    client = _client(3, failover_after_s=5.0)
+    client.cursor.seq, client.cursor_upstream = 10, 1
+    assert [client._pick_upstream(a, 1.0) for a in range(4)] == [1, 1, 1, 1]
+    client._round = 0
+    # then every upstream, in order, round and round
+    assert [client._pick_upstream(a, 6.0) for a in range(5)] == [0, 1, 2, 0, 1]
+
+
+def test_a_resume_is_only_sent_to_the_upstream_the_position_came_from() -> None:
+    client = _client(2)
+    client.cursor.seq, client.cursor_upstream = 10, 0
+    client.upstream = 0
+    assert client._plan(None) == ("resume", 10)
+    client.upstream = 1
+    assert client._plan(None) == ("live", None)
+    fresh = _client(2)
+    assert fresh._plan(None) == ("live", None)  # no position yet: live
+
+
+def test_without_a_position_upstreams_are_tried_in_order() -> None:
+    client = _client(2)
+    assert [client._pick_upstream(a, 0.0) for a in range(4)] == [0, 1, 0, 1]
+
+
+def _chunk(records: list[bytes]) -> ChunkIndex:
+    index, used = index_records(b"".join(records))
+    assert used == sum(len(r) for r in records)
+    return index
+
+
+async def test_the_upstream_sessions_own_records_are_taken_out(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    feed = Feed("EDGE")
+    published: list[ChunkIndex] = []
+    feed.publish = published.append  # type: ignore[method-assign,assignment]
+    source = RelaySource(feed, _opts("lsg://h:1?schemas=trades"))
+    _, trades = synthetic_trades(3, seed=1)
+    heartbeat = encode_system(1, "Heartbeat", SystemCode.HEARTBEAT)
+    notice = encode_system(2, "Feed EDGE: publisher disconnected", SystemCode.UNSET)
+    error = encode_error(3, "slow reader", 4)
+    caplog.set_level(logging.INFO, logger="gateway.feed")
+    source._relay(_chunk([trades[0], heartbeat, trades[1], notice, error, trades[2]]))
+    source._relay(_chunk([heartbeat]))
+    assert len(published) == 1
+    assert bytes(published[0].data) == b"".join(trades)
+    said = [r.getMessage() for r in caplog.records if "upstream says" in r.getMessage()]
+    assert said == [
+        "feed EDGE: upstream says: Feed EDGE: publisher disconnected",
+        "feed EDGE: upstream says: slow reader",
+    ]
+    assert source.stats.last_heard > 0
+
+
+def test_a_relay_declares_its_schemas() -> None:
+    feed = Feed("EDGE")
+    feed.on_metadata(SimpleNamespace(schema="trades,tbbo"), mappings=[])
+    assert feed.serves("trades") and feed.serves("tbbo")
+    assert not feed.serves("mbp-1") and not feed.serves("mbo")
+    feed.on_metadata(SimpleNamespace(schema="mbp-1"), mappings=[])
+    assert feed.serves("mbp-1") and not feed.serves("tbbo")
