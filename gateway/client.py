@@ -11,7 +11,9 @@ No per-record Python objects unless asked: ``batches()`` yields ``RecordBatch`` 
 that wrap one memoryview of whole records plus a numpy header index;
 ``RecordBatch.decode()`` turns them into databento_dbn objects for convenience.
 Handles CRAM authentication, 500-symbol subscription chunks, zstd streams made of many
-independent frames, and a heartbeat timeout (interval + 10 s of silence).
+independent frames, and a heartbeat timeout (interval + 10 s of silence). Every record is
+checked against its rtype's size before it is handed over; a stream that breaks that ends
+with a ClientError (``INVALID_DATA``).
 
 ``LiveClient`` is one connection: when it ends, the stream ends. Built on it:
 ``gateway.client_resume.ResumingClient`` reconnects with backoff and resumes exactly
@@ -38,12 +40,16 @@ from gateway.dbn import (
     ChunkIndex,
     index_records,
 )
-from gateway.errors import GatewayError
+from gateway.dbn.validate import first_invalid
+from gateway.errors import DbnError, GatewayError
 
 __all__ = ["ClientError", "FrameDecompressor", "LiveClient", "RecordBatch"]
 
 SYMBOL_CHUNK = control.SYMBOL_CHUNK
 CLIENT_TIMEOUT_MARGIN_S = 10.0
+#: how a ClientError for records that are not valid DBN v3 begins (the stream is then
+#: over: whole records are never handed on half-checked)
+INVALID_DATA = "invalid data from the gateway"
 _READ_SIZE = 256 * 1024
 
 
@@ -274,8 +280,14 @@ class LiveClient:
         while True:
             if self._buffer:
                 data = bytes(self._buffer)
-                index, used = index_records(data)
+                try:
+                    index, used = index_records(data)
+                except DbnError as exc:
+                    raise ClientError(f"{INVALID_DATA}: {exc}") from None
                 if used:
+                    bad = first_invalid(index)
+                    if bad is not None:
+                        raise ClientError(f"{INVALID_DATA}: record {bad[0]}: {bad[1]}")
                     del self._buffer[:used]
                     yield RecordBatch(index)
                     continue

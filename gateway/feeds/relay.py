@@ -57,7 +57,7 @@ import numpy as np
 
 from gateway import dbn
 from gateway.checkpoint import Backoff, Gap
-from gateway.client import ClientError
+from gateway.client import INVALID_DATA, ClientError
 from gateway.client_resume import ResumingClient
 from gateway.dbn import RTYPE_ERROR, RTYPE_SYSTEM, ChunkIndex, SystemCode
 from gateway.errors import ConfigError
@@ -500,6 +500,10 @@ class RelaySource:
     # --- what the client reports ---------------------------------------------------------
 
     def _on_lost(self, why: str) -> None:
+        if why.startswith(INVALID_DATA):
+            # counted like a publisher's bad DBN; the resume starts after the last whole
+            # valid batch, so a broken upstream is retried, never skipped past
+            self.feed.invalid_inputs += 1
         if self._stopping or not self._ever_connected:
             return  # the first connection: the state already says "connecting"
         if self.stats.up:

@@ -3,6 +3,7 @@ upstreams are tried in, what is taken out of an upstream stream, declared schema
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from pathlib import Path
@@ -11,6 +12,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 import pytest
 
+from gateway.client import INVALID_DATA, ClientError, LiveClient
 from gateway.client_resume import ResumingClient
 from gateway.dbn import ChunkIndex, SystemCode, encode_error, encode_system, index_records
 from gateway.errors import ConfigError
@@ -224,3 +226,38 @@ def test_a_relay_declares_its_schemas() -> None:
     assert not feed.serves("mbp-1") and not feed.serves("mbo")
     feed.on_metadata(SimpleNamespace(schema="mbp-1"), mappings=[])
     assert feed.serves("mbp-1") and not feed.serves("tbbo")
+
+
+async def _batches_of(stream: bytes) -> tuple[list[ChunkIndex], BaseException | None]:
+    reader = asyncio.StreamReader()
+    reader.feed_data(stream)
+    reader.feed_eof()
+    client = LiveClient(
+        reader,
+        None,  # type: ignore[arg-type]  # never written to here
+        compression="none",
+        ts_out=False,
+        heartbeat_interval_s=None,
+    )
+    client.metadata = object()
+    got: list[ChunkIndex] = []
+    try:
+        async for batch in client.batches():
+            got.append(batch.index)
+    except ClientError as exc:
+        return got, exc
+    return got, None
+
+
+async def test_the_client_hands_over_only_valid_records() -> None:
+    _, trades = synthetic_trades(2, seed=3)
+    short = bytearray(trades[1])
+    short[0] = 8  # a trade header claiming 32 bytes: shorter than a TradeMsg
+    got, exc = await _batches_of(trades[0] + bytes(short[:32]))
+    assert exc is not None and str(exc).startswith(INVALID_DATA)
+    assert "shorter than" in str(exc)
+    assert sum(i.count for i in got) == 0  # the batch with the bad record is not handed on
+    got, exc = await _batches_of(trades[0] + bytes([2]) + bytes(15))
+    assert exc is not None and str(exc).startswith(INVALID_DATA)
+    got, exc = await _batches_of(b"".join(trades))
+    assert exc is None and sum(i.count for i in got) == 2
