@@ -396,3 +396,57 @@ class SystemTexts:
     async def close(self) -> None:
         await self.client.close()
         await asyncio.wait_for(self.task, 10.0)
+
+
+async def test_failover_to_the_next_upstream_is_a_reported_gap(tmp_path: Path) -> None:
+    with journal_dir() as ja, journal_dir() as jb, key_file(tmp_path) as key:
+        async with processes() as started:
+            a = await _primary(started, ja)
+            b = await _primary(started, jb)
+            uri = (
+                f"lsg://127.0.0.1:{a.port},127.0.0.1:{b.port}?schemas=trades"
+                f"&key_file={key}&failover_after_s=1"
+            )
+            edge = await asyncio.to_thread(
+                start_gateway, "--metrics-port", "0", feeds={DATASET: uri}
+            )
+            started.append(edge)
+            await apoll_until(
+                lambda: _edge_metric(edge, "gateway_relay_upstream_index") == 1,
+                15.0,
+                0.02,
+                "the edge on the first upstream",
+            )
+            live = await LiveClient.connect("127.0.0.1", edge.port, KEY, DATASET)
+            await live.subscribe("trades", "ALL_SYMBOLS")
+            await live.start()
+            session = SystemTexts(live)
+            pub_a = Publisher(a.ingest_ports[DATASET], 0)
+            pub_b = Publisher(b.ingest_ports[DATASET], 1_000_000)
+            try:
+                await apoll_until(
+                    lambda: _relay_status(edge)["checkpoint"] is not None,
+                    15.0,
+                    0.02,
+                    "a checkpoint from the first upstream",
+                )
+                a.proc.kill()
+                await asyncio.to_thread(a.proc.wait, 10)
+                await apoll_until(
+                    lambda: _edge_metric(edge, "gateway_relay_upstream_index") == 2,
+                    30.0,
+                    0.05,
+                    "the edge on the second upstream",
+                )
+                await apoll_until(
+                    lambda: any("(failover)" in t for t in session.texts),
+                    15.0,
+                    0.02,
+                    "the failover told to the session",
+                )
+                gaps = _edge_metric(edge, "gateway_relay_gaps_total", reason="failover")
+            finally:
+                pub_a.stop()
+                pub_b.stop()
+                await session.close()
+        assert gaps == 1
