@@ -176,7 +176,9 @@ def parse_feed_uri(dataset: str, uri: str) -> FeedSpec:
         )
     elif scheme == "lsg":
         known = set(RELAY_OPTIONS)
-        spec = FeedSpec(dataset, "relay", uri, relay=parse_relay(dataset, parts, query))
+        bp = _flag(query.get("backpressure", "0"), "backpressure")
+        relay = parse_relay(dataset, parts, query)
+        spec = FeedSpec(dataset, "relay", uri, backpressure=bp, relay=relay)
     else:
         raise ConfigError(
             f"feeds.{dataset}: unknown feed URI {_redacted(uri)!r} "

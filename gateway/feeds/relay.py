@@ -22,6 +22,9 @@ Options (every bad value is a ConfigError naming it):
   silence.
 - ``failover_after_s=S`` (default 10): with several upstreams, how long the one the
   position came from is retried alone before the others are tried in order.
+- ``backpressure=1``: lossless toward this gateway's sessions, as for ``ingest://``: while
+  one is over its write-buffer high-water mark the relay stops reading its upstream (which
+  then sees a slow reader: it warns, and if it cuts the relay, the relay resumes exactly).
 
 How it stays exact (``gateway.client_resume.ResumingClient``, the project's own client):
 the upstream session asks for checkpoints and ``slow_reader_behavior=warn``; on any loss
@@ -192,6 +195,7 @@ RELAY_OPTIONS: Final = frozenset(
         "key_file",
         "heartbeat_interval_s",
         "failover_after_s",
+        "backpressure",
     }
 )
 

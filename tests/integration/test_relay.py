@@ -450,3 +450,60 @@ async def test_failover_to_the_next_upstream_is_a_reported_gap(tmp_path: Path) -
                 pub_b.stop()
                 await session.close()
         assert gaps == 1
+
+
+async def test_a_lossless_edge_waits_for_its_slow_session(tmp_path: Path) -> None:
+    """``backpressure=1``: while a session is over its high-water mark the edge stops reading
+    its upstream; the session gets every record once it reads again."""
+    with journal_dir() as pj, key_file(tmp_path) as key:
+        async with processes() as started:
+            primary = await _primary(started, pj)
+            uri = _relay_uri(primary.port, key, "&backpressure=1")
+            edge = await asyncio.to_thread(
+                start_gateway, "--metrics-port", "0", feeds={DATASET: uri}
+            )
+            started.append(edge)
+            await apoll_until(
+                lambda: _edge_metric(edge, "gateway_relay_upstream_up") == 1,
+                15.0,
+                0.02,
+                "the edge connected upstream",
+            )
+            slow = await LiveClient.connect("127.0.0.1", edge.port, KEY, DATASET, rcvbuf=16 * 1024)
+            await slow.subscribe("trades", "ALL_SYMBOLS")
+            await slow.start()
+            pub = Publisher(primary.ingest_ports[DATASET], 0)
+            seqs: list[np.ndarray] = []
+            try:
+                # not reading: the edge pauses its upstream (counted as a lossless pause)
+                await apoll_until(
+                    lambda: _edge_metric(edge, "gateway_feed_paused") == 1,
+                    30.0,
+                    0.05,
+                    "the edge paused for its slow session",
+                )
+                pub.stop()
+                last = pub.next - 1
+                got = 0
+
+                async def read_all() -> None:
+                    nonlocal got
+                    async for batch in slow.batches():
+                        idx = batch.index
+                        keep = idx.rtypes == 0  # trades (rtype 0x00)
+                        if keep.any():
+                            rows = np.frombuffer(bytes(idx.select(keep)), dtype=np.uint8)
+                            s = rows.reshape(-1, 48)[:, 44:48].copy().view("<u4").ravel()
+                            seqs.append(s.astype(np.int64))
+                            got += len(s)
+                            if int(s[-1]) == last:
+                                return
+
+                await asyncio.wait_for(read_all(), 60.0)
+            finally:
+                pub.stop()
+                await slow.close()
+            pauses = _edge_metric(edge, "gateway_feed_pauses_total", cause="session_high_water")
+        allseq = np.concatenate(seqs)
+        assert allseq[0] == 0 and np.all(np.diff(allseq) == 1), "records skipped or repeated"
+        assert pauses >= 1
