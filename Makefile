@@ -37,6 +37,24 @@ test: $(STAMP) test-deps
 	GATEWAY_TEST_LOOP=uvloop $(PY) -m pytest -q -p no:cacheprovider
 	GATEWAY_TEST_LOOP=asyncio $(PY) -m pytest -q -p no:cacheprovider -m "not slow_e2e" tests/unit tests/integration
 
+## make image: the gateway's container image (deploy/README.md: Container image). Without a
+## registry the base comes from Debian's mirror (deploy/docker/build-base.sh, debootstrap, root);
+## with one: make image BASE=python:3.11-slim. IMAGE names the tag; the machine's local CA
+## certificates (CA_DIR) are trusted by the build stage only (pip behind a re-signing proxy).
+IMAGE  ?= dbn-gateway:latest
+BASE   ?= local/debian:bookworm
+CA_DIR ?= $(wildcard /usr/local/share/ca-certificates)
+.PHONY: image
+image:
+	deploy/docker/build-image.sh -t $(IMAGE) --base $(BASE) $(if $(CA_DIR),--ca-dir $(CA_DIR))
+
+## make test-swarm: the image, deploy/swarm/stack.yml and the relay edges on a private one-node
+## Docker Swarm (tests/swarm; root, docker.io and debootstrap: make test-deps). Skips, saying
+## why, where it cannot run. Not part of make test. A few minutes.
+.PHONY: test-swarm
+test-swarm: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider -s -rs tests/swarm
+
 ## make test-fast: the unit tests without the slow ones (seconds; no gateway process, no tools)
 .PHONY: test-fast
 test-fast: $(STAMP)

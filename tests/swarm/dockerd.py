@@ -1,0 +1,261 @@
+"""A private Docker daemon for make test-swarm: its own data root, exec root, pidfile, config
+file, trust key and unix socket, all under one temporary directory, and no effect on the host
+network beyond what it must create.
+
+It runs with ``--bridge=none --iptables=false --ip-forward=false``: no docker0, no iptables
+rules, no change to net.ipv4.ip_forward. The image build runs its steps in the host's network
+(``docker build --network host``), and a one-node swarm needs no forwarding: host-mode
+published ports go through Docker's userland proxy, and the services talk over the overlay
+network's bridge inside its own namespace. What it leaves on the host is removed by
+:meth:`PrivateDockerd.stop`: the swarm's ``docker_gwbridge`` link (when there was none
+before), ``/run/docker`` (when there was none before), mounts under the temporary directory,
+and the directory itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from tests.support.waiting import poll_until
+
+__all__ = ["PrivateDockerd", "Unavailable", "free_port", "preflight"]
+
+#: the docker CLI that has `stack config` (28.x, /usr/local/bin) first; dockerd from Debian
+PATH = "/usr/local/bin:/usr/local/sbin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+class Unavailable(Exception):
+    """This machine cannot run the swarm test (the test skips with this reason)."""
+
+
+def _which(tool: str) -> str | None:
+    return shutil.which(tool, path=PATH)
+
+
+def _other_dockerd() -> str | None:
+    """The pid of a dockerd this test did not start, or None."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            comm = (entry / "comm").read_text().strip()
+        except OSError:
+            continue
+        if comm == "dockerd":
+            return entry.name
+    return None
+
+
+def preflight() -> None:
+    """Raise Unavailable naming what is missing: root, the programs, a free host."""
+    if os.geteuid() != 0:
+        raise Unavailable("needs root (a private dockerd and debootstrap); run as root")
+    missing = [t for t in ("dockerd", "docker", "debootstrap") if _which(t) is None]
+    if missing:
+        raise Unavailable(
+            f"missing {', '.join(missing)} (make test-deps installs docker.io, iptables and "
+            "debootstrap from Debian when run as root)"
+        )
+    pid = _other_dockerd()
+    if pid is not None:
+        raise Unavailable(f"another dockerd runs on this host (pid {pid}); not disturbing it")
+    if Path("/sys/class/net/docker_gwbridge").exists():
+        raise Unavailable("a docker_gwbridge link exists (another swarm on this host)")
+
+
+def free_port(kind: int = socket.SOCK_STREAM) -> int:
+    with socket.socket(socket.AF_INET, kind) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class PrivateDockerd:
+    """``with PrivateDockerd() as d: d.docker("info")`` — started, then stopped and cleaned up
+    whatever happens (the ``with`` block's exit, or :meth:`stop` from a fixture)."""
+
+    def __init__(self, start_timeout: float = 30.0) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="lsg-swarm-"))
+        self.sock = self.dir / "docker.sock"
+        self.log_path = self.dir / "dockerd.log"
+        self.env = {
+            **os.environ,
+            "PATH": PATH,
+            "DOCKER_HOST": f"unix://{self.sock}",
+            # the CLI's own config (contexts, auth) from here, not from ~/.docker
+            "DOCKER_CONFIG": str(self.dir / "cli"),
+        }
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._had_gwbridge = Path("/sys/class/net/docker_gwbridge").exists()
+        self._had_run_docker = Path("/run/docker").exists()
+        self._start_timeout = start_timeout
+
+    # -- start / stop ------------------------------------------------------------------
+
+    def start(self) -> None:
+        conf = self.dir / "daemon.json"
+        # its own trust key (20.10 writes /etc/docker/key.json otherwise); no host config
+        conf.write_text(json.dumps({"deprecated-key-path": str(self.dir / "key.json")}))
+        (self.dir / "cli").mkdir()
+        argv = [
+            _which("dockerd") or "dockerd",
+            "--config-file",
+            str(conf),
+            "--data-root",
+            str(self.dir / "data"),
+            "--exec-root",
+            str(self.dir / "exec"),
+            "--pidfile",
+            str(self.dir / "dockerd.pid"),
+            "--host",
+            f"unix://{self.sock}",
+            "--bridge=none",
+            "--iptables=false",
+            "--ip-forward=false",
+            "--log-level=warn",
+        ]
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                argv, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
+            )
+
+        def up() -> bool:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise Unavailable(
+                    f"dockerd exited at start (rc {self.proc.returncode}): {self.log_tail()}"
+                )
+            return self.run("version", "--format", "{{.Server.Version}}", check=False)[0] == 0
+
+        try:
+            poll_until(up, self._start_timeout, 0.1, "the private dockerd to answer")
+        except AssertionError:
+            raise Unavailable(f"dockerd did not start: {self.log_tail()}") from None
+
+    def stop(self) -> list[str]:
+        """Stop the daemon (SIGTERM, then SIGKILL) and remove what it left; returns what
+        could not be removed (empty: nothing left behind)."""
+        problems: list[str] = []
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                problems.append("dockerd ignored SIGTERM for 30 s: killed")
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+        # containerd and shims it started are in its session: none may outlive it
+        for pid in self._session_pids(proc.pid if proc is not None else None):
+            problems.append(f"process {pid} of the daemon's session outlived it: killed")
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        for mnt in self._mounts():
+            if subprocess.run(["umount", "-l", mnt], capture_output=True).returncode != 0:
+                problems.append(f"cannot unmount {mnt}")
+        if not self._had_gwbridge and Path("/sys/class/net/docker_gwbridge").exists():
+            subprocess.run(["ip", "link", "delete", "docker_gwbridge"], capture_output=True)
+        if not self._had_run_docker and Path("/run/docker").exists():
+            shutil.rmtree("/run/docker", ignore_errors=True)
+        shutil.rmtree(self.dir, ignore_errors=True)
+        if self.dir.exists():
+            problems.append(f"cannot remove {self.dir}")
+        if Path("/sys/class/net/docker_gwbridge").exists() and not self._had_gwbridge:
+            problems.append("docker_gwbridge is still there")
+        return problems
+
+    def _session_pids(self, sid: int | None) -> list[int]:
+        if sid is None:
+            return []
+        found = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if int(fields[3]) == sid:  # field 6 of stat: the session id
+                found.append(int(entry.name))
+        return found
+
+    def _mounts(self) -> list[str]:
+        prefix = str(self.dir) + "/"
+        mounts = []
+        for line in Path("/proc/mounts").read_text().splitlines():
+            point = line.split()[1].replace("\\040", " ")
+            if point.startswith(prefix):
+                mounts.append(point)
+        return sorted(mounts, key=len, reverse=True)  # innermost first
+
+    def __enter__(self) -> PrivateDockerd:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- using it ----------------------------------------------------------------------
+
+    def run(
+        self,
+        *args: str,
+        check: bool = True,
+        timeout: float = 120.0,
+        env: dict[str, str] | None = None,
+        cwd: str | Path | None = None,
+    ) -> tuple[int, str]:
+        """``docker ARGS`` against this daemon: (exit status, stdout+stderr)."""
+        proc = subprocess.run(
+            [_which("docker") or "docker", *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env={**self.env, **(env or {})},
+            cwd=cwd,
+        )
+        out = proc.stdout + proc.stderr
+        if check and proc.returncode != 0:
+            raise AssertionError(f"docker {' '.join(args)} failed (rc {proc.returncode}): {out}")
+        return proc.returncode, out
+
+    def docker(self, *args: str, timeout: float = 120.0, env: dict[str, str] | None = None) -> str:
+        """``docker ARGS``' output; AssertionError with the output when it fails."""
+        return self.run(*args, timeout=timeout, env=env)[1]
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return "(no log)"
+        return "\n".join(text.splitlines()[-lines:])
+
+    @contextlib.contextmanager
+    def swarm(self, listen_port: int, data_path_port: int) -> Iterator[str]:
+        """A one-node swarm on 127.0.0.1 (its node id), left with --force at the end."""
+        self.docker(
+            "swarm",
+            "init",
+            "--advertise-addr",
+            f"127.0.0.1:{listen_port}",
+            "--listen-addr",
+            f"127.0.0.1:{listen_port}",
+            "--data-path-port",
+            str(data_path_port),
+        )
+        try:
+            yield self.docker("info", "--format", "{{.Swarm.NodeID}}").strip()
+        finally:
+            self.run("swarm", "leave", "--force", check=False, timeout=60)
