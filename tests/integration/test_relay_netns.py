@@ -137,24 +137,34 @@ def _compare(name: str, got: list[bytes], want: list[bytes]) -> str | None:
     )
 
 
-def _account(clients: dict[str, Client], edges: list[GatewayProcess], edge_metrics: Any) -> str:
-    """What each client has, each edge's relay metrics and log tail: for a failure message."""
+def _account(
+    clients: dict[str, Client], procs: dict[str, GatewayProcess], edge_metrics: Any
+) -> str:
+    """What each client has, each edge's relay metrics, each gateway's log tail: for a
+    failure message."""
     lines = [
         f"{name}: {len(c.trades())} trades, notices {c.notices()}" for name, c in clients.items()
     ]
-    for i, edge in enumerate(edges, start=1):
-        try:
-            samples = edge_metrics(i)
-            relay = {f"{n}{dict(lab)}": v for (n, lab), v in samples.items() if "relay" in n}
-        except OSError as exc:
-            relay = {"metrics": repr(exc)}
-        lines.append(f"edge{i} relay metrics: {relay}")
-        lines.append(f"edge{i} log tail:\n{edge.log()[-3000:]}")
+    for name, proc in procs.items():
+        if name.startswith("edge"):
+            try:
+                samples = edge_metrics(int(name[4:]))
+                relay = {
+                    f"{n}{dict(lab)}": v
+                    for (n, lab), v in samples.items()
+                    if "relay" in n and not n.endswith("_created")
+                }
+            except OSError as exc:
+                relay = {"metrics": repr(exc)}
+            lines.append(f"{name} relay metrics: {relay}")
+        lines.append(f"{name} log tail:\n{proc.log()[-3000:]}")
     return "\n".join(lines)
 
 
 def _saved_checkpoint(journal_dir: Path) -> bool:
-    """Whether an edge's saved relay position follows an upstream checkpoint (seq >= 0)."""
+    """Whether an edge's saved relay position (``<journal-dir>/<dataset>/relay-cursor.json``,
+    written every 0.5 s) follows an upstream checkpoint. (/status.json's ``checkpoint`` is
+    refreshed only when the next records or heartbeat arrive: up to 5 s later.)"""
     try:
         saved = json.loads((journal_dir / DATASET / "relay-cursor.json").read_text())
     except (FileNotFoundError, ValueError):
@@ -215,111 +225,133 @@ def test_publisher_primary_two_edges_exact_and_no_gap_after_a_link_cut(
     key_file.chmod(0o600)
     ingest = "ingest://0.0.0.0:0?allow=10.0.0.0/8,127.0.0.0/8&idle_timeout_s=300"
 
+    t0 = time.monotonic()
+    timeline: list[str] = []  # when each step was done, for the report line
+
+    def mark(step: str) -> None:
+        timeline.append(f"{step} {time.monotonic() - t0:.1f}")
+
+    edges: list[GatewayProcess] = []
+    clients: dict[str, Client] = {}
+
+    def edge_metrics(i: int) -> Samples:
+        return _metrics(star.edge_from_root(i), edges[i - 1].metrics_port)
+
+    def upstream_up(i: int) -> bool:
+        return metric(edge_metrics(i), "gateway_relay_upstream_up", dataset=DATASET) == 1
+
     with contextlib.ExitStack() as stack:
-        primary = stack.enter_context(
-            _serve(star, star.primary, ingest, "--journal-dir", str(tmp_path / "journal"))
-        )
-        edges: list[GatewayProcess] = []
-        for i in (1, 2):
-            upstream = (
-                f"lsg://{star.primary_for_edge(i)}:{primary.port}?schemas=trades"
-                f"&key_file={key_file}&heartbeat_interval_s={HEARTBEAT_S}"
-            )
-            journal = tmp_path / f"edge{i}-journal"
-            edges.append(
-                stack.enter_context(
-                    _serve(star, star.edges[i - 1], upstream, "--journal-dir", str(journal))
-                )
-            )
-
-        def edge_metrics(i: int) -> Samples:
-            return _metrics(star.edge_from_root(i), edges[i - 1].metrics_port)
-
-        def upstream_up(i: int) -> bool:
-            return metric(edge_metrics(i), "gateway_relay_upstream_up", dataset=DATASET) == 1
-
-        for i in (1, 2):
-            poll_until(functools.partial(upstream_up, i), 20, 0.1, f"edge{i}'s relay connected")
-
-        clients = {"primary": Client("primary", star.primary_from_root, primary.port)}
-        for i in (1, 2):
-            for c in range(1, CLIENTS_PER_EDGE + 1):
-                name = f"edge{i}/client{c}"
-                clients[name] = Client(name, star.edge_from_root(i), edges[i - 1].port)
-        for client in clients.values():
-            stack.callback(client.stop)
-            client.start()
-        edge1 = [c for n, c in clients.items() if n.startswith("edge1/")]
-        others = [c for n, c in clients.items() if not n.startswith("edge1/")]
-
-        def everyone_has(who: list[Client], n: int) -> bool:
-            return all(len(c.trades()) >= n for c in who)
-
-        publisher = Publisher(star.primary_from_root, primary.ingest_ports[DATASET], symbols)
-        stack.callback(publisher.close)
-
-        # 1. everyone gets the first phase: half of it, then (once edge1 holds an upstream
-        # checkpoint) the other half, and the link is cut as soon as edge1's clients have
-        # it — usually before the primary's next checkpoint (its tick: 0.5 s), so a resume
-        # must also drop the records edge1 got after its checkpoint
-        half = PHASE // 2
-        publisher.send(before[:half])
-        poll_until(lambda: everyone_has([*edge1, *others], half), 20, 0.05, "phase 1a delivered")
-        # A loss before the first checkpoint is a gap by design (no_checkpoint): not this test
-        poll_until(
-            lambda: _saved_checkpoint(tmp_path / "edge1-journal"),
-            10,
-            0.05,
-            "edge1's relay position saved after an upstream checkpoint",
-        )
-        publisher.send(before[half:])
-        poll_until(lambda: everyone_has(edge1, PHASE), 20, 0.01, "phase 1b at edge1")
-
-        # 2. edge1's upstream link goes down; the primary and edge2 carry on without it
-        star.link_down(1)
-        cut_at = time.monotonic()
-        publisher.send(during)
-        poll_until(lambda: everyone_has(others, 2 * PHASE), 20, 0.05, "phases 1-2 at edge2")
-        if cut == "short":  # hold the link down until edge1 has heard nothing for HOLD_S
-            poll_until(
-                lambda: (
-                    metric(
-                        edge_metrics(1), "gateway_relay_upstream_silence_seconds", dataset=DATASET
-                    )
-                    >= HOLD_S
-                ),
-                HOLD_S + 10,
-                0.2,
-                f"edge1's upstream silent for {HOLD_S} s",
-            )
-        else:  # until edge1's relay declares the upstream lost (after 5 + 10 s of silence)
-            poll_until(
-                lambda: not upstream_up(1),
-                2 * HEARTBEAT_S + 10 + 5,
-                0.2,
-                "edge1's relay to give the upstream up",
-            )
-        assert all(len(c.trades()) == PHASE for c in edge1), "records crossed a downed link"
-        star.link_up(1)
-        held = time.monotonic() - cut_at
-        assert star.link_is_up(1)
-
-        # 3. after the link is back: more records; edge1's clients catch up with no gap
-        publisher.send(after)
-        limit = 2 * HEARTBEAT_S + 10 + 15  # silence limit, reconnect back-off, replay
         try:
+            primary = stack.enter_context(
+                _serve(star, star.primary, ingest, "--journal-dir", str(tmp_path / "journal"))
+            )
+            for i in (1, 2):
+                upstream = (
+                    f"lsg://{star.primary_for_edge(i)}:{primary.port}?schemas=trades"
+                    f"&key_file={key_file}&heartbeat_interval_s={HEARTBEAT_S}"
+                )
+                journal = tmp_path / f"edge{i}-journal"  # where the relay saves its position
+                edges.append(
+                    stack.enter_context(
+                        _serve(star, star.edges[i - 1], upstream, "--journal-dir", str(journal))
+                    )
+                )
+
+            for i in (1, 2):
+                poll_until(functools.partial(upstream_up, i), 20, 0.1, f"edge{i}'s relay connected")
+            mark("edges up")
+
+            clients["primary"] = Client("primary", star.primary_from_root, primary.port)
+            for i in (1, 2):
+                for c in range(1, CLIENTS_PER_EDGE + 1):
+                    name = f"edge{i}/client{c}"
+                    clients[name] = Client(name, star.edge_from_root(i), edges[i - 1].port)
+            for client in clients.values():
+                stack.callback(client.stop)
+                client.start()
+            mark("clients in")
+            edge1 = [c for n, c in clients.items() if n.startswith("edge1/")]
+            others = [c for n, c in clients.items() if not n.startswith("edge1/")]
+
+            def everyone_has(who: list[Client], n: int) -> bool:
+                return all(len(c.trades()) >= n for c in who)
+
+            publisher = Publisher(star.primary_from_root, primary.ingest_ports[DATASET], symbols)
+            stack.callback(publisher.close)
+
+            # 1. everyone gets the first phase: half of it, then (once edge1 holds an upstream
+            # checkpoint) the other half, and the link is cut as soon as edge1's clients have
+            # it — usually before the primary's next checkpoint (its tick: 0.5 s), so a resume
+            # must also drop the records edge1 got after its checkpoint
+            half = PHASE // 2
+            publisher.send(before[:half])
+            poll_until(
+                lambda: everyone_has([*edge1, *others], half), 20, 0.05, "phase 1a delivered"
+            )
+            mark("phase 1a")
+            # A loss before the first checkpoint is a gap by design (no_checkpoint): not this test
+            poll_until(
+                lambda: _saved_checkpoint(tmp_path / "edge1-journal"),
+                10,
+                0.05,
+                "an upstream checkpoint at edge1's relay",
+            )
+            mark("checkpoint")
+            publisher.send(before[half:])
+            poll_until(lambda: everyone_has(edge1, PHASE), 20, 0.01, "phase 1b at edge1")
+            mark("phase 1")
+
+            # 2. edge1's upstream link goes down; the primary and edge2 carry on without it
+            star.link_down(1)
+            cut_at = time.monotonic()
+            publisher.send(during)
+            poll_until(lambda: everyone_has(others, 2 * PHASE), 20, 0.05, "phases 1-2 at edge2")
+            mark("phase 2 at edge2")
+            if cut == "short":  # hold the link down until edge1 has heard nothing for HOLD_S
+                poll_until(
+                    lambda: (
+                        metric(
+                            edge_metrics(1),
+                            "gateway_relay_upstream_silence_seconds",
+                            dataset=DATASET,
+                        )
+                        >= HOLD_S
+                    ),
+                    HOLD_S + 10,
+                    0.2,
+                    f"edge1's upstream silent for {HOLD_S} s",
+                )
+            else:  # until edge1's relay declares the upstream lost (after 5 + 10 s of silence)
+                poll_until(
+                    lambda: not upstream_up(1),
+                    2 * HEARTBEAT_S + 10 + 5,
+                    0.2,
+                    "edge1's relay to give the upstream up",
+                )
+            assert all(len(c.trades()) == PHASE for c in edge1), "records crossed a downed link"
+            star.link_up(1)
+            held = time.monotonic() - cut_at
+            mark("link up")
+            assert star.link_is_up(1)
+
+            # 3. after the link is back: more records; edge1's clients catch up with no gap
+            publisher.send(after)
+            limit = 2 * HEARTBEAT_S + 10 + 15  # silence limit, reconnect back-off, replay
             poll_until(
                 lambda: everyone_has([*edge1, *others], 3 * PHASE),
                 limit,
                 0.05,
                 "every record at every client after the link came back",
             )
-        except AssertionError as exc:
-            raise AssertionError(f"{exc}\n{_account(clients, edges, edge_metrics)}") from None
-        caught_up = time.monotonic() - cut_at
-        poll_until(functools.partial(upstream_up, 1), 10, 0.1, "edge1's relay up again")
-        m1 = edge_metrics(1)
-        m2 = edge_metrics(2)
+            caught_up = time.monotonic() - cut_at
+            mark("caught up")
+            poll_until(functools.partial(upstream_up, 1), 10, 0.1, "edge1's relay up again")
+            m1 = edge_metrics(1)
+            m2 = edge_metrics(2)
+        except AssertionError as exc:  # what everyone had, and the edges' side of it
+            procs = {"primary": primary, **{f"edge{i}": e for i, e in enumerate(edges, 1)}}
+            raise AssertionError(f"{exc}\n{_account(clients, procs, edge_metrics)}") from None
+    mark("stopped")
 
     problems = [p for name, c in clients.items() if (p := _compare(name, c.trades(), records))]
     assert not problems, "\n".join(problems)
@@ -338,5 +370,6 @@ def test_publisher_primary_two_edges_exact_and_no_gap_after_a_link_cut(
         f"deduplicated "
         f"{metric(m1, 'gateway_relay_records_deduplicated_total', dataset=DATASET):g}; "
         f"resume_seconds {metric(m1, 'gateway_relay_resume_seconds', dataset=DATASET):.2f}; "
-        f"edge1/client1's notices: {clients['edge1/client1'].notices()}"
+        f"edge1/client1's notices: {clients['edge1/client1'].notices()}; "
+        f"timeline (s): {', '.join(timeline)}"
     )

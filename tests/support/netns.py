@@ -59,7 +59,16 @@ def unavailable() -> str | None:
     proc = _ip("netns", "add", probe, check=False)
     if proc.returncode != 0:
         return f"`ip netns add` failed: {proc.stderr.strip() or proc.returncode}"
-    _ip("netns", "del", probe, check=False)
+    try:
+        for what, args in (
+            ("ip netns exec", ("netns", "exec", probe, "true")),
+            ("a veth pair", ("-n", probe, "link", "add", "p0", "type", "veth", "peer", "p1")),
+        ):
+            proc = _ip(*args, check=False)
+            if proc.returncode != 0:
+                return f"{what} failed: {proc.stderr.strip() or proc.returncode}"
+    finally:
+        _ip("netns", "del", probe, check=False)
     return None
 
 
