@@ -2,10 +2,17 @@
 
 A session that asks for them (auth field ``lsg_checkpoints=1``, which the official clients
 never send) gets, now and then, a SystemMsg with code 255 (UNSET) and the text
-``lsg-checkpoint seq=<N>``. It means: every record of journal chunks up to ``N`` that this
-session selects was sent before this record. A client that counts the data records it got
-after its last checkpoint can resume with ``lsg_resume_after=N`` and drop that many records
-of the replay: nothing missed, nothing twice. Other sessions never see one.
+``lsg-checkpoint seq=<N> epoch=<E>``. It means: every record of journal chunks up to ``N``
+that this session selects was sent before this record. A client that counts the data
+records it got after its last checkpoint can resume with ``lsg_resume_after=N`` (and
+``lsg_epoch=E``) and drop that many records of the replay: nothing missed, nothing twice.
+Other sessions never see one.
+
+``E`` names the journal (``DatasetJournal.epoch``): a journal directory replaced, or one
+that starts again empty (every segment gone), numbers its chunks from 1 again, and a
+position N of the old one could exist in the new one with other records behind it. A
+resume whose epoch is not the journal's is refused like a position the journal never held
+(``bad_resume``), so a reconnect there is a reported gap, never a silent one.
 
 The client's side of it lives here too, free of I/O so it can be tested record by
 record: ``ResumeCursor`` (the checkpoint ``seq`` P, the count ``n`` of data records handed
@@ -33,6 +40,7 @@ __all__ = [
     "ResumeCursor",
     "encode_checkpoint",
     "parse_checkpoint",
+    "parse_checkpoint_fields",
 ]
 
 CHECKPOINT_PREFIX: Final = b"lsg-checkpoint seq="
@@ -40,20 +48,32 @@ _MSG_AT: Final = 16
 _CODE_AT: Final = 319
 
 
-def encode_checkpoint(ts_event: int, seq: int) -> bytes:
-    """The checkpoint record for journal position ``seq``."""
-    return encode_system(ts_event, f"lsg-checkpoint seq={seq}", SystemCode.UNSET)
+def encode_checkpoint(ts_event: int, seq: int, epoch: str = "") -> bytes:
+    """The checkpoint record for journal position ``seq`` of the journal ``epoch``."""
+    text = f"lsg-checkpoint seq={seq}" + (f" epoch={epoch}" if epoch else "")
+    return encode_system(ts_event, text, SystemCode.UNSET)
+
+
+def parse_checkpoint_fields(record: bytes | memoryview) -> tuple[int, str | None] | None:
+    """(position, journal epoch or None) of a checkpoint record; None for any other."""
+    if len(record) < 320 or record[1] != RTYPE_SYSTEM or record[_CODE_AT] != SystemCode.UNSET:
+        return None
+    text = bytes(record[_MSG_AT : _MSG_AT + 96]).split(b"\0", 1)[0]
+    if not text.startswith(CHECKPOINT_PREFIX):
+        return None
+    digits, _, rest = text[len(CHECKPOINT_PREFIX) :].partition(b" ")
+    if not digits.isdigit():
+        return None
+    epoch = (
+        rest[len(b"epoch=") :].decode("ascii", "replace") if rest.startswith(b"epoch=") else None
+    )
+    return int(digits), epoch or None
 
 
 def parse_checkpoint(record: bytes | memoryview) -> int | None:
     """The journal position a checkpoint record carries, or None for any other record."""
-    if len(record) < 320 or record[1] != RTYPE_SYSTEM or record[_CODE_AT] != SystemCode.UNSET:
-        return None
-    text = bytes(record[_MSG_AT : _MSG_AT + 64]).split(b"\0", 1)[0]
-    if not text.startswith(CHECKPOINT_PREFIX):
-        return None
-    digits = text[len(CHECKPOINT_PREFIX) :]
-    return int(digits) if digits.isdigit() else None
+    fields = parse_checkpoint_fields(record)
+    return None if fields is None else fields[0]
 
 
 _GATEWAY_RTYPES: Final = np.array(sorted(GATEWAY_RTYPES), dtype=np.uint8)
@@ -96,6 +116,8 @@ class ResumeCursor:
 
     def __init__(self) -> None:
         self.seq: int | None = None
+        #: the epoch of the journal ``seq`` belongs to (None: the gateway sent none)
+        self.epoch: str | None = None
         self.count = 0
         self.skip = 0
         self.last_ts_event: int | None = None
@@ -109,6 +131,7 @@ class ResumeCursor:
     def reset(self) -> None:
         """A stream that carries on live, with no link to what came before (a gap)."""
         self.seq = None
+        self.epoch = None
         self.count = 0
         self.skip = 0
 
@@ -128,7 +151,7 @@ class ResumeCursor:
             return index
         keep = np.ones(index.count, dtype=np.bool_)
         start = 0
-        for pos, seq in [*marks, (index.count, None)]:
+        for pos, seq, epoch in [*marks, (index.count, None, None)]:
             positions = np.flatnonzero(data[start:pos]) + start
             drop = min(self.skip, len(positions))
             keep[positions[:drop]] = False
@@ -140,6 +163,7 @@ class ResumeCursor:
             if seq is not None:
                 keep[pos] = False
                 self.seq = seq
+                self.epoch = epoch
                 self.count = self.skip
                 self.checkpoints += 1
             start = pos + 1
@@ -150,14 +174,14 @@ class ResumeCursor:
         return index_records(index.select(keep))[0]
 
     @staticmethod
-    def _checkpoints(index: ChunkIndex) -> list[tuple[int, int]]:
+    def _checkpoints(index: ChunkIndex) -> list[tuple[int, int, str | None]]:
         out = []
         view = index.data
         for pos in np.flatnonzero(index.rtypes == RTYPE_SYSTEM).tolist():
             off = int(index.offsets[pos])
-            seq = parse_checkpoint(view[off : off + int(index.lengths[pos])])
-            if seq is not None:
-                out.append((pos, seq))
+            fields = parse_checkpoint_fields(view[off : off + int(index.lengths[pos])])
+            if fields is not None:
+                out.append((pos, fields[0], fields[1]))
         return out
 
 

@@ -91,9 +91,11 @@ class Subscription:
     start: str | None
     sub_id: int
 
-    def lines(self, *, resume_after: int | None, with_start: bool) -> bytes:
-        """Its control lines: ``lsg_resume_after`` (never with start), or the original
-        ``start`` when ``with_start``, or neither (live)."""
+    def lines(
+        self, *, resume_after: int | None, with_start: bool, epoch: str | None = None
+    ) -> bytes:
+        """Its control lines: ``lsg_resume_after`` (with the journal's ``lsg_epoch``; never
+        with start), or the original ``start`` when ``with_start``, or neither (live)."""
         return control.encode_subscriptions(
             self.schema,
             list(self.symbols),
@@ -102,6 +104,7 @@ class Subscription:
             chunk=SYMBOL_CHUNK,
             start=self.start if with_start and resume_after is None else None,
             resume_after=resume_after,
+            epoch=epoch if resume_after is not None else None,
         )
 
 
@@ -274,13 +277,14 @@ class ResumingClient:
             await self.live._writer.drain()
         return sub.sub_id
 
-    def restore(self, seq: int, count: int, upstream: int) -> None:
+    def restore(self, seq: int, count: int, upstream: int, epoch: str | None = None) -> None:
         """Start from a saved position (before ``connect_retrying``): ``count`` data
-        records after checkpoint ``seq`` of upstream number ``upstream`` were already
-        handed over."""
+        records after checkpoint ``seq`` (of the journal ``epoch``) of upstream number
+        ``upstream`` were already handed over."""
         if self.started:
             raise ClientError("restore() comes before the first connection")
         self.cursor.seq = seq
+        self.cursor.epoch = epoch
         self.cursor.count = count
         self.cursor_upstream = upstream
 
@@ -417,7 +421,11 @@ class ResumingClient:
                 live = await self._open()
                 for sub in self.subscriptions:
                     live._writer.write(
-                        sub.lines(resume_after=resume_after, with_start=mode == "start")
+                        sub.lines(
+                            resume_after=resume_after,
+                            with_start=mode == "start",
+                            epoch=self.cursor.epoch,
+                        )
                     )
                 metadata = await live.start(self.timeout)
             except ClientError as exc:

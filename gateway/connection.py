@@ -200,6 +200,10 @@ class ClientConnection(SessionOutput, asyncio.Protocol):
         self.account.phase(self, "streaming")
         self._subscribe(queued, head)
         self.session.stream_started(self.state.clock())
+        if self.checkpoints:
+            # where this live stream starts: a resume from here replays exactly what it
+            # will be sent (unless subscription work is still queued: then the tick's)
+            self._checkpoint()
 
     def _subscribe(self, subs: tuple[Subscription, ...], head: bytes = b"") -> None:
         assert self.feed is not None and self.session is not None
@@ -253,7 +257,7 @@ class ClientConnection(SessionOutput, asyncio.Protocol):
         seq = journal.last_seq
         if seq != self._checkpoint_seq and seq:
             self._checkpoint_seq = seq
-            self.send_gateway_records([encode_checkpoint(time.time_ns(), seq)])
+            self.send_gateway_records([encode_checkpoint(time.time_ns(), seq, journal.epoch)])
 
     def _metadata(self) -> bytes:
         assert self.feed is not None

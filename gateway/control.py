@@ -11,12 +11,13 @@ way); values are split on the first ``=`` only; unknown keys are ignored. Values
 typed with msgspec (``heartbeat_interval_s`` arrives as ``"10"`` and becomes ``10``).
 Encoders write keys in the order the project's client always has (auth: ``auth dataset
 encoding ts_out compression heartbeat_interval_s slow_reader_behavior lsg_checkpoints
-client``; subscription: ``schema stype_in symbols start lsg_resume_after snapshot id
-is_last``) and leave out a key whose value is None.
+client``; subscription: ``schema stype_in symbols start lsg_resume_after lsg_epoch snapshot
+id is_last``) and leave out a key whose value is None.
 
 Replay fields: ``start`` (``parse_start``: UNIX nanoseconds or ISO 8601) as Databento
 defines it; ``lsg_resume_after=<seq>`` (a journal position, this gateway's own: replay every
-chunk after it) and the auth field ``lsg_checkpoints=1`` (send checkpoint records) are only
+chunk after it) with ``lsg_epoch=<hex>`` (which journal: see gateway/checkpoint.py) and the
+auth field ``lsg_checkpoints=1`` (send checkpoint records) are only
 sent by the project's client.
 """
 
@@ -87,6 +88,9 @@ class SubscriptionRequest(msgspec.Struct, frozen=True, kw_only=True):
     start: str | None = None
     #: replay every journaled chunk after this position (u64; the project's client)
     lsg_resume_after: int | None = None
+    #: the journal the position belongs to (the ``epoch=`` of its checkpoint): a journal
+    #: replaced or restarted empty has another, and refuses the resume
+    lsg_epoch: str | None = None
     snapshot: bool = False
     id: int | None = None
     is_last: bool = True
@@ -241,6 +245,12 @@ def parse_subscription(fields: dict[str, str]) -> SubscriptionRequest:
         raise ProtocolError("invalid subscription: bad value for lsg_resume_after (not a u64)")
     if start_ns is not None and resume is not None:
         raise ProtocolError("invalid subscription: start and lsg_resume_after cannot both be given")
+    epoch = req.lsg_epoch
+    if epoch is not None:
+        if resume is None:
+            raise ProtocolError("invalid subscription: lsg_epoch comes with lsg_resume_after")
+        if not 1 <= len(epoch) <= 32 or any(c not in "0123456789abcdef" for c in epoch):
+            raise ProtocolError("invalid subscription: bad value for lsg_epoch (not hex)")
     if req.stype_in == "instrument_id":
         for sym in req.symbol_list:
             if sym != ALL_SYMBOLS and not (sym.isdigit() and int(sym) < 2**32):
@@ -347,10 +357,11 @@ def encode_subscription(
     is_last: bool | None = True,
     start: int | str | None = None,
     resume_after: int | None = None,
+    epoch: str | None = None,
 ) -> bytes:
     """One subscription line; ``symbols`` a list (joined with ``,``) or one string.
-    ``start`` (UNIX ns or ISO 8601 text) and ``resume_after`` (``lsg_resume_after``) are
-    left out when None."""
+    ``start`` (UNIX ns or ISO 8601 text), ``resume_after`` (``lsg_resume_after``) and
+    ``epoch`` (``lsg_epoch``) are left out when None."""
     text = symbols if isinstance(symbols, str) else ",".join(symbols)
     return encode_fields(
         {
@@ -359,6 +370,7 @@ def encode_subscription(
             "symbols": text,
             "start": start,
             "lsg_resume_after": resume_after,
+            "lsg_epoch": epoch,
             "snapshot": snapshot,
             "id": sub_id,
             "is_last": is_last,
@@ -375,6 +387,7 @@ def encode_subscriptions(
     chunk: int = SYMBOL_CHUNK,
     start: int | str | None = None,
     resume_after: int | None = None,
+    epoch: str | None = None,
 ) -> bytes:
     """A subscription as lines of at most ``chunk`` symbols, ``is_last=1`` on the final
     one (one line with no symbols for an empty list), as the project's client sends it;
@@ -390,6 +403,7 @@ def encode_subscriptions(
             is_last=n == len(parts) - 1,
             start=start,
             resume_after=resume_after,
+            epoch=epoch,
         )
         for n, part in enumerate(parts)
     )

@@ -86,6 +86,8 @@ class Subscription:
     start_ns: int | None = None
     #: ``lsg_resume_after``: replay every journaled chunk after this position
     resume_after: int | None = None
+    #: ``lsg_epoch``: the journal that position belongs to (None: not said)
+    resume_epoch: str | None = None
     #: ALL_SYMBOLS is among ``symbols`` (computed once: feeds ask per symbol learnt)
     all_symbols: bool = field(init=False, compare=False)
 
@@ -144,6 +146,7 @@ class _Pending:
     symbols: list[str] = field(default_factory=list)
     start_ns: int | None = None
     resume_after: int | None = None
+    resume_epoch: str | None = None
 
 
 class Session:
@@ -412,6 +415,7 @@ class Session:
                 )
             pending = self._pending[req.id] = _Pending(req.schema, stype)
             pending.start_ns, pending.resume_after = req.start_ns, req.lsg_resume_after
+            pending.resume_epoch = req.lsg_epoch
         elif (pending.schema, pending.stype_in) != (req.schema, stype):
             raise ProtocolError(
                 f"subscription {req.id}: every chunk must have the same schema and stype_in"
@@ -428,6 +432,7 @@ class Session:
             req.id,
             start_ns=pending.start_ns,
             resume_after=pending.resume_after,
+            resume_epoch=pending.resume_epoch,
         )
         self.subscriptions.append(sub)
         return sub

@@ -245,9 +245,10 @@ class RelayStats:
 class CursorFile:
     """The relay's upstream position, saved next to the dataset's journal.
 
-    ``{"upstream": "host:port", "dataset": D, "seq": P, "count": n, "journal_seq": S}``:
-    after upstream checkpoint P, n data records were handed to the feed, and the journal
-    held them all at its seq S. Written by rename, so a reader sees one whole version.
+    ``{"upstream": "host:port", "dataset": D, "seq": P, "epoch": E, "count": n,
+    "journal_seq": S}``: after upstream checkpoint P of its journal E, n data records were
+    handed to the feed, and this gateway's journal held them all at its seq S. Written by
+    rename, so a reader sees one whole version.
     """
 
     def __init__(self, path: Path) -> None:
@@ -269,14 +270,17 @@ class CursorFile:
             and isinstance(raw.get("dataset"), str)
             and all(isinstance(raw.get(k), int) and raw[k] >= 0 for k in ("count", "journal_seq"))
             and isinstance(raw.get("seq"), int)
+            and isinstance(raw.get("epoch", ""), str)
         )
         if not ok:
             log.warning("relay position %s malformed: starting live", self.path)
             return None
         return raw
 
-    def save(self, upstream: str, dataset: str, seq: int, count: int, journal_seq: int) -> None:
-        state = (upstream, dataset, seq, count, journal_seq)
+    def save(
+        self, upstream: str, dataset: str, seq: int, epoch: str, count: int, journal_seq: int
+    ) -> None:
+        state = (upstream, dataset, seq, epoch, count, journal_seq)
         if state == self._last:
             return
         tmp = self.path.with_suffix(".tmp")
@@ -284,6 +288,7 @@ class CursorFile:
             "upstream": upstream,
             "dataset": dataset,
             "seq": seq,
+            "epoch": epoch,
             "count": count,
             "journal_seq": journal_seq,
         }
@@ -348,8 +353,7 @@ class RelaySource:
         self._restore(client)
         feed.set_state(False, "connecting to the upstream", notify=False)
         self._task = asyncio.create_task(self._run(), name=f"relay-{feed.dataset}")
-        if self._cursor_file is not None:
-            self._saver = asyncio.create_task(self._save_loop(), name=f"relay-save-{feed.dataset}")
+        self._saver = asyncio.create_task(self._save_loop(), name=f"relay-save-{feed.dataset}")
 
     async def stop(self) -> None:
         self._stopping = True
@@ -393,7 +397,8 @@ class RelaySource:
         if seq < 0:
             return  # saved before the first checkpoint: nothing to resume from
         extra = journal.records_after(at)
-        client.restore(seq, count + extra, names.index(str(saved["upstream"])))
+        epoch = str(saved.get("epoch") or "") or None
+        client.restore(seq, count + extra, names.index(str(saved["upstream"])), epoch)
         log.info(
             "feed %s: resuming upstream %s after checkpoint %d (+%d records; %d journaled "
             "after the last save)",
@@ -416,6 +421,7 @@ class RelaySource:
                 self._upstream_name(client.cursor_upstream),
                 self.opts.dataset,
                 -1 if cursor.seq is None else cursor.seq,
+                cursor.epoch or "",
                 cursor.count,
                 journal.last_seq,
             )
@@ -425,6 +431,10 @@ class RelaySource:
     async def _save_loop(self) -> None:
         while True:
             await asyncio.sleep(SAVE_EVERY_S)
+            client = self.client
+            if client is not None:  # a batch of only a checkpoint never reaches _relay
+                self.stats.checkpoint = client.cursor.seq
+                self.stats.deduplicated = client.cursor.dropped
             self._save()
 
     # --- the stream ---------------------------------------------------------------------

@@ -17,6 +17,7 @@ from __future__ import annotations
 import bisect
 import logging
 import os
+import secrets
 import time
 import zlib
 from collections.abc import Callable, Collection, Iterator, Sequence
@@ -104,6 +105,9 @@ class DatasetJournal:
         self._writer: Segment | None = None
         self._closed = False
         self._symbols = SymbolLog(directory)
+        #: which journal this is (checkpoints carry it): new whenever the directory holds
+        #: no chunk at open, when seqs start from 1 again (``load_epoch``)
+        self.epoch = ""
 
     # --- open / recover ---------------------------------------------------------------
 
@@ -112,6 +116,7 @@ class DatasetJournal:
         journal = cls(directory, dataset, settings)
         directory.mkdir(parents=True, exist_ok=True)
         journal._recover()
+        journal.epoch = load_epoch(directory, fresh=journal.last_seq == 0)
         return journal
 
     def _recover(self) -> None:
@@ -513,6 +518,40 @@ class DatasetJournal:
 
 #: rtype, data, record count, min and max filter ts of one part of a chunk
 _Part = tuple[int, bytes | memoryview, int, int, int]
+
+
+EPOCH_NAME: Final = "epoch"
+
+
+def read_epoch(directory: Path) -> str:
+    """The journal's epoch as written in ``directory/epoch`` ("" when there is none)."""
+    try:
+        text = (directory / EPOCH_NAME).read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        return ""
+    return text if len(text) == 16 and all(c in "0123456789abcdef" for c in text) else ""
+
+
+def load_epoch(directory: Path, *, fresh: bool) -> str:
+    """The writer's epoch: the one on file, or a new random one (written by rename) when
+    ``fresh`` (no chunk held: seqs start again) or when there is none yet (a journal from
+    before epochs)."""
+    path = directory / EPOCH_NAME
+    if not fresh:
+        text = read_epoch(directory)
+        if text:
+            return text
+    epoch = secrets.token_hex(8)
+    tmp = directory / f"{EPOCH_NAME}.tmp"
+    try:
+        tmp.write_text(epoch + "\n", encoding="ascii")
+        os.replace(tmp, path)
+    except OSError as exc:
+        log.warning(
+            "journal %s: cannot write its epoch (%s): checkpoints name none", directory, exc
+        )
+        return ""
+    return epoch
 
 
 def _split(index: ChunkIndex, ts: npt.NDArray[np.uint64], rtset: frozenset[int]) -> list[_Part]:

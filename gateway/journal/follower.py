@@ -50,7 +50,7 @@ import numpy.typing as npt
 
 from gateway.dbn import UNDEF_TIMESTAMP, ChunkIndex
 from gateway.errors import ConfigError
-from gateway.journal.dataset import DatasetJournal, JournalStats, _Settings
+from gateway.journal.dataset import DatasetJournal, JournalStats, _Settings, read_epoch
 from gateway.journal.format import (
     FORMAT_VERSION,
     INDEX_HEADER_LEN,
@@ -178,6 +178,7 @@ class FollowerJournal(DatasetJournal):
     @classmethod
     def open(cls, directory: Path, dataset: str, settings: _Settings) -> FollowerJournal:
         journal = cls(directory, dataset, settings)
+        journal.epoch = read_epoch(directory)
         journal._load_new()
         journal._symbols.refresh()
         journal.last_seq = journal._loaded

@@ -41,6 +41,9 @@ class ReplayRequest(SubscriptionLike, Protocol):
     @property
     def resume_after(self) -> int | None: ...
 
+    @property
+    def resume_epoch(self) -> str | None: ...
+
 
 def wants_replay(subs: Sequence[ReplayRequest]) -> bool:
     return any(s.start_ns is not None or s.resume_after is not None for s in subs)
@@ -97,6 +100,13 @@ def check(journal: DatasetJournal, subs: Sequence[ReplayRequest], now_ns: int) -
             after = sub.resume_after
             first = journal.first_seq()
             end = journal.end_seq()
+            if sub.resume_epoch is not None and sub.resume_epoch != journal.epoch:
+                return Refusal(
+                    "bad_resume",
+                    ErrorCode.INVALID_SUBSCRIPTION,
+                    f"Invalid lsg_resume_after {after}: a position of another journal "
+                    "(this one was replaced or started again empty)",
+                )
             if after > end:
                 return Refusal(
                     "bad_resume",

@@ -177,7 +177,8 @@ class ReplayRun:
         ):
             self._checkpoint_at = now
             self._checkpoint_seq = seq
-            self.conn._write_control(b"", [encode_checkpoint(time.time_ns(), seq)])
+            epoch = self.journal.epoch
+            self.conn._write_control(b"", [encode_checkpoint(time.time_ns(), seq, epoch)])
 
     def _error(self, exc: BaseException) -> None:
         """The pump stopped on an error: a peer gone, or a journal file cut short."""
@@ -234,7 +235,7 @@ class ReplayRun:
             for schema in self.schemas
         ]
         if self.checkpoints and self._checkpoint_seq != last:
-            records.append(encode_checkpoint(now, last))
+            records.append(encode_checkpoint(now, last, self.journal.epoch))
         sent = self.pump.bytes_sendfile
         self.release()
         self.state.metrics.replay_catchup_seconds.observe(time.monotonic() - self.started)

@@ -139,11 +139,12 @@ def test_cursor_file_round_trip_and_damage(
     path = tmp_path / "relay-cursor.json"
     cf = CursorFile(path)
     assert cf.load() is None
-    cf.save("h:1", "DS", 42, 7, 1000)
+    cf.save("h:1", "DS", 42, "0123456789abcdef", 7, 1000)
     assert CursorFile(path).load() == {
         "upstream": "h:1",
         "dataset": "DS",
         "seq": 42,
+        "epoch": "0123456789abcdef",
         "count": 7,
         "journal_seq": 1000,
     }
@@ -261,3 +262,60 @@ async def test_the_client_hands_over_only_valid_records() -> None:
     assert exc is not None and str(exc).startswith(INVALID_DATA)
     got, exc = await _batches_of(b"".join(trades))
     assert exc is None and sum(i.count for i in got) == 2
+
+
+def test_checkpoints_name_their_journal_and_a_resume_carries_it() -> None:
+    from gateway.checkpoint import ResumeCursor, encode_checkpoint, parse_checkpoint_fields
+
+    assert parse_checkpoint_fields(encode_checkpoint(1, 42, "00ff00ff00ff00ff")) == (
+        42,
+        "00ff00ff00ff00ff",
+    )
+    assert parse_checkpoint_fields(encode_checkpoint(1, 42)) == (42, None)
+    cursor = ResumeCursor()
+    _, trades = synthetic_trades(2, seed=5)
+    cursor.feed(_chunk([trades[0], encode_checkpoint(1, 7, "aaaaaaaaaaaaaaaa"), trades[1]]))
+    assert (cursor.seq, cursor.epoch, cursor.count) == (7, "aaaaaaaaaaaaaaaa", 1)
+    cursor.reset()
+    assert cursor.epoch is None
+
+
+def test_a_journal_keeps_its_epoch_until_it_starts_again_empty(tmp_path: Path) -> None:
+    from gateway.journal.dataset import load_epoch, read_epoch
+
+    assert read_epoch(tmp_path) == ""
+    first = load_epoch(tmp_path, fresh=False)  # a journal from before epochs gets one
+    assert len(first) == 16 and read_epoch(tmp_path) == first
+    assert load_epoch(tmp_path, fresh=False) == first
+    again = load_epoch(tmp_path, fresh=True)  # no chunk held: seqs start from 1 again
+    assert again != first and read_epoch(tmp_path) == again
+
+
+def test_a_resume_into_another_journal_is_refused(tmp_path: Path) -> None:
+    from gateway import control
+    from gateway.errors import ProtocolError
+    from gateway.journal import JournalStore
+    from gateway.replay.refusals import check
+    from tests.unit.test_replay_plan import Sub
+
+    store = JournalStore.open(tmp_path, retention_s=86_400.0)
+    try:
+        journal = store.dataset("DS")
+        _, trades = synthetic_trades(4, seed=2)
+        for rec in trades:
+            journal.append(_chunk([rec]))
+        now = 2_000_000_000 * 10**9
+        same = Sub("trades", resume_after=2, resume_epoch=journal.epoch)
+        assert check(journal, [same], now) is None
+        assert check(journal, [Sub("trades", resume_after=2)], now) is None  # none named
+        other = check(journal, [Sub("trades", resume_after=2, resume_epoch="0" * 16)], now)
+        assert other is not None and other.reason == "bad_resume"
+        assert "lsg_resume_after 2" in other.text and "another journal" in other.text
+    finally:
+        store.close()
+    line = control.encode_subscription("trades", "ALL_SYMBOLS", resume_after=5, epoch="ab12")
+    assert b"lsg_resume_after=5|lsg_epoch=ab12" in line
+    for bad in ("lsg_epoch=xyz|lsg_resume_after=1", "lsg_epoch=ab"):
+        line = f"schema=trades|symbols=ALL_SYMBOLS|{bad}".encode()
+        with pytest.raises(ProtocolError, match="lsg_epoch"):
+            control.parse_subscription(control.parse_fields(line))

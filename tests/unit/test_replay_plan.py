@@ -40,6 +40,7 @@ class Sub:
     sub_id: int | None = None
     start_ns: int | None = None
     resume_after: int | None = None
+    resume_epoch: str | None = None
     all_symbols: bool = field(init=False, compare=False)
 
     def __post_init__(self) -> None:
