@@ -15,7 +15,8 @@ machine touches every part alike):
   has over ``HIGH_WATER`` queued: what relaying costs at the least) → N raw receivers: the
   two-hop limit.
 * ``edge`` (system ``gateway``): publisher → primary → edge → the same N receivers (DBN
-  sessions of everything, ``slow_reader_behavior=warn``), for the same time. Throughput =
+  sessions of everything, ``slow_reader_behavior=warn``), for the same time; the edge's
+  feed has ``backpressure=1`` (lossless, like the primary's ingest and the bare relay). Throughput =
   delivered records ÷ (last record at the last subscriber − first at any), as in ``fanout``.
   Target: edge ≥ 80 % of ``raw-2hop`` (ratio of the medians).
 * ``direct-latency``: the ``latency`` scenario's case (gateway fed by the publisher, N
@@ -98,17 +99,22 @@ class RelayPlan:
     duration_s: float
     rate: int
     latency_duration_s: float
-    #: the edge throughput case paces its publisher on the subscribers' progress so that
-    #: at most this many bytes per subscriber are in flight (0: no pacing), and at most the
-    #: harness's FLIGHT_BUDGET across all of them. The edge's relay feed is a live feed (it
-    #: has no lossless mode: it never waits for its sessions), so unpaced, an edge whose
-    #: sessions fall behind buffers for them up to the slow-reader hard cap (32 MiB) and
-    #: cuts them; the primary's lossless ingest pushes back on the publisher only for the
-    #: edge's own upstream session. Half the hard cap keeps every session under it.
-    edge_window_bytes: int = 16 << 20
+    #: the edge's relay feed with ``backpressure=1``: lossless toward its sessions (it
+    #: stops reading the primary while one is over its high-water mark), as the primary's
+    #: ``ingest://…?backpressure=1`` and the bare relay are; the pressure reaches the
+    #: publisher through the primary's lossless ingest
+    edge_backpressure: bool = True
+    #: pace the edge throughput case's publisher on the subscribers' progress so that at
+    #: most this many bytes per subscriber are in flight, and at most the harness's
+    #: FLIGHT_BUDGET across all of them (0: no pacing). Only needed for an edge without
+    #: ``backpressure=1`` (a live relay never waits for its sessions, and buffers what they
+    #: cannot take up to the slow-reader hard cap, 32 MiB, then cuts them): 16 MiB then
+    edge_window_bytes: int = 0
     schemas: str = "mbp-1"
-    #: the bare relay's largest read from the raw sender
+    #: the bare relay's largest read from the raw sender, and how much it queues for one
+    #: receiver before it stops reading the sender (it reads again under a quarter of it)
     raw_read_max: int = READ_MAX
+    raw_high_water: int = HIGH_WATER
     #: seconds to wait for the edge's relay feed to come up
     edge_up_timeout_s: float = 30.0
 
@@ -135,7 +141,11 @@ def relay_plan(plan: Plan, repeats: int | None = None) -> RelayPlan:
 
 
 def bare_relay_main(
-    ctrl: Connection, upstream_port: int, receivers: int, read_max: int = READ_MAX
+    ctrl: Connection,
+    upstream_port: int,
+    receivers: int,
+    read_max: int = READ_MAX,
+    high_water: int = HIGH_WATER,
 ) -> None:
     """A process that relays bytes: it listens (reports ``("listening", port)``),
     connects to ``upstream_port``, accepts ``receivers`` connections, then reads the
@@ -145,6 +155,7 @@ def bare_relay_main(
     HIGH_WATER queued. It keeps its sockets open until told ``("exit",)``, then reports
     ``("done", counters)``."""
     raise_nofile()
+    low_water = high_water * LOW_WATER // HIGH_WATER
     stats = {"chunks": 0, "bytes_in": 0, "sends": 0, "pauses": 0, "receivers_failed": 0}
     lsock = socket.socket()
     lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -220,7 +231,7 @@ def bare_relay_main(
                             q.append(mv[sent:])
                             queued[i] += size - sent
                             ep.modify(s.fileno(), EPOLLOUT)
-                        if queued[i] > HIGH_WATER:
+                        if queued[i] > high_water:
                             over.add(i)
                     if over and reading:
                         ep.modify(up_fd, 0)
@@ -270,7 +281,7 @@ def bare_relay_main(
                         q.popleft()
                     if not q and s.fileno() >= 0:
                         ep.modify(fd, 0)
-                    if i in over and queued[i] <= LOW_WATER:
+                    if i in over and queued[i] <= low_water:
                         over.discard(i)
                         if not over and not reading and not eof:
                             ep.modify(up_fd, select.EPOLLIN)
@@ -295,6 +306,7 @@ class BareRelay:
     upstream_port: int
     receivers: int
     read_max: int = READ_MAX
+    high_water: int = HIGH_WATER
     proc: Any = None
     conn: Connection | None = None
     port: int = 0
@@ -306,7 +318,7 @@ class BareRelay:
         parent, child = CTX.Pipe()
         self.proc = CTX.Process(
             target=bare_relay_main,
-            args=(child, self.upstream_port, self.receivers, self.read_max),
+            args=(child, self.upstream_port, self.receivers, self.read_max, self.high_water),
             daemon=True,
         )
         self.proc.start()
@@ -351,13 +363,21 @@ class EdgeServer(GatewayServer):
     bench's API key in F. Its clients get the same config as the primary's (the bench's
     key, 30k sessions)."""
 
-    def __init__(self, workdir: Path, upstream_port: int, schemas: str = "mbp-1") -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        upstream_port: int,
+        schemas: str = "mbp-1",
+        backpressure: bool = True,
+    ) -> None:
         super().__init__(workdir)
         self.upstream_port = upstream_port
         self.schemas = schemas
+        self.backpressure = backpressure
 
     def feed_uri(self, key_file: Path) -> str:
-        return f"lsg://127.0.0.1:{self.upstream_port}?schemas={self.schemas}&key_file={key_file}"
+        uri = f"lsg://127.0.0.1:{self.upstream_port}?schemas={self.schemas}&key_file={key_file}"
+        return uri + ("&backpressure=1" if self.backpressure else "")
 
     def start(self) -> EdgeServer:
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -485,7 +505,7 @@ class RelayBench:
             if kind == "raw":
                 job = PublishJob("raw", duration_s=duration, expect_peers=1)
                 pub, up_port = h.start_publisher(job, progress)
-                relay = BareRelay(up_port, n, plan.raw_read_max).start()
+                relay = BareRelay(up_port, n, plan.raw_read_max, plan.raw_high_water).start()
                 servers.append(relay)
                 port = relay.port
                 measured["relay"] = lambda: cpu_seconds(relay.pid)
@@ -510,7 +530,9 @@ class RelayBench:
                 )
                 pub, _ = h.start_publisher(job, progress)
                 primary.wait_feed_up()
-                edge = EdgeServer(self._dir("edge"), primary.port, plan.schemas).start()
+                edge = EdgeServer(
+                    self._dir("edge"), primary.port, plan.schemas, plan.edge_backpressure
+                ).start()
                 servers.append(edge)
                 edge.wait_feed_up(timeout=plan.edge_up_timeout_s)
                 port = edge.port
@@ -520,6 +542,7 @@ class RelayBench:
                 rss["primary"] = primary.rss_kib
                 path = "publisher -> primary -> edge (lsg://) -> subscribers"
                 result["window_records"] = window
+                result["edge_feed"] = edge.feed_uri(Path("KEY_FILE"))
             specs = [dataclasses.replace(s, port=port) for s in specs]
             workers = h.start_workers(cfg, progress)
             first, last = specs[:-1], specs[-1:]
