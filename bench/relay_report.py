@@ -495,3 +495,56 @@ def append_relay_section(path: Path, results: list[dict[str, Any]]) -> None:
     else:
         text = text[:at] + block + text[at:]
     path.write_text(text)
+
+
+def combine(runs: list[Path]) -> dict[str, Any]:
+    """The relay cases of several runs' ``results.json`` as one document (repeats renamed
+    ``run:repeat``, so that per-repeat pairs stay within a run); the first run's meta."""
+    results: list[dict[str, Any]] = []
+    meta: dict[str, Any] = {}
+    for k, run in enumerate(runs):
+        doc = json.loads((run / "results.json").read_text())
+        meta = meta or dict(doc.get("meta") or {})
+        for r in doc.get("results", []):
+            if r.get("scenario") != "relay":
+                continue
+            params = dict(r.get("params") or {})
+            params["repeat"] = f"{k}:{params.get('repeat')}"
+            results.append({**r, "params": params})
+    ids = []
+    for run in runs:
+        run_meta = json.loads((run / "results.json").read_text()).get("meta") or {}
+        ids.append(str(run_meta.get("run_id", run.name)))
+    meta["run_id"] = " + ".join(ids)
+    return {"meta": meta, "results": results}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m bench.relay_report RUN_DIR... --out DIR``: the relay figures of several
+    runs together (medians over every repeat of every run)."""
+    import argparse
+    import sys
+
+    p = argparse.ArgumentParser(prog="python -m bench.relay_report", description=main.__doc__)
+    p.add_argument("runs", nargs="+", type=Path, help="bench/results/<run> folders")
+    p.add_argument("--out", type=Path, required=True, help="where RELAY.md etc. go")
+    args = p.parse_args(argv)
+    missing = [str(r) for r in args.runs if not (r / "results.json").exists()]
+    if missing:
+        print(f"no results.json in: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    doc = combine(args.runs)
+    if not relay_rows(doc["results"]):
+        print("no relay cases in these runs", file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    from bench.report import plot_caption
+
+    caption = plot_caption(doc["meta"]).replace(" (quick)", "")
+    out = write_relay_outputs(args.out, doc, caption, log=sys.stderr)
+    print((args.out / "RELAY.md").read_text())
+    return 0 if out else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
