@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -27,7 +28,7 @@ from pathlib import Path
 
 from tests.support.waiting import poll_until
 
-__all__ = ["PrivateDockerd", "Unavailable", "free_port", "preflight"]
+__all__ = ["PrivateDockerd", "Unavailable", "free_port", "free_udp_port_below", "preflight"]
 
 #: the docker CLI that has `stack config` (28.x, /usr/local/bin) first; dockerd from Debian
 PATH = "/usr/local/bin:/usr/local/sbin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -76,6 +77,21 @@ def free_port(kind: int = socket.SOCK_STREAM) -> int:
     with socket.socket(socket.AF_INET, kind) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def free_udp_port_below(limit: int = 49151) -> int:
+    """A free UDP port in 20000..limit (Swarm's data-path port must be below 49152, where
+    the kernel's ephemeral range usually starts)."""
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randint(20000, limit)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            try:
+                sock.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+            return port
+    raise Unavailable(f"no free UDP port below {limit} for the swarm's data path")
 
 
 class PrivateDockerd:

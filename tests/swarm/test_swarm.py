@@ -42,8 +42,9 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +53,13 @@ import pytest
 from tests.integration.helpers import OfficialSession, data_records, http_get, metric_samples
 from tests.support.prometheus import metric
 from tests.support.waiting import poll_until
-from tests.swarm.dockerd import PrivateDockerd, Unavailable, free_port, preflight
+from tests.swarm.dockerd import (
+    PrivateDockerd,
+    Unavailable,
+    free_port,
+    free_udp_port_below,
+    preflight,
+)
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -61,6 +68,8 @@ STACK = ROOT / "deploy" / "swarm" / "stack.yml"
 OVERRIDE = ROOT / "tests" / "swarm" / "stack.test.yml"
 NAME = "lsgtest"
 IMAGE = "dbn-gateway:swarm-test"
+#: Prometheus from Debian's package (deploy/docker/prometheus.Dockerfile): no registry here
+PROMETHEUS_IMAGE = "local/prometheus:debian"
 DATASET = "GLBX.MDP3"
 EDGE_KEY = "db-SWARMEDGE00000000000000000000"
 CLIENT_KEY = "db-SWARMCLIENT000000000000000000"
@@ -90,7 +99,7 @@ class Ports:
     edge2_metrics: int = field(default_factory=free_port)
     prometheus: int = field(default_factory=free_port)
     swarm: int = field(default_factory=free_port)
-    data_path: int = field(default_factory=lambda: free_port(socket.SOCK_DGRAM))
+    data_path: int = field(default_factory=free_udp_port_below)
 
     def env(self) -> dict[str, str]:
         return {
@@ -98,7 +107,8 @@ class Ports:
             "GATEWAY_CLIENT_PORT": str(self.edge),
             "GATEWAY_INGEST_PORT": str(self.ingest),
             "PROMETHEUS_PORT": str(self.prometheus),
-            "PROMETHEUS_REPLICAS": "0",
+            "PROMETHEUS_IMAGE": PROMETHEUS_IMAGE,
+            "PROMETHEUS_REPLICAS": "1",
             "SWARM_TEST_EDGE2_PORT": str(self.edge2),
             "SWARM_TEST_PRIMARY_PORT": str(self.primary),
             "SWARM_TEST_PRIMARY_METRICS_PORT": str(self.primary_metrics),
@@ -189,6 +199,31 @@ def _build_image(dockerd: PrivateDockerd) -> None:
         raise AssertionError(f"image build failed (rc {rc}):\n{tail}")
     size = int(dockerd.docker("image", "inspect", "--format", "{{.Size}}", IMAGE).strip())
     print(f"[swarm] image {IMAGE}: {size / 1e6:.0f} MB", flush=True)
+    docker_dir = ROOT / "deploy" / "docker"
+    env = {"DOCKER_BUILDKIT": "0"} if dockerd.run("buildx", "version", check=False)[0] else {}
+    dockerd.docker(
+        "build",
+        "--network",
+        "host",
+        "-f",
+        str(docker_dir / "prometheus.Dockerfile"),
+        "-t",
+        PROMETHEUS_IMAGE,
+        str(docker_dir),
+        timeout=600,
+        env=env,
+    )
+
+
+def _save_logs(dockerd: PrivateDockerd) -> None:
+    """Each service's log into $SWARM_TEST_LOGS/<service>.log, when that is set (CI)."""
+    folder = os.environ.get("SWARM_TEST_LOGS")
+    if not folder:
+        return
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    for svc in ("primary", "edge", "edge2", "probe", "prometheus"):
+        _, text = dockerd.run("service", "logs", "--no-task-ids", f"{NAME}_{svc}", check=False)
+        (Path(folder) / f"{svc}.log").write_text(text)
 
 
 @pytest.fixture(scope="module")
@@ -247,6 +282,7 @@ def stack() -> Iterator[Stack]:
                 yield st
             finally:
                 t = time.monotonic()
+                _save_logs(dockerd)
                 dockerd.run("stack", "rm", NAME, check=False)
 
                 def gone() -> bool:
@@ -372,6 +408,9 @@ class ResumingReader:
             self.error = exc
             self.started.set()
 
+    def sequences(self) -> list[int]:
+        return list(self.seqs)
+
     def close(self) -> None:
         if self.client is not None:
             fut = asyncio.run_coroutine_threadsafe(self.client.close(), self._loop)
@@ -379,6 +418,15 @@ class ResumingReader:
                 fut.result(10.0)
         self._thread.join(10.0)
         self._loop.close()
+
+
+def _has(get: Callable[[], list[int]], n: int) -> bool:
+    return len(get()) >= n
+
+
+def _ends_at(get: Callable[[], list[int]], last: int) -> bool:
+    seqs = get()
+    return bool(seqs) and seqs[-1] == last
 
 
 def _seqs(session: OfficialSession) -> list[int]:
@@ -408,6 +456,23 @@ def _in_order_from_zero(seqs: list[int], what: str) -> None:
         f"{what}: not every record in order: first break at "
         f"{next(i for i, s in enumerate(seqs) if s != i)} of {len(seqs)}"
     )
+
+
+def _scraped(port: int) -> list[str] | None:
+    """Prometheus's active targets as job/role, when they are exactly one up primary, one up
+    edge (the ``edge`` service; edge2 is the test's own) and one up probe."""
+    try:
+        status, body = http_get(port, "/api/v1/targets?state=active", timeout=3.0)
+    except OSError:
+        return None
+    if status != 200:
+        return None
+    found = sorted(
+        f"{t['labels']['job']}/{t['labels'].get('role', '-')}/{t['health']}"
+        for t in json.loads(body)["data"]["activeTargets"]
+    )
+    want = ["gateway-probe/-/up", "gateway/edge/up", "gateway/primary/up"]
+    return found if found == want else None
 
 
 def _relay_metric(port: int, name: str) -> float:
@@ -451,12 +516,13 @@ def test_stack_relays_every_record_through_edge_and_primary_restarts(stack: Stac
     try:
         poll_until(lambda: publisher.next >= 2000, 30.0, 0.05, "2,000 records published")
         upto = publisher.next
-        for what, get in (
-            ("official client via edge", lambda: _seqs(official_edge)),
-            ("official client via edge2", lambda: _seqs(official_edge2)),
-            ("ResumingClient via edge", lambda: list(resuming.seqs)),
-        ):
-            poll_until(lambda get=get: len(get()) >= upto, 30.0, 0.05, f"{upto} records, {what}")
+        readers: list[tuple[str, Callable[[], list[int]]]] = [
+            ("official client via edge", partial(_seqs, official_edge)),
+            ("official client via edge2", partial(_seqs, official_edge2)),
+            ("ResumingClient via edge", resuming.sequences),
+        ]
+        for what, get in readers:
+            poll_until(partial(_has, get, upto), 30.0, 0.05, f"{upto} records, {what}")
             _in_order_from_zero(get(), what)
         t = _phase(f"{upto} records in order through each edge", t)
 
@@ -496,15 +562,9 @@ def test_stack_relays_every_record_through_edge_and_primary_restarts(stack: Stac
         publisher.stop()
     last = publisher.next - 1
     try:
-        for what, get in (
-            ("official client via edge2", lambda: _seqs(official_edge2)),
-            ("ResumingClient via edge", lambda: list(resuming.seqs)),
-        ):
+        for what, get in readers[1:]:
             poll_until(
-                lambda get=get: get() and get()[-1] == last,
-                60.0,
-                0.05,
-                f"the last record ({last}), {what}",
+                partial(_ends_at, get, last), 60.0, 0.05, f"the last record ({last}), {what}"
             )
         t = _phase("primary killed and restarted; edges resumed", t)
 
@@ -536,11 +596,20 @@ def test_stack_relays_every_record_through_edge_and_primary_restarts(stack: Stac
             )
             >= 1
         )
-        _phase(
+        t = _phase(
             f"{len(ref)} records: edge2 and the ResumingClient equal the primary's journal "
             f"({lost} lost between the publisher and the killed primary)",
             t,
         )
+
+        # 7. Prometheus found the primary, the edge and the probe through tasks.* DNS
+        targets = poll_until(
+            partial(_scraped, ports.prometheus),
+            90.0,
+            1.0,
+            "Prometheus scraping tasks.primary, tasks.edge and tasks.probe (all up)",
+        )
+        _phase(f"Prometheus scrapes {targets} through DNS service discovery", t)
     finally:
         official_edge2.stop()
         resuming.close()
