@@ -262,13 +262,20 @@ class LiveClient:
         self.metadata = await asyncio.wait_for(read_metadata(), timeout)
         return self.metadata
 
-    async def _fill(self) -> bool:
+    async def _read(self) -> bytes | None:
+        """One read of the stream, decompressed (None at its end)."""
         data = await self._reader.read(_READ_SIZE)
         if not data:
-            return False
+            return None
         self.bytes_received += len(data)
         if self._decompressor is not None:
             data = self._decompressor.decompress(data)
+        return data
+
+    async def _fill(self) -> bool:
+        data = await self._read()
+        if data is None:
+            return False
         self._buffer += data
         return True
 
@@ -277,30 +284,33 @@ class LiveClient:
         if self.metadata is None:
             raise ClientError("call start() first")
         silence = float(self.heartbeat_interval_s or 30) + CLIENT_TIMEOUT_MARGIN_S
+        # One read is one batch over the bytes as read (a partial record left at its end
+        # is completed by one copy with the next read): immutable, so a batch can be
+        # written on (uvloop keeps a reference) and never changes under its index.
+        pending = bytes(self._buffer)
+        self._buffer.clear()
         while True:
-            if self._buffer:
-                data = bytes(self._buffer)
+            if pending:
                 try:
-                    index, used = index_records(data)
+                    index, used = index_records(pending)
                 except DbnError as exc:
                     raise ClientError(f"{INVALID_DATA}: {exc}") from None
                 if used:
                     bad = first_invalid(index)
                     if bad is not None:
                         raise ClientError(f"{INVALID_DATA}: record {bad[0]}: {bad[1]}")
-                    del self._buffer[:used]
+                    pending = pending[used:]
                     yield RecordBatch(index)
                     continue
             try:
-                more = await asyncio.wait_for(self._fill(), silence)
+                more = await asyncio.wait_for(self._read(), silence)
             except TimeoutError:
                 raise ClientError(f"gateway timeout: {silence:g} s without data") from None
-            if not more:
-                if self._buffer:
-                    raise ClientError(
-                        f"stream ended inside a record ({len(self._buffer)} bytes left)"
-                    )
+            if more is None:
+                if pending:
+                    raise ClientError(f"stream ended inside a record ({len(pending)} bytes left)")
                 return
+            pending = pending + more if pending else more
 
     async def close(self) -> None:
         self._writer.close()

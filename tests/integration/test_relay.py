@@ -13,7 +13,7 @@ and a journal, an edge relaying it, clients on the edge.
     503 naming the feed after ``feed_grace_s``, and the official client reads on once the
     upstream is back. The key never shows: not in the log, ``/metrics``, ``/status.json``
     or the command line.
-(d) An edge with ``--workers 2`` relays to the official client.
+(d) An edge with ``--workers 2`` relays a zstd upstream to the official client.
 """
 
 from __future__ import annotations
@@ -85,13 +85,14 @@ async def _edge(
     key: Path,
     *args: str,
     config: str = "",
+    extra: str = "",
 ) -> GatewayProcess:
     gw = await asyncio.to_thread(
         start_gateway,
         "--metrics-port",
         "0",
         *args,
-        feeds={DATASET: _relay_uri(upstream, key)},
+        feeds={DATASET: _relay_uri(upstream, key, extra)},
         config=config,
     )
     started.append(gw)
@@ -331,7 +332,10 @@ async def test_an_edge_with_workers_relays_to_the_official_client(tmp_path: Path
     with key_file(tmp_path) as key:
         async with processes() as started:
             primary = await _primary(started, None)
-            edge = await _edge(started, primary.port, key, "--workers", "2")
+            # (and the upstream compresses: its zstd frames are decoded across reads)
+            edge = await _edge(
+                started, primary.port, key, "--workers", "2", extra="&compression=zstd"
+            )
             await apoll_until(
                 lambda: _edge_metric(edge, "gateway_relay_upstream_up") == 1,
                 20.0,
