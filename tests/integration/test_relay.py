@@ -511,3 +511,33 @@ async def test_a_lossless_edge_waits_for_its_slow_session(tmp_path: Path) -> Non
         allseq = np.concatenate(seqs)
         assert allseq[0] == 0 and np.all(np.diff(allseq) == 1), "records skipped or repeated"
         assert pauses >= 1
+
+
+async def test_a_refused_key_is_retried_and_a_rotated_key_file_is_read_again(
+    tmp_path: Path,
+) -> None:
+    wrong = "db-WRONGKEY0000000000000000000000"[:32]
+    async with processes() as started:
+        primary = await _primary(started, None)
+        key = tmp_path / "upstream.key"
+        key.write_text(wrong + "\n")
+        edge = await _edge(started, primary.port, key)
+        await apoll_until(
+            lambda: "upstream refused the relay" in edge.log(),
+            15.0,
+            0.05,
+            "the upstream refusing the wrong key",
+        )
+        assert _edge_metric(edge, "gateway_relay_upstream_up") == 0
+        status, body = http_get(edge.metrics_port, "/readyz")
+        key.write_text(KEY + "\n")  # rotated in place, as a secret update would
+        await apoll_until(
+            lambda: _edge_metric(edge, "gateway_relay_upstream_up") == 1,
+            20.0,
+            0.05,
+            "the edge connected with the new key",
+        )
+        log = edge.log()
+    assert wrong not in log and KEY not in log
+    assert "authentication failed" in log  # the upstream's reason, in the log only
+    assert status in (200, 503) and wrong not in body
