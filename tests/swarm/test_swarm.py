@@ -22,7 +22,10 @@ What it does, each wait polling with a deadline:
    get every record in order.
 5. ``docker kill`` of the edge task: Swarm starts a new one, which resumes from its journal
    and the primary; the ResumingClient reconnects with backoff and resumes without a gap or
-   a duplicate (the official client on that edge is cut, as official clients are).
+   a duplicate (the official client on that edge is cut, as official clients are). Then a
+   rolling update of the edge (``docker service update --force``): the old task drains on
+   SIGTERM and exits 0 well inside its stop_grace_period, and the ResumingClient resumes on
+   the new task.
 6. ``docker kill`` of the primary task: Swarm starts a new one on the same journal volume; the
    publisher reconnects; both edges resume from the primary's journal. At the end the stream
    through edge2 (official client, connected throughout) and the ResumingClient's are exactly
@@ -283,12 +286,21 @@ def stack() -> Iterator[Stack]:
             finally:
                 t = time.monotonic()
                 _save_logs(dockerd)
+                _phase("logs saved", t)
+                last = [""]
                 dockerd.run("stack", "rm", NAME, check=False)
 
                 def gone() -> bool:
                     left = dockerd.docker(
-                        "ps", "-aq", "--filter", f"label=com.docker.stack.namespace={NAME}"
+                        "ps",
+                        "-a",
+                        "--format",
+                        "{{.Names}}",
+                        "--filter",
+                        f"label=com.docker.stack.namespace={NAME}",
                     )
+                    if left.split():
+                        last[0] = left.split()[0].split(".")[0]
                     nets = dockerd.docker("network", "ls", "-q", "--filter", f"name={NAME}_")
                     return not left.split() and not nets.split()
 
@@ -296,7 +308,7 @@ def stack() -> Iterator[Stack]:
                     poll_until(gone, 90.0, 0.5, "the stack's containers and network to go")
                 except AssertionError as exc:
                     problems.append(str(exc))
-                _phase("stack removed", t)
+                _phase(f"stack removed (the last container to go: {last[0]})", t)
     finally:
         t = time.monotonic()
         problems += dockerd.stop()
@@ -418,6 +430,15 @@ class ResumingReader:
                 fut.result(10.0)
         self._thread.join(10.0)
         self._loop.close()
+
+
+def _docker_time(text: str) -> float:
+    """Seconds since the epoch of a Docker timestamp (RFC 3339, nanoseconds, Z)."""
+    import datetime as dt
+
+    head, _, frac = text.rstrip("Z").partition(".")
+    stamp = dt.datetime.fromisoformat(head).replace(tzinfo=dt.UTC).timestamp()
+    return stamp + (float("0." + frac[:6]) if frac else 0.0)
 
 
 def _has(get: Callable[[], list[int]], n: int) -> bool:
@@ -544,6 +565,34 @@ def test_stack_relays_every_record_through_edge_and_primary_restarts(stack: Stac
         _in_order_from_zero(_seqs(official_edge), "official client via the killed edge")
         t = _phase(
             f"edge killed and replaced; ResumingClient resumed (official client: {cut!r})", t
+        )
+
+        # 5b. a rolling update of the edge (docker service update --force, as an upgrade
+        # does): the old task drains on SIGTERM and exits by itself well inside its
+        # stop_grace_period; the new task on the same journal volume serves the
+        # ResumingClient's resume
+        old = cids["edge"]
+        before = len(resuming.seqs)
+        updated_at = time.time()
+        stack.dockerd.docker("service", "update", "--force", "--detach", f"{NAME}_edge")
+        new = stack.wait_ready({"edge": ports.edge_metrics}, {"edge": old}, 120.0)
+        cids["edge"] = new["edge"]
+        state = stack.inspect(old)["State"]
+        assert state["Status"] == "exited" and state["ExitCode"] == 0, state
+        stopped_in = _docker_time(state["FinishedAt"]) - updated_at
+        assert stopped_in < 25.0, f"the old edge took {stopped_in:.1f} s to stop"
+        poll_until(
+            lambda: len(resuming.seqs) >= before + 1000,
+            60.0,
+            0.05,
+            "the ResumingClient past the rolling update",
+        )
+        _in_order_from_zero(list(resuming.seqs), "ResumingClient across the rolling update")
+        assert resuming.client.gaps == []
+        t = _phase(
+            f"edge updated (stop-first): the old task drained and exited 0 in {stopped_in:.1f} s; "
+            "ResumingClient resumed",
+            t,
         )
 
         # 6. the primary killed: Swarm restarts it on its journal volume; the edges resume
