@@ -41,6 +41,7 @@ import asyncio
 import contextlib
 import json
 import os
+import resource
 import socket
 import subprocess
 import threading
@@ -110,6 +111,8 @@ class Ports:
             "GATEWAY_CLIENT_PORT": str(self.edge),
             "GATEWAY_INGEST_PORT": str(self.ingest),
             "PROMETHEUS_PORT": str(self.prometheus),
+            # this machine's root may not raise the hard limit (no CAP_SYS_RESOURCE)
+            "GATEWAY_NOFILE": str(resource.getrlimit(resource.RLIMIT_NOFILE)[1]),
             "PROMETHEUS_IMAGE": PROMETHEUS_IMAGE,
             "PROMETHEUS_REPLICAS": "1",
             "SWARM_TEST_EDGE2_PORT": str(self.edge2),
