@@ -6,7 +6,9 @@ It runs with ``--bridge=none --iptables=false --ip-forward=false``: no docker0, 
 rules, no change to net.ipv4.ip_forward. The image build runs its steps in the host's network
 (``docker build --network host``), and a one-node swarm needs no forwarding: host-mode
 published ports go through Docker's userland proxy, and the services talk over the overlay
-network's bridge inside its own namespace. What it leaves on the host is removed by
+network's bridge inside its own namespace. Containers cannot reach a DNS server then, so the
+daemon names the host's address on the swarm's bridge as theirs: nothing answers there, and a
+name Swarm's DNS does not know fails at once instead of after the resolver's 10 s. What it leaves on the host is removed by
 :meth:`PrivateDockerd.stop`: the swarm's ``docker_gwbridge`` link (when there was none
 before), ``/run/docker`` (when there was none before), mounts under the temporary directory,
 and the directory itself.
@@ -15,6 +17,7 @@ and the directory itself.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import os
 import random
@@ -29,6 +32,11 @@ from pathlib import Path
 from tests.support.waiting import poll_until
 
 __all__ = ["PrivateDockerd", "Unavailable", "free_port", "free_udp_port_below", "preflight"]
+
+#: the swarm's docker_gwbridge network (made before ``swarm init``), and the host's address on
+#: it; preflight checks that no route of the host overlaps it
+GWBRIDGE_SUBNET = "172.31.254.0/24"
+GWBRIDGE_GATEWAY = "172.31.254.1"
 
 #: the docker CLI that has `stack config` (28.x, /usr/local/bin) first; dockerd from Debian
 PATH = "/usr/local/bin:/usr/local/sbin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -71,6 +79,12 @@ def preflight() -> None:
         raise Unavailable(f"another dockerd runs on this host (pid {pid}); not disturbing it")
     if Path("/sys/class/net/docker_gwbridge").exists():
         raise Unavailable("a docker_gwbridge link exists (another swarm on this host)")
+    subnet = ipaddress.ip_network(GWBRIDGE_SUBNET)
+    routes = subprocess.run(["ip", "-4", "route", "show"], capture_output=True, text=True).stdout
+    for line in routes.splitlines():
+        dest = line.split()[0]
+        if dest != "default" and ipaddress.ip_network(dest, strict=False).overlaps(subnet):
+            raise Unavailable(f"this host routes {dest}, which overlaps the test's {subnet}")
 
 
 def free_port(kind: int = socket.SOCK_STREAM) -> int:
@@ -118,8 +132,19 @@ class PrivateDockerd:
 
     def start(self) -> None:
         conf = self.dir / "daemon.json"
-        # its own trust key (20.10 writes /etc/docker/key.json otherwise); no host config
-        conf.write_text(json.dumps({"deprecated-key-path": str(self.dir / "key.json")}))
+        # no host config (/etc/docker/daemon.json): only what is set here
+        conf.write_text(
+            json.dumps(
+                {
+                    # its own trust key (20.10 writes /etc/docker/key.json otherwise)
+                    "deprecated-key-path": str(self.dir / "key.json"),
+                    # the containers' upstream DNS server: this host on the swarm's bridge, where
+                    # nothing answers port 53, so a name Swarm's DNS does not know fails at once
+                    # (with no forwarding, a real server would be unreachable: a 10 s timeout)
+                    "dns": [GWBRIDGE_GATEWAY],
+                }
+            )
+        )
         (self.dir / "cli").mkdir()
         argv = [
             _which("dockerd") or "dockerd",
@@ -260,7 +285,23 @@ class PrivateDockerd:
 
     @contextlib.contextmanager
     def swarm(self, listen_port: int, data_path_port: int) -> Iterator[str]:
-        """A one-node swarm on 127.0.0.1 (its node id), left with --force at the end."""
+        """A one-node swarm on 127.0.0.1 (its node id), left with --force at the end. Its
+        docker_gwbridge is made first, on GWBRIDGE_SUBNET (the daemon's DNS address is on it)."""
+        self.docker(
+            "network",
+            "create",
+            "--subnet",
+            GWBRIDGE_SUBNET,
+            "--gateway",
+            GWBRIDGE_GATEWAY,
+            "--opt",
+            "com.docker.network.bridge.name=docker_gwbridge",
+            "--opt",
+            "com.docker.network.bridge.enable_icc=false",
+            "--opt",
+            "com.docker.network.bridge.enable_ip_masquerade=false",
+            "docker_gwbridge",
+        )
         self.docker(
             "swarm",
             "init",
