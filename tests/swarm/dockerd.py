@@ -6,9 +6,10 @@ It runs with ``--bridge=none --iptables=false --ip-forward=false``: no docker0, 
 rules, no change to net.ipv4.ip_forward. The image build runs its steps in the host's network
 (``docker build --network host``), and a one-node swarm needs no forwarding: host-mode
 published ports go through Docker's userland proxy, and the services talk over the overlay
-network's bridge inside its own namespace. Containers cannot reach a DNS server then, so the
-daemon names the host's address on the swarm's bridge as theirs: nothing answers there, and a
-name Swarm's DNS does not know fails at once instead of after the resolver's 10 s. What it leaves on the host is removed by
+network's bridge inside its own namespace. Containers cannot reach the site's DNS server then,
+so the daemon names the host's address on the swarm's bridge as theirs, where
+:class:`NxdomainServer` answers NXDOMAIN (a name Swarm's DNS does not know fails at once, as
+with a real server, instead of after the resolver's 10 s). What it leaves on the host is removed by
 :meth:`PrivateDockerd.stop`: the swarm's ``docker_gwbridge`` link (when there was none
 before), ``/run/docker`` (when there was none before), mounts under the temporary directory,
 and the directory itself.
@@ -26,6 +27,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -108,6 +110,60 @@ def free_udp_port_below(limit: int = 49151) -> int:
     raise Unavailable(f"no free UDP port below {limit} for the swarm's data path")
 
 
+class NxdomainServer:
+    """The containers' DNS server in the test: answers NXDOMAIN to every query, as a site's
+    DNS server answers for a Swarm-internal name (``primary`` while its task restarts).
+    Swarm's DNS (127.0.0.11 in each container) answers service names itself and forwards
+    the rest here; without an answer from anywhere, the container's resolver would wait its
+    10 s timeout for each unknown name, and Docker 20.10's embedded resolver does not answer
+    when forwarding fails."""
+
+    def __init__(self, address: str) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind((address, 53))
+        self.sock.settimeout(0.2)
+        self.answered = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                query, peer = self.sock.recvfrom(4096)
+            except (TimeoutError, OSError):
+                continue
+            reply = nxdomain(query)
+            if reply is not None:
+                with contextlib.suppress(OSError):
+                    self.sock.sendto(reply, peer)
+                    self.answered += 1
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5.0)
+        self.sock.close()
+
+
+def nxdomain(query: bytes) -> bytes | None:
+    """The NXDOMAIN reply to a DNS query (its question echoed), or None for a malformed one."""
+    if len(query) < 12 or query[2] & 0x80:  # too short, or itself a response
+        return None
+    qdcount = int.from_bytes(query[4:6], "big")
+    pos = 12
+    for _ in range(qdcount):
+        while pos < len(query) and query[pos] != 0:
+            if query[pos] & 0xC0:  # no compression pointers in a question we can read
+                return None
+            pos += 1 + query[pos]
+        pos += 1 + 4  # the root label, QTYPE, QCLASS
+        if pos > len(query):
+            return None
+    flags = 0x8000 | (query[2] & 0x79) << 8 | 0x0080 | 3  # QR, opcode+RD kept, RA, NXDOMAIN
+    header = query[:2] + flags.to_bytes(2, "big") + query[4:6] + bytes(6)
+    return header + query[12:pos]
+
+
 class PrivateDockerd:
     """``with PrivateDockerd() as d: d.docker("info")`` — started, then stopped and cleaned up
     whatever happens (the ``with`` block's exit, or :meth:`stop` from a fixture)."""
@@ -139,8 +195,7 @@ class PrivateDockerd:
                     # its own trust key (20.10 writes /etc/docker/key.json otherwise)
                     "deprecated-key-path": str(self.dir / "key.json"),
                     # the containers' upstream DNS server: this host on the swarm's bridge, where
-                    # nothing answers port 53, so a name Swarm's DNS does not know fails at once
-                    # (with no forwarding, a real server would be unreachable: a 10 s timeout)
+                    # NxdomainServer answers (with no forwarding, no real server is reachable)
                     "dns": [GWBRIDGE_GATEWAY],
                 }
             )
@@ -302,17 +357,21 @@ class PrivateDockerd:
             "com.docker.network.bridge.enable_ip_masquerade=false",
             "docker_gwbridge",
         )
-        self.docker(
-            "swarm",
-            "init",
-            "--advertise-addr",
-            f"127.0.0.1:{listen_port}",
-            "--listen-addr",
-            f"127.0.0.1:{listen_port}",
-            "--data-path-port",
-            str(data_path_port),
-        )
+        dns = NxdomainServer(GWBRIDGE_GATEWAY)
         try:
-            yield self.docker("info", "--format", "{{.Swarm.NodeID}}").strip()
+            self.docker(
+                "swarm",
+                "init",
+                "--advertise-addr",
+                f"127.0.0.1:{listen_port}",
+                "--listen-addr",
+                f"127.0.0.1:{listen_port}",
+                "--data-path-port",
+                str(data_path_port),
+            )
+            try:
+                yield self.docker("info", "--format", "{{.Swarm.NodeID}}").strip()
+            finally:
+                self.run("swarm", "leave", "--force", check=False, timeout=60)
         finally:
-            self.run("swarm", "leave", "--force", check=False, timeout=60)
+            dns.stop()
