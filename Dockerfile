@@ -72,7 +72,7 @@ VOLUME ["/var/lib/gateway"]
 # client port, metrics/health port, an ingest port (as in deploy/swarm/primary.toml)
 EXPOSE 13000 9313 14000
 STOPSIGNAL SIGTERM
-HEALTHCHECK --interval=10s --timeout=5s --start-period=30s --retries=3 \
+HEALTHCHECK --interval=5s --timeout=5s --start-period=30s --retries=3 \
     CMD ["/opt/gateway/bin/python", "-I", "/usr/local/lib/gateway-healthcheck.py"]
 ENTRYPOINT ["/usr/bin/tini", "--", "gateway", "serve", "--config", "/etc/gateway/gateway.toml"]
 # keys come from a Docker secret (a file), never from the environment or the command line
