@@ -55,7 +55,7 @@ from typing import Any
 import pytest
 
 from tests.integration.helpers import OfficialSession, data_records, http_get, metric_samples
-from tests.support.prometheus import metric
+from tests.support.prometheus import metric, parse_samples
 from tests.support.waiting import poll_until
 from tests.swarm.dockerd import (
     PrivateDockerd,
@@ -165,8 +165,10 @@ class Stack:
     def wait_ready(
         self, services: dict[str, int], previous: dict[str, str], timeout: float
     ) -> dict[str, str]:
-        """Each service has a running container (not the one in ``previous``), healthy, and
-        its /readyz (edges) or /healthz (primary) on its metrics port answers 200."""
+        """Each service has a running container (not the one in ``previous``), healthy, its
+        /healthz (primary) or /readyz (edges) on its metrics port answers 200, and an edge's
+        relay is connected upstream (gateway_relay_upstream_up 1: /readyz alone also says
+        ready during the feed's start-up grace, feed_grace_s)."""
 
         def ready() -> dict[str, str] | None:
             found = {}
@@ -181,6 +183,8 @@ class Stack:
                     return None
                 if status != 200 or self.health(cid) != "healthy":
                     return None
+                if svc != "primary" and _upstream_up(port) != 1:
+                    return None
                 found[svc] = cid
             return found
 
@@ -188,6 +192,17 @@ class Stack:
             return poll_until(ready, timeout, 0.5, f"{sorted(services)} running and healthy")
         except AssertionError as exc:
             raise AssertionError(f"{exc}\n{self.diagnostics()}") from None
+
+
+def _upstream_up(port: int) -> float | None:
+    """An edge's gateway_relay_upstream_up, or None when its metrics do not answer."""
+    try:
+        status, text = http_get(port, "/metrics", timeout=2.0)
+    except OSError:
+        return None
+    if status != 200:
+        return None
+    return metric(parse_samples(text), "gateway_relay_upstream_up", dataset=DATASET)
 
 
 def _build_image(dockerd: PrivateDockerd) -> None:
