@@ -305,31 +305,40 @@ class PrivateDockerd:
 
     # -- using it ----------------------------------------------------------------------
 
+    def _exec(
+        self, args: tuple[str, ...], timeout: float, env: dict[str, str] | None
+    ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [_which("docker") or "docker", *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env={**self.env, **(env or {})},
+        )
+
     def run(
         self,
         *args: str,
         check: bool = True,
         timeout: float = 120.0,
         env: dict[str, str] | None = None,
-        cwd: str | Path | None = None,
     ) -> tuple[int, str]:
-        """``docker ARGS`` against this daemon: (exit status, stdout+stderr)."""
-        proc = subprocess.run(
-            [_which("docker") or "docker", *args],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            env={**self.env, **(env or {})},
-            cwd=cwd,
-        )
+        """``docker ARGS`` against this daemon: (exit status, stdout and stderr together)."""
+        proc = self._exec(args, timeout, env)
         out = proc.stdout + proc.stderr
         if check and proc.returncode != 0:
             raise AssertionError(f"docker {' '.join(args)} failed (rc {proc.returncode}): {out}")
         return proc.returncode, out
 
     def docker(self, *args: str, timeout: float = 120.0, env: dict[str, str] | None = None) -> str:
-        """``docker ARGS``' output; AssertionError with the output when it fails."""
-        return self.run(*args, timeout=timeout, env=env)[1]
+        """``docker ARGS``' standard output (not its warnings on stderr); AssertionError with
+        both when it fails."""
+        proc = self._exec(args, timeout, env)
+        if proc.returncode != 0:
+            raise AssertionError(
+                f"docker {' '.join(args)} failed (rc {proc.returncode}): {proc.stdout}{proc.stderr}"
+            )
+        return proc.stdout
 
     def log_tail(self, lines: int = 15) -> str:
         try:
