@@ -28,7 +28,8 @@ from gateway.feeds.ingest import (
     Network,
     parse_allow,
 )
-from gateway.feeds.relay import RELAY_OPTIONS, RelayOptions, RelaySource, parse_relay
+from gateway.feeds.relay import RelaySource
+from gateway.feeds.relay_options import RELAY_OPTIONS, RelayOptions, parse_relay
 from gateway.feeds.synthetic import MAX_RATE, SyntheticOptions, SyntheticSource
 
 __all__ = ["Feed", "FeedSpec", "Source", "build_source", "parse_feed_uri"]

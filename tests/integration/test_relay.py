@@ -45,6 +45,14 @@ from tests.integration.test_client_resume import Publisher, Sink, _connect, jour
 from tests.support.prometheus import metric
 
 DATASET = "ING.R"
+SMALL_BUFFERS = """
+[slow_reader]
+write_high_water = 65536
+write_low_water = 16384
+
+[transport]
+sndbuf = 65536
+"""
 
 
 @contextlib.contextmanager
@@ -463,8 +471,13 @@ async def test_a_lossless_edge_waits_for_its_slow_session(tmp_path: Path) -> Non
         async with processes() as started:
             primary = await _primary(started, pj)
             uri = _relay_uri(primary.port, key, "&backpressure=1")
+            # small buffers, so the session is over its high-water mark in a moment
             edge = await asyncio.to_thread(
-                start_gateway, "--metrics-port", "0", feeds={DATASET: uri}
+                start_gateway,
+                "--metrics-port",
+                "0",
+                feeds={DATASET: uri},
+                config=SMALL_BUFFERS,
             )
             started.append(edge)
             await apoll_until(

@@ -18,13 +18,8 @@ from gateway.dbn import ChunkIndex, SystemCode, encode_error, encode_system, ind
 from gateway.errors import ConfigError
 from gateway.feeds import parse_feed_uri
 from gateway.feeds.base import Feed
-from gateway.feeds.relay import (
-    CursorFile,
-    RelayOptions,
-    RelaySource,
-    parse_relay,
-    read_key,
-)
+from gateway.feeds.relay import CursorFile, RelaySource
+from gateway.feeds.relay_options import RelayOptions, parse_relay, read_key
 from tests.integration.helpers import synthetic_trades
 
 KEY = "db-RELAYKEY0000000000000000000000"[:32]
