@@ -1,6 +1,8 @@
 """Whether a gateway's feeds are ready: every feed connected, or still within its grace
-(``feed_grace_s``) of going down or of the start. The single-process gateway and the
-``--workers`` supervisor answer ``/readyz`` with it."""
+(``feed_grace_s``) of going down or of the start. A relay feed (``lsg://``) that has not
+reached its upstream once since the start gets no grace: an edge with nothing to relay
+yet is not ready for clients. The single-process gateway and the ``--workers`` supervisor
+answer ``/readyz`` with it."""
 
 from __future__ import annotations
 
@@ -36,6 +38,10 @@ class FeedReadiness:
         for ds, f in self.feeds.items():
             if f.connected:
                 detail[ds] = "up: " + f.state_detail
+                continue
+            if f.relay is not None and f.ups == 0:
+                ok = False
+                detail[ds] = "down: " + f.state_detail
                 continue
             left = self.grace_s - (now - self.down_since.get(ds, now))
             if left > 0:

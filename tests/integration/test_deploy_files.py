@@ -252,7 +252,17 @@ def _test_deps(tmp_path: Path, present: list[str], uid: int, apt: str | None) ->
     return out.stdout + out.stderr, calls.read_text() if calls.exists() else ""
 
 
-ALL_TOOLS = ["chromium", "nats-server", "redis-server", "promtool", "shellcheck", "systemd-analyze"]
+ALL_TOOLS = [
+    "chromium",
+    "nats-server",
+    "redis-server",
+    "promtool",
+    "shellcheck",
+    "dockerd",
+    "iptables",
+    "debootstrap",
+    "systemd-analyze",
+]
 
 
 def test_test_deps_only_checks_when_everything_is_there(tmp_path: Path) -> None:
@@ -263,7 +273,7 @@ def test_test_deps_only_checks_when_everything_is_there(tmp_path: Path) -> None:
 
 def test_test_deps_installs_what_is_missing_with_one_update(tmp_path: Path) -> None:
     # the stub apt-get "installs" by creating the tools in its own folder
-    present = ["chromium", "promtool", "systemd-analyze"]
+    present = ["chromium", "promtool", "systemd-analyze", "dockerd", "iptables", "debootstrap"]
     chmod = shutil.which("chmod") or "/bin/chmod"
     make = 'case "$1" in install) for t in nats-server redis-server shellcheck; do ' + (
         f'printf "#!/bin/sh\\n" > "{tmp_path}/bin/$t"; {chmod} +x "{tmp_path}/bin/$t"; done;; esac'

@@ -314,3 +314,23 @@ def test_a_resume_into_another_journal_is_refused(tmp_path: Path) -> None:
         line = f"schema=trades|symbols=ALL_SYMBOLS|{bad}".encode()
         with pytest.raises(ProtocolError, match="lsg_epoch"):
             control.parse_subscription(control.parse_fields(line))
+
+
+def test_an_edge_is_not_ready_before_it_reached_its_upstream() -> None:
+    from gateway.feeds.readiness import FeedReadiness
+    from gateway.feeds.relay import RelayStats
+
+    edge, ingest = Feed("EDGE"), Feed("ING")
+    edge.relay = RelayStats(upstreams=1)
+    readiness = FeedReadiness({"EDGE": edge, "ING": ingest}, grace_s=60.0)
+    readiness.note()
+    ok, detail = readiness.check()
+    assert not ok and detail["EDGE"].startswith("down:")
+    assert "grace" in detail["ING"]  # other feeds keep their grace at the start
+    edge.set_state(True, "upstream connected", notify=False)
+    readiness.note()
+    assert readiness.check()[0]
+    edge.set_state(False, "upstream lost; reconnecting", notify=False)
+    readiness.note()
+    ok, detail = readiness.check()
+    assert ok and "grace" in detail["EDGE"]  # once it was up: the usual grace
