@@ -95,6 +95,43 @@ class RecordBatch:
         return list(decoder.decode())
 
 
+async def _connect_socket(
+    host: str, port: int, timeout: float, rcvbuf: int | None
+) -> socket.socket:
+    """A connected socket to ``host`` (every address it resolves to, in order), within
+    ``timeout`` in all. The name lookup runs in a thread and cannot be cancelled: when
+    the timeout abandons it, its outcome is still collected (asyncio would otherwise log
+    "Future exception was never retrieved" for a lookup that fails later)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    lookup = asyncio.ensure_future(loop.getaddrinfo(host, port, type=socket.SOCK_STREAM))
+    lookup.add_done_callback(lambda f: None if f.cancelled() else f.exception())
+    try:
+        infos = await asyncio.wait_for(asyncio.shield(lookup), timeout)
+    except TimeoutError:
+        raise TimeoutError(f"looking up {host!r} took more than {timeout:g} s") from None
+    last: BaseException | None = None
+    for family, kind, proto, _, address in infos:
+        sock = socket.socket(family, kind, proto)
+        try:
+            if rcvbuf is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+            sock.setblocking(False)
+            left = max(0.001, deadline - loop.time())
+            await asyncio.wait_for(loop.sock_connect(sock, address), left)
+        except (OSError, TimeoutError) as exc:
+            sock.close()
+            last = exc
+            continue
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+    if last is not None:
+        raise last
+    raise OSError(f"{host!r} resolves to no address")
+
+
 class LiveClient:
     def __init__(
         self,
@@ -140,21 +177,13 @@ class LiveClient:
         resume checkpoint records (``lsg_checkpoints=1``, as ``ResumingClient`` does)."""
         if compression not in ("none", "zstd"):
             raise ClientError(f"compression must be none or zstd, not {compression!r}")
-        if rcvbuf is None:
-            opened = asyncio.open_connection(host, port, limit=256 * 1024)
-        else:
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-            sock.setblocking(False)
-            try:
-                await asyncio.wait_for(
-                    asyncio.get_running_loop().sock_connect(sock, (host, port)), timeout
-                )
-            except BaseException:
-                sock.close()
-                raise
+        sock = await _connect_socket(host, port, timeout, rcvbuf)
+        try:
             opened = asyncio.open_connection(sock=sock, limit=256 * 1024)
-        reader, writer = await asyncio.wait_for(opened, timeout)
+            reader, writer = await asyncio.wait_for(opened, timeout)
+        except BaseException:
+            sock.close()
+            raise
         client = cls(
             reader,
             writer,

@@ -334,3 +334,30 @@ def test_an_edge_is_not_ready_before_it_reached_its_upstream() -> None:
     readiness.note()
     ok, detail = readiness.check()
     assert ok and "grace" in detail["EDGE"]  # once it was up: the usual grace
+
+
+async def test_an_abandoned_name_lookup_is_collected_not_logged(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import gc
+    import socket
+
+    loop = asyncio.get_running_loop()
+    done = asyncio.Event()
+
+    async def slow_lookup(*args: object, **kwargs: object) -> list[object]:
+        # as a resolver thread: it goes on when its caller gives up, then fails
+        inner: asyncio.Future[list[object]] = loop.create_future()
+        failure = socket.gaierror(-3, "Temporary failure in name resolution")
+        loop.call_later(0.2, inner.set_exception, failure)
+        inner.add_done_callback(lambda _: done.set())
+        return await asyncio.shield(inner)
+
+    monkeypatch.setattr(loop, "getaddrinfo", slow_lookup)
+    caplog.set_level(logging.ERROR, logger="asyncio")
+    with pytest.raises(TimeoutError, match="looking up 'upstream'"):
+        await LiveClient.connect("upstream", 1, KEY, "DS", timeout=0.02)
+    await asyncio.wait_for(done.wait(), 5.0)
+    await asyncio.sleep(0)
+    gc.collect()
+    assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]
