@@ -114,6 +114,15 @@ def _relay_status(gw: GatewayProcess) -> dict[str, Any]:
     return relay
 
 
+async def _upstream_up(edge: GatewayProcess, timeout: float = 15.0) -> None:
+    await apoll_until(
+        lambda: _edge_metric(edge, "gateway_relay_upstream_up") == 1,
+        timeout,
+        0.02,
+        "the edge connected upstream",
+    )
+
+
 def _edge_metric(gw: GatewayProcess, name: str, **labels: str) -> float:
     return metric(metric_samples(gw.metrics_port), name, dataset=DATASET, **labels)
 
@@ -125,12 +134,7 @@ async def test_edge_is_exact_across_primary_kill9_and_edge_kill9(tmp_path: Path)
             pport = primary.port
             edge = await _edge(started, pport, key, "--journal-dir", str(ej))
             eport = edge.port
-            await apoll_until(
-                lambda: _edge_metric(edge, "gateway_relay_upstream_up") == 1,
-                15.0,
-                0.02,
-                "the edge connected upstream",
-            )
+            await _upstream_up(edge, 15.0)
             sink = Sink(await _connect(eport, DATASET))
             pub = Publisher(primary.ingest_ports[DATASET], 0)
             try:
@@ -199,12 +203,7 @@ async def test_a_gap_is_told_to_sessions_and_counted(
             primary = await _primary(started, first)
             pport = primary.port
             edge = await _edge(started, pport, key)
-            await apoll_until(
-                lambda: _edge_metric(edge, "gateway_relay_upstream_up") == 1,
-                15.0,
-                0.02,
-                "the edge connected upstream",
-            )
+            await _upstream_up(edge, 15.0)
             live = await LiveClient.connect("127.0.0.1", edge.port, KEY, DATASET)
             await live.subscribe("trades", "ALL_SYMBOLS")
             await live.start()
@@ -257,12 +256,7 @@ async def test_upstream_down_keeps_sessions_and_fails_readyz_then_recovers(
             primary = await _primary(started, pj)
             pport = primary.port
             edge = await _edge(started, pport, key, config="feed_grace_s = 1\n")
-            await apoll_until(
-                lambda: _edge_metric(edge, "gateway_relay_upstream_up") == 1,
-                15.0,
-                0.02,
-                "the edge connected upstream",
-            )
+            await _upstream_up(edge, 15.0)
             official = OfficialSession(
                 edge.port,
                 DATASET,
@@ -344,12 +338,7 @@ async def test_an_edge_with_workers_relays_to_the_official_client(tmp_path: Path
             edge = await _edge(
                 started, primary.port, key, "--workers", "2", extra="&compression=zstd"
             )
-            await apoll_until(
-                lambda: _edge_metric(edge, "gateway_relay_upstream_up") == 1,
-                20.0,
-                0.02,
-                "the edge connected upstream",
-            )
+            await _upstream_up(edge, 20.0)
             official = OfficialSession(
                 edge.port, DATASET, [{"schema": "trades", "symbols": "ALL_SYMBOLS"}]
             )
@@ -480,12 +469,7 @@ async def test_a_lossless_edge_waits_for_its_slow_session(tmp_path: Path) -> Non
                 config=SMALL_BUFFERS,
             )
             started.append(edge)
-            await apoll_until(
-                lambda: _edge_metric(edge, "gateway_relay_upstream_up") == 1,
-                15.0,
-                0.02,
-                "the edge connected upstream",
-            )
+            await _upstream_up(edge, 15.0)
             slow = await LiveClient.connect("127.0.0.1", edge.port, KEY, DATASET, rcvbuf=16 * 1024)
             await slow.subscribe("trades", "ALL_SYMBOLS")
             await slow.start()
