@@ -358,7 +358,7 @@ def write_relay_plot(outdir: Path, results: list[dict[str, Any]], caption: str =
         row = rows[part]
         left.bar(x, row["median_throughput_rps"] / 1e6, color=PART_COLORS[part], alpha=0.8)
         left.scatter(
-            [x] * len(row["throughput_rps"]),
+            [x + 0.3] * len(row["throughput_rps"]),
             [v / 1e6 for v in row["throughput_rps"]],
             color="black",
             s=12,
@@ -371,6 +371,8 @@ def write_relay_plot(outdir: Path, results: list[dict[str, Any]], caption: str =
             xytext=(0, 4),
             ha="center",
             fontsize=8,
+            bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.85},
+            zorder=4,
         )
     left.set_xticks(
         range(len(bars)),
