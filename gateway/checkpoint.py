@@ -139,6 +139,12 @@ class ResumeCursor:
         """The records of ``index`` the user should see (None when none are left)."""
         if index.count == 0:
             return index
+        rtset = index.rtype_set  # cached on the index, used again downstream
+        if self.skip == 0 and not rtset & GATEWAY_RTYPES:
+            # only data records (the usual batch): count them, nothing to take out
+            self.count += index.count
+            self.last_ts_event = int(index.ts_events[-1])
+            return index
         rtypes = index.rtypes
         data = ~np.isin(rtypes, _GATEWAY_RTYPES)
         marks = self._checkpoints(index)

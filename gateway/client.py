@@ -332,7 +332,9 @@ class LiveClient:
                     yield RecordBatch(index)
                     continue
             try:
-                more = await asyncio.wait_for(self._read(), silence)
+                # a timeout scope, not wait_for: no task made per read
+                async with asyncio.timeout(silence):
+                    more = await self._read()
             except TimeoutError:
                 raise ClientError(f"gateway timeout: {silence:g} s without data") from None
             if more is None:

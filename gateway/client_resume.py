@@ -523,6 +523,8 @@ class ResumingClient:
 def _errors(batch: RecordBatch) -> list[tuple[int, str]]:
     """(code, text) of the ErrorMsg records in ``batch``."""
     idx = batch.index
+    if RTYPE_ERROR not in idx.rtype_set:  # cached on the index, used again downstream
+        return []
     out = []
     data = idx.data
     for pos in np.flatnonzero(idx.rtypes == RTYPE_ERROR).tolist():
