@@ -17,6 +17,8 @@ import statistics
 from pathlib import Path
 from typing import IO, Any, Final
 
+from bench.replay_report import _target
+
 __all__ = [
     "THROUGHPUT_TARGET",
     "append_relay_section",
@@ -172,14 +174,8 @@ def relay_targets(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     def target(
         name: str, measured: str, threshold: str, ratio: float | None, ok: bool | None, why: str
     ) -> dict[str, Any]:
-        return {
-            "target": name,
-            "measured": measured,
-            "threshold": threshold,
-            "ratio": None if ratio is None else round(ratio, 3),
-            "status": "n/a" if ok is None or n != TARGET_N else ("met" if ok else "missed"),
-            "detail": why,
-        }
+        # the targets are for N=TARGET_N: at another N (--quick) they are n/a
+        return _target(name, measured, threshold, ratio, ok if n == TARGET_N else None, why)
 
     def why(*parts: str) -> str:
         if n != TARGET_N:
