@@ -31,6 +31,7 @@ import pytest
 
 from gateway.client import LiveClient
 from gateway.dbn import RTYPE_SYSTEM
+from gateway.feeds.relay import CURSOR_FILE
 from tests.integration.helpers import (
     KEY,
     GatewayProcess,
@@ -45,6 +46,7 @@ from tests.integration.test_client_resume import Publisher, Sink, _connect, jour
 from tests.support.prometheus import metric
 
 DATASET = "ING.R"
+RECONNECTS = "gateway_relay_reconnects_total"
 SMALL_BUFFERS = """
 [slow_reader]
 write_high_water = 65536
@@ -123,6 +125,16 @@ async def _upstream_up(edge: GatewayProcess, timeout: float = 15.0) -> None:
     )
 
 
+def _saved_seq(journal: Path) -> int:
+    """The upstream checkpoint in the edge's saved relay position (-1: none saved yet)."""
+    path = journal / DATASET / CURSOR_FILE
+    try:
+        seq = json.loads(path.read_text())["seq"]
+    except (OSError, ValueError, KeyError):
+        return -1
+    return int(seq)
+
+
 def _edge_metric(gw: GatewayProcess, name: str, **labels: str) -> float:
     return metric(metric_samples(gw.metrics_port), name, dataset=DATASET, **labels)
 
@@ -138,23 +150,39 @@ async def test_edge_is_exact_across_primary_kill9_and_edge_kill9(tmp_path: Path)
             sink = Sink(await _connect(eport, DATASET))
             pub = Publisher(primary.ingest_ports[DATASET], 0)
             try:
-                # 1. the primary dies with SIGKILL and comes back on its journal
+                # 1. the primary dies with SIGKILL and comes back on its journal, once the
+                # edge holds a checkpoint of the primary's (before one, a resume cannot be
+                # exact: that case is the no_checkpoint gap below)
                 await sink.past_a_checkpoint(300)
+                await apoll_until(
+                    lambda: _relay_status(edge)["checkpoint"] is not None,
+                    15.0,
+                    0.02,
+                    "a checkpoint from the primary at the edge",
+                )
                 primary.proc.kill()
                 await asyncio.to_thread(primary.proc.wait, 10)
                 pub.stop()
                 primary = await _primary(started, pj, "--port", str(pport))
                 pub = Publisher(primary.ingest_ports[DATASET], pub.next)
-                await apoll_until(
-                    lambda: (
-                        _edge_metric(edge, "gateway_relay_reconnects_total", mode="resume") >= 1
-                    ),
-                    30.0,
-                    0.05,
-                    "the edge resumed from the restarted primary",
-                )
-                # 2. the edge dies with SIGKILL and comes back on its journal
+                try:
+                    await apoll_until(
+                        lambda: _edge_metric(edge, RECONNECTS, mode="resume") >= 1,
+                        30.0,
+                        0.05,
+                        "the edge resumed from the restarted primary",
+                    )
+                except AssertionError as exc:
+                    raise AssertionError(
+                        f"{exc}\n--- edge log ---\n{edge.log()[-6000:]}"
+                        f"\n--- primary log ---\n{primary.log()[-4000:]}"
+                    ) from None
+                # 2. the edge dies with SIGKILL and comes back on its journal, once it has
+                # saved a position on the restarted primary
                 await sink.past_a_checkpoint(sink.count + 300)
+                await apoll_until(
+                    lambda: _saved_seq(ej) >= 0, 15.0, 0.02, "the edge saved its position"
+                )
                 edge.proc.kill()
                 await asyncio.to_thread(edge.proc.wait, 10)
                 edge = await _edge(
