@@ -30,10 +30,10 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from gateway import dbn
-from gateway.dbn import ChunkIndex, SystemCode
+from gateway.dbn import RTYPE_DEF, ChunkIndex, SystemCode
 from gateway.fanout import FanOut
 from gateway.subscriptions import FeedMember, SubscriptionIndex, SubscriptionLike
 from gateway.symbology import (
@@ -51,6 +51,10 @@ if TYPE_CHECKING:
 __all__ = ["SLICE_SIZE", "Feed", "FeedMember", "FeedStats", "SymbolDirectory"]
 
 log = logging.getLogger("gateway.feed")
+
+
+#: InstrumentDefMsg and StatMsg
+REFERENCE_RTYPES: Final = frozenset({RTYPE_DEF, 0x18})
 
 
 @dataclass
@@ -137,6 +141,9 @@ class Feed:
         #: sessions are over their high-water mark (``remote_blocked``)
         self.sink_blocked = False
         self.remote_blocked_slots: set[int] = set()
+        #: called with each chunk that carries definitions or statistics (REFERENCE_RTYPES)
+        #: before it is published: parent and continuous symbology learn from them
+        self.reference_listeners: list[Callable[[ChunkIndex], None]] = []
         #: a relay feed's upstream figures (gateway/feeds/relay.py); None for other sources
         self.relay: RelayStats | None = None
         self.subscriptions = SubscriptionIndex(
@@ -363,6 +370,11 @@ class Feed:
         self._publish_now(index)
 
     def _publish_now(self, index: ChunkIndex) -> None:
+        if self.reference_listeners and index.rtype_set & REFERENCE_RTYPES:
+            # definitions and statistics, before the chunk's records flow (a new listing
+            # that matches a parent subscription is selected for this very chunk)
+            for listener in self.reference_listeners:
+                listener(index)
         if index.rtype_set & SYMBOLOGY_RTYPES:
             if index in self._learnt_held:
                 # Held behind its own definitions, now learnt: learning them again would
