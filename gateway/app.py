@@ -24,6 +24,7 @@ import msgspec
 from gateway import __version__, transport
 from gateway.aio import cancel_and_wait
 from gateway.auth import Authenticator, KeyEntry
+from gateway.books.feed_books import FeedBooks
 from gateway.config import Config, worker_count
 from gateway.errors import ConfigError, FeedError, GatewayError
 from gateway.fanout import FanOut
@@ -134,6 +135,7 @@ class Gateway:
             )
             self.feeds[dataset] = feed
             self._attach_journal(feed)
+            self._attach_books(feed)
             source = build_source(spec, feed, reuse_port=cfg.transport.reuse_port_for(spec.port))
             try:
                 await source.start()
@@ -202,6 +204,22 @@ class Gateway:
         if store is not None:
             self.journal = self.state.journal = store
             self.state.journal_enabled = True
+
+    def _attach_books(self, feed: Feed) -> None:
+        settings = self.cfg.books
+        if not settings.enabled:
+            return
+        try:
+            books = FeedBooks(
+                feed.dataset, feed.fanout, derive=settings.derive, max_orders=settings.max_orders
+            )
+        except ImportError as exc:
+            # the native engine is built by `make install` (pip install -e .): without it the
+            # gateway serves every feed as before, and says why snapshots are refused
+            log.error("feed %s: order books unavailable: %s", feed.dataset, exc)
+            feed.no_books_reason = "order books are unavailable on this gateway"
+            return
+        feed.attach_books(books)
 
     def _attach_journal(self, feed: Feed) -> None:
         if self.journal is not None:

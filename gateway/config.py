@@ -27,6 +27,7 @@ from gateway.errors import ConfigError
 
 __all__ = [
     "ApiKeyConfig",
+    "BooksConfig",
     "Config",
     "JournalConfig",
     "LimitsConfig",
@@ -179,6 +180,21 @@ class JournalConfig(_Base):
     replay_bytes_per_s: NonNegInt = 0
 
 
+class BooksConfig(_Base):
+    """Order books built from every MBO feed (gateway/books): ``snapshot=1`` subscriptions
+    and the schemas derived from MBO (mbp-1, mbp-10, tbbo, trades, bbo-1s/1m, ohlcv-1s/1m/
+    1h/1d) need them."""
+
+    #: build a book per (instrument, publisher) from the MBO records of every feed
+    enabled: bool = True
+    #: serve the derived schemas to their subscribers (built only when someone subscribes)
+    derive: bool = True
+    #: resting orders one feed's books may hold; past it that feed's books are dropped
+    #: (snapshots and derived schemas refused, counted, logged): a runaway feed cannot
+    #: take the host's memory (about 100 bytes an order)
+    max_orders: Annotated[int, msgspec.Meta(ge=1000)] = 20_000_000
+
+
 #: the most worker processes (``workers``): the shared ring's header has a slot for each
 MAX_WORKERS = 64
 WorkerCount = Annotated[int, msgspec.Meta(ge=1, le=MAX_WORKERS)]
@@ -230,6 +246,7 @@ class Config(_Base):
     metrics_per_key: bool = False
     strobe: StrobeConfig = msgspec.field(default_factory=StrobeConfig)
     journal: JournalConfig = msgspec.field(default_factory=JournalConfig)
+    books: BooksConfig = msgspec.field(default_factory=BooksConfig)
     #: worker processes (``workers = 4`` / ``"auto"``) or the ``[workers]`` table
     workers: WorkerCount | Literal["auto"] | WorkersConfig = 1
 

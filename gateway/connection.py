@@ -73,6 +73,9 @@ class ClientConnection(SessionOutput, asyncio.Protocol):
         self._checkpoint_seq = -1
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
+        #: book snapshots taken while this session's subscription records are being
+        #: collected (written right after them); None: not collecting
+        self._held_snapshots: list[tuple[bytes, int]] | None = None
 
     # --- asyncio callbacks -------------------------------------------------------------------
 
@@ -193,6 +196,10 @@ class ClientConnection(SessionOutput, asyncio.Protocol):
     def _start(self, queued: tuple[Subscription, ...]) -> None:
         assert self.feed is not None and self.session is not None
         if wants_replay(queued):
+            if any(sub.snapshot for sub in queued):
+                text = "snapshot=1 cannot be combined with a replay (start=) in one session"
+                self._terminate(text, ErrorCode.INVALID_SUBSCRIPTION, "invalid_subscription", text)
+                return
             begin_replay(self, queued)
             return
         head = self._metadata()
@@ -207,14 +214,44 @@ class ClientConnection(SessionOutput, asyncio.Protocol):
 
     def _subscribe(self, subs: tuple[Subscription, ...], head: bytes = b"") -> None:
         assert self.feed is not None and self.session is not None
+        if any(sub.snapshot for sub in subs) and not self.feed.snapshots_available():
+            why = self.feed.books_off_reason()
+            text = f"snapshot=1 is not supported yet for dataset {self.feed.dataset}: {why}"
+            if head:
+                self._write_control(head, [])
+            self._terminate(text, ErrorCode.INVALID_SUBSCRIPTION, "not_supported", text)
+            return
         records: list[bytes] = []
-        for sub in subs:
-            records += self.feed.subscribe(self, sub)
+        # A snapshot is taken when an instrument joins this session's MBO selection (in
+        # feed.subscribe, between two chunks) and written after the records that answer
+        # the subscription (ack, mappings), before the next chunk: no gap, no duplicate.
+        self._held_snapshots = []
+        try:
+            for sub in subs:
+                records += self.feed.subscribe(self, sub)
+        finally:
+            held, self._held_snapshots = self._held_snapshots, None
         self._update_behavior()
         if head:
             self._write_control(head, records)
         else:
             self.send_gateway_records(records)
+        for data, count in held:
+            self.write_snapshot(data, count)
+
+    @property
+    def snapshot_wanted(self) -> bool:
+        """A subscription of this session asked for ``snapshot=1``."""
+        session = self.session
+        return session is not None and any(sub.snapshot for sub in session.subscriptions)
+
+    def snapshot_ready(self, data: bytes, count: int) -> None:
+        """The feed took a snapshot of the books of instruments that just joined this
+        session's MBO selection."""
+        if self._held_snapshots is not None:
+            self._held_snapshots.append((data, count))
+        else:
+            self.write_snapshot(data, count)
 
     def _update_behavior(self) -> None:
         assert self.session is not None

@@ -226,21 +226,27 @@ def parse_subscription(fields: dict[str, str]) -> SubscriptionRequest:
     req = _convert(fields, SubscriptionRequest, "subscription")
     if req.schema not in SCHEMAS:
         raise ProtocolError(f"unknown schema {req.schema!r:.40}")
-    if req.stype_in not in ("raw_symbol", "instrument_id"):
-        if req.stype_in in ("parent", "continuous", "smart"):
+    if req.stype_in not in ("raw_symbol", "instrument_id", "parent", "continuous"):
+        if req.stype_in == "smart":
             raise NotSupportedError(
-                f"stype_in={req.stype_in} is not supported yet: use raw_symbol or instrument_id"
+                f"stype_in={req.stype_in} is not supported yet: use parent or continuous"
             )
         raise ProtocolError(f"unknown stype_in {req.stype_in!r:.40}")
     if req.id is not None and not 0 <= req.id < 2**32:
         raise ProtocolError("subscription id must be a u32")
-    if req.snapshot:
-        raise NotSupportedError("snapshot=1 is not supported yet: subscribe with snapshot=0")
     try:
         start_ns = req.start_ns
     except ProtocolError as exc:
         raise ProtocolError(f"invalid subscription: {exc}") from None
     resume = req.lsg_resume_after
+    if req.snapshot:
+        # as Databento: a book snapshot of MBO, and only for a live start
+        if req.schema != "mbo":
+            raise ProtocolError(
+                f"invalid subscription: snapshot=1 is only for mbo, not {req.schema}"
+            )
+        if start_ns is not None or resume is not None:
+            raise ProtocolError("invalid subscription: snapshot=1 cannot be combined with start")
     if resume is not None and not 0 <= resume < 2**64:
         raise ProtocolError("invalid subscription: bad value for lsg_resume_after (not a u64)")
     if start_ns is not None and resume is not None:

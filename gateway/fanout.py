@@ -208,6 +208,10 @@ class FanOut:
         self._plan: _FilterPlan | None = None
         self._plan_stale = False
         self._plan_built_at = float("-inf")
+        self._rtype_keys: frozenset[int] | None = frozenset()
+        #: called with (member, old spec, new spec) after a member's placement changed (the
+        #: Feed's books answer snapshot=1 there)
+        self.on_place: Callable[[Subscriber, OutputSpec | None, OutputSpec], None] | None = None
 
     # --- membership -------------------------------------------------------------------
 
@@ -225,8 +229,11 @@ class FanOut:
         if group is None:
             group = self.groups[spec] = Group(spec)
             self._plan_stale = True
+            self._rtype_keys = None
         group.members[member] = None
         self._member_spec[member] = spec
+        if self.on_place is not None:
+            self.on_place(member, old, spec)
 
     def remove(self, member: Subscriber) -> None:
         spec = self._member_spec.pop(member, None)
@@ -244,6 +251,17 @@ class FanOut:
         if not group.members:
             del self.groups[spec]
             self._plan_stale = True
+            self._rtype_keys = None
+
+    def rtype_keys(self) -> frozenset[int]:
+        """Every rtype some group selects (cached until the groups change): what is worth
+        building for this fan-out (gateway/books derives only those schemas)."""
+        keys = self._rtype_keys
+        if keys is None:
+            keys = self._rtype_keys = frozenset(
+                rtype for spec in self.groups for rtype, _ in spec.selection
+            )
+        return keys
 
     @property
     def member_count(self) -> int:

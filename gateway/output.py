@@ -93,6 +93,26 @@ class SessionOutput:
                 return
         self._write_control(b"", records)
 
+    def write_snapshot(self, data: bytes, records: int) -> None:
+        """Book snapshot records (gateway/books), written as they are (stamped for a ts_out
+        session, one zstd frame for a compressed one); they count against the session's
+        cap like market data."""
+        transport = self.transport
+        if not data or self.closing or transport is None or not self.metadata_sent:
+            return
+        if self.ts_out:
+            index, _ = dbn.index_records(data)
+            data = dbn.stamp_ts_out(index, None, time.time_ns())
+        if transport.get_write_buffer_size() + len(data) > self.state.slow.hard_cap_bytes:
+            self._cut_over_cap()
+            return
+        if self.zstd:
+            data = self._compress(data)
+        transport.write(data)
+        self.records_sent += records
+        self.bytes_sent += len(data)
+        self.last_write = self.state.clock()
+
     def deliver(self, data: Payload, records: int) -> None:
         transport = self.transport
         if self.closing or transport is None:

@@ -88,6 +88,8 @@ class Subscription:
     resume_after: int | None = None
     #: ``lsg_epoch``: the journal that position belongs to (None: not said)
     resume_epoch: str | None = None
+    #: ``snapshot=1`` (mbo only, live only): the books of its instruments first
+    snapshot: bool = False
     #: ALL_SYMBOLS is among ``symbols`` (computed once: feeds ask per symbol learnt)
     all_symbols: bool = field(init=False, compare=False)
 
@@ -147,6 +149,7 @@ class _Pending:
     start_ns: int | None = None
     resume_after: int | None = None
     resume_epoch: str | None = None
+    snapshot: bool = False
 
 
 class Session:
@@ -416,6 +419,7 @@ class Session:
             pending = self._pending[req.id] = _Pending(req.schema, stype)
             pending.start_ns, pending.resume_after = req.start_ns, req.lsg_resume_after
             pending.resume_epoch = req.lsg_epoch
+            pending.snapshot = req.snapshot
         elif (pending.schema, pending.stype_in) != (req.schema, stype):
             raise ProtocolError(
                 f"subscription {req.id}: every chunk must have the same schema and stype_in"
@@ -433,6 +437,7 @@ class Session:
             start_ns=pending.start_ns,
             resume_after=pending.resume_after,
             resume_epoch=pending.resume_epoch,
+            snapshot=pending.snapshot,
         )
         self.subscriptions.append(sub)
         return sub

@@ -32,9 +32,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
+import numpy as np
+
 from gateway import dbn
+from gateway.books.feed_books import RTYPE_MBO, TBBO_KEY, BooksUnavailable, FeedBooks
 from gateway.dbn import RTYPE_DEF, ChunkIndex, SystemCode
-from gateway.fanout import FanOut
+from gateway.fanout import FanOut, OutputSpec, Subscriber
 from gateway.subscriptions import FeedMember, SubscriptionIndex, SubscriptionLike
 from gateway.symbology import (
     SYMBOLOGY_RTYPES,
@@ -51,6 +54,26 @@ if TYPE_CHECKING:
 __all__ = ["SLICE_SIZE", "Feed", "FeedMember", "FeedStats", "SymbolDirectory"]
 
 log = logging.getLogger("gateway.feed")
+
+
+_NONE: Final[frozenset[int]] = frozenset({-1})  # no MBO in a selection
+
+
+def _mbo_selection(spec: OutputSpec | None) -> frozenset[int] | None:
+    """The MBO part of a fan-out selection: None for every instrument, the ids, or _NONE."""
+    if spec is None:
+        return _NONE
+    for rtype, ids in spec.selection:
+        if rtype == RTYPE_MBO:
+            return ids
+    return _NONE
+
+
+def _without_instruments(data: bytes, exclude: frozenset[int]) -> tuple[bytes, int]:
+    rows = np.frombuffer(data, np.uint8).reshape(-1, 56)
+    iids = rows[:, 4:8].copy().view("<u4").ravel()
+    keep = rows[~np.isin(iids, np.fromiter(exclude, np.uint32, len(exclude)))]
+    return keep.tobytes(), int(keep.shape[0])
 
 
 #: InstrumentDefMsg and StatMsg
@@ -144,6 +167,10 @@ class Feed:
         #: called with each chunk that carries definitions or statistics (REFERENCE_RTYPES)
         #: before it is published: parent and continuous symbology learn from them
         self.reference_listeners: list[Callable[[ChunkIndex], None]] = []
+        #: the order books built from this feed's MBO records (gateway/books); None: off
+        self.books: FeedBooks | None = None
+        #: why there are no books when ``books`` is None (told to a snapshot=1 session)
+        self.no_books_reason = "order books are off for this dataset (books.enabled = false)"
         #: a relay feed's upstream figures (gateway/feeds/relay.py); None for other sources
         self.relay: RelayStats | None = None
         self.subscriptions = SubscriptionIndex(
@@ -239,12 +266,66 @@ class Feed:
 
     def serves(self, schema: str) -> bool:
         """False when this feed is known never to carry ``schema``: its source declared
-        other schemas, or its Metadata decided tbbo vs mbp-1 the other way."""
+        other schemas, or its Metadata decided tbbo vs mbp-1 the other way. A schema
+        derived from MBO is served where the books derive it and MBO may come."""
+        books = self.books
+        if books is not None and books.derives(schema):
+            if self.schemas is None or "mbo" in self.schemas:
+                return self.schema_rtype.get(schema, -1) >= 0
         if not self._metadata_seen and self.schemas is None:
             return True
         if self.schema_rtype.get(schema, -1) < 0:
             return False
         return self.schemas is None or schema in self.schemas
+
+    # --- order books (gateway/books) ------------------------------------------------------
+
+    def attach_books(self, books: FeedBooks) -> None:
+        """Build books from this feed's MBO records; serve snapshots and derived schemas."""
+        self.books = books
+        if self.schema_rtype["tbbo"] < 0:
+            self.schema_rtype["tbbo"] = self._derived_tbbo_key()
+        self.fanout.on_place = self._placed
+
+    def _derived_tbbo_key(self) -> int:
+        books = self.books
+        return TBBO_KEY if books is not None and books.derive else -1
+
+    def snapshots_available(self) -> bool:
+        return self.books is not None and self.books.on
+
+    def books_off_reason(self) -> str:
+        books = self.books
+        if books is None:
+            return self.no_books_reason
+        return f"order books are off for this dataset ({books.counters.off_reason})"
+
+    def _placed(self, member: Subscriber, old: OutputSpec | None, new: OutputSpec) -> None:
+        """A member's fan-out selection changed: a session that asked for a snapshot gets
+        the books of the instruments that just joined its MBO selection, taken now,
+        between two chunks (the next chunk it is sent follows them exactly)."""
+        books = self.books
+        if books is None or not getattr(member, "snapshot_wanted", False):
+            return
+        before = _mbo_selection(old)
+        after = _mbo_selection(new)
+        if after is _NONE or after == before or before is None:
+            return
+        exclude: frozenset[int] = frozenset()
+        ids: frozenset[int] | None
+        if after is None:
+            ids, exclude = None, frozenset() if before is _NONE else before
+        else:
+            ids = after if before is _NONE else after - before
+            if not ids:
+                return
+        try:
+            data, count = books.snapshot(ids, self._clock_ns())
+        except BooksUnavailable:
+            return  # books dropped since the subscription was accepted: logged there
+        if exclude and data:
+            data, count = _without_instruments(data, exclude)
+        member.snapshot_ready(data, count)  # type: ignore[attr-defined]
 
     # --- bounded work ---------------------------------------------------------------------
 
@@ -313,7 +394,7 @@ class Feed:
         self.schemas = names if names.issubset(dbn.SCHEMAS) else None
         tbbo = "tbbo" in names
         if (self.schema_rtype["tbbo"] == 0x01) != tbbo:
-            self.schema_rtype["tbbo"] = 0x01 if tbbo else -1
+            self.schema_rtype["tbbo"] = 0x01 if tbbo else self._derived_tbbo_key()
             self.schema_rtype["mbp-1"] = -1 if tbbo else 0x01
             self.subscriptions.regroup_all()
         if mappings is None:
@@ -395,6 +476,8 @@ class Feed:
             # write-ahead: on file before any session is sent it (its seq for a RingSink)
             self.journal_seq = journal.append(index)
         self.fanout.publish(index)
+        if self.books is not None:
+            self.books.on_chunk(index)  # the books, then the derived schemas' records
 
     # --- feed health ----------------------------------------------------------------------
 

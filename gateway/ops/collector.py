@@ -37,7 +37,13 @@ from prometheus_client.core import (
 )
 
 from gateway.journal import WRITE_BUCKETS
-from gateway.ops.snapshot import FeedSnapshot, GatewaySnapshot, JournalTotals, RelayStatus
+from gateway.ops.snapshot import (
+    BooksStatus,
+    FeedSnapshot,
+    GatewaySnapshot,
+    JournalTotals,
+    RelayStatus,
+)
 
 __all__ = ["FEED_EVENTS", "JOURNAL_DELETE_REASONS", "RELAY_GAP_REASONS", "GatewayCollector"]
 
@@ -92,6 +98,8 @@ class GatewayCollector:
                 self._journal(fams, f, f.journal_totals)
             if f.relay is not None:
                 self._relay(fams, f.dataset, f.relay)
+            if f.books is not None:
+                self._books(fams, f.dataset, f.books)
         for key, n in snap.bytes_out.items():
             dataset, _, compression = key.rpartition("/")
             fams.bytes_out.add_metric([dataset, compression], n, self.created)
@@ -116,6 +124,21 @@ class GatewayCollector:
         for path, n in sorted(snap.replays.bytes.items()):
             fams.replay_bytes.add_metric([path], n, self.created)
         return iter(fams.all())
+
+    def _books(self, fams: _Families, dataset: str, b: BooksStatus) -> None:
+        ds = [dataset]
+        fams.books_on.add_metric(ds, 1 if b.on else 0)
+        fams.books_held.add_metric(ds, b.books)
+        fams.books_orders.add_metric(ds, b.orders)
+        fams.books_memory.add_metric(ds, b.memory_bytes)
+        fams.books_records.add_metric(ds, b.records, self.created)
+        fams.books_unknown.add_metric(ds, b.unknown_orders, self.created)
+        fams.books_apply_seconds.add_metric(ds, b.apply_seconds, self.created)
+        for schema, n in sorted(b.derived.items()):
+            fams.books_derived.add_metric([dataset, schema], n, self.created)
+        fams.books_snapshots.add_metric(ds, b.snapshots, self.created)
+        fams.books_snapshot_records.add_metric(ds, b.snapshot_records, self.created)
+        fams.books_snapshot_seconds.add_metric(ds, b.snapshot_seconds, self.created)
 
     def _relay(self, fams: _Families, dataset: str, r: RelayStatus) -> None:
         ds = [dataset]
@@ -323,6 +346,45 @@ class _Families:
             "Seconds since the upstream last sent anything (records or heartbeats)",
             ds,
         )
+        self.books_on = gauge(
+            "gateway_books_enabled",
+            "1 while the feed's order books are built (0: dropped past books.max_orders)",
+            ds,
+        )
+        self.books_held = gauge(
+            "gateway_books", "Order books held, per (instrument, publisher)", ds
+        )
+        self.books_orders = gauge("gateway_books_orders", "Resting orders held in the books", ds)
+        self.books_memory = gauge(
+            "gateway_books_memory_bytes", "Memory the feed's books hold (native engine)", ds
+        )
+        self.books_records = counter(
+            "gateway_books_records", "MBO records applied to the books", ds
+        )
+        self.books_unknown = counter(
+            "gateway_books_unknown_orders",
+            "Cancels or modifies naming an order the books do not hold",
+            ds,
+        )
+        self.books_apply_seconds = counter(
+            "gateway_books_apply_seconds",
+            "Time spent applying chunks to the books and building derived records",
+            ds,
+        )
+        self.books_derived = counter(
+            "gateway_books_derived_records",
+            "Records derived from MBO, by schema (built only for schemas with subscribers)",
+            ("dataset", "schema"),
+        )
+        self.books_snapshots = counter(
+            "gateway_books_snapshots", "Book snapshots taken for snapshot=1 sessions", ds
+        )
+        self.books_snapshot_records = counter(
+            "gateway_books_snapshot_records", "Records sent in book snapshots", ds
+        )
+        self.books_snapshot_seconds = counter(
+            "gateway_books_snapshot_seconds", "Time spent taking book snapshots", ds
+        )
         self.replays_active = gauge("gateway_replays_active", "Sessions replaying from the journal")
         self.replay_bytes = counter(
             "gateway_replay_bytes",
@@ -351,6 +413,17 @@ class _Families:
             self.relay_dedup,
             self.relay_resume,
             self.relay_silence,
+            self.books_on,
+            self.books_held,
+            self.books_orders,
+            self.books_memory,
+            self.books_records,
+            self.books_unknown,
+            self.books_apply_seconds,
+            self.books_derived,
+            self.books_snapshots,
+            self.books_snapshot_records,
+            self.books_snapshot_seconds,
             self.key_sessions,
             self.ready,
             self.journal_enabled,

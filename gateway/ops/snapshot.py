@@ -182,6 +182,31 @@ class RelayStatus(msgspec.Struct, kw_only=True):
     silence_s: float | None
 
 
+class BooksStatus(msgspec.Struct, kw_only=True):
+    """A feed's order books (gateway/books): built from its MBO records."""
+
+    #: books are built (False: off in the config, dropped past max_orders, or unavailable)
+    on: bool
+    #: why they are off ("" while on)
+    off_reason: str
+    books: int
+    orders: int
+    levels: int
+    memory_bytes: int
+    #: MBO records applied
+    records: int
+    #: cancels or modifies of orders the books do not hold
+    unknown_orders: int
+    apply_seconds: float
+    #: derived records built, per schema (only schemas someone subscribed to are built)
+    derived: dict[str, int]
+    #: schemas the publisher sends itself (never derived for this feed)
+    published: list[str]
+    snapshots: int
+    snapshot_records: int
+    snapshot_seconds: float
+
+
 class FeedStatus(msgspec.Struct, kw_only=True):
     """One feed as ``/status.json`` shows it (and in this order)."""
 
@@ -206,6 +231,8 @@ class FeedStatus(msgspec.Struct, kw_only=True):
     journal: JournalStatus = msgspec.field(default_factory=JournalStatus)
     #: a relay feed's upstream (None for other sources)
     relay: RelayStatus | None = None
+    #: the feed's order books (None: books off in the config)
+    books: BooksStatus | None = None
 
 
 class FeedSnapshot(FeedStatus, kw_only=True):
@@ -298,6 +325,30 @@ def feed_snapshot(feed: Feed, readiness: str, now: float, mono: float) -> FeedSn
         zstd_frames_written=fo.frames_written,
         zstd_compress_seconds=fo.compress_seconds,
         relay=_relay_status(feed, mono),
+        books=_books_status(feed),
+    )
+
+
+def _books_status(feed: Feed) -> BooksStatus | None:
+    books = feed.books
+    if books is None:
+        return None
+    c = books.counters
+    return BooksStatus(
+        on=books.on,
+        off_reason=c.off_reason,
+        books=c.books,
+        orders=c.orders,
+        levels=c.levels,
+        memory_bytes=c.memory_bytes,
+        records=c.records_applied,
+        unknown_orders=c.unknown_cancels,
+        apply_seconds=c.apply_seconds,
+        derived=dict(c.derived),
+        published=sorted(c.published),
+        snapshots=c.snapshots,
+        snapshot_records=c.snapshot_records,
+        snapshot_seconds=c.snapshot_seconds,
     )
 
 
@@ -358,6 +409,7 @@ def feed_status(feed: FeedSnapshot) -> dict[str, Any]:
     journal = feed.journal
     out["journal"] = {**msgspec.to_builtins(journal), "span_s": journal.span_s}
     out["relay"] = msgspec.to_builtins(feed.relay) if feed.relay is not None else None
+    out["books"] = msgspec.to_builtins(feed.books) if feed.books is not None else None
     return out
 
 

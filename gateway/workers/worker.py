@@ -134,6 +134,10 @@ class WorkerGateway(Gateway):
             feed = Feed(
                 dataset, fanout=FanOut(zstd_level=cfg.zstd_level), backpressure=spec.backpressure
             )
+            feed.no_books_reason = (
+                "order books (snapshot=1, schemas derived from MBO) are not supported yet "
+                "with --workers: run a single process"
+            )
             self.feeds[dataset] = feed
             lossless[dataset] = spec.backpressure
             ring = rings[dataset] = Ring.attach(init.rings[dataset], creator=init.supervisor_pid)

@@ -113,15 +113,16 @@ def test_unknown_stype(gw: GatewayProcess) -> None:
 @pytest.mark.parametrize(
     "line,needle",
     [
-        (b"schema=trades|stype_in=parent|symbols=ES.FUT\n", "stype_in=parent is not supported yet"),
+        (b"schema=trades|stype_in=smart|symbols=ES.FUT\n", "stype_in=smart is not supported yet"),
         (
             # replay needs a journal; this gateway keeps none
             b"schema=trades|stype_in=raw_symbol|symbols=AAPL|start=0\nstart_session\n",
             "Replay (start) is not available: this gateway keeps no journal",
         ),
         (
-            b"schema=mbo|stype_in=raw_symbol|symbols=AAPL|snapshot=1\n",
-            "snapshot=1 is not supported yet",
+            # the demo feed carries no MBO: no order books to take a snapshot of
+            b"schema=trades|stype_in=raw_symbol|symbols=AAPL|snapshot=1\n",
+            "snapshot=1 is only for mbo, not trades",
         ),
     ],
 )

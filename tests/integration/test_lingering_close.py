@@ -27,7 +27,7 @@ from tests.integration.helpers import (
 
 FEEDS = {"DEMO.SYNTH": "synthetic:?rate=200"}
 BAD = b"schema=trades|stype_in=raw_symbol|symbols=ALL_SYMBOLS|snapshot=1\n"
-REASON = "snapshot=1 is not supported yet"
+REASON = "invalid subscription: snapshot=1 is only for mbo, not trades"
 
 
 def _read_to_eof(sock: socket.socket, limit: float = 10.0) -> bytes:
@@ -56,7 +56,7 @@ def test_client_still_writing_after_a_fatal_error_reads_it_and_a_clean_eof(run: 
         c.close()
     head, records = split_records(data)
     assert head[:3] == b"DBN"
-    assert error_texts(records) == [(5, REASON + ": subscribe with snapshot=0")]
+    assert error_texts(records) == [(5, REASON)]
 
 
 def test_a_lingering_connection_still_counts_and_is_released_once() -> None:
@@ -101,7 +101,7 @@ def test_a_lingering_connection_still_counts_and_is_released_once() -> None:
             0.05,
             what="client_closed counted",
         )
-        assert metric(m, "gateway_disconnects_total", reason="not_supported") == 1
+        assert metric(m, "gateway_disconnects_total", reason="protocol") == 1
         assert metric(m, "gateway_connections_total", result="rejected", reason="max_connections")
 
 

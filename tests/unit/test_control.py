@@ -265,14 +265,19 @@ def test_parse_subscription_bad_start_names_the_field(start):
     assert str(exc.value).startswith("invalid subscription: bad value for start (")
 
 
-def test_parse_subscription_snapshot_with_start_stays_not_supported():
-    with pytest.raises(NotSupportedError, match="snapshot=1 is not supported yet"):
-        parse_subscription(fields("schema=trades|symbols=A|start=0|snapshot=1|is_last=1"))
+def test_parse_subscription_snapshot_with_start_is_refused():
+    # as the official clients: a snapshot is of the live books, never with a replay
+    with pytest.raises(ProtocolError, match="snapshot=1 cannot be combined with start"):
+        parse_subscription(fields("schema=mbo|symbols=A|start=0|snapshot=1|is_last=1"))
+    with pytest.raises(ProtocolError, match="snapshot=1 cannot be combined with start"):
+        parse_subscription(fields("schema=mbo|symbols=A|lsg_resume_after=5|snapshot=1|is_last=1"))
 
 
-def test_parse_subscription_snapshot_not_supported():
-    with pytest.raises(NotSupportedError):
-        parse_subscription(fields("schema=mbo|stype_in=raw_symbol|symbols=A|snapshot=1|is_last=1"))
+def test_parse_subscription_snapshot_only_for_mbo():
+    with pytest.raises(ProtocolError, match="snapshot=1 is only for mbo, not trades"):
+        parse_subscription(fields("schema=trades|symbols=A|snapshot=1|is_last=1"))
+    req = parse_subscription(fields("schema=mbo|stype_in=raw_symbol|symbols=A|snapshot=1|is_last=1"))
+    assert req.snapshot is True
     req = parse_subscription(
         fields("schema=mbo|stype_in=raw_symbol|symbols=A|snapshot=0|is_last=1")
     )
@@ -280,11 +285,16 @@ def test_parse_subscription_snapshot_not_supported():
 
 
 @pytest.mark.parametrize("stype", ["parent", "continuous"])
-def test_parse_subscription_parent_continuous_not_supported(stype):
-    with pytest.raises(NotSupportedError):
-        parse_subscription(
-            fields(f"schema=trades|stype_in={stype}|symbols=ES.FUT|snapshot=0|is_last=1")
-        )
+def test_parse_subscription_parent_continuous_accepted(stype):
+    req = parse_subscription(
+        fields(f"schema=trades|stype_in={stype}|symbols=ES.FUT|snapshot=0|is_last=1")
+    )
+    assert req.stype_in == stype
+
+
+def test_parse_subscription_smart_not_supported():
+    with pytest.raises(NotSupportedError, match="stype_in=smart is not supported yet"):
+        parse_subscription(fields("schema=trades|stype_in=smart|symbols=ES.FUT|is_last=1"))
 
 
 def test_parse_subscription_unknown_stype_is_protocol_error():

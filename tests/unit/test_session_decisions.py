@@ -109,7 +109,7 @@ def test_error_before_auth_is_a_text_line_without_a_header():
             "line_too_long",
         ),
         (LimitsConfig(control_burst=1), SUB + SUB2, "control_rate", "control_rate"),
-        (LimitsConfig(), b"schema=trades|stype_in=parent|symbols=ES.FUT\n", "not_supported", None),
+        (LimitsConfig(), b"schema=trades|stype_in=smart|symbols=ES.FUT\n", "not_supported", None),
         (LimitsConfig(), b"bogus\n", "protocol", None),
     ],
 )
