@@ -8,7 +8,11 @@ DEMO_KEY ?= db-DEMO0000000000000000000000000
 
 .PHONY: install run test test-deps test-uvloop test-asyncio lint types fmt bench bench-quick soak clean
 
-$(STAMP): pyproject.toml
+# the native order books compile at install: a change to their C sources reinstalls
+NATIVE_SRC := setup.py gateway/books/native_build.py $(wildcard gateway/books/_native/*.c gateway/books/_native/*.h)
+NATIVE_SRC := $(filter-out gateway/books/_native/_books.c,$(NATIVE_SRC))
+
+$(STAMP): pyproject.toml $(NATIVE_SRC)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test,dev]'
