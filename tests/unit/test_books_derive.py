@@ -149,11 +149,11 @@ def test_bbo_and_ohlcv_bytes_equal_databento_dbn_records() -> None:
                 ts_event=T0 + 7 - 100,  # the last trade's
                 price=103,
                 size=2,
-                side=d.Side.ASK,
+                side=d.Side.ASK,  # type: ignore[arg-type]  # stubs: enum members as str
                 ts_recv=T0 + S,  # the end of (T0, T0 + 1 s]
                 flags=0,  # of the interval's last mbp-1 record (the trade)
                 sequence=5,
-                levels=top,
+                levels=top,  # type: ignore[arg-type]  # the stub says a list; the class takes one pair
             )
         )
     ]
@@ -386,7 +386,7 @@ def test_intervals_close_only_once_the_feed_passes_their_end() -> None:
 
 def read_sample(venue: str, schema: str) -> list[Any]:
     path = DATA / venue / f"test_data.{schema}.dbn.zst"
-    decoder = d.DBNDecoder(upgrade_policy=d.VersionUpgradePolicy.UPGRADE_TO_V3)
+    decoder = d.DBNDecoder(upgrade_policy=d.VersionUpgradePolicy.UPGRADE_TO_V3)  # type: ignore[arg-type]
     decoder.write(zstandard.ZstdDecompressor().decompressobj().decompress(path.read_bytes()))
     return [r for r in decoder.decode() if not isinstance(r, d.Metadata)]
 
@@ -426,15 +426,23 @@ STEPS = [0, 0, 1, 999, S // 3, S - 1, S, 59 * S]
 
 @st.composite
 def mbo_streams(draw: st.DrawFn, max_size: int = 80) -> list[bytes]:
-    """MBO streams over two books with ~14 price levels a side (so the top ten cut matters):
-    adds, partial and full cancels, modifies (known and unknown ids, moves, across sides),
-    R, T, F, N, F_TOB adds and events spanning records; ts_recv never decreases."""
-    events = draw(
+    """MBO streams over three books: a drawn starting book of up to 14 levels a side (so the
+    top-ten cut matters) then adds, partial and full cancels, modifies (known and unknown
+    ids, moves, across sides), R, T, F, N, F_TOB adds and events spanning records; ts_recv
+    never decreases. Ids 1..40 for the events, 100.. for the starting book."""
+    depth = draw(st.integers(0, 14))
+    sizes = draw(st.lists(st.integers(1, 9), min_size=2 * depth, max_size=2 * depth))
+    start = [
+        ("A", 100 + i, (100 - i) if i < depth else (101 + i - depth), sz, "BA"[i >= depth], 19,
+         (7, 1), 0)
+        for i, sz in enumerate(sizes)
+    ]  # fmt: skip
+    events = start + draw(
         st.lists(
             st.tuples(
-                st.sampled_from("AAAAAACCCMMMTTRFN"),
-                st.integers(1, 12),  # order id
-                st.integers(93, 107),  # price: bids and asks overlap on purpose
+                st.sampled_from("AAAAAAAAACCCCCMMMMMTTTTTRFN"),
+                st.integers(1, 40),  # order id
+                st.integers(86, 115),  # price: bids and asks overlap on purpose
                 st.integers(0, 9),  # size
                 st.sampled_from("BBAAN"),
                 st.integers(0, 19),  # 0: F_TOB on an add; 1: mid-event (no F_LAST)
