@@ -1,8 +1,9 @@
 """cffi build script (API mode, out-of-line) for the native order books.
 
 Used by setup.py (``cffi_modules``), so ``pip install -e .`` / ``make install`` compile
-``gateway.books._native._books`` from gateway/books/_native/books.c. Run by hand from the
-repository root (``python gateway/books/native_build.py``) it builds the module in place.
+``gateway.books._native._books`` (``_books.abi3.so`` beside the sources) from
+gateway/books/_native/books.c. After editing the C: ``make install`` (it depends on the
+sources), or ``.venv/bin/pip install -e . --no-deps`` (a few seconds).
 """
 
 from __future__ import annotations
@@ -46,10 +47,9 @@ size_t nb_orders(const nb_engine *e, uint32_t iid, uint16_t pub, nb_order_out *o
 """
 
 
-def make_builder(absolute_paths: bool = False) -> FFI:
-    """setuptools wants source paths relative to setup.py's folder; ``FFI.compile`` changes
-    into its tmpdir, so a build by hand gives absolute ones."""
-    native = _NATIVE if absolute_paths else os.path.relpath(_NATIVE, _ROOT)
+def make_builder() -> FFI:
+    # setuptools wants source paths relative to setup.py's folder (the repository root)
+    native = os.path.relpath(_NATIVE, _ROOT)
     builder = FFI()
     builder.cdef(CDEF)
     builder.set_source(
@@ -64,6 +64,3 @@ def make_builder(absolute_paths: bool = False) -> FFI:
 
 
 ffibuilder = make_builder()
-
-if __name__ == "__main__":
-    make_builder(absolute_paths=True).compile(tmpdir=_ROOT, verbose=False)
