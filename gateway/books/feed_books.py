@@ -143,6 +143,11 @@ class FeedBooks:
             engine = NativeBooks()
         self._engine: Engine | None = engine
         self._intervals: dict[str, Intervals] = {}
+        #: interval schemas whose builder started mid-interval: that interval's index
+        #: (its start // length), never emitted (it missed the records before the start)
+        self._partial_until: dict[str, int] = {}
+        #: the latest ts_recv of the feed's MBO chunks so far
+        self._last_ts = 0
         self._saw_mbo = False
 
     # --- state ----------------------------------------------------------------------------
@@ -184,9 +189,17 @@ class FeedBooks:
             return
         self._saw_mbo = True
         wanted = self._wanted() if self.derive else frozenset()
-        want = _want_bits(wanted)
+        want = _want_bits(wanted, bool(self._intervals))
         started = time.perf_counter()
-        derived = engine.apply(index.data, want)
+        try:
+            derived = engine.apply(index.data, want)
+        except MemoryError as exc:
+            log.error("feed %s: order books off: %s", self.dataset, exc)
+            self.close("out of memory")
+            return
+        error = getattr(derived, "error", None)
+        if error:  # the feed validated its chunks: a bug, said loudly, books kept
+            log.error("feed %s: order books skipped part of a chunk: %s", self.dataset, error)
         c = self.counters
         c.apply_seconds += time.perf_counter() - started
         c.chunks += 1
@@ -201,8 +214,10 @@ class FeedBooks:
             )
             self.close(f"over books.max_orders={self.max_orders}")
             return
-        if wanted:
-            self._publish_derived(derived, wanted, index)
+        upto = _max_ts_recv(index)
+        if wanted or self._intervals:
+            self._publish_derived(derived, wanted, upto)
+        self._last_ts = max(self._last_ts, upto)
 
     def _publisher_sends(self, present: frozenset[int]) -> None:
         for rtype in present & _SENT_BY_RTYPE.keys():
@@ -224,7 +239,7 @@ class FeedBooks:
             s for s, rt in DERIVED_RTYPES.items() if rt in keys and s not in self.counters.published
         )
 
-    def _publish_derived(self, derived: object, wanted: frozenset[str], index: ChunkIndex) -> None:
+    def _publish_derived(self, derived: object, wanted: frozenset[str], upto: int) -> None:
         mbp1: bytes = getattr(derived, "mbp1", b"")
         parts: list[tuple[str, bytes]] = []
         if "trades" in wanted:
@@ -235,12 +250,13 @@ class FeedBooks:
             parts.append(("mbp-10", getattr(derived, "mbp10", b"")))
         if "tbbo" in wanted and mbp1:
             parts.append(("tbbo", _trades_of_mbp1(mbp1)))
-        if wanted & INTERVAL_SCHEMAS:
-            upto = _max_ts_recv(index)
-            for schema in sorted(wanted & INTERVAL_SCHEMAS):
-                builder = self._interval_builder(schema)
+        if self._intervals or wanted & INTERVAL_SCHEMAS:
+            for schema in sorted(wanted & INTERVAL_SCHEMAS - self._intervals.keys()):
+                self._start_intervals(schema)
+            for schema, builder in self._intervals.items():
                 data, _ = builder.feed(mbp1, len(mbp1) // 80, upto)
-                parts.append((schema, data))
+                if schema in wanted:
+                    parts.append((schema, self._whole_intervals(schema, data)))
         for schema, data in parts:
             if data:
                 self._fan(schema, data)
@@ -250,15 +266,36 @@ class FeedBooks:
         for schema, builder in self._intervals.items():
             data, _ = builder.feed(b"", 0, upto)
             if data and schema in wanted:
-                self._fan(schema, data)
+                self._fan(schema, self._whole_intervals(schema, data))
 
-    def _interval_builder(self, schema: str) -> Intervals:
-        builder = self._intervals.get(schema)
-        if builder is None:
-            from gateway.books.intervals import IntervalBuilder
+    def _start_intervals(self, schema: str) -> None:
+        """An interval schema's first subscriber: its builder starts now and is fed every
+        chunk from then on (subscribers come and go; its state must not have holes). The
+        interval in progress has missed what came before: it is never emitted."""
+        from gateway.books.intervals import INTERVALS, IntervalBuilder
 
-            builder = self._intervals[schema] = IntervalBuilder(schema)
-        return builder
+        self._intervals[schema] = IntervalBuilder(schema)
+        length = INTERVALS[schema][1]
+        self._partial_until[schema] = self._last_ts // length if self._last_ts else -1
+
+    def _whole_intervals(self, schema: str, data: bytes) -> bytes:
+        """``data`` without the records of the interval its builder started in."""
+        upto = self._partial_until.get(schema, -1)
+        if upto < 0 or not data:
+            return data
+        from gateway.books.intervals import INTERVALS
+
+        rtype, length, is_bbo = INTERVALS[schema]
+        size, at = (80, 32) if is_bbo else (56, 8)  # bbo: ts_recv = its end; ohlcv: ts_event
+        rows = np.frombuffer(data, np.uint8).reshape(-1, size)
+        ts = rows[:, at : at + 8].copy().view("<u8").ravel()
+        starts = ts // length - (1 if is_bbo else 0)
+        keep = starts > upto
+        if keep.all():
+            del self._partial_until[schema]  # past the partial interval for good
+            return data
+        kept: bytes = rows[keep].tobytes()
+        return kept
 
     def _fan(self, schema: str, data: bytes) -> None:
         sub, _ = dbn.index_records(data)
@@ -299,7 +336,7 @@ class FeedBooks:
         return data, count
 
 
-def _want_bits(wanted: frozenset[str]) -> int:
+def _want_bits(wanted: frozenset[str], intervals: bool) -> int:
     from gateway.books.native import WANT_MBP1, WANT_MBP10, WANT_TRADES
 
     want = 0
@@ -307,7 +344,7 @@ def _want_bits(wanted: frozenset[str]) -> int:
         want |= WANT_TRADES
     if "mbp-10" in wanted:
         want |= WANT_MBP10
-    if wanted & ({"mbp-1", "tbbo"} | INTERVAL_SCHEMAS):
+    if wanted & ({"mbp-1", "tbbo"} | INTERVAL_SCHEMAS) or intervals:
         want |= WANT_MBP1
     return want
 

@@ -217,3 +217,58 @@ def test_snapshot_refused_where_books_are_off_and_with_start() -> None:
     with gateway(feeds={DATASET: "ingest://127.0.0.1:0"}) as g:
         errors = _errors_after(g.port, sub.replace(b"\n", b"|start=0\n"))
     assert errors == [(5, "invalid subscription: snapshot=1 cannot be combined with start")]
+
+
+DERIVED = ("trades", "mbp-1", "mbp-10", "ohlcv-1s", "bbo-1s")  # one rtype each
+DERIVED_RTYPES = {"trades": 0x00, "mbp-1": 0x01, "mbp-10": 0x0A, "ohlcv-1s": 0x20, "bbo-1s": 0xC3}
+
+
+def test_derived_schemas_through_the_gateway_equal_the_reference(gw: GatewayProcess) -> None:
+    """Sessions of every derived schema on an MBO-only feed get exactly what the
+    pure-Python reference derives from the records the publisher sent (interval schemas:
+    the intervals a later record closed)."""
+    from gateway.books.derive_reference import derive
+
+    many = OfficialSession(
+        gw.port, DATASET, [dict(schema=s, symbols="ALL_SYMBOLS") for s in DERIVED]
+    )
+    many.start()
+    tbbo = OfficialSession(gw.port, DATASET, [dict(schema="tbbo", symbols="ALL_SYMBOLS")])
+    tbbo.start()
+    pub = MboPublisher(gw.ingest_ports[DATASET], seed=11)
+    try:
+        # past two whole seconds of records, so that 1 s intervals close
+        poll_until(lambda: len(pub.sent) >= 2000, 30.0, 0.01, "2,000 records published")
+        first_ts = int.from_bytes(pub.sent[0][40:48], "little")
+        poll_until(
+            lambda: int.from_bytes(pub.sent[-1][40:48], "little") > first_ts + 2_100_000_000,
+            30.0,
+            0.01,
+            "two seconds of records",
+        )
+    finally:
+        pub.stop()
+    ref = derive(pub.sent, (*DERIVED, "tbbo"), flush=False)
+    assert all(ref[s] for s in (*DERIVED, "tbbo")), {s: len(v) for s, v in ref.items()}
+
+    def complete(records: list[Any], rtype: int, n: int) -> bool:
+        return sum(1 for r in data_records(records) if int(r.rtype) == rtype) >= n
+
+    for schema in DERIVED:
+        assert many.wait_for(
+            lambda rs, s=schema: complete(rs, DERIVED_RTYPES[s], len(ref[s])), 30.0
+        ), schema
+    assert tbbo.wait_for(lambda rs: complete(rs, 0x01, len(ref["tbbo"])), 30.0)
+    got = data_records(many.records)
+    for schema in DERIVED:
+        mine = [bytes(r) for r in got if int(r.rtype) == DERIVED_RTYPES[schema]]
+        assert mine == ref[schema], schema
+    assert [bytes(r) for r in data_records(tbbo.records)] == ref["tbbo"]
+    many.stop()
+    tbbo.stop()
+    samples = metric_samples(gw.metrics_port)
+    for schema in (*DERIVED, "tbbo"):
+        built = metric(
+            samples, "gateway_books_derived_records_total", dataset=DATASET, schema=schema
+        )
+        assert built >= len(ref[schema]), schema
