@@ -13,6 +13,7 @@ must equal this reference's, on the hypothesis streams and on the real MBO sampl
 
 from __future__ import annotations
 
+import random
 from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
@@ -603,3 +604,150 @@ def test_ohlcv_volume_per_instrument_matches_the_trades_total() -> None:
         for b in decode(out[schema]):
             sums[b.instrument_id] += b.volume
         assert sums == totals
+
+
+# --- the native engine against this reference (skipped where it is not built) -------------------
+
+try:
+    from gateway.books import native
+except ImportError as exc:  # the C engine is built by `make install`
+    native = None  # type: ignore[assignment]
+    NATIVE_MISSING = str(exc)
+else:
+    NATIVE_MISSING = ""
+
+needs_native = pytest.mark.skipif(
+    native is None, reason=f"gateway.books.native does not import: {NATIVE_MISSING}"
+)
+NATIVE_SCHEMAS = ("trades", "mbp-1", "mbp-10")
+
+
+def native_vs_reference(stream: list[bytes], bounds: list[int], want: int) -> None:
+    """Apply the stream chunk by chunk (a chunk: whole records back to back) to a NativeBooks
+    and record by record to the reference; each chunk's derived bytes must be equal."""
+    assert native is not None
+    engine = native.NativeBooks()
+    deriver = Deriver(NATIVE_SCHEMAS)
+    wanted = {
+        "trades": bool(want & native.WANT_TRADES),
+        "mbp-1": bool(want & native.WANT_MBP1),
+        "mbp-10": bool(want & native.WANT_MBP10),
+    }
+    try:
+        for lo, hi in zip(bounds, bounds[1:], strict=False):
+            got = engine.apply(b"".join(stream[lo:hi]), want)
+            assert got.error is None
+            expect: dict[str, list[bytes]] = {s: [] for s in NATIVE_SCHEMAS}
+            for raw in stream[lo:hi]:
+                for schema, recs in deriver.feed(raw).items():
+                    expect[schema].extend(recs)
+            for schema, data, count in (
+                ("trades", got.trades, got.trades_count),
+                ("mbp-1", got.mbp1, got.mbp1_count),
+                ("mbp-10", got.mbp10, got.mbp10_count),
+            ):
+                if not wanted[schema]:
+                    assert (data, count) == (b"", 0), schema
+                    continue
+                if data != b"".join(expect[schema]):  # say which record, field by field
+                    pairs = zip(decode([data]), decode(expect[schema]), strict=False)
+                    first = next((p for p in pairs if bytes(p[0]) != bytes(p[1])), None)
+                    raise AssertionError(f"{schema} differs (native, reference): {first}")
+                assert count == len(expect[schema]), schema
+        for iid, pub in deriver.books.books:
+            book = deriver.books.book(iid, pub)
+            for side in "BA":
+                assert engine.levels(iid, pub, side, 10) == book.levels(side, 10)
+    finally:
+        engine.close()
+
+
+@needs_native
+@PROPS
+@given(
+    mbo_streams(max_size=120),
+    st.lists(st.integers(0, 140), max_size=6),
+    st.sampled_from([7, 7, 1, 2, 4, 3, 6]),
+)
+def test_native_derived_bytes_equal_the_reference_on_generated_streams(
+    stream: list[bytes], cuts: list[int], want: int
+) -> None:
+    bounds = sorted({0, len(stream), *(c for c in cuts if c < len(stream))})
+    native_vs_reference(stream, bounds, want)
+
+
+@needs_native
+@pytest.mark.parametrize("venue", MBO_VENUES)
+def test_native_derived_bytes_equal_the_reference_on_the_real_mbo_samples(venue: str) -> None:
+    stream = [bytes(r) for r in read_sample(venue, "mbo")]
+    native_vs_reference(stream, [0, len(stream)], 7)
+    native_vs_reference(stream, list(range(len(stream) + 1)), 7)
+
+
+def seeded_flow(n: int, seed: int) -> list[bytes]:
+    """A long order flow around a random walk over three books (adds near the touch, cancels,
+    partial cancels, modifies, trades followed by fills and cancels, an occasional R)."""
+    rng = random.Random(seed)
+    mid = {7: 1000, 8: 500, 9: 2000}
+    resting: dict[int, dict[int, tuple[str, int, int]]] = {k: {} for k in mid}
+    out: list[bytes] = []
+    ts, seq, next_id = T0, 0, 1
+
+    def emit(action: str, iid: int, oid: int, px: int, sz: int, side: str, last: bool) -> None:
+        nonlocal seq
+        seq += 1
+        out.append(mbo(action, oid, px, sz, side, F_LAST if last else 0, ts, iid, 1, seq))
+
+    while len(out) < n:
+        ts += rng.choice([1, 1000, 50_000_000, 400_000_000])
+        iid = rng.choice(list(mid))
+        mid[iid] += rng.choice([-1, 0, 0, 0, 1])
+        book = resting[iid]
+        roll = rng.random()
+        if roll < 0.45 or not book:
+            side = rng.choice("BA")
+            px = mid[iid] - rng.randint(1, 15) if side == "B" else mid[iid] + rng.randint(1, 15)
+            book[next_id] = (side, px, rng.randint(1, 20))
+            emit("A", iid, next_id, px, book[next_id][2], side, True)
+            next_id += 1
+        elif roll < 0.70:
+            oid = rng.choice(list(book))
+            side, px, sz = book[oid]
+            cut = sz if rng.random() < 0.7 else rng.randint(1, sz)
+            book[oid] = (side, px, sz - cut)
+            if sz == cut:
+                del book[oid]
+            emit("C", iid, oid, px, cut, side, True)
+        elif roll < 0.85:
+            oid = rng.choice(list(book))
+            side, px, sz = book[oid]
+            px += rng.choice([0, 0, -1, 1])
+            sz = max(1, sz + rng.choice([-2, -1, 1, 3]))
+            book[oid] = (side, px, sz)
+            emit("M", iid, oid, px, sz, side, True)
+        elif roll < 0.995:
+            hit = rng.choice("BA")
+            level = [o for o in book.items() if o[1][0] == hit]
+            if not level:
+                continue
+            best = (max if hit == "B" else min)(p for _, (_, p, _) in level)
+            oid, (_, px, sz) = next((o, v) for o, v in level if v[1] == best)
+            qty = rng.randint(1, sz)
+            emit("T", iid, 0, px, qty, "A" if hit == "B" else "B", False)
+            emit("F", iid, oid, px, qty, hit, False)
+            emit("C", iid, oid, px, qty, hit, True)
+            book[oid] = (hit, px, sz - qty)
+            if sz == qty:
+                del book[oid]
+        else:
+            book.clear()
+            emit("R", iid, 0, UNDEF_PRICE, 0, "N", True)
+    return out
+
+
+@needs_native
+def test_native_derived_bytes_equal_the_reference_on_a_long_seeded_flow() -> None:
+    stream = seeded_flow(6000, seed=17)
+    rng = random.Random(3)
+    bounds = sorted({0, len(stream), *(rng.randrange(len(stream)) for _ in range(40))})
+    native_vs_reference(stream, bounds, 7)

@@ -5,6 +5,7 @@ read back by databento_dbn."""
 
 from __future__ import annotations
 
+import random
 import time
 
 import databento_dbn as d
@@ -12,10 +13,10 @@ import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
-from gateway.books.derive_reference import Deriver
+from gateway.books.derive_reference import Deriver, derive
 from gateway.books.intervals import INTERVALS, MBP1_DTYPE, IntervalBuilder
 from gateway.books.reference import parse_mbo
-from tests.unit.test_books_derive import PROPS, T0, S, decode, mbo, mbo_streams
+from tests.unit.test_books_derive import PROPS, T0, S, decode, mbo, mbo_streams, seeded_flow
 
 SCHEMAS = list(INTERVALS)
 
@@ -154,3 +155,21 @@ def test_a_large_chunk_is_built_in_numpy() -> None:
         took = time.perf_counter() - start
         print(f"{schema}: {n} mbp-1 records, {count} intervals closed, {took * 1e3:.0f} ms")
         assert count > 20_000 and took < 5.0
+
+
+def test_a_long_seeded_flow_in_random_chunks_equals_the_reference() -> None:
+    stream = seeded_flow(6000, seed=5)
+    rng = random.Random(11)
+    bounds = sorted({0, len(stream), *(rng.randrange(len(stream)) for _ in range(60))})
+    reference = derive(stream, SCHEMAS)
+    mbp1 = Deriver(["mbp-1"])
+    builders = {s: IntervalBuilder(s) for s in SCHEMAS}
+    got = dict.fromkeys(SCHEMAS, b"")
+    for lo, hi in zip(bounds, bounds[1:], strict=False):
+        recs = [r for raw in stream[lo:hi] for r in mbp1.feed(raw)["mbp-1"]]
+        top = max(parse_mbo(r).ts_recv for r in stream[lo:hi])
+        for s, builder in builders.items():
+            got[s] += builder.feed(b"".join(recs), len(recs), top)[0]
+    for s, builder in builders.items():
+        got[s] += builder.close_until(parse_mbo(stream[-1]).ts_recv + 2 * 86400 * S)[0]
+        assert got[s] == b"".join(reference[s]) and reference[s], s
