@@ -458,3 +458,21 @@ def test_memory_accounting_grows_and_orders_free() -> None:
     assert s.orders == 5000 and s.memory_bytes > base + 5000 * 48
     books.apply(mbo("R", side="N"))
     assert books.stats().orders == 0 and books.stats().levels == 0
+
+
+def test_bench_order_flow_equals_the_reference() -> None:
+    # the bench's realistic stream (bench/books.py): many instruments, 64 KiB-ish chunks
+    from bench.books import chunked, generate
+
+    data = generate(12_000, instruments=20, seed=5)
+    native, ref = NativeBooks(), Books()
+    deriver = derive_reference.Deriver(["trades", "mbp-1", "mbp-10"]) if derive_reference else None
+    for chunk in chunked(data, 16 * 1024):
+        out = native.apply(chunk, ALL)
+        records = split(chunk)
+        ref.apply_records(records)
+        if deriver is not None:
+            assert_derived_equal(out, records, deriver)
+    assert_same_books(native, ref)
+    assert native.stats().orders > 100
+    assert native.snapshot([1000, 1003], 7)[0] == ref_snapshot(ref, [1000, 1003], 7)
