@@ -8,6 +8,12 @@ after on a noisy machine: each case is repeated and the median reported.
 
     python -m bench.micro                 # every case, 7 repeats
     python -m bench.micro --repeat 15 --json out.json
+    python -m bench.micro --books         # + MBO chunks with the order books off vs on
+
+``--books`` adds MBO cases (a realistic MBO stream from ``bench.books``, 1,000 records a
+chunk): 1,000 sessions of mbo with the feed's books off and on (one native call per
+chunk), and with derived mbp-1 and trades subscribers too; and reruns the MBP-1 cases with
+books on (an MBO-less chunk costs the books a set lookup).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from pathlib import Path
 import databento_dbn as d
 
 from gateway import dbn
+from gateway.books.feed_books import FeedBooks
 from gateway.fanout import FanOut, OutputSpec, make_selection
 from gateway.feeds import Feed
 
@@ -116,9 +123,39 @@ def run_index(chunks: list[bytes]) -> float:
     return time.perf_counter() - start
 
 
-def run_case(case: Case, chunks: list[bytes]) -> float:
+MBO = 0xA0
+MBO_RECORDS_PER_CHUNK = 1000
+
+
+def _mbo_all(_: int) -> tuple[dict[int, set[int] | None], bool, bool]:
+    return {MBO: None}, False, False
+
+
+def _mbo_and_derived(i: int) -> tuple[dict[int, set[int] | None], bool, bool]:
+    rtype = (MBO, MBP1, 0x00)[i % 3]
+    selection: dict[int, set[int] | None] = {rtype: None}
+    return selection, False, False
+
+
+MBO_CASES = [
+    Case("mbo, 1000 sessions", 1000, _mbo_all),
+    Case("mbo + derived mbp-1 + trades, 999 sessions", 999, _mbo_and_derived),
+]
+
+
+def mbo_chunks() -> list[bytes]:
+    from bench.books import generate
+
+    data = generate(CHUNKS * MBO_RECORDS_PER_CHUNK, instruments=INSTRUMENTS)
+    size = 56 * MBO_RECORDS_PER_CHUNK
+    return [data[i : i + size] for i in range(0, len(data), size)]
+
+
+def run_case(case: Case, chunks: list[bytes], books: bool = False) -> float:
     """Seconds to publish every chunk through a Feed to the case's sessions."""
     feed = Feed("BENCH.MICRO", fanout=FanOut(clock_ns=time.time_ns))
+    if books:
+        feed.attach_books(FeedBooks(feed.dataset, feed.fanout))
     members = [Counter() for _ in range(case.sessions)]
     for i, m in enumerate(members):
         sel, ts_out, zstd = case.spec_of(i)
@@ -139,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.micro", description=__doc__.split("\n")[0])
     p.add_argument("--repeat", type=int, default=7, help="runs per case; the median is shown")
     p.add_argument("--json", type=Path, help="also write the figures here")
+    p.add_argument("--books", action="store_true", help="add the order-book cases")
     args = p.parse_args(argv)
     chunks = [chunk_bytes(i * RECORDS_PER_CHUNK) for i in range(CHUNKS)]
     records = CHUNKS * RECORDS_PER_CHUNK
@@ -160,6 +198,28 @@ def main(argv: list[str] | None = None) -> int:
     report("index 800-record chunks", [run_index(chunks) for _ in range(args.repeat)])
     for case in CASES:
         report(case.name, [run_case(case, chunks) for _ in range(args.repeat)])
+    if args.books:
+
+        def alternated(case: Case, data: list[bytes], label: str) -> None:
+            off: list[float] = []
+            on: list[float] = []
+            for _ in range(args.repeat):  # alternated: the machine's noise hits both alike
+                off.append(run_case(case, data))
+                on.append(run_case(case, data, True))
+            report(f"{case.name}, books off", off)
+            report(f"{case.name}, books on", on)
+            ratio = statistics.median(on) / statistics.median(off)
+            results[f"{label} books on / off"] = {"ratio": ratio}
+            print(f"{label + ' books on / off (time)':38s} {ratio:9.3f}", flush=True)
+
+        alternated(CASES[0], chunks, "mbp-1")
+        mbo = mbo_chunks()
+        alternated(MBO_CASES[0], mbo, "mbo")
+        derived = MBO_CASES[1]
+        report(
+            f"{derived.name}, books on",
+            [run_case(derived, mbo, True) for _ in range(args.repeat)],
+        )
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return 0
