@@ -5,7 +5,8 @@ The work is a queue of jobs, each measured in units so that the subscription ind
 (gateway/subscriptions.py) can run it in bounded slices: records to write (an ack,
 coalesced resolution errors), named symbols to resolve, the directory's log to announce
 to an ALL_SYMBOLS subscription, an ALL_SYMBOLS subscription to activate, a symbol learnt
-later to announce. Plain data and pure functions: no I/O, no clock.
+later to announce, instruments a parent or continuous symbol resolved to (gateway/
+smart_symbols.py) to map. Plain data and pure functions: no I/O, no clock.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Protocol
 
 from gateway import dbn
 from gateway.dbn import STYPE_INSTRUMENT_ID, STYPE_RAW_SYMBOL, ErrorCode
+from gateway.smart_symbols import STYPE_CONTINUOUS, STYPE_PARENT, SmartSymbol
 
 __all__ = [
     "Activate",
@@ -26,8 +28,10 @@ __all__ = [
     "Interest",
     "Job",
     "Resolve",
+    "SmartMap",
     "SubscriptionLike",
     "resolution_errors",
+    "smart_stype",
     "stype_of",
 ]
 
@@ -52,7 +56,18 @@ class SubscriptionLike(Protocol):
 
 
 def stype_of(sub: SubscriptionLike) -> int:
+    """The stype of ``sub``'s raw or instrument-id symbols and of its ALL_SYMBOLS (parent
+    and continuous subscriptions follow ALL_SYMBOLS as instrument_id, as before)."""
     return STYPE_RAW_SYMBOL if sub.stype_in == "raw_symbol" else STYPE_INSTRUMENT_ID
+
+
+def smart_stype(sub: SubscriptionLike) -> int | None:
+    """STYPE_PARENT / STYPE_CONTINUOUS for a parent / continuous subscription, else None."""
+    if sub.stype_in == "parent":
+        return STYPE_PARENT
+    if sub.stype_in == "continuous":
+        return STYPE_CONTINUOUS
+    return None
 
 
 @dataclass
@@ -95,7 +110,18 @@ class Announce:
     instrument_id: int
 
 
-Job = Emit | Resolve | CatchUp | Activate | Announce
+@dataclass
+class SmartMap:
+    """Instruments a parent or continuous symbol resolved to since it was subscribed (a new
+    listing, or a continuous symbol that did not resolve at first): map and select them.
+    One unit per instrument."""
+
+    stype: int
+    symbol: str
+    found: list[tuple[int, str]]
+
+
+Job = Emit | Resolve | CatchUp | Activate | Announce | SmartMap
 
 
 class Interest:
@@ -114,6 +140,9 @@ class Interest:
         "jobs",
         "catch_up_queued",
         "dirty",
+        "smart",
+        "smart_symbols",
+        "smart_roots",
     )
 
     def __init__(self) -> None:
@@ -133,6 +162,13 @@ class Interest:
         self.jobs: deque[Job] = deque()
         self.catch_up_queued: set[int] = set()
         self.dirty = False
+        #: (stype, parent/continuous symbol) -> the instruments it maps to (id -> raw symbol);
+        #: a continuous symbol maps to one, for the session's life
+        self.smart: dict[tuple[int, str], dict[int, str]] = {}
+        #: (stype, parent/continuous symbol) -> the symbol parsed
+        self.smart_symbols: dict[tuple[int, str], SmartSymbol] = {}
+        #: root -> the (stype, symbol) keys subscribed on it
+        self.smart_roots: dict[str, set[tuple[int, str]]] = {}
 
     def name(self, stype: int, key: str, schema: str) -> None:
         """``key`` is named for ``schema``: if it already resolved, select its instrument."""
@@ -142,6 +178,8 @@ class Interest:
         schemas.add(schema)
         iid = self.named.get((stype, key))
         if iid is not None:
+            self.count(schema, iid, 1)
+        for iid in self.smart.get((stype, key), ()):
             self.count(schema, iid, 1)
 
     def count(self, schema: str, iid: int, delta: int) -> None:

@@ -11,6 +11,21 @@ with 100,000 symbols, or a burst of 100,000 new mappings, never holds the event 
 to run a slice is the owner's call (``request_drain``, given by the Feed). Records of an
 instrument never reach a session before the instrument's SymbolMappingMsg: its fan-out
 selection grows only as its mappings are written. Nothing here awaits or does I/O.
+
+Parent and continuous subscriptions (``stype_in=parent|continuous``) resolve through the
+``SmartResolver`` (gateway/smart_symbols.py), which learns from the feed's definitions and
+statistics in ``on_reference`` — called by the Feed with every chunk carrying them, before
+the chunk is published. Each instrument a smart symbol resolves to gets a SymbolMappingMsg
+(``stype_in_symbol`` = the smart symbol, normalised) and is selected; a later listing that
+joins a parent is mapped and selected before the chunk that lists it flows (within one slice
+of work; a session with work already queued gets it after that work); a continuous symbol
+maps once and is never remapped while the session lives, and one that did not resolve maps
+when it first does. A symbol that does not resolve is answered as an unknown raw symbol is.
+
+Why one module: raw, instrument-id and smart symbols share each member's job queue, its
+selection counts and the slice budget — the order of a session's gateway records and the
+growth of its selection are one state; the parts without sessions live elsewhere
+(``interest`` for the per-session data, ``smart_symbols`` for the resolver).
 """
 
 from __future__ import annotations
@@ -20,7 +35,7 @@ from typing import Protocol, TypeVar
 
 from gateway import dbn
 from gateway.control import ALL_SYMBOLS
-from gateway.dbn import STYPE_INSTRUMENT_ID, STYPE_RAW_SYMBOL, ErrorCode, SystemCode
+from gateway.dbn import STYPE_INSTRUMENT_ID, STYPE_RAW_SYMBOL, ChunkIndex, ErrorCode, SystemCode
 from gateway.fanout import FanOut, OutputSpec, Payload, make_selection
 from gateway.interest import (
     Activate,
@@ -29,13 +44,25 @@ from gateway.interest import (
     Emit,
     Interest,
     Resolve,
+    SmartMap,
     SubscriptionLike,
     resolution_errors,
+    smart_stype,
     stype_of,
+)
+from gateway.smart_symbols import (
+    STYPE_CONTINUOUS,
+    STYPE_PARENT,
+    SmartResolver,
+    SmartSymbolError,
+    encode_mappings,
+    parse_smart,
 )
 from gateway.symbology import SymbolDirectory
 
 __all__ = ["FeedMember", "SubscriptionIndex", "SubscriptionLike", "resolution_errors"]
+
+_SMART_STYPES = frozenset({STYPE_CONTINUOUS, STYPE_PARENT})
 
 _K = TypeVar("_K", str, int)
 
@@ -96,6 +123,16 @@ class SubscriptionIndex:
         self._all_members: dict[FeedMember, None] = {}
         #: members with queued jobs, in round-robin order
         self.work: dict[FeedMember, None] = {}
+        #: parent and continuous symbology: what the feed's reference records taught, and
+        #: which members subscribed a smart symbol on which root
+        self.smart = SmartResolver()
+        self.want_root: dict[str, set[FeedMember]] = {}
+        self._last_reference: ChunkIndex | None = None
+        # The Feed that owns this index (``request_drain`` is its bound method) calls its
+        # reference listeners with every chunk carrying definitions or statistics.
+        listeners = getattr(getattr(request_drain, "__self__", None), "reference_listeners", None)
+        if isinstance(listeners, list):
+            listeners.append(self.on_reference)
 
     # --- members ----------------------------------------------------------------------
 
@@ -122,6 +159,8 @@ class SubscriptionIndex:
         self._all_members.pop(member, None)
         if interest is None:
             return
+        for root in interest.smart_roots:
+            _discard(self.want_root, root, member)
         for sub in interest.subscriptions:
             if sub.all_symbols and len(sub.symbols) == 1:
                 continue
@@ -167,7 +206,7 @@ class SubscriptionIndex:
         interest.jobs.append(Emit([first]))
         stype = stype_of(sub)
         if len(sub.symbols) > (1 if sub.all_symbols else 0):
-            interest.jobs.append(Resolve(sub, stype))
+            interest.jobs.append(Resolve(sub, smart_stype(sub) or stype))
         if sub.all_symbols:
             self._all_members[member] = None
             interest.all_cursor.setdefault(stype, 0)
@@ -230,8 +269,13 @@ class SubscriptionIndex:
                 interest.dirty = True
         for sub in ordered:
             if len(sub.symbols) > (1 if sub.all_symbols else 0):
-                job = Resolve(sub, stype_of(sub))
-                self._resolve(member, interest, job, len(sub.symbols), now, out)
+                smart = smart_stype(sub)
+                job = Resolve(sub, smart or stype_of(sub))
+                while job.pos < len(sub.symbols):
+                    self._resolve(member, interest, job, len(sub.symbols), now, out)
+                if smart is not None and job.unresolved:
+                    # a replay does not resolve smart symbols: their errors come from here
+                    out += resolution_errors(now, job.unresolved)
         interest.dirty = False
         self._regroup(member, interest)
         return out
@@ -316,6 +360,10 @@ class SubscriptionIndex:
                 if interest.all_cursor[job.stype] >= len(self.directory.log):
                     jobs.popleft()
                     interest.catch_up_queued.discard(job.stype)
+            elif isinstance(job, SmartMap):
+                jobs.popleft()
+                mapped = self._map_smart(interest, job.stype, job.symbol, job.found, now, out)
+                budget -= max(1, mapped)
             elif isinstance(job, Activate):
                 jobs.popleft()
                 budget -= 1
@@ -343,6 +391,8 @@ class SubscriptionIndex:
         now: int,
         out: list[bytes],
     ) -> int:
+        if job.stype in _SMART_STYPES:
+            return self._resolve_smart(member, interest, job, budget, now, out)
         symbols = job.sub.symbols
         schema = job.sub.schema
         stype = job.stype
@@ -373,6 +423,121 @@ class SubscriptionIndex:
         budget -= end - job.pos
         job.pos = end
         return budget
+
+    def _resolve_smart(
+        self,
+        member: FeedMember,
+        interest: Interest,
+        job: Resolve,
+        budget: int,
+        now: int,
+        out: list[bytes],
+    ) -> int:
+        """Resolve a parent/continuous subscription's symbols, ``job.pos`` onwards: one
+        unit per symbol, or per instrument mapped."""
+        symbols = job.sub.symbols
+        schema = job.sub.schema
+        stype = job.stype
+        while job.pos < len(symbols) and budget > 0:
+            symbol = symbols[job.pos]
+            job.pos += 1
+            if symbol == ALL_SYMBOLS:
+                continue
+            try:
+                parsed = parse_smart(symbol, job.sub.stype_in)
+            except SmartSymbolError:
+                job.unresolved.append(symbol)
+                budget -= 1
+                continue
+            key = (stype, parsed.text)
+            if key not in interest.smart_symbols:
+                interest.smart_symbols[key] = parsed
+                interest.smart_roots.setdefault(parsed.root, set()).add(key)
+                self.want_root.setdefault(parsed.root, set()).add(member)
+            interest.name(stype, parsed.text, schema)
+            had = bool(interest.smart.get(key))
+            if had and stype == STYPE_CONTINUOUS:
+                budget -= 1  # mapped once, for the session's life
+                continue
+            found = self.smart.resolve(parsed, now)
+            mapped = self._map_smart(interest, stype, parsed.text, found, now, out)
+            if not found and not had:
+                job.unresolved.append(parsed.text)
+            budget -= max(1, mapped)
+        return budget
+
+    def _map_smart(
+        self,
+        interest: Interest,
+        stype: int,
+        symbol: str,
+        found: list[tuple[int, str]],
+        now: int,
+        out: list[bytes],
+    ) -> int:
+        """Map and select the instruments of ``found`` that ``symbol`` does not map yet (a
+        continuous symbol: only if it maps nothing yet, and only one); how many."""
+        mapped = interest.smart.setdefault((stype, symbol), {})
+        if stype == STYPE_CONTINUOUS:
+            if mapped:
+                return 0
+            found = found[:1]
+        fresh = [pair for pair in found if pair[0] not in mapped]
+        if not fresh:
+            return 0
+        schemas = interest.key_schemas.get((stype, symbol), ())
+        for iid, raw in fresh:
+            mapped[iid] = raw
+            for schema in schemas:
+                interest.count(schema, iid, 1)
+        out += encode_mappings(now, stype, symbol, fresh)
+        return len(fresh)
+
+    def on_reference(self, index: ChunkIndex) -> None:
+        """A chunk with definitions or statistics, before it is published: learn from it;
+        map new listings to the parent symbols they join and continuous symbols that now
+        resolve for the first time, and do that work at once (one slice) so the chunk's own
+        records reach the sessions that now select them."""
+        if index is self._last_reference:
+            return  # the same chunk again (held behind a mapping burst, then published)
+        self._last_reference = index
+        update = self.smart.learn(index)
+        if not self.want_root:
+            return
+        roots = update.roots & self.want_root.keys()
+        if not roots:
+            return
+        now = self._clock_ns()
+        resolved: dict[tuple[int, str, str], list[tuple[int, str]]] = {}
+        queued = False
+        for root in roots:
+            for member in self.want_root[root]:
+                interest = self._interests.get(member)
+                if interest is None:
+                    continue
+                for key in interest.smart_roots.get(root, ()):
+                    stype, text = key
+                    if stype == STYPE_CONTINUOUS and interest.smart.get(key):
+                        continue  # not remapped while the session lives
+                    if stype != STYPE_CONTINUOUS and not len(update.listed):
+                        continue
+                    parsed = interest.smart_symbols[key]
+                    cache = (stype, root, parsed.kind if stype != STYPE_CONTINUOUS else text)
+                    found = resolved.get(cache)
+                    if found is None:
+                        if stype == STYPE_CONTINUOUS:
+                            found = self.smart.resolve(parsed, now)
+                        else:
+                            found = self.smart.listed_in(update.listed, root, parsed.kind, now)
+                        resolved[cache] = found
+                    if found:
+                        interest.jobs.append(SmartMap(stype, text, found))
+                        self.work[member] = None
+                        queued = True
+        if queued:
+            self.run(self.slice_size)
+            if self.has_work():
+                self._request_drain()
 
     def _announce_named(
         self, interest: Interest, stype: int, raw: str, iid: int, now: int, out: list[bytes]
