@@ -255,14 +255,13 @@ class IntervalBuilder:
 
     def _bbo_groups(self, recs: npt.NDArray[np.void], keys: U64) -> list[tuple[int, Key, _Quote]]:
         order, starts, ends = self._groups(recs, keys)
-        srt = recs[order]
-        is_trade = srt["action"] == _T
+        is_trade = recs["action"][order] == _T
         # position (in sorted order) of the last trade at or before each position
-        last_t = np.maximum.accumulate(np.where(is_trade, np.arange(len(srt)), -1))
-        end_rows = srt[ends - 1]
+        last_t = np.maximum.accumulate(np.where(is_trade, np.arange(len(order)), -1))
+        end_rows = recs[order[ends - 1]]  # one row per group: only those are copied
         end_trade = last_t[ends - 1]
         has_trade = (end_trade >= starts).tolist()
-        trade_rows = srt[np.maximum(end_trade, 0)]
+        trade_rows = recs[order[np.maximum(end_trade, 0)]]
         t_price = trade_rows["price"].tolist()
         t_size = trade_rows["size"].tolist()
         t_side = trade_rows["side"].tolist()
