@@ -211,7 +211,11 @@ class Gateway:
             return
         try:
             books = FeedBooks(
-                feed.dataset, feed.fanout, derive=settings.derive, max_orders=settings.max_orders
+                feed.dataset,
+                feed.fanout,
+                derive=settings.derive,
+                max_orders=settings.max_orders,
+                max_snapshot_records=settings.max_snapshot_records,
             )
         except ImportError as exc:
             # the native engine is built by `make install` (pip install -e .): without it the

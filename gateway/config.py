@@ -8,6 +8,10 @@ reads the environment reads the process's, not settings: the preload, the launch
 ``NOTIFY_SOCKET`` in ``gateway.transport``, ``XDG_STATE_HOME`` for the default probe history;
 ``transport.env_file`` is passed to the bypass library, never read as settings.) Errors
 about keys name the flag, file and line, never the key.
+
+Why one module: every table is a struct checked by the same msgspec conversion, and the
+cross-field checks, the "did you mean" hints and the CLI overlay walk all of them; split,
+each piece would import the others.
 """
 
 from __future__ import annotations
@@ -193,6 +197,10 @@ class BooksConfig(_Base):
     #: (snapshots and derived schemas refused, counted, logged): a runaway feed cannot
     #: take the host's memory (about 100 bytes an order)
     max_orders: Annotated[int, msgspec.Meta(ge=1000)] = 20_000_000
+    #: the most records one snapshot may hold (about 0.3 us of the gateway's time each on a
+    #: 2-core VM, during which it serves nobody else: 250,000 is about 70 ms, 14 MB); a
+    #: larger one is refused with an ErrorMsg naming this setting
+    max_snapshot_records: Annotated[int, msgspec.Meta(ge=1)] = 250_000
 
 
 #: the most worker processes (``workers``): the shared ring's header has a slot for each

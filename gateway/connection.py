@@ -74,8 +74,9 @@ class ClientConnection(SessionOutput, asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         #: book snapshots taken while this session's subscription records are being
-        #: collected (written right after them); None: not collecting
-        self._held_snapshots: list[tuple[bytes, int]] | None = None
+        #: collected (written right after them; a str: the snapshot was refused, why);
+        #: None: not collecting
+        self._held_snapshots: list[tuple[bytes, int] | str] | None = None
 
     # --- asyncio callbacks -------------------------------------------------------------------
 
@@ -236,8 +237,11 @@ class ClientConnection(SessionOutput, asyncio.Protocol):
             self._write_control(head, records)
         else:
             self.send_gateway_records(records)
-        for data, count in held:
-            self.write_snapshot(data, count)
+        for item in held:
+            if isinstance(item, str):
+                self._refuse_snapshot(item)
+                return
+            self.write_snapshot(*item)
 
     @property
     def snapshot_wanted(self) -> bool:
@@ -252,6 +256,18 @@ class ClientConnection(SessionOutput, asyncio.Protocol):
             self._held_snapshots.append((data, count))
         else:
             self.write_snapshot(data, count)
+
+    def snapshot_refused(self, why: str) -> None:
+        """No snapshot can be sent (too large, books dropped): the session ends, told why,
+        rather than carry on with a book it cannot build."""
+        if self._held_snapshots is not None:
+            self._held_snapshots.append(why)
+        else:
+            self._refuse_snapshot(why)
+
+    def _refuse_snapshot(self, why: str) -> None:
+        text = f"snapshot=1 refused: {why}"
+        self._terminate(text, ErrorCode.INVALID_SUBSCRIPTION, "snapshot_refused", text)
 
     def _update_behavior(self) -> None:
         assert self.session is not None

@@ -239,6 +239,11 @@ def parse_subscription(fields: dict[str, str]) -> SubscriptionRequest:
     except ProtocolError as exc:
         raise ProtocolError(f"invalid subscription: {exc}") from None
     resume = req.lsg_resume_after
+    if req.stype_in in ("parent", "continuous") and (start_ns is not None or resume is not None):
+        raise NotSupportedError(
+            f"stype_in={req.stype_in} with start or lsg_resume_after is not supported yet: "
+            "a replay serves raw_symbol and instrument_id subscriptions"
+        )
     if req.snapshot:
         # as Databento: a book snapshot of MBO, and only for a live start
         if req.schema != "mbo":

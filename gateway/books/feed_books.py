@@ -46,6 +46,7 @@ __all__ = [
     "TBBO_KEY",
     "BooksUnavailable",
     "FeedBooks",
+    "SnapshotTooLarge",
 ]
 
 log = logging.getLogger("gateway.books")
@@ -81,6 +82,14 @@ _TS_RECV_AT: Final = 40  # ts_recv in an MBO record
 class BooksUnavailable(Exception):
     """The feed has no books: off in the config, dropped past ``max_orders``, or the
     native engine could not load."""
+
+
+class SnapshotTooLarge(Exception):
+    def __init__(self, records: int, limit: int) -> None:
+        super().__init__(
+            f"the snapshot would hold {records} records, more than books.max_snapshot_records="
+            f"{limit}: subscribe with snapshot=1 to fewer instruments"
+        )
 
 
 class Intervals(Protocol):
@@ -130,12 +139,14 @@ class FeedBooks:
         *,
         derive: bool = True,
         max_orders: int = 20_000_000,
+        max_snapshot_records: int = 250_000,
         engine: Engine | None = None,
     ) -> None:
         self.dataset = dataset
         self.fanout = fanout
         self.derive = derive
         self.max_orders = max_orders
+        self.max_snapshot_records = max_snapshot_records
         self.counters = BooksCounters()
         if engine is None:
             from gateway.books.native import NativeBooks
@@ -272,11 +283,11 @@ class FeedBooks:
         """An interval schema's first subscriber: its builder starts now and is fed every
         chunk from then on (subscribers come and go; its state must not have holes). The
         interval in progress has missed what came before: it is never emitted."""
-        from gateway.books.intervals import INTERVALS, IntervalBuilder
+        from gateway.books.intervals import IntervalBuilder
 
-        self._intervals[schema] = IntervalBuilder(schema)
-        length = INTERVALS[schema][1]
-        self._partial_until[schema] = self._last_ts // length if self._last_ts else -1
+        builder = self._intervals[schema] = IntervalBuilder(schema)
+        # the interval in progress, keyed as the builder keys intervals (bbo: by its end)
+        self._partial_until[schema] = builder.key(self._last_ts) if self._last_ts else -1
 
     def _whole_intervals(self, schema: str, data: bytes) -> bytes:
         """``data`` without the records of the interval its builder started in."""
@@ -289,8 +300,7 @@ class FeedBooks:
         size, at = (80, 32) if is_bbo else (56, 8)  # bbo: ts_recv = its end; ohlcv: ts_event
         rows = np.frombuffer(data, np.uint8).reshape(-1, size)
         ts = rows[:, at : at + 8].copy().view("<u8").ravel()
-        starts = ts // length - (1 if is_bbo else 0)
-        keep = starts > upto
+        keep = ts // length > upto  # bbo: its key is its end; ohlcv: its start
         if keep.all():
             del self._partial_until[schema]  # past the partial interval for good
             return data
@@ -327,9 +337,14 @@ class FeedBooks:
         engine = self._engine
         if engine is None:
             raise BooksUnavailable(self.counters.off_reason or "books are off")
+        c = self.counters
+        limit = self.max_snapshot_records
+        if instrument_ids is None and c.orders + c.books > limit:
+            raise SnapshotTooLarge(c.orders + c.books, limit)
         started = time.perf_counter()
         data, count = engine.snapshot(instrument_ids, now_ns)
-        c = self.counters
+        if count > limit:
+            raise SnapshotTooLarge(count, limit)
         c.snapshots += 1
         c.snapshot_records += count
         c.snapshot_seconds += time.perf_counter() - started

@@ -35,7 +35,13 @@ from typing import TYPE_CHECKING, Final
 import numpy as np
 
 from gateway import dbn
-from gateway.books.feed_books import RTYPE_MBO, TBBO_KEY, BooksUnavailable, FeedBooks
+from gateway.books.feed_books import (
+    RTYPE_MBO,
+    TBBO_KEY,
+    BooksUnavailable,
+    FeedBooks,
+    SnapshotTooLarge,
+)
 from gateway.dbn import RTYPE_DEF, ChunkIndex, SystemCode
 from gateway.fanout import FanOut, OutputSpec, Subscriber
 from gateway.subscriptions import FeedMember, SubscriptionIndex, SubscriptionLike
@@ -321,8 +327,12 @@ class Feed:
                 return
         try:
             data, count = books.snapshot(ids, self._clock_ns())
-        except BooksUnavailable:
-            return  # books dropped since the subscription was accepted: logged there
+        except BooksUnavailable as exc:  # dropped since the subscription was accepted
+            member.snapshot_refused(f"order books are off for this dataset ({exc})")  # type: ignore[attr-defined]
+            return
+        except SnapshotTooLarge as exc:
+            member.snapshot_refused(str(exc))  # type: ignore[attr-defined]
+            return
         if exclude and data:
             data, count = _without_instruments(data, exclude)
         member.snapshot_ready(data, count)  # type: ignore[attr-defined]

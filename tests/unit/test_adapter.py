@@ -231,10 +231,10 @@ async def test_error_after_auth_gets_the_metadata_header_first(server: Any) -> N
     connect = await server(state)
     client, conn = await connect()
     assert (await handshake(client)).startswith(b"success=1")
-    client.send(b"schema=trades|stype_in=raw_symbol|symbols=A|snapshot=1|is_last=1\n")
+    client.send(b"schema=trades|stype_in=smart|symbols=ES.FUT|is_last=1\n")
     await client.metadata()
     err = await client.record()
-    assert err[1] == dbn.RTYPE_ERROR and "snapshot=1" in text_of(err)
+    assert err[1] == dbn.RTYPE_ERROR and "stype_in=smart" in text_of(err)
     assert await client.to_eof() == b""
     await apoll_until(lambda: not state.connections, timeout=5)
     assert sample(state, "gateway_disconnects_total", reason="not_supported") == 1

@@ -276,7 +276,9 @@ def test_parse_subscription_snapshot_with_start_is_refused():
 def test_parse_subscription_snapshot_only_for_mbo():
     with pytest.raises(ProtocolError, match="snapshot=1 is only for mbo, not trades"):
         parse_subscription(fields("schema=trades|symbols=A|snapshot=1|is_last=1"))
-    req = parse_subscription(fields("schema=mbo|stype_in=raw_symbol|symbols=A|snapshot=1|is_last=1"))
+    req = parse_subscription(
+        fields("schema=mbo|stype_in=raw_symbol|symbols=A|snapshot=1|is_last=1")
+    )
     assert req.snapshot is True
     req = parse_subscription(
         fields("schema=mbo|stype_in=raw_symbol|symbols=A|snapshot=0|is_last=1")
@@ -290,6 +292,14 @@ def test_parse_subscription_parent_continuous_accepted(stype):
         fields(f"schema=trades|stype_in={stype}|symbols=ES.FUT|snapshot=0|is_last=1")
     )
     assert req.stype_in == stype
+
+
+@pytest.mark.parametrize("extra", ["start=0", "lsg_resume_after=9"])
+def test_parse_subscription_parent_replay_not_supported(extra):
+    with pytest.raises(NotSupportedError, match="stype_in=parent with start or lsg_resume_after"):
+        parse_subscription(
+            fields(f"schema=trades|stype_in=parent|symbols=ES.FUT|{extra}|is_last=1")
+        )
 
 
 def test_parse_subscription_smart_not_supported():
