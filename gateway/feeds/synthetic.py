@@ -1,4 +1,5 @@
-"""The embedded demo feed: deterministic, realistic-looking trades, MBP-1 and OHLCV-1s.
+"""The embedded demo feed: deterministic, realistic-looking trades, MBP-1 and OHLCV-1s,
+or (``schemas=mbo``, alone) MBO order flow whose books are valid (gateway/feeds/synthetic_mbo.py).
 
 Records are generated with numpy structured arrays (one array per schema per tick), so
 the feed costs a few vectorised operations per tick however high the rate. The same
@@ -26,12 +27,15 @@ import numpy.typing as npt
 from gateway.aio import cancel_and_wait
 from gateway.dbn import index_records
 from gateway.feeds.base import Feed
+from gateway.feeds.synthetic_mbo import MboGenerator
 
 __all__ = [
+    "ALL_SCHEMAS",
     "MAX_RATE",
     "MBP1_DTYPE",
     "OHLCV_DTYPE",
     "TRADE_DTYPE",
+    "parse_schemas",
     "SyntheticOptions",
     "SyntheticSource",
 ]
@@ -86,6 +90,22 @@ _TICK: Final = 10_000_000  # $0.01 in DBN fixed-point (1e-9)
 _FLAG_LAST: Final = 0x80
 _PUBLISHER: Final = 1
 SCHEMAS: Final = ("trades", "mbp-1", "ohlcv-1s")
+#: what ``schemas=`` accepts: any of SCHEMAS, or ``mbo`` alone (order flow whose books are
+#: valid; trades, mbp-1 and the rest are then the gateway's to derive from it)
+ALL_SCHEMAS: Final = (*SCHEMAS, "mbo")
+
+
+def parse_schemas(text: str) -> tuple[str, ...]:
+    """``schemas=`` of a synthetic feed URI: ValueError saying what is accepted."""
+    schemas = tuple(s for s in text.split(",") if s)
+    bad = [s for s in schemas if s not in ALL_SCHEMAS]
+    if bad or not schemas:
+        raise ValueError(
+            f"synthetic schemas are trades, mbp-1, ohlcv-1s, or mbo alone (got {text!r})"
+        )
+    if "mbo" in schemas and len(set(schemas)) > 1:
+        raise ValueError(f"synthetic schemas: mbo goes alone (got {text!r})")
+    return tuple(dict.fromkeys(schemas))
 
 
 @dataclass(frozen=True)
@@ -97,6 +117,9 @@ class SyntheticOptions:
     seed: int = 7
     tick_s: float = 0.01
     schemas: tuple[str, ...] = SCHEMAS
+
+    def __post_init__(self) -> None:
+        parse_schemas(",".join(self.schemas))
 
 
 def instrument_table(count: int) -> list[tuple[str, int]]:
@@ -128,6 +151,12 @@ class SyntheticGenerator:
         self.bar_low = self.mid.copy()
         self.bar_volume = np.zeros(n, dtype=np.uint64)
         self.bar_second = 0
+        #: the MBO mode's generator (``schemas=mbo``): then ``make`` is its
+        self.mbo: MboGenerator | None = None
+        if "mbo" in options.schemas:
+            self.mbo = MboGenerator(
+                options.seed, self.ids, self.mid, self.weights, _TICK, _PUBLISHER
+            )
 
     def _seq(self, n: int) -> npt.NDArray[np.uint32]:
         seq = (np.arange(self.sequence, self.sequence + n, dtype=np.uint64) % 2**32).astype(
@@ -137,6 +166,8 @@ class SyntheticGenerator:
         return seq
 
     def make(self, n: int, now_ns: int, span_ns: int) -> list[bytes]:
+        if self.mbo is not None:
+            return self.mbo.make(n, now_ns, span_ns)
         chunks: list[bytes] = []
         opts = self.options
         second = now_ns // 1_000_000_000
