@@ -272,3 +272,24 @@ def test_derived_schemas_through_the_gateway_equal_the_reference(gw: GatewayProc
             samples, "gateway_books_derived_records_total", dataset=DATASET, schema=schema
         )
         assert built >= len(ref[schema]), schema
+
+
+def test_a_snapshot_over_its_bound_ends_the_session_saying_why() -> None:
+    config = "[books]\nmax_snapshot_records = 50\n"
+    with gateway(feeds={DATASET: "ingest://127.0.0.1:0"}, config=config) as g:
+        pub = MboPublisher(g.ingest_ports[DATASET])
+        try:
+            poll_until(lambda: len(pub.sent) >= 1000, 30.0, 0.01, "1,000 records published")
+            sub = b"schema=mbo|stype_in=raw_symbol|symbols=ALL_SYMBOLS|snapshot=1\n"
+            errors = _errors_after(g.port, sub + b"start_session\n")
+            # the gateway carries on serving everyone else
+            other = OfficialSession(g.port, DATASET, [dict(schema="mbo", symbols=["CCC"])])
+            other.start()
+            assert other.wait_for(lambda rs: len(_mbo(rs)) >= 20, 15.0)
+            other.stop()
+        finally:
+            pub.stop()
+    assert len(errors) == 1
+    code, text = errors[0]
+    assert code == 5 and text.startswith("snapshot=1 refused: the snapshot would hold ")
+    assert "books.max_snapshot_records=50" in text
