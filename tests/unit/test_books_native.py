@@ -11,7 +11,9 @@ record shapes and the rules on real flags and sides, not a whole session."""
 from __future__ import annotations
 
 import random
+import shutil
 import struct
+import subprocess
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -451,13 +453,15 @@ def test_closed_engine_refuses() -> None:
 def test_memory_accounting_grows_and_orders_free() -> None:
     books = NativeBooks()
     base = books.stats().memory_bytes
-    books.apply(
-        b"".join(mbo("A", i, 100 + i % 50, 1, "B" if i % 2 else "A") for i in range(1, 5001))
-    )
+    adds = (mbo("A", i, 100 + i % 300, 1, "B" if i % 2 else "A") for i in range(1, 5001))
+    books.apply(b"".join(adds))
     s = books.stats()
-    assert s.orders == 5000 and s.memory_bytes > base + 5000 * 48
+    assert (s.orders, s.levels) == (5000, 300) and s.memory_bytes > base + 5000 * 48
     books.apply(mbo("R", side="N"))
-    assert books.stats().orders == 0 and books.stats().levels == 0
+    after = books.stats()
+    assert (after.orders, after.levels) == (0, 0)
+    assert after.memory_bytes < s.memory_bytes  # the emptied sides' level arrays shrank
+    assert books.snapshot(None, 1)[1] == 1
 
 
 def test_bench_order_flow_equals_the_reference() -> None:
@@ -476,3 +480,30 @@ def test_bench_order_flow_equals_the_reference() -> None:
     assert_same_books(native, ref)
     assert native.stats().orders > 100
     assert native.snapshot([1000, 1003], 7)[0] == ref_snapshot(ref, [1000, 1003], 7)
+
+
+NATIVE = Path(__file__).parents[2] / "gateway" / "books" / "_native"
+SANITIZE = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all"]
+
+
+def test_the_c_engine_under_address_and_undefined_behaviour_sanitizers(tmp_path: Path) -> None:
+    """books.c with gateway/books/_native/fuzz_main.c under ASan+UBSan: small books with every
+    action (ids and prices colliding), then big ones (hash, pool and level arrays growing)."""
+    gcc = shutil.which("gcc")
+    if gcc is None:
+        pytest.skip("no gcc")
+    probe = tmp_path / "probe.c"
+    probe.write_text("int main(void) { return 0; }\n")
+    if subprocess.run([gcc, *SANITIZE, str(probe), "-o", str(tmp_path / "probe")],
+                      capture_output=True).returncode != 0:  # fmt: skip
+        pytest.skip("gcc cannot link the address/undefined sanitizers here")
+    exe = tmp_path / "nb_fuzz"
+    build = subprocess.run(
+        [gcc, "-O1", "-g", "-std=c11", "-Wall", "-Wextra", "-Werror", *SANITIZE,
+         str(NATIVE / "books.c"), str(NATIVE / "fuzz_main.c"), "-o", str(exe)],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert build.returncode == 0, build.stderr
+    for args in (["150000", "1"], ["150000", "2"], ["40000", "3", "50000", "3000"]):
+        run = subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=60)
+        assert run.returncode == 0 and run.stdout.startswith("ok"), (args, run.stdout, run.stderr)

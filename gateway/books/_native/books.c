@@ -409,6 +409,11 @@ static void clear_side(nb_engine *e, uint32_t bi, int side) {
     }
     e->levels -= s->len;
     s->len = 0;
+    if (s->cap > 64) { /* a big side emptied: give most of its memory back, keeping room
+                          * for the add an F_TOB record makes right after clearing it */
+        if (xresize(e, (void **)&s->lv, (size_t)s->cap * sizeof(Level), 16 * sizeof(Level)) == 0)
+            s->cap = 16;
+    }
 }
 
 /* ---- the rules (gateway/books/reference.py) -------------------------------------------- */
