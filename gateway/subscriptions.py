@@ -128,11 +128,6 @@ class SubscriptionIndex:
         self.smart = SmartResolver()
         self.want_root: dict[str, set[FeedMember]] = {}
         self._last_reference: ChunkIndex | None = None
-        # The Feed that owns this index (``request_drain`` is its bound method) calls its
-        # reference listeners with every chunk carrying definitions or statistics.
-        listeners = getattr(getattr(request_drain, "__self__", None), "reference_listeners", None)
-        if isinstance(listeners, list):
-            listeners.append(self.on_reference)
 
     # --- members ----------------------------------------------------------------------
 

@@ -189,6 +189,8 @@ class Feed:
             slice_size=self.slice_size,
             request_drain=self._request_drain,
         )
+        # parent and continuous symbols resolve from the feed's definitions and statistics
+        self.reference_listeners.append(self.subscriptions.on_reference)
 
     # --- sessions (kept in the subscription index) --------------------------------------
 
