@@ -173,7 +173,9 @@ class NativeBooks:
         engine = self._engine()
         if side not in ("B", "A") or depth <= 0 or not _valid_key(instrument_id, publisher_id):
             return []
-        depth = min(depth, 1 << 20)
+        depth = min(depth, self.stats().levels)  # no bigger buffer than the books need
+        if depth == 0:
+            return []
         out = ffi.new("nb_level_out[]", depth)
         n = int(lib.nb_levels(engine, instrument_id, publisher_id, side.encode(), depth, out))
         return [(int(out[i].price), int(out[i].size), int(out[i].count)) for i in range(n)]
