@@ -17,18 +17,23 @@ ARG DEBIAN_FRONTEND=noninteractive
 # Extra CA certificates (deploy/docker/certs/*.crt, put there by build-image.sh --ca-dir): for
 # pip behind an egress proxy that re-signs TLS. This stage only; the runtime image has none.
 COPY deploy/docker/certs/ /usr/local/share/ca-certificates/extra/
-# Debian's python3 (3.11 on bookworm, with ca-certificates) and its venv module, unless the
-# base has a Python already (python:3.11-slim)
+# Debian's python3 (3.11 on bookworm, with ca-certificates), its venv module and headers,
+# unless the base has a Python already (python:3.11-slim); gcc for the native order-book
+# engine (gateway/books/_native, compiled by cffi when the wheel is built). This stage only.
 RUN set -eu; \
     if ! command -v python3 >/dev/null 2>&1 || ! python3 -c 'import ensurepip' 2>/dev/null; then \
         apt-get update -q; \
-        apt-get install -y -q --no-install-recommends python3 python3-venv ca-certificates; \
-        rm -rf /var/lib/apt/lists/*; \
+        apt-get install -y -q --no-install-recommends python3 python3-venv python3-dev ca-certificates; \
     fi; \
+    if ! command -v gcc >/dev/null 2>&1; then \
+        apt-get update -q; \
+        apt-get install -y -q --no-install-recommends gcc libc6-dev; \
+    fi; \
+    rm -rf /var/lib/apt/lists/*; \
     update-ca-certificates >/dev/null 2>&1 || true; \
     python3 -c 'import sys; assert sys.version_info >= (3, 11), sys.version'
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY setup.py pyproject.toml README.md ./
 COPY gateway ./gateway
 # the project's wheel (and its dependencies' wheels) first, then an install from those only
 RUN set -eu; \
@@ -42,7 +47,8 @@ RUN set -eu; \
     site=$(/opt/gateway/bin/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))'); \
     rm -rf "$site"/numpy/*/tests "$site"/numpy/tests "$site"/numpy/_pyinstaller "$site"/numpy/f2py; \
     find /opt/gateway -type f -name '*.pyi' -delete; \
-    /opt/gateway/bin/gateway --version
+    /opt/gateway/bin/gateway --version; \
+    /opt/gateway/bin/python -c 'import gateway.books.native'
 
 FROM ${BASE}
 ARG DEBIAN_FRONTEND=noninteractive

@@ -27,7 +27,8 @@ install: $(STAMP)
 run: $(STAMP)
 	@(umask 077 && printf '%s\n' '$(DEMO_KEY)' > $(VENV)/demo.key)
 	$(PY) -m gateway serve --host 127.0.0.1 --port $(PORT) --api-key-file $(VENV)/demo.key \
-		--feed DEMO.SYNTH=synthetic: --journal-dir .journal --journal-max-bytes 1073741824 \
+		--feed DEMO.SYNTH=synthetic: --feed "DEMO.MBO=synthetic:?schemas=mbo" \
+		--journal-dir .journal --journal-max-bytes 1073741824 \
 		--print-connect-help $(ARGS)
 
 ## make test-deps: install the programs the tests use (chromium, nats-server, redis-server,

@@ -30,7 +30,7 @@ from gateway.feeds.ingest import (
 )
 from gateway.feeds.relay import RelaySource
 from gateway.feeds.relay_options import RELAY_OPTIONS, RelayOptions, parse_relay
-from gateway.feeds.synthetic import MAX_RATE, SyntheticOptions, SyntheticSource
+from gateway.feeds.synthetic import MAX_RATE, SyntheticOptions, SyntheticSource, parse_schemas
 
 __all__ = ["Feed", "FeedSpec", "Source", "build_source", "parse_feed_uri"]
 
@@ -106,13 +106,10 @@ def parse_feed_uri(dataset: str, uri: str) -> FeedSpec:
             raise ConfigError(f"feeds.{dataset}: seed={seed} must be >= 0")
         opts = SyntheticOptions(rate=rate, instruments=instruments, seed=seed)
         if "schemas" in query:
-            schemas = tuple(s for s in query["schemas"].split(",") if s)
-            bad = [s for s in schemas if s not in ("trades", "mbp-1", "ohlcv-1s")]
-            if bad or not schemas:
-                raise ConfigError(
-                    f"feeds.{dataset}: synthetic schemas are trades, mbp-1, "
-                    f"ohlcv-1s (got {query['schemas']!r})"
-                )
+            try:
+                schemas = parse_schemas(query["schemas"])
+            except ValueError as exc:
+                raise ConfigError(f"feeds.{dataset}: {exc}") from None
             opts = SyntheticOptions(opts.rate, opts.instruments, opts.seed, opts.tick_s, schemas)
         spec = FeedSpec(dataset, "synthetic", uri, synthetic=opts)
     elif scheme == "file":

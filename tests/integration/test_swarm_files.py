@@ -307,7 +307,7 @@ def test_dockerignore_lets_in_only_what_the_image_needs() -> None:
     ]
     assert lines[0] == "*"
     allowed = {line[1:].rstrip("/") for line in lines if line.startswith("!")}
-    assert allowed == {"pyproject.toml", "README.md", "gateway", "deploy/docker"}
+    assert allowed == {"pyproject.toml", "setup.py", "README.md", "gateway", "deploy/docker"}
     copied = re.findall(r"^COPY\s+(?!--from)(.+)\s+\S+$", DOCKERFILE.read_text(), re.M)
     for sources in copied:
         for src in sources.split():
