@@ -20,6 +20,12 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
+from bench.books_fanout import (
+    append_books_section,
+    books_summary,
+    books_targets,
+    write_books_outputs,
+)
 from bench.peers import ensure_peers, versions
 from bench.procs import machine_info, raise_nofile
 from bench.relay_report import (
@@ -130,6 +136,8 @@ def summary_line(r: dict[str, Any]) -> str:
         parts.append(replay_summary(r))
     elif sc == "relay":
         parts.append(relay_summary(r))
+    elif sc == "books":
+        parts.append(books_summary(r))
     elif sc == "workers":
         parts.append(f"{r['throughput_rps'] / 1e6:.3f} M rec/s")
         if r.get("server_cpu_s_per_m") is not None:
@@ -302,6 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     meta["elapsed_s"] = round(time.monotonic() - started, 1)
     doc["targets"] = evaluate_targets(doc["results"])
     doc["targets"] += relay_targets(doc["results"])
+    doc["targets"] += books_targets(doc["results"])
     doc["loss"] = loss_summary(doc["results"])
     try:
         doc["plots"] = write_plots(outdir, doc["results"], plot_caption(meta))
@@ -314,6 +323,9 @@ def main(argv: list[str] | None = None) -> int:
     doc["relay"] = write_relay_outputs(outdir, doc, plot_caption(meta), log=sys.stderr)
     if doc["relay"].get("plot"):
         doc["plots"].append(doc["relay"]["plot"])
+    doc["books"] = write_books_outputs(outdir, doc, plot_caption(meta), log=sys.stderr)
+    if doc["books"].get("plot"):
+        doc["plots"].append(doc["books"]["plot"])
     if args.quick:
         for t in doc["targets"]:
             if t["status"] == "n/a" and "not run" in t["detail"]:
@@ -321,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     write_json(outdir / "results.json", doc)
     write_markdown(outdir / "RESULTS.md", doc)
     append_relay_section(outdir / "RESULTS.md", doc["results"])
+    append_books_section(outdir / "RESULTS.md", doc["results"])
     print(summary_table(doc["results"]))
     for t in doc["targets"]:
         print(

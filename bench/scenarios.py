@@ -870,6 +870,7 @@ SCENARIOS: Final = (
     "connect",
     "replay",
     "relay",
+    "books",
     "workers",
 )
 #: what ``python -m bench`` runs without ``--scenarios`` (``workers`` joins them when
@@ -887,11 +888,12 @@ SCENARIO_SYSTEMS: Final = {
     "connect": ("gateway", "nats", "redis", "zmq"),
     "replay": ("gateway",),
     "relay": ("gateway", "raw"),
+    "books": ("gateway",),
     "workers": ("gateway",),
 }
 #: scenarios a ``--quick`` run leaves out unless ``--scenarios`` names them (``relay``:
 #: four extra gateways per repeat; ``--quick --scenarios relay`` is its correctness run)
-QUICK_OPT_IN: Final = ("relay",)
+QUICK_OPT_IN: Final = ("relay", "books")
 
 
 def _at_workers(h: Harness, workers: int, run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
@@ -1009,6 +1011,11 @@ def build_cases(
 
             for system, n, rparams, run in relay_cases(h, systems, repeats):
                 cases.append(Case(scenario, system, n, rparams, run))
+        elif scenario == "books" and "gateway" in systems:
+            from bench.books_fanout import books_cases
+
+            for system, n, bparams, run in books_cases(h, repeats):
+                cases.append(Case(scenario, system, n, bparams, run))
         elif scenario == "workers" and "gateway" in systems:
             counts = (1, *[c for c in workers if c != 1])
             zmode = next(m for m in ZSTD_MODES if m.name == "zstd-distinct")
