@@ -85,11 +85,17 @@ _ACTION: Final = np.array([b"A", b"C", b"C", b"M", b"M", b"M", b"T", b"R"], dtyp
 _SIDE: Final = np.array([b"B", b"A", b"N"], dtype="S1")  # bid 0, ask 1, none 2
 #: the split of the events that are neither adds nor trades: full cancels, partial cancels,
 #: modifies down (priority kept), modifies of the price and modifies up (priority lost)
-_OTHER_CDF: Final = np.cumsum([0.55, 0.15, 0.12, 0.12, 0.06])[:-1]
+_OTHER_CDF: Final = tuple(np.cumsum([0.55, 0.15, 0.12, 0.12, 0.06])[:-1].tolist())
 #: primes beyond any count of orders (strides that visit distinct orders)
 _PRIMES: Final = (2147483647, 2147483629, 2147483587, 2147483579, 2147483563, 2147483549)
 
 I64 = npt.NDArray[np.int64]
+
+
+def _depth(rng: np.random.Generator, n: int) -> I64:
+    """Ticks behind the top a new or moved order rests: 0..9, 0 the likeliest."""
+    u = rng.random(n)
+    return (u * u * 10).astype(np.int64)
 
 
 class MboGenerator:
@@ -230,33 +236,39 @@ class MboGenerator:
         # Kinds: the fuller the book, the fewer adds.
         p_add = np.clip(0.75 - 0.35 * resting / TARGET_ORDERS, 0.25, 0.75)[ga]
         u = rng.random(E)
-        other = 1 + np.searchsorted(_OTHER_CDF, (u - p_add) / (1.0 - P_TRADE - p_add))
+        v = (u - p_add) / (1.0 - P_TRADE - p_add)
+        other = 1 + sum((v >= c for c in _OTHER_CDF), np.zeros(E, np.int64))
         kind = np.where(u < p_add, ADD, np.where(u >= 1.0 - P_TRADE, TRADE, other))
 
         # Trades: buyers lean in when the walk is above the book's mid. Per group hit, the
         # trades take, in time order, consecutive quantities of its best level.
         mid2 = np.where(has_b & has_a, bid + ask, 2 * walk)
         p_buy = np.clip(0.5 + 0.125 * (2 * walk - mid2), 0.15, 0.85)
-        is_tr = kind == TRADE
-        buy = (rng.random(E) < p_buy[ga]) & is_tr
-        hg = ga * 2 + buy  # the group a trade hits: asks when buying
+        trs = np.flatnonzero(kind == TRADE)
+        buy = rng.random(len(trs)) < p_buy[ga[trs]]
+        hg = ga[trs] * 2 + buy  # the group each trade hits: asks when buying
         limit = np.minimum(level[hg], 3 * head[hg])
-        want = np.where(is_tr, 1 + (rng.random(E) * limit).astype(np.int64), 0)
-        t_end = np.zeros(E, np.int64)
-        for side in (0, 1):
-            q = np.where(buy == side, want, 0)
-            run = np.cumsum(q)
-            t_end += np.where(buy == side, run - np.repeat((run - q)[gfirst], gcnt), 0)
+        want = 1 + (rng.random(len(trs)) * limit).astype(np.int64)
+        by_group = np.argsort(hg, kind="stable")  # time order within each group
+        hg2 = hg[by_group]
+        q2 = want[by_group]
+        run = np.cumsum(q2)
+        first = np.ones(len(hg2), dtype=np.bool_)
+        first[1:] = hg2[1:] != hg2[:-1]
+        end2 = run - (np.maximum.accumulate(np.where(first, run - q2, 0)) if len(run) else run)
+        t_end = np.empty(len(trs), np.int64)
+        t_end[by_group] = end2
         t_start = t_end - want
-        t_ok = is_tr & (t_start < level[hg])
+        ok = t_start < level[hg]
         t_end = np.minimum(t_end, level[hg])
         consumed = np.zeros(G, np.int64)
-        np.maximum.at(consumed, hg[t_ok], t_end[t_ok])
-        kind[is_tr & ~t_ok] = ADD
-        tr = np.flatnonzero(t_ok)  # trade slots
-        tg = hg[tr]
-        t_lo = t_start[tr] + g0[tg]
-        t_qty = t_end[tr] - t_start[tr]
+        np.maximum.at(consumed, hg[ok], t_end[ok])
+        kind[trs[~ok]] = ADD
+        tr = trs[ok]  # trade slots
+        tg = hg[ok]
+        t_buy = buy[ok]
+        t_lo = t_start[ok] + g0[tg]
+        t_qty = t_end[ok] - t_start[ok]
         k0 = np.searchsorted(C, t_lo, side="right")
         k1 = np.searchsorted(C, t_lo + t_qty - 1, side="right")
         t_m = k1 - k0 + 1
@@ -308,14 +320,14 @@ class MboGenerator:
         e_px = np.zeros(E, np.int64)
         e_sz = np.zeros(E, np.int64)
         e_oid = np.zeros(E, np.int64)
-        e_side[tr] = 1 - buy[tr]  # the aggressor: B when buying
+        e_side[tr] = 1 - t_buy  # the aggressor: B when buying
         e_px[tr] = best[tg]
         e_sz[tr] = t_qty
 
         e_side[cm] = c_side
         e_oid[cm] = self.o_id[c_state]
         cut = 1 + (rng.random(len(cm)) * (c_sz - 1)).astype(np.int64)  # 1 .. size-1
-        deeper = np.minimum(rng.geometric(0.45, size=len(cm)) - 1, 9)
+        deeper = _depth(rng, len(cm))
         moved = np.where(c_side == 0, top_bid[cm_a] - deeper, top_ask[cm_a] + deeper)
         moved = np.where(moved == c_px, c_px + 2 * c_side - 1, moved)
         new_px = np.where(ck == MPRICE, moved, c_px)
@@ -334,7 +346,7 @@ class MboGenerator:
         aa = ga[adds]
         thin = (cnt[1::2] - cnt[0::2])[aa] / (resting[aa] + 2)
         a_side = (rng.random(len(adds)) >= np.clip(0.5 + 0.4 * thin, 0.15, 0.85)).astype(np.int64)
-        deeper = np.minimum(rng.geometric(0.45, size=len(adds)) - 1, 9)
+        deeper = _depth(rng, len(adds))
         e_side[adds] = a_side
         e_px[adds] = np.where(a_side == 0, top_bid[aa] - deeper, top_ask[aa] + deeper)
         e_sz[adds] = rng.integers(1, 300, size=len(adds))
@@ -361,54 +373,51 @@ class MboGenerator:
             walk + np.bincount(ga, weights=step, minlength=A).astype(np.int64), MIN_TICKS, MAX_TICKS
         )
 
-        # The records: an R per instrument new to the feed, then the events in time order.
+        # The records: an R per instrument new to the feed, then the events in time order,
+        # a trade's F and C records after its T.
         nr = len(fresh)
-        order_t = slot_at
+        events = nr + E
+        t_slot = slot_at
         m_slot = np.zeros(E, np.int64)
         m_slot[tr] = t_m
         f0_slot = np.zeros(E, np.int64)
         f0_slot[tr] = f_first
-        kinds = np.concatenate((np.full(nr, CLEAR), kind[order_t]))
-        inst = np.concatenate((fresh, act[ga[order_t]]))
-        ev_ts = np.concatenate((np.full(nr, ts[order_t[0]]), ts[order_t]))
-        sides = np.concatenate((np.full(nr, 2), e_side[order_t]))
-        prices = np.concatenate((np.full(nr, UNDEF_PRICE), e_px[order_t] * self.tick))
-        sizes = np.concatenate((np.zeros(nr, np.int64), e_sz[order_t]))
-        oids = np.concatenate((np.zeros(nr, np.int64), e_oid[order_t]))
-        m_of = np.concatenate((np.zeros(nr, np.int64), m_slot[order_t]))
-        f0 = np.concatenate((np.zeros(nr, np.int64), f0_slot[order_t]))
-        rc = 1 + 2 * m_of
-        total = int(rc.sum())
-        ev = np.repeat(np.arange(nr + E), rc)
-        pos = np.arange(total) - np.repeat(np.cumsum(rc) - rc, rc)
-
-        rec = np.zeros(total, dtype=MBO_DTYPE)
-        rec["length"] = MBO_DTYPE.itemsize // 4
-        rec["rtype"] = RTYPE_MBO
-        rec["publisher_id"] = self.publisher_id
-        rec["instrument_id"] = self.ids[inst][ev]
-        lag = rng.integers(1_000, 50_000, size=nr + E)
-        rec["ts_recv"] = ev_ts[ev]
-        rec["ts_event"] = (ev_ts - lag)[ev]
-        rec["ts_in_delta"] = rng.integers(5_000, 30_000, size=nr + E)[ev]
-        rec["action"] = _ACTION[kinds][ev]
-        rec["side"] = _SIDE[sides][ev]
-        rec["price"] = prices[ev]
-        rec["size"] = sizes[ev]
-        rec["order_id"] = oids[ev]
-        rec["flags"] = np.where(pos == rc[ev] - 1, F_LAST, 0)
-        sub = np.flatnonzero(pos > 0)  # the fills and cancels after a T
-        if len(sub):
-            se = ev[sub]
-            p = pos[sub]
-            m = m_of[se]
-            is_fill = p <= m
-            fi = f0[se] + np.where(is_fill, p - 1, p - 1 - m)
-            rec["action"][sub] = np.where(is_fill, b"F", b"C")
-            rec["side"][sub] = np.repeat(_SIDE[buy[tr].astype(np.int64)], t_m)[fi]
-            rec["price"][sub] = np.repeat(best[tg] * self.tick, t_m)[fi]
-            rec["size"][sub] = f_qty[fi]
-            rec["order_id"][sub] = f_oid[fi]
+        one = np.zeros(events, dtype=MBO_DTYPE)  # one record per event
+        one["length"] = MBO_DTYPE.itemsize // 4
+        one["rtype"] = RTYPE_MBO
+        one["publisher_id"] = self.publisher_id
+        one["instrument_id"] = self.ids[np.concatenate((fresh, act[ga[t_slot]]))]
+        ev_ts = np.concatenate((np.full(nr, ts[t_slot[0]]), ts[t_slot]))
+        one["ts_recv"] = ev_ts
+        one["ts_event"] = ev_ts - rng.integers(1_000, 50_000, size=events)
+        one["ts_in_delta"] = rng.integers(5_000, 30_000, size=events)
+        one["action"] = _ACTION[np.concatenate((np.full(nr, CLEAR), kind[t_slot]))]
+        one["side"] = _SIDE[np.concatenate((np.full(nr, 2), e_side[t_slot]))]
+        one["price"] = np.concatenate((np.full(nr, UNDEF_PRICE), e_px[t_slot] * self.tick))
+        one["size"][nr:] = e_sz[t_slot]
+        one["order_id"][nr:] = e_oid[t_slot]
+        m_of = np.concatenate((np.zeros(nr, np.int64), m_slot[t_slot]))
+        one["flags"] = np.where(m_of == 0, F_LAST, 0)
+        if not len(tr):
+            rec = one
+        else:
+            rc = 1 + 2 * m_of
+            rec = np.repeat(one, rc)
+            te = np.flatnonzero(m_of)  # the trades, in time order
+            two = 2 * m_of[te]
+            local = np.arange(int(two.sum())) - np.repeat(np.cumsum(two) - two, two)
+            at = np.repeat((np.cumsum(rc) - rc)[te] + 1, two) + local
+            m = np.repeat(m_of[te], two)
+            is_fill = local < m
+            fi = np.repeat(np.concatenate((np.zeros(nr, np.int64), f0_slot[t_slot]))[te], two)
+            fi += np.where(is_fill, local, local - m)
+            rec["action"][at] = np.where(is_fill, b"F", b"C")
+            rec["side"][at] = np.repeat(_SIDE[t_buy.astype(np.int64)], t_m)[fi]
+            rec["price"][at] = np.repeat(best[tg] * self.tick, t_m)[fi]
+            rec["size"][at] = f_qty[fi]
+            rec["order_id"][at] = f_oid[fi]
+            rec["flags"][at[~is_fill & (local == 2 * m - 1)]] = F_LAST
+        total = len(rec)
         seq = np.arange(self.sequence, self.sequence + total, dtype=np.uint64) % 2**32
         rec["sequence"] = seq.astype(np.uint32)
         self.sequence += total
