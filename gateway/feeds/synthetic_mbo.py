@@ -19,10 +19,15 @@ so no per-event Python loop is needed:
 * a fence per book keeps every bid strictly below every ask at every record: bids are
   added or moved at or below ``Fb``, asks at or above ``Fb + 1 tick``, where ``Fb`` is the
   walk's price clamped to [best bid, best ask - 1 tick]; on a side some trade of the batch
-  hits, nothing is added or moved above its best level (the trades' level stays the best).
+  hits, nothing is added or moved at a better price than its best level when the batch
+  began (the trades' level stays the best).
 
-The walk moves each instrument's reference price; adds gather around it and trades lean
-toward it (buyers when it is above the book's mid, sellers below), so the book follows it.
+The walk moves each instrument's reference price (a Gaussian step for the time since it
+last moved: volatility per second, whatever the rate); the bid side is topped up at or
+below it and the ask side a tick above, so the side it left behind is cleared by trades,
+which lean toward it (buyers when it is above the book's mid, sellers below): the book
+follows it. The cost: about 0.4 CPU seconds per million records on the 2-core VM (the
+trades/mbp-1 generator: about 0.15); a ``make`` of a few records costs about 0.5 ms.
 A book's size regulates itself: the fuller it is, the fewer adds and the more cancels.
 The same seed and the same sequence of ``make`` calls give the same records.
 """
@@ -70,8 +75,9 @@ MAX_BATCH: Final = 16_384
 #: cancels at most the orders that rested when it began)
 TARGET_ORDERS: Final = 40
 P_TRADE: Final = 0.1
-#: probability that an event moves its instrument's walk by one tick (each way)
-P_STEP: Final = 0.02
+#: the walk's volatility, ticks per square root of a second (a $400 stock at 1.5% a day
+#: moves about 4 cents per root second): time-based, so a busier feed is not a wilder one
+SIGMA_TICKS: Final = 3.0
 #: the lowest walk price, in ticks
 MIN_TICKS: Final = 100
 #: prices stay below this many ticks (the walk stops at MAX_TICKS): a price fits a sort key
@@ -116,7 +122,8 @@ class MboGenerator:
         self.tick = tick
         self.publisher_id = publisher_id
         n = len(ids)
-        self.walk: I64 = np.maximum(mid // tick, MIN_TICKS).astype(np.int64)
+        self.walk = np.maximum(mid // tick, MIN_TICKS).astype(np.float64)  # ticks
+        self.walk_ns = np.full(n, -1, np.int64)  # when each instrument's walk last moved
         self.weights = weights / weights.sum()
         self.cdf = np.cumsum(self.weights)
         self.seen = np.zeros(n, dtype=np.bool_)
@@ -230,7 +237,13 @@ class MboGenerator:
             head[has] = bl_sz[(np.cumsum(blcnt) - blcnt)[has]]
         has_b, has_a = has[0::2], has[1::2]
         bid, ask = best[0::2], best[1::2]
-        walk = self.walk[act]
+        # The walk: a Gaussian step per instrument for the time since it last moved.
+        since = self.walk_ns[act]
+        dt = np.where(since < 0, 0, now_ns - since).clip(0) / 1e9
+        moved_walk = self.walk[act] + rng.standard_normal(A) * SIGMA_TICKS * np.sqrt(dt)
+        self.walk[act] = np.clip(moved_walk, MIN_TICKS, MAX_TICKS)
+        self.walk_ns[act] = now_ns
+        walk = np.rint(self.walk[act]).astype(np.int64)
         resting = cnt[0::2] + cnt[1::2]
 
         # Kinds: the fuller the book, the fewer adds.
@@ -242,8 +255,8 @@ class MboGenerator:
 
         # Trades: buyers lean in when the walk is above the book's mid. Per group hit, the
         # trades take, in time order, consecutive quantities of its best level.
-        mid2 = np.where(has_b & has_a, bid + ask, 2 * walk)
-        p_buy = np.clip(0.5 + 0.125 * (2 * walk - mid2), 0.15, 0.85)
+        mid2 = np.where(has_b & has_a, bid + ask, 2 * walk + 1)  # twice the mid, in ticks
+        p_buy = np.clip(0.5 + 0.125 * (2 * walk + 1 - mid2), 0.15, 0.85)
         trs = np.flatnonzero(kind == TRADE)
         buy = rng.random(len(trs)) < p_buy[ga[trs]]
         hg = ga[trs] * 2 + buy  # the group each trade hits: asks when buying
@@ -312,8 +325,12 @@ class MboGenerator:
         fb = np.minimum(
             np.maximum(walk, np.where(has_b, bid, -_BIG)), np.where(has_a, ask - 1, _BIG)
         )
-        top_bid = np.where(traded[0::2], bid, fb)
-        top_ask = np.where(traded[1::2], ask, fb + 1)
+        # Within them the side the walk left behind is not topped up at its stale best
+        # level (the walk's price is the bid, a tick above it the ask), so trades clear it.
+        top_bid = np.minimum(fb, walk)
+        top_bid = np.where(traded[0::2], np.minimum(top_bid, bid), top_bid)
+        top_ask = np.maximum(fb + 1, walk + 1)
+        top_ask = np.where(traded[1::2], np.maximum(top_ask, ask), top_ask)
 
         # Per-slot fields (prices in ticks until the records are written).
         e_side = np.full(E, 2, np.int64)
@@ -366,12 +383,6 @@ class MboGenerator:
         self.o_px = np.concatenate((self.o_px[keep], e_px[back]))
         self.o_sz = np.concatenate((self.o_sz[keep], e_sz[back]))
         self.o_id = np.concatenate((self.o_id[keep], e_oid[back]))
-
-        steps = rng.random(E)
-        step = (steps > 1 - P_STEP).astype(np.int64) - (steps < P_STEP)
-        self.walk[act] = np.clip(
-            walk + np.bincount(ga, weights=step, minlength=A).astype(np.int64), MIN_TICKS, MAX_TICKS
-        )
 
         # The records: an R per instrument new to the feed, then the events in time order,
         # a trade's F and C records after its T.

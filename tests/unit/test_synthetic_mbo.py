@@ -270,7 +270,7 @@ def test_the_records_made_follow_the_records_asked() -> None:
         worst = max(worst, abs(got - asked))
     assert asked > 250_000
     assert worst < 1_000  # about half a call at most (while the books first fill)
-    assert abs(got - asked) < 0.001 * asked
+    assert abs(got - asked) < 0.005 * asked  # what the last call owes
 
 
 def test_the_generator_keeps_up_with_the_rate_limit() -> None:
