@@ -228,9 +228,9 @@ def test_large_batches_with_deep_books_stay_valid() -> None:
     assert checker.kinds["trade of several fills"] > 10
 
 
-def test_a_book_that_empties_refills() -> None:
-    """One instrument, tiny batches: sides run empty and trades find nothing (they become
-    adds); the book refills around the walk and stays valid."""
+def test_one_book_from_empty_in_tiny_batches() -> None:
+    """One instrument, a record or two a call: the book starts empty (the first cancels,
+    modifies and trades find nothing and become adds), fills and stays valid."""
     gen = SyntheticGenerator(mbo_options(instruments=1, seed=3))
     checker = Checker()
     checker.feed(split(generate(gen, [1] * 300 + [2] * 300)))
