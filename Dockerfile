@@ -48,7 +48,7 @@ RUN set -eu; \
     rm -rf "$site"/numpy/*/tests "$site"/numpy/tests "$site"/numpy/_pyinstaller "$site"/numpy/f2py; \
     find /opt/gateway -type f -name '*.pyi' -delete; \
     /opt/gateway/bin/gateway --version; \
-    /opt/gateway/bin/python -c 'import gateway.books.native'
+    cd / && /opt/gateway/bin/python -c 'import gateway.books.native'
 
 FROM ${BASE}
 ARG DEBIAN_FRONTEND=noninteractive

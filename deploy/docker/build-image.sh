@@ -12,9 +12,9 @@
 #                   without a bridge or IP forwarding, such as the private one of make test-swarm)
 #
 # The build context is a temporary copy of what the image needs (Dockerfile, .dockerignore,
-# pyproject.toml, README.md, gateway/, deploy/docker/, plus the extra CA certificates), so the
-# working tree is never written to. Talks to the daemon named by DOCKER_HOST. Uses BuildKit when
-# the docker CLI has buildx, else the legacy builder.
+# pyproject.toml, setup.py, README.md, gateway/ without build outputs, deploy/docker/, plus the
+# extra CA certificates), so the working tree is never written to. Talks to the daemon named by
+# DOCKER_HOST. Uses BuildKit when the docker CLI has buildx, else the legacy builder.
 set -eu
 
 TAG=dbn-gateway:latest
@@ -50,11 +50,15 @@ cleanup() { rm -rf "$CTX"; }
 trap cleanup EXIT
 trap 'exit 130' HUP INT PIPE TERM
 
-cp "$ROOT/Dockerfile" "$ROOT/.dockerignore" "$ROOT/pyproject.toml" "$ROOT/README.md" "$CTX/"
+cp "$ROOT/Dockerfile" "$ROOT/.dockerignore" "$ROOT/pyproject.toml" "$ROOT/setup.py" \
+  "$ROOT/README.md" "$CTX/"
 mkdir -p "$CTX/deploy"
 cp -R "$ROOT/gateway" "$CTX/gateway"
 cp -R "$ROOT/deploy/docker" "$CTX/deploy/docker"
 find "$CTX" -name __pycache__ -type d -prune -exec rm -rf {} +
+# the native book engine is compiled in the image, never copied from this machine
+rm -f "$CTX"/gateway/books/_native/*.so "$CTX"/gateway/books/_native/*.o \
+  "$CTX"/gateway/books/_native/_books.c
 rm -f "$CTX"/deploy/docker/certs/*.crt
 if [ -n "$CA_DIR" ]; then
   found=0
