@@ -82,6 +82,17 @@ FAMILIES = {
     "gateway_relay_records_deduplicated": "counter",
     "gateway_relay_resume_seconds": "gauge",
     "gateway_relay_upstream_silence_seconds": "gauge",
+    "gateway_books_enabled": "gauge",
+    "gateway_books": "gauge",
+    "gateway_books_orders": "gauge",
+    "gateway_books_memory_bytes": "gauge",
+    "gateway_books_records": "counter",
+    "gateway_books_unknown_orders": "counter",
+    "gateway_books_apply_seconds": "counter",
+    "gateway_books_derived_records": "counter",
+    "gateway_books_snapshots": "counter",
+    "gateway_books_snapshot_records": "counter",
+    "gateway_books_snapshot_seconds": "counter",
 }
 
 
