@@ -12,14 +12,23 @@ Rules (Databento's documented MBO semantics; PROTOCOL.md §6.3b):
   unknown order is an add.
 - ``R`` clears the book. ``T`` (trade), ``F`` (fill) and ``N`` (none) do not change it: a
   fill's effect on the book arrives as a cancel.
-- An add flagged ``F_TOB`` replaces its whole side with one level (order_id as given); an
-  ``F_TOB`` add at ``UNDEF_PRICE`` (or of size 0) empties the side. An add of size 0 rests
-  nothing.
+- An add flagged ``F_TOB`` (top-of-book venues: IEX TOPS, NYSE National BBO, where each
+  quote is normalised into a pair of such adds, one per side, both usually order_id 0)
+  replaces its whole side with one level; an ``F_TOB`` add at ``UNDEF_PRICE`` (or of size 0)
+  empties the side. A top-of-book order is not an order of the venue: it is not indexed by
+  its order_id, so it leaves alone an order resting with the same id (the other side's
+  ``F_TOB`` add, a regular order), and a later cancel or modify naming that id does not find
+  it (a cancel counts as unknown; a modify is an add). It leaves the book only when its side
+  is replaced again (or by ``R``). A level's order count leaves it out (a level holding only
+  it counts 0 orders; its size counts). An add of size 0 rests nothing.
 - An event may span records: the book is consistent after a record flagged ``F_LAST``.
 
-Levels keep their orders in queue priority (insertion order of a dict). ``orders()`` yields
-the resting orders as a snapshot lists them: bids best first, then asks best first, each
-level in queue priority.
+Levels keep their orders in queue priority (insertion order of a dict; a top-of-book order
+under the key ``TOB_KEY``, first in its level, since it rested on an emptied side).
+``orders()`` yields the resting orders as a snapshot lists them: per side (bids, then asks)
+the side's top-of-book order first (a snapshot repeats it as an add flagged ``F_TOB``, which
+replaces the side on replay, so nothing of the side may come before it), then the other
+orders best level first, each level in queue priority.
 """
 
 from __future__ import annotations
@@ -39,6 +48,7 @@ __all__ = [
     "Books",
     "Mbo",
     "Order",
+    "TOB_KEY",
     "parse_mbo",
 ]
 
@@ -49,6 +59,8 @@ F_LAST: Final = 1 << 7
 F_TOB: Final = 1 << 6
 F_SNAPSHOT: Final = 1 << 5
 F_BAD_TS_RECV: Final = 1 << 3
+#: the key of a level's top-of-book order (order ids are unsigned: no order has it)
+TOB_KEY: Final = -1
 # header (length, rtype, publisher_id, instrument_id, ts_event), order_id, price, size,
 # flags, channel_id, action, side, ts_recv, ts_in_delta, sequence
 _MBO: Final = struct.Struct("<BBHIQQqIBBccQiI")
@@ -106,6 +118,8 @@ class Order:
     #: the order's own ts_event and venue sequence (a snapshot repeats them)
     ts_event: int
     sequence: int
+    #: rested by an ``F_TOB`` add: not indexed by order_id, not counted in its level
+    tob: bool = False
 
 
 @dataclass
@@ -114,7 +128,10 @@ class Book:
 
     bids: dict[int, dict[int, Order]] = field(default_factory=dict)
     asks: dict[int, dict[int, Order]] = field(default_factory=dict)
+    #: the regular resting orders by order_id (top-of-book orders are not in it)
     by_id: dict[int, Order] = field(default_factory=dict)
+    #: the top-of-book order of each side ('B', 'A') that has one
+    tob: dict[str, Order] = field(default_factory=dict)
     #: cancels and modifies that named no resting order (cancels: ignored)
     unknown_cancels: int = 0
     #: records since the last F_LAST: the book is mid-event while this is non-zero
@@ -143,6 +160,15 @@ class Book:
         self.bids.clear()
         self.asks.clear()
         self.by_id.clear()
+        self.tob.clear()
+
+    def _clear_side(self, side: str, levels: dict[int, dict[int, Order]]) -> None:
+        for level in levels.values():
+            for key, order in level.items():
+                if key != TOB_KEY:
+                    del self.by_id[order.order_id]
+        levels.clear()
+        self.tob.pop(side, None)
 
     def apply(self, m: Mbo) -> None:
         """Apply one MBO record."""
@@ -180,11 +206,13 @@ class Book:
             levels = self._side(m.side)
             if levels is None:
                 return
-            for level in list(levels.values()):
-                for order in list(level.values()):
-                    self._remove(order)
+            self._clear_side(m.side, levels)
             if m.price == UNDEF_PRICE or m.size <= 0:
                 return  # the side is empty
+            order = Order(m.order_id, m.side, m.price, m.size, m.ts_event, m.sequence, tob=True)
+            levels[m.price] = {TOB_KEY: order}
+            self.tob[m.side] = order
+            return
         old = self.by_id.get(m.order_id)  # an id that rests already (either side) moves
         if old is not None:
             self._remove(old)
@@ -194,12 +222,20 @@ class Book:
     # --- reading it ---------------------------------------------------------------------
 
     def levels(self, side: str, depth: int) -> list[tuple[int, int, int]]:
-        """The best ``depth`` levels of a side: (price, total size, order count)."""
+        """The best ``depth`` levels of a side: (price, total size, order count); the count
+        leaves out a top-of-book order (its size counts)."""
         levels = self._side(side)
         if levels is None:
             return []
         prices = sorted(levels, reverse=side == "B")[:depth]
-        return [(p, sum(o.size for o in levels[p].values()), len(levels[p])) for p in prices]
+        return [
+            (
+                p,
+                sum(o.size for o in levels[p].values()),
+                len(levels[p]) - (TOB_KEY in levels[p]),
+            )
+            for p in prices
+        ]
 
     def bbo(self) -> tuple[tuple[int, int, int] | None, tuple[int, int, int] | None]:
         bid = self.levels("B", 1)
@@ -207,11 +243,17 @@ class Book:
         return (bid[0] if bid else None, ask[0] if ask else None)
 
     def orders(self) -> Iterator[Order]:
-        """Resting orders as a snapshot lists them: bids best first, then asks best first,
-        each level in queue priority."""
+        """Resting orders as a snapshot lists them: per side (bids, then asks), the side's
+        top-of-book order first, then the other orders best level first, each level in
+        queue priority."""
         for side, levels in (("B", self.bids), ("A", self.asks)):
+            top = self.tob.get(side)
+            if top is not None:
+                yield top
             for price in sorted(levels, reverse=side == "B"):
-                yield from levels[price].values()
+                for key, order in levels[price].items():
+                    if key != TOB_KEY:
+                        yield order
 
 
 class Books:
@@ -237,4 +279,5 @@ class Books:
 
     @property
     def orders_held(self) -> int:
-        return sum(len(b.by_id) for b in self.books.values())
+        """Resting orders, top-of-book orders included (what a snapshot repeats)."""
+        return sum(len(b.by_id) + len(b.tob) for b in self.books.values())

@@ -15,6 +15,7 @@ from hypothesis import given, settings, strategies as st
 from gateway.books.reference import (
     F_LAST,
     F_TOB,
+    TOB_KEY,
     UNDEF_PRICE,
     Book,
     Books,
@@ -122,9 +123,62 @@ def test_a_top_of_book_add_replaces_its_side_and_undef_empties_it() -> None:
         mbo("A", 3, 105, 1, side="A"),
         mbo("A", 0, 101, 7, flags=F_TOB | F_LAST),
     )
-    assert book.levels("B", 10) == [(101, 7, 1)] and book.levels("A", 10) == [(105, 1, 1)]
+    # a top-of-book level counts no order (it is no venue order), its size counts
+    assert book.levels("B", 10) == [(101, 7, 0)] and book.levels("A", 10) == [(105, 1, 1)]
+    assert set(book.by_id) == {3}  # 1 and 2 went with their side
     book.apply(parse_mbo(mbo("A", 0, UNDEF_PRICE, 0, flags=F_TOB | F_LAST)))
-    assert book.levels("B", 10) == []
+    assert book.levels("B", 10) == [] and book.tob == {}
+
+
+def test_a_top_of_book_pair_sharing_id_0_keeps_both_sides() -> None:
+    # IEX TOPS / NYSE National: each quote is a pair of F_TOB adds, both order_id 0
+    book = play(
+        mbo("A", 0, 100, 5, flags=F_TOB),
+        mbo("A", 0, 101, 7, side="A", flags=F_TOB | F_LAST),
+    )
+    assert book.bbo() == ((100, 5, 0), (101, 7, 0))
+    assert book.by_id == {} and [(o.side, o.tob) for o in book.orders()] == [
+        ("B", True),
+        ("A", True),
+    ]
+    # the next quote replaces each side; an UNDEF side has no depth
+    book.apply(parse_mbo(mbo("A", 0, 99, 2, flags=F_TOB)))
+    book.apply(parse_mbo(mbo("A", 0, UNDEF_PRICE, 0, side="A", flags=F_TOB | F_LAST)))
+    assert book.bbo() == ((99, 2, 0), None)
+
+
+def test_a_top_of_book_add_leaves_an_order_with_its_id_on_the_other_side() -> None:
+    book = play(mbo("A", 0, 100, 5), mbo("A", 0, 101, 7, side="A", flags=F_TOB | F_LAST))
+    assert book.bbo() == ((100, 5, 1), (101, 7, 0)) and set(book.by_id) == {0}
+
+
+def test_cancel_and_modify_naming_a_top_of_book_id_do_not_touch_it() -> None:
+    book = play(mbo("A", 0, 100, 5, flags=F_TOB | F_LAST), mbo("C", 0, 100, 5))
+    assert book.bbo() == ((100, 5, 0), None) and book.unknown_cancels == 1
+    # a modify of an unknown id is an add: a regular order beside the top-of-book one
+    book.apply(parse_mbo(mbo("M", 0, 100, 3)))
+    assert book.levels("B", 10) == [(100, 8, 1)]
+    assert queue(book, "B", 100) == [(0, 5), (0, 3)]
+    # and that regular order is the one a cancel now finds
+    book.apply(parse_mbo(mbo("C", 0, 100, 3)))
+    assert book.levels("B", 10) == [(100, 5, 0)] and book.unknown_cancels == 1
+
+
+def test_regular_orders_after_a_top_of_book_add_count_and_queue_behind_it() -> None:
+    book = play(
+        mbo("A", 0, 100, 5, flags=F_TOB | F_LAST),
+        mbo("A", 1, 100, 2),
+        mbo("A", 2, 101, 1),
+        mbo("A", 3, 99, 4),
+    )
+    assert book.levels("B", 10) == [(101, 1, 1), (100, 7, 1), (99, 4, 1)]
+    assert queue(book, "B", 100) == [(0, 5), (1, 2)]
+    # snapshot order: the side's top-of-book order first (its F_TOB add replaces the side
+    # on replay), then the other orders best first
+    assert [(o.order_id, o.price) for o in book.orders()] == [(0, 100), (2, 101), (1, 100), (3, 99)]
+    # the next top-of-book add takes the regular orders of the side with it
+    book.apply(parse_mbo(mbo("A", 0, 98, 1, flags=F_TOB | F_LAST)))
+    assert book.levels("B", 10) == [(98, 1, 0)] and book.by_id == {}
 
 
 def test_an_event_spans_records_until_f_last() -> None:
@@ -144,6 +198,16 @@ def test_books_are_per_instrument_and_publisher() -> None:
         ]
     )
     assert set(books.books) == {(7, 1), (7, 2), (8, 1)} and books.orders_held == 3
+
+
+def replay(book: Book) -> Book:
+    """The book a client rebuilds from a snapshot of ``book``: R, then an add per order
+    (F_TOB on top-of-book orders), under the same rules."""
+    out = Book()
+    out.apply(parse_mbo(mbo("R", flags=0)))
+    for o in book.orders():
+        out.apply(parse_mbo(mbo("A", o.order_id, o.price, o.size, o.side, F_TOB if o.tob else 0)))
+    return out
 
 
 def test_snapshot_order_is_bids_then_asks_best_first_in_queue_priority() -> None:
@@ -176,7 +240,7 @@ def test_the_real_mbo_sample_applies_cleanly() -> None:
 events = st.lists(
     st.tuples(
         st.sampled_from("AAAACCMMRTFN"),
-        st.integers(1, 6),  # order id
+        st.integers(0, 6),  # order id (0: what top-of-book venues send)
         st.integers(98, 102),  # price
         st.integers(0, 9),  # size
         st.sampled_from("BA"),
@@ -197,12 +261,25 @@ def test_invariants_and_queue_priority_on_generated_streams(
         was = (old.side, old.price, old.size, queue_ids(book, old.side, old.price)) if old else None
         flags = F_LAST | (F_TOB if tob and action == "A" else 0)
         book.apply(parse_mbo(mbo(action, oid, price, size, side, flags)))
-        # the index and the levels hold the same orders, every one with a positive size
+        # the index and the levels hold the same regular orders, every order (top-of-book
+        # ones too: at most one a side) with a positive size
         resting = list(book.orders())
-        assert {o.order_id for o in resting} == set(book.by_id)
-        assert len(resting) == len(book.by_id)
+        regular = [o for o in resting if not o.tob]
+        assert {o.order_id for o in regular} == set(book.by_id)
+        assert len(regular) == len(book.by_id)
+        assert [o for o in resting if o.tob] == [book.tob[s] for s in "BA" if s in book.tob]
         assert all(o.size > 0 for o in resting)
         assert all(level for levels in (book.bids, book.asks) for level in levels.values())
+        # a level's count leaves its top-of-book order out; its size does not
+        for s, levels in (("B", book.bids), ("A", book.asks)):
+            for p, n, c in book.levels(s, 100):
+                assert n == sum(o.size for o in levels[p].values())
+                assert c == sum(1 for o in levels[p].values() if not o.tob)
+        # a snapshot replayed under the same rules rebuilds the same book
+        again = replay(book)
+        assert [vars(o) for o in again.orders()] == [vars(o) for o in resting]
+        assert again.levels("B", 100) == book.levels("B", 100)
+        assert again.levels("A", 100) == book.levels("A", 100)
         if action != "M" or was is None or size == 0:
             continue
         was_side, was_price, was_size, was_queue = was
@@ -216,7 +293,7 @@ def test_invariants_and_queue_priority_on_generated_streams(
 
 def queue_ids(book: Book, side: str, price: int) -> list[int]:
     levels = book.bids if side == "B" else book.asks
-    return list(levels.get(price, {}))
+    return [k for k in levels.get(price, {}) if k != TOB_KEY]
 
 
 @pytest.mark.parametrize("bad", [b"", bytes(56), mbo("A")[:40]])
