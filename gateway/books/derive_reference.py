@@ -15,7 +15,11 @@ What the docs say, and what we do
   changed any (price, total size, order count) of the top 1 (top 10) levels of either side
   of its book, and one per ``T``. Header and price, size, action, side, flags, ts_recv,
   ts_in_delta and sequence come from the MBO record; the levels are the book *after* the
-  record (an empty level: ``UNDEF_PRICE``, size 0, count 0).
+  record (an empty level: ``UNDEF_PRICE``, size 0, count 0). A level's order count leaves
+  out a top-of-book order (an ``F_TOB`` add: IEX TOPS, NYSE National BBO), which stands for
+  the venue's quote, not an order (Databento's limit-order-book example singles out the
+  order count for these venues: a top-of-book update is no individual order); its size
+  counts. A level holding only it has count 0.
   The docs do not say whether a record is made mid-event (before ``F_LAST``): we make one per
   MBO record, flags copied, so a reader sees ``F_LAST`` where the event ends.
   A record that changes nothing (an ``R`` on an empty book, a cancel of an unknown order, an

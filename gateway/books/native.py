@@ -1,7 +1,8 @@
 """The native order books: a book per (instrument_id, publisher_id), built from DBN v3 MBO
 records one chunk per C call, with the derived trades / mbp-1 / mbp-10 records built while
 applying (design17.md). The rules are those of gateway/books/reference.py, the pure-Python
-oracle this engine is tested against (tests/unit/test_books_native.py).
+oracle this engine is tested against (tests/unit/test_books_native.py); among them, an
+F_TOB add (top-of-book venues) is not indexed by its order_id and not counted in its level.
 
 The C code (gateway/books/_native/books.c) is compiled by cffi at ``pip install -e .``
 (``make install``). It reads records in place and never past the chunk: a record whose
@@ -125,8 +126,10 @@ class NativeBooks:
     def snapshot(self, instrument_ids: Collection[int] | None, ts_recv: int) -> tuple[bytes, int]:
         """(records, count) rebuilding every book of those instruments (None: every book),
         books in (instrument_id, publisher_id) order: an R record, then an A per resting
-        order (bids best first, then asks best first, each level in queue priority), all
-        flagged F_SNAPSHOT|F_BAD_TS_RECV with ``ts_recv``, F_LAST on each book's last one."""
+        order (bids, then asks: the side's top-of-book order first, flagged F_TOB as well,
+        since on replay it replaces its side; then best level first, each level in queue
+        priority), all flagged F_SNAPSHOT|F_BAD_TS_RECV with ``ts_recv``, F_LAST on each
+        book's last one."""
         engine = self._engine()
         if instrument_ids is None:
             ids: list[int] = []
@@ -169,7 +172,8 @@ class NativeBooks:
     def levels(
         self, instrument_id: int, publisher_id: int, side: str, depth: int
     ) -> list[tuple[int, int, int]]:
-        """The best ``depth`` levels of a side ('B' or 'A'): (price, total size, count)."""
+        """The best ``depth`` levels of a side ('B' or 'A'): (price, total size, count); the
+        count leaves out a top-of-book (F_TOB) order, its size counts."""
         engine = self._engine()
         if side not in ("B", "A") or depth <= 0 or not _valid_key(instrument_id, publisher_id):
             return []
@@ -183,8 +187,8 @@ class NativeBooks:
     def orders(
         self, instrument_id: int, publisher_id: int
     ) -> list[tuple[int, str, int, int, int, int]]:
-        """The resting orders in snapshot order: (order_id, side, price, size, ts_event,
-        sequence)."""
+        """The resting orders in snapshot order (a side's top-of-book order first): (order_id,
+        side, price, size, ts_event, sequence)."""
         engine = self._engine()
         if not _valid_key(instrument_id, publisher_id):
             return []

@@ -292,6 +292,7 @@ def test_a_trade_is_in_every_trade_schema_with_the_book_unchanged() -> None:
 
 
 def test_a_top_of_book_pair_is_two_records_each_with_its_side() -> None:
+    # a top-of-book level counts no order (its size counts)
     out = feed_all(
         mbo("A", 1, 100, 5, flags=F_TOB),
         mbo("A", 2, 102, 7, side="A", flags=F_TOB | F_LAST),
@@ -299,10 +300,25 @@ def test_a_top_of_book_pair_is_two_records_each_with_its_side() -> None:
     )
     first, second, emptied = (one(o, "mbp-1") for o in out)
     assert (first.side, first.depth, first.flags) == ("B", 0, F_TOB)
-    assert levels_of(first, 1) == ([(100, 5, 1)], [])
+    assert levels_of(first, 1) == ([(100, 5, 0)], [])
     assert (second.side, second.depth) == ("A", 0)
-    assert levels_of(second, 1) == ([(100, 5, 1)], [(102, 7, 1)])
-    assert levels_of(emptied, 1) == ([], [(102, 7, 1)]) and emptied.depth == 0
+    assert levels_of(second, 1) == ([(100, 5, 0)], [(102, 7, 0)])
+    assert levels_of(emptied, 1) == ([], [(102, 7, 0)]) and emptied.depth == 0
+
+
+def test_a_top_of_book_pair_sharing_id_0_and_regular_orders_beside_it() -> None:
+    out = feed_all(
+        mbo("A", 0, 100, 5, flags=F_TOB),
+        mbo("A", 0, 102, 7, side="A", flags=F_TOB | F_LAST),  # leaves the bid (also id 0)
+        mbo("A", 0, 100, 2),  # a regular order with id 0 joins the top-of-book bid level
+        mbo("C", 0, 102, 7, side="A"),  # finds the regular bid 0, not the ask
+        mbo("A", 4, 101, 1),  # a better regular bid
+    )
+    recs = [one(o, "mbp-10") for o in out]
+    assert levels_of(recs[1], 1) == ([(100, 5, 0)], [(102, 7, 0)])
+    assert levels_of(recs[2], 1) == ([(100, 7, 1)], [(102, 7, 0)]) and recs[2].depth == 0
+    assert levels_of(recs[3], 1) == ([(100, 5, 0)], [(102, 7, 0)])
+    assert levels_of(recs[4], 2) == ([(101, 1, 1), (100, 5, 0)], [(102, 7, 0)])
 
 
 def test_records_mid_event_are_made_with_their_own_flags() -> None:
@@ -442,7 +458,7 @@ def mbo_streams(draw: st.DrawFn, max_size: int = 80) -> list[bytes]:
         st.lists(
             st.tuples(
                 st.sampled_from("AAAAAAAAACCCCCMMMMMTTTTTRFN"),
-                st.integers(1, 40),  # order id
+                st.integers(0, 40),  # order id (0: what top-of-book venues send)
                 st.integers(86, 115),  # price: bids and asks overlap on purpose
                 st.integers(0, 9),  # size
                 st.sampled_from("BBAAN"),

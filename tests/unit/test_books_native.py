@@ -124,10 +124,12 @@ def ref_snapshot(ref: Books, instrument_ids: Sequence[int] | None, ts_recv: int)
         if instrument_ids is not None and iid not in instrument_ids:
             continue
         orders = list(ref.books[(iid, pub)].orders())
-        recs = [(ts_recv, 0, UNDEF_PRICE, 0, "R", "N", 0)]
-        recs += [(o.ts_event, o.order_id, o.price, o.size, "A", o.side, o.sequence) for o in orders]
-        for i, (ts, oid, px, size, action, side, seq) in enumerate(recs):
-            flags = base | (F_LAST if i == len(recs) - 1 else 0)
+        recs = [(ts_recv, 0, UNDEF_PRICE, 0, "R", "N", 0, 0)]
+        for o in orders:  # a top-of-book order is repeated with F_TOB
+            tob = F_TOB if o.tob else 0
+            recs.append((o.ts_event, o.order_id, o.price, o.size, "A", o.side, o.sequence, tob))
+        for i, (ts, oid, px, size, action, side, seq, tob) in enumerate(recs):
+            flags = base | tob | (F_LAST if i == len(recs) - 1 else 0)
             msg = d.MBOMsg(
                 pub,
                 iid,
@@ -285,12 +287,27 @@ def test_real_samples_equal_the_reference(path: Path) -> None:
 
 record_st = st.tuples(
     st.sampled_from("AAAAACCCMMMRTFN"),
-    st.integers(1, 8),  # order id
+    st.integers(0, 8),  # order id (0: what top-of-book venues send)
     st.one_of(st.integers(97, 103), st.just(UNDEF_PRICE)),
     st.integers(0, 9),  # size
     st.sampled_from("BBAAN"),
     st.sampled_from([F_LAST, F_LAST, F_LAST, 0, F_LAST | F_TOB]),
     st.sampled_from([(7, 1), (7, 1), (7, 2), (8, 1)]),  # (instrument, publisher)
+)
+# a top-of-book venue's quote: an F_TOB add per side, both order_id 0 (F_LAST on the second);
+# UNDEF_PRICE (size 0): no depth on that side
+_tob_px = st.one_of(st.integers(97, 103), st.just(UNDEF_PRICE))
+tob_pair_st = st.tuples(
+    _tob_px, st.integers(0, 9), _tob_px, st.integers(0, 9), st.sampled_from([(7, 1), (8, 1)])
+).map(
+    lambda q: [
+        ("A", 0, q[0], 0 if q[0] == UNDEF_PRICE else q[1], "B", F_TOB, q[4]),
+        ("A", 0, q[2], 0 if q[2] == UNDEF_PRICE else q[3], "A", F_TOB | F_LAST, q[4]),
+    ]
+)
+# quotes mixed with regular records (ids 0..8 colliding with the quotes' 0)
+tob_stream_st = st.lists(st.one_of(tob_pair_st, record_st.map(lambda r: [r])), max_size=60).map(
+    lambda parts: [r for part in parts for r in part]
 )
 
 
@@ -325,6 +342,24 @@ def assert_derived_equal(out: Derived, chunk: list[bytes], deriver: object | Non
     st.sampled_from([0, ALL, WANT_MBP1, WANT_MBP10 | WANT_TRADES]),
 )
 def test_generated_streams_equal_the_reference(stream, cuts, want) -> None:
+    check_stream(stream, cuts, want)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    tob_stream_st,
+    st.lists(st.integers(0, 200), max_size=4),
+    st.sampled_from([0, ALL]),
+)
+def test_top_of_book_streams_equal_the_reference(stream, cuts, want) -> None:
+    check_stream(stream, cuts, want)
+
+
+def check_stream(
+    stream: list[tuple[str, int, int, int, str, int, tuple[int, int]]],
+    cuts: list[int],
+    want: int,
+) -> None:
     records = build(stream)
     native, ref = NativeBooks(), Books()
     deriver = derive_reference.Deriver(["trades", "mbp-1", "mbp-10"]) if derive_reference else None
@@ -350,8 +385,11 @@ def test_generated_streams_equal_the_reference(stream, cuts, want) -> None:
         again, rebuilt = NativeBooks(), Books()
         again.apply(data)
         rebuilt.apply_records(split(data))
-        for key in rebuilt.books:
+        for key, book in rebuilt.books.items():
             assert again.orders(*key) == ref_orders(ref, key)
+            for side in "BA":
+                assert again.levels(*key, side, 100) == ref.books[key].levels(side, 100)
+                assert book.levels(side, 100) == ref.books[key].levels(side, 100)
     native.close()
 
 
@@ -380,8 +418,58 @@ def test_mbp_side_and_depth_rules() -> None:
         mbo("A", 9, 100, 3, "B", F_LAST | F_TOB) + mbo("A", 0, UNDEF_PRICE, 0, "A", F_LAST | F_TOB),
         ALL,
     )
-    assert out.mbp1_count == 1 and books.levels(7, 1, "B", 5) == [(100, 3, 1)]
+    # a top-of-book level counts no order (its size counts)
+    assert out.mbp1_count == 1 and books.levels(7, 1, "B", 5) == [(100, 3, 0)]
     assert books.levels(7, 1, "A", 5) == []
+    bid = struct.unpack_from("<qqIIII", split(out.mbp1)[0], 48)
+    assert bid == (100, UNDEF_PRICE, 3, 0, 0, 0)
+
+
+def test_top_of_book_rules() -> None:
+    books = NativeBooks()
+    # a regular order with id 0 on the bid side; then a quote: F_TOB adds, both id 0
+    out = books.apply(
+        mbo("A", 0, 99, 4, "B")
+        + mbo("A", 0, 101, 7, "A", F_TOB)
+        + mbo("A", 0, UNDEF_PRICE, 0, "B", F_TOB)
+        + mbo("A", 0, 100, 5, "B", F_TOB | F_LAST),
+        ALL,
+    )
+    # the ask-side TOB add left the bid order 0 alone; the bid-side one replaced the bids
+    assert books.levels(7, 1, "B", 5) == [(100, 5, 0)]
+    assert books.levels(7, 1, "A", 5) == [(101, 7, 0)]
+    counts = [struct.unpack_from("<qqIIII", r, 48)[4:] for r in split(out.mbp1)]
+    assert counts == [(1, 0), (1, 0), (0, 0), (0, 0)]
+    # a cancel naming 0 finds no order (counted); a modify naming it is an add beside it
+    books.apply(mbo("C", 0, 100, 5, "B") + mbo("M", 0, 100, 2, "B") + mbo("A", 3, 100, 1, "B"))
+    assert books.stats().unknown_cancels == 1
+    assert books.levels(7, 1, "B", 5) == [(100, 8, 2)]
+    assert [o[:4] for o in books.orders(7, 1)] == [
+        (0, "B", 100, 5),
+        (0, "B", 100, 2),
+        (3, "B", 100, 1),
+        (0, "A", 101, 7),
+    ]
+    # a better regular bid: the snapshot still lists the side's TOB order first, flagged
+    books.apply(mbo("A", 4, 102, 1, "B"))
+    data, count = books.snapshot(None, 5)
+    recs = [(r[38:40], r[16], int.from_bytes(r[24:32], "little"), r[36]) for r in split(data)]
+    snap = F_SNAPSHOT | F_BAD_TS_RECV
+    assert recs == [
+        (b"RN", 0, UNDEF_PRICE, snap),
+        (b"AB", 0, 100, snap | F_TOB),
+        (b"AB", 4, 102, snap),
+        (b"AB", 0, 100, snap),
+        (b"AB", 3, 100, snap),
+        (b"AA", 0, 101, snap | F_TOB | F_LAST),
+    ]
+    assert count == 6 and books.stats().orders == 5
+    # replayed under the same rules, the snapshot rebuilds the same book
+    again = NativeBooks()
+    again.apply(data)
+    assert again.orders(7, 1) == books.orders(7, 1)
+    for side in "BA":
+        assert again.levels(7, 1, side, 5) == books.levels(7, 1, side, 5)
 
 
 # --- bad input -----------------------------------------------------------------------------

@@ -4,7 +4,10 @@
  *   (book, order_id) with linear probing and backward-shift deletion;
  * - levels: per book and side, an array sorted worst first (the best level is the last entry,
  *   so the busy top of the book moves little memory), binary-searched by price; each level
- *   holds its orders as a doubly linked FIFO (queue priority).
+ *   holds its orders as a doubly linked FIFO (queue priority);
+ * - a top-of-book order (an F_TOB add) rests in its level like any order but is not in the
+ *   orders map and not in its level's count; it is the head of its level (it rested on an
+ *   emptied side) and leaves only when its side is cleared.
  * Every allocation a record may need is made before the record changes anything, so a failed
  * allocation stops the walk with the books still consistent. */
 #include "books.h"
@@ -31,8 +34,9 @@
 
 typedef struct {
     int64_t price;
-    uint64_t total;
-    uint32_t count, head, tail, pad;
+    uint64_t total; /* every order's size, a top-of-book order's included */
+    uint32_t count; /* orders, a top-of-book order left out */
+    uint32_t head, tail, pad;
 } Level;
 
 typedef struct {
@@ -54,6 +58,7 @@ typedef struct {
     uint64_t ts_event;
     uint32_t size, sequence, prev, next, book;
     uint8_t side;
+    uint8_t tob; /* an F_TOB add: not in the orders map, not in its level's count */
 } Order;
 
 typedef struct {
@@ -321,7 +326,7 @@ static uint32_t lv_rank(const Side *s, int ask, int64_t px) {
 }
 
 static void rest(nb_engine *e, uint32_t bi, int side, uint64_t oid, int64_t px, uint32_t size,
-                 uint64_t ts, uint32_t seq) {
+                 uint64_t ts, uint32_t seq, int tob) {
     Book *b = &e->books[bi];
     Side *s = &b->side[side];
     uint32_t li = lv_lb(s, side, px);
@@ -345,6 +350,7 @@ static void rest(nb_engine *e, uint32_t bi, int side, uint64_t oid, int64_t px, 
     o->sequence = seq;
     o->book = bi;
     o->side = (uint8_t)side;
+    o->tob = (uint8_t)tob;
     o->prev = L->tail;
     o->next = NIL;
     if (L->tail != NIL)
@@ -352,14 +358,16 @@ static void rest(nb_engine *e, uint32_t bi, int side, uint64_t oid, int64_t px, 
     else
         L->head = oi;
     L->tail = oi;
-    L->count++;
     L->total += size;
-    omap_put(e, bi, oid, oi);
+    if (!tob) {
+        L->count++;
+        omap_put(e, bi, oid, oi);
+    }
     b->norders++;
     e->orders++;
 }
 
-/* takes the order out of its level (and the level out of the side when it empties) */
+/* takes a (regular) order out of its level (and the level out of the side when it empties) */
 static void unlink_order(nb_engine *e, Book *b, uint32_t oi) {
     Order *o = &e->pool[oi];
     Side *s = &b->side[o->side];
@@ -375,7 +383,7 @@ static void unlink_order(nb_engine *e, Book *b, uint32_t oi) {
         e->pool[o->next].prev = o->prev;
     else
         L->tail = o->prev;
-    if (L->count == 0) {
+    if (L->head == NIL) {
         memmove(&s->lv[li], &s->lv[li + 1], (size_t)(s->len - li - 1) * sizeof(Level));
         s->len--;
         e->levels--;
@@ -399,8 +407,10 @@ static void clear_side(nb_engine *e, uint32_t bi, int side) {
         uint32_t oi = s->lv[li].head;
         while (oi != NIL) {
             uint32_t next = e->pool[oi].next;
-            size_t slot = omap_find(e, bi, e->pool[oi].order_id);
-            if (slot != SIZE_MAX) omap_del(e, slot);
+            if (!e->pool[oi].tob) {
+                size_t slot = omap_find(e, bi, e->pool[oi].order_id);
+                if (slot != SIZE_MAX) omap_del(e, slot);
+            }
             order_free(e, oi);
             b->norders--;
             e->orders--;
@@ -420,17 +430,19 @@ static void clear_side(nb_engine *e, uint32_t bi, int side) {
 
 static void do_add(nb_engine *e, uint32_t bi, const Mbo *m) {
     int s = side_index(m->side);
-    if (m->flags & F_TOB) {
+    if (m->flags & F_TOB) { /* the side's new top of book, not indexed by its order_id */
         if (s < 0) return;
         clear_side(e, bi, s);
-        if (m->price == UNDEF_PRICE || m->size == 0) return;
+        if (m->price != UNDEF_PRICE && m->size != 0)
+            rest(e, bi, s, m->order_id, m->price, m->size, m->ts_event, m->sequence, 1);
+        return;
     }
     size_t slot = omap_find(e, bi, m->order_id);
     if (slot != SIZE_MAX) { /* an id that rests already (either side) moves */
         remove_order(e, bi, slot);
     }
     if (m->size > 0 && s >= 0) {
-        rest(e, bi, s, m->order_id, m->price, m->size, m->ts_event, m->sequence);
+        rest(e, bi, s, m->order_id, m->price, m->size, m->ts_event, m->sequence, 0);
     }
 }
 
@@ -463,7 +475,7 @@ static void do_modify(nb_engine *e, uint32_t bi, const Mbo *m) {
     } else if (m->price != o->price || s != (int)o->side || m->size > o->size) {
         remove_order(e, bi, slot);
         if (s >= 0) {
-            rest(e, bi, s, m->order_id, m->price, m->size, m->ts_event, m->sequence);
+            rest(e, bi, s, m->order_id, m->price, m->size, m->ts_event, m->sequence, 0);
         }
     } else if (m->size < o->size) { /* a decrease keeps queue priority */
         Side *sd = &e->books[bi].side[o->side];
@@ -725,6 +737,16 @@ static int cmp_keyidx(const void *a, const void *b) {
     return x < y ? -1 : x > y;
 }
 
+/* the side's top-of-book order, NIL when none: the head of its level (it rested on an emptied
+ * side), most often the best level, so the walk starts there */
+static uint32_t side_tob(const nb_engine *e, const Side *s) {
+    for (uint32_t li = s->len; li-- > 0;) {
+        uint32_t h = s->lv[li].head;
+        if (h != NIL && e->pool[h].tob) return h;
+    }
+    return NIL;
+}
+
 static void put_snap(uint8_t *p, const Book *b, uint64_t ts_event, uint64_t oid, int64_t px,
                      uint32_t size, uint8_t flags, char action, char side, uint64_t ts_recv,
                      uint32_t seq) {
@@ -742,6 +764,17 @@ static void put_snap(uint8_t *p, const Book *b, uint64_t ts_event, uint64_t oid,
     p[39] = (uint8_t)side;
     memcpy(p + 40, &ts_recv, 8);
     memcpy(p + 52, &seq, 4);
+}
+
+/* one resting order as a snapshot's add (F_TOB for a top-of-book order, F_LAST on the book's
+ * last record); the buffer has room */
+static void snap_order(nb_engine *e, const Book *b, uint32_t oi, int sd, uint64_t ts_recv,
+                       uint64_t *left) {
+    const Order *o = &e->pool[oi];
+    uint8_t flags = F_SNAPSHOT | F_BAD_TS_RECV | (o->tob ? F_TOB : 0) | (--*left ? 0 : F_LAST);
+    put_snap(e->snap.p + e->snap.len, b, o->ts_event, o->order_id, o->price, o->size, flags, 'A',
+             sd ? 'A' : 'B', ts_recv, o->sequence);
+    e->snap.len += MBO_LEN;
 }
 
 int nb_snapshot(nb_engine *e, const uint32_t *iids, size_t n_iids, int all, uint64_t ts_recv,
@@ -788,17 +821,14 @@ int nb_snapshot(nb_engine *e, const uint32_t *iids, size_t n_iids, int all, uint
         e->snap.len += MBO_LEN;
         uint64_t left = b->norders;
         for (int sd = 0; sd < 2; sd++) {
+            /* the side's top-of-book order first (flagged F_TOB, it replaces the side on
+             * replay), then the other orders best level first, each level in queue priority */
             const Side *s = &b->side[sd];
-            for (uint32_t li = s->len; li-- > 0;) {
-                for (uint32_t oi = s->lv[li].head; oi != NIL; oi = e->pool[oi].next) {
-                    const Order *o = &e->pool[oi];
-                    left--;
-                    put_snap(e->snap.p + e->snap.len, b, o->ts_event, o->order_id, o->price,
-                             o->size, base | (left ? 0 : F_LAST), 'A', sd ? 'A' : 'B', ts_recv,
-                             o->sequence);
-                    e->snap.len += MBO_LEN;
-                }
-            }
+            uint32_t tob = side_tob(e, s);
+            if (tob != NIL) snap_order(e, b, tob, sd, ts_recv, &left);
+            for (uint32_t li = s->len; li-- > 0;)
+                for (uint32_t oi = s->lv[li].head; oi != NIL; oi = e->pool[oi].next)
+                    if (!e->pool[oi].tob) snap_order(e, b, oi, sd, ts_recv, &left);
         }
     }
     free(sel);
@@ -838,24 +868,26 @@ size_t nb_order_count(const nb_engine *e, uint32_t iid, uint16_t pub) {
     return bi == NIL ? 0 : (size_t)e->books[bi].norders;
 }
 
+static void put_order_out(nb_order_out *out, const Order *o, int sd) {
+    out->order_id = o->order_id;
+    out->price = o->price;
+    out->ts_event = o->ts_event;
+    out->size = o->size;
+    out->sequence = o->sequence;
+    out->side = sd ? 'A' : 'B';
+}
+
 size_t nb_orders(const nb_engine *e, uint32_t iid, uint16_t pub, nb_order_out *out, size_t cap) {
     uint32_t bi = book_find(e, book_key(iid, pub));
     if (bi == NIL) return 0;
     size_t n = 0;
     for (int sd = 0; sd < 2; sd++) {
         const Side *s = &e->books[bi].side[sd];
-        for (uint32_t li = s->len; li-- > 0;) {
-            for (uint32_t oi = s->lv[li].head; oi != NIL && n < cap; oi = e->pool[oi].next) {
-                const Order *o = &e->pool[oi];
-                out[n].order_id = o->order_id;
-                out[n].price = o->price;
-                out[n].ts_event = o->ts_event;
-                out[n].size = o->size;
-                out[n].sequence = o->sequence;
-                out[n].side = sd ? 'A' : 'B';
-                n++;
-            }
-        }
+        uint32_t tob = side_tob(e, s); /* first, as in a snapshot */
+        if (tob != NIL && n < cap) put_order_out(&out[n++], &e->pool[tob], sd);
+        for (uint32_t li = s->len; li-- > 0;)
+            for (uint32_t oi = s->lv[li].head; oi != NIL && n < cap; oi = e->pool[oi].next)
+                if (!e->pool[oi].tob) put_order_out(&out[n++], &e->pool[oi], sd);
     }
     return n;
 }

@@ -35,7 +35,7 @@ typedef struct {
 
 typedef struct {
     uint64_t books;
-    uint64_t orders;
+    uint64_t orders; /* resting orders, top-of-book (F_TOB) orders included */
     uint64_t levels;
     uint64_t memory_bytes;
     uint64_t records_applied;
@@ -54,7 +54,7 @@ typedef struct {
 typedef struct {
     int64_t price;
     uint64_t size;
-    uint32_t count;
+    uint32_t count; /* orders, a top-of-book (F_TOB) order left out */
 } nb_level_out;
 
 nb_engine *nb_new(void);
