@@ -216,6 +216,7 @@ class Gateway:
                 derive=settings.derive,
                 max_orders=settings.max_orders,
                 max_snapshot_records=settings.max_snapshot_records,
+                require_clear=settings.snapshot_requires_clear,
             )
         except ImportError as exc:
             # the native engine is built by `make install` (pip install -e .): without it the

@@ -201,6 +201,11 @@ class BooksConfig(_Base):
     #: 2-core VM, during which it serves nobody else: 250,000 is about 70 ms, 14 MB); a
     #: larger one is refused with an ErrorMsg naming this setting
     max_snapshot_records: Annotated[int, msgspec.Meta(ge=1)] = 250_000
+    #: a snapshot is only of books the gateway has seen from a clear record (an R: where the
+    #: venue's book starts or is recovered); a book it joined mid-way (a restart, a
+    #: publisher that started mid-session) may lack orders and is refused, saying so.
+    #: false: serve books as held
+    snapshot_requires_clear: bool = True
 
 
 #: the most worker processes (``workers``): the shared ring's header has a slot for each

@@ -47,6 +47,7 @@ __all__ = [
     "BooksUnavailable",
     "FeedBooks",
     "SnapshotTooLarge",
+    "SnapshotUnverified",
 ]
 
 log = logging.getLogger("gateway.books")
@@ -77,6 +78,9 @@ _SENT_BY_RTYPE: Final[dict[int, str]] = {
     rt: schema for schema, rt in DERIVED_RTYPES.items() if schema != "tbbo"
 }
 _TS_RECV_AT: Final = 40  # ts_recv in an MBO record
+_ACTION_AT: Final = 38
+_CLEAR: Final = ord("R")
+MBO_LEN: Final = 56
 
 
 class BooksUnavailable(Exception):
@@ -89,6 +93,16 @@ class SnapshotTooLarge(Exception):
         super().__init__(
             f"the snapshot would hold {records} records, more than books.max_snapshot_records="
             f"{limit}: subscribe with snapshot=1 to fewer instruments"
+        )
+
+
+class SnapshotUnverified(Exception):
+    def __init__(self, books: int) -> None:
+        super().__init__(
+            f"{books} of the books asked for were not seen from a clear record (R) since the "
+            "gateway started, so they may lack orders that rested before; the feed's next "
+            "clear of those books makes them whole (books.snapshot_requires_clear = false "
+            "serves books as held)"
         )
 
 
@@ -140,6 +154,7 @@ class FeedBooks:
         derive: bool = True,
         max_orders: int = 20_000_000,
         max_snapshot_records: int = 250_000,
+        require_clear: bool = True,
         engine: Engine | None = None,
     ) -> None:
         self.dataset = dataset
@@ -154,6 +169,10 @@ class FeedBooks:
             engine = NativeBooks()
         self._engine: Engine | None = engine
         self._intervals: dict[str, Intervals] = {}
+        #: require_clear: a snapshot is only of books seen from a clear (R) record
+        self.require_clear = require_clear
+        #: (instrument_id, publisher_id) of the books seen from a clear record
+        self._cleared: set[tuple[int, int]] = set()
         #: interval schemas whose builder started mid-interval: that interval's index
         #: (its start // length), never emitted (it missed the records before the start)
         self._partial_until: dict[str, int] = {}
@@ -211,6 +230,7 @@ class FeedBooks:
         error = getattr(derived, "error", None)
         if error:  # the feed validated its chunks: a bug, said loudly, books kept
             log.error("feed %s: order books skipped part of a chunk: %s", self.dataset, error)
+        self._note_clears(index)
         c = self.counters
         c.apply_seconds += time.perf_counter() - started
         c.chunks += 1
@@ -229,6 +249,21 @@ class FeedBooks:
         if wanted or self._intervals:
             self._publish_derived(derived, wanted, upto)
         self._last_ts = max(self._last_ts, upto)
+
+    def _note_clears(self, index: ChunkIndex) -> None:
+        """Books seen from a clear record (``R``: the venue's book starts, or is recovered)
+        since the gateway started: only those are known to hold every resting order."""
+        buf = np.frombuffer(index.data, np.uint8)
+        if index.rows is not None and index.record_len == MBO_LEN:
+            pos = index.offsets
+        else:
+            pos = index.offsets[index.rtypes == RTYPE_MBO]
+        clears = pos[buf[pos + _ACTION_AT] == _CLEAR]
+        if not clears.size:
+            return
+        iids = buf[clears[:, None] + np.arange(4, 8)].copy().view("<u4").ravel()
+        pubs = buf[clears[:, None] + np.arange(2, 4)].copy().view("<u2").ravel()
+        self._cleared.update(zip(iids.tolist(), pubs.tolist(), strict=True))
 
     def _publisher_sends(self, present: frozenset[int]) -> None:
         for rtype in present & _SENT_BY_RTYPE.keys():
@@ -331,6 +366,15 @@ class FeedBooks:
 
     # --- snapshots -----------------------------------------------------------------------
 
+    def _not_cleared(self, data: bytes) -> int:
+        """How many books of a snapshot were never seen from a clear record."""
+        rows = np.frombuffer(data, np.uint8).reshape(-1, MBO_LEN)
+        heads = rows[rows[:, _ACTION_AT] == _CLEAR]  # each book's snapshot starts with its R
+        iids = heads[:, 4:8].copy().view("<u4").ravel().tolist()
+        pubs = heads[:, 2:4].copy().view("<u2").ravel().tolist()
+        cleared = self._cleared
+        return sum(1 for key in zip(iids, pubs, strict=True) if key not in cleared)
+
     def snapshot(self, instrument_ids: Collection[int] | None, now_ns: int) -> tuple[bytes, int]:
         """The snapshot records of those instruments' books (None: every book) as they
         stand between two chunks; BooksUnavailable when the feed has no books."""
@@ -345,6 +389,10 @@ class FeedBooks:
         data, count = engine.snapshot(instrument_ids, now_ns)
         if count > limit:
             raise SnapshotTooLarge(count, limit)
+        if self.require_clear and data:
+            unseen = self._not_cleared(data)
+            if unseen:
+                raise SnapshotUnverified(unseen)
         c.snapshots += 1
         c.snapshot_records += count
         c.snapshot_seconds += time.perf_counter() - started

@@ -41,6 +41,7 @@ from gateway.books.feed_books import (
     BooksUnavailable,
     FeedBooks,
     SnapshotTooLarge,
+    SnapshotUnverified,
 )
 from gateway.dbn import RTYPE_DEF, ChunkIndex, SystemCode
 from gateway.fanout import FanOut, OutputSpec, Subscriber
@@ -332,7 +333,7 @@ class Feed:
         except BooksUnavailable as exc:  # dropped since the subscription was accepted
             member.snapshot_refused(f"order books are off for this dataset ({exc})")  # type: ignore[attr-defined]
             return
-        except SnapshotTooLarge as exc:
+        except (SnapshotTooLarge, SnapshotUnverified) as exc:
             member.snapshot_refused(str(exc))  # type: ignore[attr-defined]
             return
         if exclude and data:

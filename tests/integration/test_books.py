@@ -48,8 +48,10 @@ class MboPublisher:
     """Sends MBO events to an ingest port from a thread, ~20 events every 2 ms, until
     stopped; keeps every record it sent."""
 
-    def __init__(self, port: int, seed: int = 7) -> None:
+    def __init__(self, port: int, seed: int = 7, clears: bool = True) -> None:
         self.stream = MboStream(instruments=tuple(SYMBOLS.values()), seed=seed)
+        #: False: leave out the clear records, as a publisher that starts mid-session
+        self.clears = clears
         self.sent: list[bytes] = []
         self._stop = threading.Event()
         self._sock = socket.create_connection(("127.0.0.1", port), timeout=5)
@@ -66,6 +68,8 @@ class MboPublisher:
                 batch: list[bytes] = []
                 for _ in range(20):
                     batch += self.stream.next_event(now)
+                if not self.clears:
+                    batch = [r for r in batch if r[38] != ord("R")]
                 self._sock.sendall(b"".join(batch))
                 self.sent += batch
                 self._stop.wait(0.002)
@@ -293,3 +297,20 @@ def test_a_snapshot_over_its_bound_ends_the_session_saying_why() -> None:
     code, text = errors[0]
     assert code == 5 and text.startswith("snapshot=1 refused: the snapshot would hold ")
     assert "books.max_snapshot_records=50" in text
+
+
+def test_no_snapshot_of_books_joined_mid_stream() -> None:
+    """A publisher that starts mid-session (no clear record): the gateway cannot know the
+    orders that rested before, so snapshot=1 is refused saying why, never served short."""
+    with gateway(feeds={DATASET: "ingest://127.0.0.1:0"}) as g:
+        pub = MboPublisher(g.ingest_ports[DATASET], clears=False)
+        try:
+            poll_until(lambda: len(pub.sent) >= 500, 30.0, 0.01, "500 records published")
+            sub = b"schema=mbo|stype_in=raw_symbol|symbols=AAA|snapshot=1\n"
+            errors = _errors_after(g.port, sub + b"start_session\n")
+        finally:
+            pub.stop()
+    assert len(errors) == 1
+    code, text = errors[0]
+    assert code == 5 and text.startswith("snapshot=1 refused: 1 of the books asked for were ")
+    assert "not seen from a clear record (R)" in text

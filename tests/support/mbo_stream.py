@@ -1,9 +1,10 @@
 """A deterministic stream of valid MBO events for tests that need a live order flow through
-a real gateway (snapshots, derived schemas): adds, partial and full cancels, modifies that
-keep or lose queue priority (bids below and asks above a fixed mid: never crossed), and
-trades (``T`` then ``F`` fills against the oldest resting
-orders at the best price, each followed by the cancel that takes the filled size off the
-book), ``F_LAST`` on the last record of every event, ``sequence`` counting every record.
+a real gateway (snapshots, derived schemas): a clear record (``R``) per instrument first,
+then adds, partial and full cancels, modifies that keep or lose queue priority (bids below
+and asks above a fixed mid: never crossed), and trades (``T`` then ``F`` fills against the
+oldest resting orders at the best price, each followed by the cancel that takes the filled
+size off the book), ``F_LAST`` on the last record of every event, ``sequence`` counting
+every record.
 
 Written independently of the synthetic feed's generator and of the native engine: a
 plain Python model of the resting orders, small and obvious.
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 F_LAST: Final = 0x80
+UNDEF_PRICE: Final = (1 << 63) - 1
 _MBO: Final = struct.Struct("<BBHIQQqIBBccQiI")
 TICK: Final = 10_000_000  # 0.01 in DBN fixed-point prices
 
@@ -41,6 +43,7 @@ class MboStream:
     _orders: dict[int, dict[int, _Resting]] = field(init=False)
     _next_id: int = field(init=False, default=1)
     _mid: dict[int, int] = field(init=False)
+    _started: set[int] = field(init=False, default_factory=set)
 
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)
@@ -67,6 +70,9 @@ class MboStream:
     def next_event(self, ts: int) -> list[bytes]:
         rng = self.rng
         iid = rng.choice(self.instruments)
+        if iid not in self._started:  # as a venue's feed: a clear record starts each book
+            self._started.add(iid)
+            return [self.record(iid, "R", "N", 0, UNDEF_PRICE, 0, ts, F_LAST)]
         book = self._orders[iid]
         roll = rng.random()
         if len(book) < 6 or roll < 0.45:

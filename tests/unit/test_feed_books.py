@@ -8,7 +8,12 @@ from __future__ import annotations
 import pytest
 
 from gateway import dbn
-from gateway.books.feed_books import TBBO_KEY, BooksUnavailable, FeedBooks
+from gateway.books.feed_books import (
+    TBBO_KEY,
+    BooksUnavailable,
+    FeedBooks,
+    SnapshotUnverified,
+)
 from gateway.fanout import FanOut, OutputSpec, Payload, make_selection
 from tests.support.mbo_stream import MboStream
 
@@ -149,3 +154,37 @@ def test_snapshot_of_some_instruments() -> None:
     iids = {int.from_bytes(data[i + 4 : i + 8], "little") for i in range(0, len(data), 56)}
     assert iids == {101}
     assert books.counters.snapshots == 1 and books.counters.snapshot_records == count
+
+
+def _without_clears(chunks: list[bytes]) -> list[bytes]:
+    out = []
+    for chunk in chunks:
+        recs = [chunk[i : i + 56] for i in range(0, len(chunk), 56)]
+        out.append(b"".join(r for r in recs if r[38] != ord("R")))
+    return out
+
+
+def test_books_joined_mid_way_are_not_snapshotted_until_cleared() -> None:
+    """A gateway that joined a feed mid-stream (a restart, a publisher that started late)
+    holds books that may lack orders: no snapshot of them until the feed clears them."""
+    chunks = _without_clears(_chunks(400))
+    books = FeedBooks("X", FanOut())
+    _run(books, chunks)
+    with pytest.raises(SnapshotUnverified, match="3 of the books asked for"):
+        books.snapshot(None, 1)
+    with pytest.raises(SnapshotUnverified, match="1 of the books"):
+        books.snapshot([102], 1)
+    lenient = FeedBooks("X", FanOut(), require_clear=False)
+    _run(lenient, chunks)
+    assert lenient.snapshot([102], 1)[1] > 1
+    # the feed clears instrument 102's book (the venue's recovery): from then on it is whole
+    clear = bytearray(56)
+    clear[0], clear[1], clear[2] = 14, 0xA0, 1
+    clear[4:8] = (102).to_bytes(4, "little")
+    clear[24:32] = ((1 << 63) - 1).to_bytes(8, "little")
+    clear[36], clear[38], clear[39] = 0x80, ord("R"), ord("N")
+    _run(books, [bytes(clear)])
+    data, count = books.snapshot([102], 1)
+    assert count == 1 and data[38] == ord("R")  # cleared: an empty book, and whole
+    with pytest.raises(SnapshotUnverified, match="2 of the books"):
+        books.snapshot(None, 1)
