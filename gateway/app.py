@@ -24,7 +24,7 @@ import msgspec
 from gateway import __version__, transport
 from gateway.aio import cancel_and_wait
 from gateway.auth import Authenticator, KeyEntry
-from gateway.books.feed_books import FeedBooks
+from gateway.books.feed_books import MBO_LEN, RTYPE_MBO, FeedBooks
 from gateway.config import Config, worker_count
 from gateway.errors import ConfigError, FeedError, GatewayError
 from gateway.fanout import FanOut
@@ -225,6 +225,24 @@ class Gateway:
             feed.no_books_reason = "order books are unavailable on this gateway"
             return
         feed.attach_books(books)
+        journal = feed.journal
+        if journal is not None and journal.last_seq:
+            # the books as the feed left them: what this dataset's journal retains (books
+            # are whole from the R records it holds on; see books.snapshot_requires_clear)
+            started = time.perf_counter()
+            applied = books.rebuild(journal.records_of(RTYPE_MBO, MBO_LEN))
+            if applied:
+                c = books.counters
+                log.info(
+                    "feed %s: order books rebuilt from the journal: %d MBO records, %d books "
+                    "(%d whole), %d resting orders, %.2f s",
+                    feed.dataset,
+                    applied,
+                    c.books,
+                    books.whole_books(),
+                    c.orders,
+                    time.perf_counter() - started,
+                )
 
     def _attach_journal(self, feed: Feed) -> None:
         if self.journal is not None:

@@ -26,11 +26,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final, Protocol
 
 import numpy as np
+import numpy.typing as npt
 
 from gateway import dbn
 from gateway.dbn import ChunkIndex
@@ -44,6 +45,7 @@ __all__ = [
     "INTERVAL_SCHEMAS",
     "RTYPE_MBO",
     "TBBO_KEY",
+    "MBO_LEN",
     "BooksUnavailable",
     "FeedBooks",
     "SnapshotTooLarge",
@@ -250,6 +252,35 @@ class FeedBooks:
             self._publish_derived(derived, wanted, upto)
         self._last_ts = max(self._last_ts, upto)
 
+    def rebuild(self, pieces: Iterable[bytes]) -> int:
+        """Apply MBO records (whole 56-byte records, in feed order: the journal's) without
+        deriving or publishing anything: the books as the feed left them before a restart.
+        The records applied."""
+        engine = self._engine
+        if engine is None:
+            return 0
+        applied = 0
+        for piece in pieces:
+            try:
+                engine.apply(piece, 0)
+            except MemoryError as exc:
+                log.error("feed %s: order books off: %s", self.dataset, exc)
+                self.close("out of memory")
+                return applied
+            self._note_clear_rows(np.frombuffer(piece, np.uint8).reshape(-1, MBO_LEN))
+            applied += len(piece) // MBO_LEN
+        self._read_stats(engine)
+        if self.counters.orders > self.max_orders:
+            self.close(f"over books.max_orders={self.max_orders}")
+        return applied
+
+    def _note_clear_rows(self, rows: npt.NDArray[np.uint8]) -> None:
+        heads = rows[(rows[:, 1] == RTYPE_MBO) & (rows[:, _ACTION_AT] == _CLEAR)]
+        if heads.size:
+            iids = heads[:, 4:8].copy().view("<u4").ravel().tolist()
+            pubs = heads[:, 2:4].copy().view("<u2").ravel().tolist()
+            self._cleared.update(zip(iids, pubs, strict=True))
+
     def _note_clears(self, index: ChunkIndex) -> None:
         """Books seen from a clear record (``R``: the venue's book starts, or is recovered)
         since the gateway started: only those are known to hold every resting order."""
@@ -365,6 +396,10 @@ class FeedBooks:
         c.unknown_cancels = int(getattr(st, "unknown_cancels", 0))
 
     # --- snapshots -----------------------------------------------------------------------
+
+    def whole_books(self) -> int:
+        """Books seen from a clear record since the start (a snapshot may be taken of them)."""
+        return len(self._cleared)
 
     def _not_cleared(self, data: bytes) -> int:
         """How many books of a snapshot were never seen from a clear record."""

@@ -404,6 +404,34 @@ class DatasetJournal:
             total += int(rows["count"].sum())
         return total
 
+    def records_of(self, rtype: int, record_len: int, piece: int = 1 << 20) -> Iterator[bytes]:
+        """Every retained record of one fixed-length ``rtype``, in feed order, as whole
+        records of at most ``piece`` bytes (each segment keeps an rtype's records in one
+        file, appended chunk by chunk). Rebuilds state after a restart (the order books)."""
+        step = max(record_len, piece // record_len * record_len)
+        for seg in list(self.segments):
+            size = seg.rt_sizes.get(rtype, 0)
+            if not size or seg.deleted:
+                continue
+            try:
+                fd = os.open(seg.rt_path(rtype), os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                continue  # deleted by retention meanwhile
+            try:
+                done = 0
+                while done < size:
+                    data = os.pread(fd, min(step, size - done), done)
+                    if not data:
+                        break
+                    whole = len(data) // record_len * record_len
+                    if whole:
+                        yield data[:whole]
+                    done += whole
+                    if whole < len(data) or not whole:
+                        break  # a short read in the middle of a record: stop there
+            finally:
+                os.close(fd)
+
     def first_seq(self) -> int:
         for seg in self.segments:
             if seg.n:

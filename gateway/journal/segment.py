@@ -80,6 +80,10 @@ class Segment:
         self.order_fd = -1
         self.index_fd = -1
 
+    def rt_path(self, rtype: int) -> Path:
+        """The file of this segment's records of ``rtype`` (in feed order)."""
+        return self._dir / rt_name(rtype)
+
     def __repr__(self) -> str:
         return f"Segment(id={self.id}, rows={self.n}, bytes={self.nbytes})"
 

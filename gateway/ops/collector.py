@@ -129,6 +129,7 @@ class GatewayCollector:
         ds = [dataset]
         fams.books_on.add_metric(ds, 1 if b.on else 0)
         fams.books_held.add_metric(ds, b.books)
+        fams.books_whole.add_metric(ds, b.whole_books)
         fams.books_orders.add_metric(ds, b.orders)
         fams.books_memory.add_metric(ds, b.memory_bytes)
         fams.books_records.add_metric(ds, b.records, self.created)
@@ -354,6 +355,11 @@ class _Families:
         self.books_held = gauge(
             "gateway_books", "Order books held, per (instrument, publisher)", ds
         )
+        self.books_whole = gauge(
+            "gateway_books_whole",
+            "Books seen from a clear record (R) since the start: the ones snapshot=1 serves",
+            ds,
+        )
         self.books_orders = gauge("gateway_books_orders", "Resting orders held in the books", ds)
         self.books_memory = gauge(
             "gateway_books_memory_bytes", "Memory the feed's books hold (native engine)", ds
@@ -415,6 +421,7 @@ class _Families:
             self.relay_silence,
             self.books_on,
             self.books_held,
+            self.books_whole,
             self.books_orders,
             self.books_memory,
             self.books_records,

@@ -190,6 +190,9 @@ class BooksStatus(msgspec.Struct, kw_only=True):
     #: why they are off ("" while on)
     off_reason: str
     books: int
+    #: books seen from a clear record (R) since the start (or in the journal it rebuilt
+    #: from): only these are snapshotted while books.snapshot_requires_clear
+    whole_books: int
     orders: int
     levels: int
     memory_bytes: int
@@ -338,6 +341,7 @@ def _books_status(feed: Feed) -> BooksStatus | None:
         on=books.on,
         off_reason=c.off_reason,
         books=c.books,
+        whole_books=books.whole_books(),
         orders=c.orders,
         levels=c.levels,
         memory_bytes=c.memory_bytes,

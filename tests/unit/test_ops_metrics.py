@@ -84,6 +84,7 @@ FAMILIES = {
     "gateway_relay_upstream_silence_seconds": "gauge",
     "gateway_books_enabled": "gauge",
     "gateway_books": "gauge",
+    "gateway_books_whole": "gauge",
     "gateway_books_orders": "gauge",
     "gateway_books_memory_bytes": "gauge",
     "gateway_books_records": "counter",
