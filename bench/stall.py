@@ -9,7 +9,11 @@ and, beside it, the scenarios the issue describes:
 * ``unknown-then-metadata``: a session subscribes to N unknown symbols on an ingest feed,
   then a publisher's Metadata maps all of them (N = 20,000 and 40,000);
 * ``all-symbols-flood``: one session sends 400 ``ALL_SYMBOLS`` subscriptions on a
-  100,000-instrument feed.
+  100,000-instrument feed;
+* ``mbo-flood`` / ``snapshot-flood`` / ``derived-flood`` (``--books``): 100 sessions at
+  once subscribe to ``mbo`` ``ALL_SYMBOLS`` of 2,000 filled books (20k MBO records/s)
+  without and with ``snapshot=1``, or to six schemas derived from it; the first is the
+  baseline the snapshots add to.
 
 For each, the bystander's largest gap between two reads while the scenario runs is the
 stall every other session saw (its normal gap, the feed's tick, is printed beside it).
@@ -92,7 +96,7 @@ def start_gateway(
     config = tree / ".stall-bench.toml"
     config.write_text(
         "[limits]\nmax_symbols = 200000\ncontrol_burst = 5000\nmax_subscriptions = 1000\n"
-        f'[[api_keys]]\nkey = "{KEY}"\nmax_sessions = 100\n'
+        f'[[api_keys]]\nkey = "{KEY}"\nmax_sessions = 1000\n'
     )
     cmd = [sys.executable, "-m", "gateway", "serve", "--port", "0", "--config", str(config)]
     cmd += ["--log-level", "warning"]
@@ -188,6 +192,52 @@ def all_symbols_flood(tree: Path, lines: int) -> tuple[float, float]:
         proc.wait(30)
 
 
+def snapshot_flood(
+    tree: Path, sessions: int, kind: str = "snapshot", rate: int = 20_000
+) -> tuple[float, float, int]:
+    """``sessions`` sessions at once on an MBO feed of 2,000 instruments whose books have
+    filled: each ``mbo`` ALL_SYMBOLS without (``kind`` mbo: the same load, no snapshot) or
+    with ``snapshot=1`` (snapshot), or subscribing to six schemas derived from it
+    (derived). Returns (normal gap, worst gap, bytes the flood's sessions read in the 3 s
+    after)."""
+    feeds = {
+        "BYST": "synthetic:?rate=2000",
+        "MBO": f"synthetic:?schemas=mbo&instruments=2000&rate={rate}",
+    }
+    proc, port, _ = start_gateway(tree, feeds)
+    try:
+        by = bystander(port)
+        time.sleep(3.0)  # the books fill
+        quiet = settle(by)
+        snap = control.encode_subscription(
+            "mbo", control.ALL_SYMBOLS, snapshot=kind == "snapshot", sub_id=1, is_last=True
+        )
+        derived = b"".join(
+            control.encode_subscription(
+                schema, control.ALL_SYMBOLS, snapshot=None, sub_id=n, is_last=True
+            )
+            for n, schema in enumerate(
+                ("trades", "mbp-1", "mbp-10", "tbbo", "bbo-1s", "ohlcv-1s"), start=2
+            )
+        )
+        socks = [handshake(port, "MBO") for _ in range(sessions)]
+        readers = [Reader(s) for s in socks]
+        for r in readers:
+            r.start()
+        start = time.monotonic()
+        for sock in socks:
+            sock.sendall((derived if kind == "derived" else snap) + control.START_SESSION)
+        time.sleep(3.0)
+        end = time.monotonic()
+        got = sum(r.bytes for r in readers)
+        for sock in socks:
+            sock.close()
+        return by.typical_gap(*quiet), by.max_gap(start, end), got
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
 def wait_quiet(reader: Reader, after: int = 0, limit: float = 120.0) -> None:
     """Until ``after`` bytes arrived and nothing more for 0.3 s (bounded)."""
     deadline = time.monotonic() + limit
@@ -202,6 +252,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tree", type=Path, default=Path(__file__).resolve().parents[1])
     parser.add_argument("--quick", action="store_true", help="the smaller sizes only")
+    parser.add_argument(
+        "--books",
+        action="store_true",
+        help="also: snapshot=1 and derived-schema sessions at once on an MBO feed",
+    )
     args = parser.parse_args()
     sizes = [20_000] if args.quick else [20_000, 40_000]
     print(f"tree: {args.tree}  (median normal gap / largest gap while the scenario ran)")
@@ -218,6 +273,15 @@ def main() -> int:
         f"{normal * 1e3:6.1f} ms, worst {worst * 1e3:8.1f} ms",
         flush=True,
     )
+    if args.books:
+        n = 20 if args.quick else 100
+        for kind in ("mbo", "snapshot", "derived"):
+            normal, worst, got = snapshot_flood(args.tree, n, kind)
+            print(
+                f"{kind}-flood sessions={n}: normal {normal * 1e3:6.1f} ms, "
+                f"worst {worst * 1e3:8.1f} ms ({got / 1e6:.1f} MB read by them in 3 s)",
+                flush=True,
+            )
     return 0
 
 
