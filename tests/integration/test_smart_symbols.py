@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import socket
 import time
+from typing import Any
 
 import databento_dbn as d
 
@@ -20,8 +21,8 @@ F = d.InstrumentClass.FUTURE
 
 
 def definition(
-    iid: int, raw: str, cls: d.InstrumentClass, days: int, now: int, asset: str = "ES"
-) -> bytes:
+    iid: int, raw: str, cls: Any, days: int, now: int, asset: str = "ES"
+) -> bytes:  # cls: an InstrumentClass member (the stubs type them as str)
     return bytes(
         d.InstrumentDefMsg(
             publisher_id=1,
@@ -37,7 +38,7 @@ def definition(
             security_type="FUT" if cls in (F, d.InstrumentClass.FUTURE_SPREAD) else "OOF",
             expiration=now + days * DAY,
             exchange="XCME",
-            security_update_action=d.SecurityUpdateAction.ADD,
+            security_update_action=d.SecurityUpdateAction.ADD,  # type: ignore[arg-type]
         )
     )
 
@@ -54,9 +55,9 @@ def open_interest(iid: int, quantity: int, now: int) -> bytes:
             quantity=quantity,
             sequence=0,
             ts_in_delta=0,
-            stat_type=d.StatType.OPEN_INTEREST,
+            stat_type=d.StatType.OPEN_INTEREST,  # type: ignore[arg-type]
             channel_id=0,
-            update_action=d.StatUpdateAction.NEW,
+            update_action=d.StatUpdateAction.NEW,  # type: ignore[arg-type]
         )
     )
 
@@ -70,8 +71,8 @@ def trade(iid: int, now: int, seq: int) -> bytes:
             ts_recv=now,
             price=6_000_000_000_000,
             size=1,
-            action=d.Action.TRADE,
-            side=d.Side.ASK,
+            action=d.Action.TRADE,  # type: ignore[arg-type]  # stubs: enum members as str
+            side=d.Side.ASK,  # type: ignore[arg-type]
             flags=0,
             depth=0,
             ts_in_delta=0,

@@ -5,6 +5,7 @@ records (databento_dbn), chunks in, gateway records and data out."""
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import databento_dbn as d
 import pytest
@@ -44,14 +45,14 @@ VOL = d.StatType.CLEARED_VOLUME
 def definition(
     iid: int,
     raw: str,
-    cls: d.InstrumentClass | None = F,
+    cls: Any = F,  # the stubs type enum members as str
     expires_in_days: float | None = 30,
     *,
     asset: str = "ES",
     underlying: str = "",
     security_type: str = "FUT",
     ts: int = NOW - DAY,
-    action: d.SecurityUpdateAction = d.SecurityUpdateAction.ADD,
+    action: Any = d.SecurityUpdateAction.ADD,
 ) -> bytes:
     expiration = UNDEF if expires_in_days is None else int(NOW + expires_in_days * DAY)
     rec = d.InstrumentDefMsg(
@@ -65,7 +66,7 @@ def definition(
         asset=asset,
         group=asset,
         underlying=underlying,
-        instrument_class=cls if cls is not None else F,
+        instrument_class=cls if cls is not None else F,  # type: ignore[arg-type]
         security_type=security_type,
         expiration=expiration,
         exchange="XCME",
@@ -80,13 +81,13 @@ def definition(
 
 def stat(
     iid: int,
-    stat_type: d.StatType,
+    stat_type: Any,
     quantity: int,
     day: int = -1,
     *,
     ts_ref: int | None = None,
     ts_recv: int = NOW - DAY // 2,
-    action: d.StatUpdateAction = d.StatUpdateAction.NEW,
+    action: Any = d.StatUpdateAction.NEW,
 ) -> bytes:
     """A statistic for the UTC day ``day`` days from NOW's (``ts_ref`` at its start)."""
     ref = (NOW // DAY + day) * DAY if ts_ref is None else ts_ref
