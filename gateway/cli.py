@@ -332,6 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="feed URIs:\n"
         "  synthetic:[?rate=2000&instruments=50&seed=7]   embedded demo feed\n"
+        "      (&schemas=mbo: an MBO order flow instead)\n"
         "  file:PATH[?pace=realtime|max|FACTOR&loop=1]    replay a .dbn/.dbn.zst file\n"
         "  ingest://HOST:PORT[?backpressure=1]            listen for a DBN publisher\n",
     )
