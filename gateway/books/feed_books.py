@@ -178,8 +178,8 @@ class FeedBooks:
         #: interval schemas whose builder started mid-interval: that interval's index
         #: (its start // length), never emitted (it missed the records before the start)
         self._partial_until: dict[str, int] = {}
-        #: the latest ts_recv of the feed's MBO chunks so far
-        self._last_ts = 0
+        #: the feed's last MBO chunk (where an interval schema's first builder starts)
+        self._last_mbo: ChunkIndex | None = None
         self._saw_mbo = False
 
     # --- state ----------------------------------------------------------------------------
@@ -247,10 +247,9 @@ class FeedBooks:
             )
             self.close(f"over books.max_orders={self.max_orders}")
             return
-        upto = _max_ts_recv(index)
         if wanted or self._intervals:
-            self._publish_derived(derived, wanted, upto)
-        self._last_ts = max(self._last_ts, upto)
+            self._publish_derived(derived, wanted, _max_ts_recv(index))
+        self._last_mbo = index
 
     def rebuild(self, pieces: Iterable[bytes]) -> int:
         """Apply MBO records (whole 56-byte records, in feed order: the journal's) without
@@ -267,34 +266,26 @@ class FeedBooks:
                 log.error("feed %s: order books off: %s", self.dataset, exc)
                 self.close("out of memory")
                 return applied
-            self._note_clear_rows(np.frombuffer(piece, np.uint8).reshape(-1, MBO_LEN))
+            self._cleared.update(_clear_keys(np.frombuffer(piece, np.uint8).reshape(-1, MBO_LEN)))
             applied += len(piece) // MBO_LEN
         self._read_stats(engine)
         if self.counters.orders > self.max_orders:
             self.close(f"over books.max_orders={self.max_orders}")
         return applied
 
-    def _note_clear_rows(self, rows: npt.NDArray[np.uint8]) -> None:
-        heads = rows[(rows[:, 1] == RTYPE_MBO) & (rows[:, _ACTION_AT] == _CLEAR)]
-        if heads.size:
-            iids = heads[:, 4:8].copy().view("<u4").ravel().tolist()
-            pubs = heads[:, 2:4].copy().view("<u2").ravel().tolist()
-            self._cleared.update(zip(iids, pubs, strict=True))
-
     def _note_clears(self, index: ChunkIndex) -> None:
         """Books seen from a clear record (``R``: the venue's book starts, or is recovered)
         since the gateway started: only those are known to hold every resting order."""
-        buf = np.frombuffer(index.data, np.uint8)
         if index.rows is not None and index.record_len == MBO_LEN:
-            pos = index.offsets
-        else:
+            rows = index.rows
+        else:  # a mixed chunk: gather the rows of its clear records only
+            buf = np.frombuffer(index.data, np.uint8)
             pos = index.offsets[index.rtypes == RTYPE_MBO]
-        clears = pos[buf[pos + _ACTION_AT] == _CLEAR]
-        if not clears.size:
-            return
-        iids = buf[clears[:, None] + np.arange(4, 8)].copy().view("<u4").ravel()
-        pubs = buf[clears[:, None] + np.arange(2, 4)].copy().view("<u2").ravel()
-        self._cleared.update(zip(iids.tolist(), pubs.tolist(), strict=True))
+            pos = pos[buf[pos + _ACTION_AT] == _CLEAR]
+            if not pos.size:
+                return
+            rows = buf[pos[:, None] + np.arange(MBO_LEN)]
+        self._cleared.update(_clear_keys(rows))
 
     def _publisher_sends(self, present: frozenset[int]) -> None:
         for rtype in present & _SENT_BY_RTYPE.keys():
@@ -353,7 +344,8 @@ class FeedBooks:
 
         builder = self._intervals[schema] = IntervalBuilder(schema)
         # the interval in progress, keyed as the builder keys intervals (bbo: by its end)
-        self._partial_until[schema] = builder.key(self._last_ts) if self._last_ts else -1
+        last = self._last_mbo
+        self._partial_until[schema] = builder.key(_max_ts_recv(last)) if last is not None else -1
 
     def _whole_intervals(self, schema: str, data: bytes) -> bytes:
         """``data`` without the records of the interval its builder started in."""
@@ -403,12 +395,9 @@ class FeedBooks:
 
     def _not_cleared(self, data: bytes) -> int:
         """How many books of a snapshot were never seen from a clear record."""
-        rows = np.frombuffer(data, np.uint8).reshape(-1, MBO_LEN)
-        heads = rows[rows[:, _ACTION_AT] == _CLEAR]  # each book's snapshot starts with its R
-        iids = heads[:, 4:8].copy().view("<u4").ravel().tolist()
-        pubs = heads[:, 2:4].copy().view("<u2").ravel().tolist()
-        cleared = self._cleared
-        return sum(1 for key in zip(iids, pubs, strict=True) if key not in cleared)
+        # each book's snapshot starts with its R
+        keys = _clear_keys(np.frombuffer(data, np.uint8).reshape(-1, MBO_LEN))
+        return sum(1 for key in keys if key not in self._cleared)
 
     def snapshot(self, instrument_ids: Collection[int] | None, now_ns: int) -> tuple[bytes, int]:
         """The snapshot records of those instruments' books (None: every book) as they
@@ -452,6 +441,14 @@ def _trades_of_mbp1(mbp1: bytes) -> bytes:
     rows = np.frombuffer(mbp1, np.uint8).reshape(-1, 80)
     picked: bytes = rows[rows[:, 28] == ord("T")].tobytes()
     return picked
+
+
+def _clear_keys(rows: npt.NDArray[np.uint8]) -> list[tuple[int, int]]:
+    """(instrument_id, publisher_id) of the clear (R) MBO records among 56-byte rows."""
+    heads = rows[(rows[:, 1] == RTYPE_MBO) & (rows[:, _ACTION_AT] == _CLEAR)]
+    iids = heads[:, 4:8].copy().view("<u4").ravel().tolist()
+    pubs = heads[:, 2:4].copy().view("<u2").ravel().tolist()
+    return list(zip(iids, pubs, strict=True))
 
 
 def _max_ts_recv(index: ChunkIndex) -> int:
